@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each builds .venv first.
+# TORCH_SPEC: with no torch in the venv, the CPU build is installed explicitly (a plain
+# `pip install torch` would pull a multi-GB CUDA build). On an accelerator machine, install the
+# vendor's torch into .venv first (or set TORCH_SPEC) and it is kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test lint conformance bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+serve: venv
+	$(PY) serve.py $(SERVE_ARGS)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests conformance $(PYTEST_ARGS)
+
+conformance: venv
+	$(PY) -m pytest -q conformance --backend $(or $(BACKEND),cpu)
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""What a backend is: plain facts about a device family, in the spirit of vLLM's Platform."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+
+class Availability(NamedTuple):
+    """Result of a backend's detection: whether it can run here, and a human reason either way."""
+
+    available: bool
+    reason: str
+
+
+def always_available(reason: str = "runs on any machine") -> Callable[[], Availability]:
+    return lambda: Availability(True, reason)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend declaration, passed to ``register`` in ``hwlayer_register_backends``.
+
+    Attributes:
+        name: the ``GLM_BACKEND`` value that selects it (lower case, e.g. ``"ascend"``).
+        vendor: who makes the hardware (``"Huawei"``).
+        device_type: the torch device type tensors live on (``"npu"``, ``"cuda"``, ``"cpu"``).
+        dist_backend: the torch.distributed backend for collectives (``"hccl"``, ``"nccl"``).
+        visible_devices_env: the environment variable that limits visible devices, if any.
+        detect: called lazily; returns :class:`Availability`. It may import the vendor package.
+        priority: auto-detection picks the available backend with the highest priority.
+        inherits: other backends whose implementations fill ops this one does not provide,
+            before the generic torch default (e.g. a vendor taking the Triton tier).
+        reference: True only for the CPU reference backend: generic implementations are its
+            native ones, so strict mode does not count them as fallbacks.
+        verified: what the backend has actually been run on, stated honestly
+            (``"conformance run on ..."`` or ``"written against ... API, not run on hardware"``).
+        install_hint: what to do when ``detect`` says unavailable.
+    """
+
+    name: str
+    vendor: str
+    device_type: str
+    dist_backend: str
+    detect: Callable[[], Availability] = field(default=always_available(), compare=False)
+    visible_devices_env: str | None = None
+    priority: int = 0
+    inherits: tuple[str, ...] = ()
+    reference: bool = False
+    verified: str = "not run on hardware"
+    install_hint: str = ""
+    description: str = ""
+
+    def availability(self) -> Availability:
+        """Run detection, turning an exception into an 'unavailable' answer with its message."""
+        try:
+            result = self.detect()
+        except Exception as exc:  # detection must never take the process down
+            return Availability(False, f"detection raised {type(exc).__name__}: {exc}")
+        if isinstance(result, Availability):
+            return result
+        if isinstance(result, tuple) and len(result) == 2:
+            return Availability(bool(result[0]), str(result[1]))
+        return Availability(bool(result), "")
+
+    def visible_devices(self) -> str | None:
+        return os.environ.get(self.visible_devices_env) if self.visible_devices_env else None

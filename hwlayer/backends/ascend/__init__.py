@@ -1,0 +1,1 @@
+"""ascend backend (placeholder, filled in by the accelerator-backends work)."""

@@ -1,0 +1,39 @@
+"""CPU reference backend: runs everywhere, the generic torch implementations are its kernels.
+
+It registers no op overrides on purpose: :mod:`hwlayer.ops` is written as vectorised torch
+(per-sequence and per-non-empty-expert loops at most), and conformance compares it against the
+independent float64 goldens in ``conformance/``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hwlayer.backend import Availability, Backend
+from hwlayer.hookspecs import hookimpl
+
+HWLAYER_HOOKSPEC_VERSION = "1.0"
+
+
+def _detect() -> Availability:
+    import torch
+
+    return Availability(True, f"torch {torch.__version__} on {torch.get_num_threads()} CPU threads")
+
+
+BACKEND = Backend(
+    name="cpu",
+    vendor="any",
+    device_type="cpu",
+    dist_backend="gloo",
+    detect=_detect,
+    priority=0,
+    reference=True,
+    verified="conformance run on x86_64 CPU in CI (make test)",
+    description="reference backend: generic torch implementations",
+)
+
+
+@hookimpl
+def hwlayer_register_backends(register: Callable) -> None:
+    register(BACKEND)

@@ -1,0 +1,1 @@
+"""cuda backend (placeholder, filled in by the accelerator-backends work)."""

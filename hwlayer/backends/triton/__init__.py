@@ -1,0 +1,1 @@
+"""triton backend (placeholder, filled in by the accelerator-backends work)."""

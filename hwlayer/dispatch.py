@@ -1,0 +1,196 @@
+"""Backend selection and the dispatch plan.
+
+A :class:`DispatchPlan` is resolved once per backend: for every op in the catalogue it picks the
+implementation (the backend's own, then those of the backends it inherits from, then the generic
+torch default) and binds it as a plain attribute, so ``plan.rms_norm(x, w, eps)`` is an ordinary
+function call with no hook call and no registry lookup. Only implementations registered with a
+``supports`` predicate pay for a guard, and only on their op.
+
+Environment:
+    GLM_BACKEND=name   select a backend (unset: the available backend with the highest priority).
+    HWLAYER_STRICT=1   a non-reference backend whose plan uses generic fallbacks is an error.
+    HWLAYER_TRACE=1    count calls per op and implementation (``plan.call_counts()``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .backend import Availability, Backend
+from .ops import CATALOGUE
+from .registry import Registry, registry, strict_mode
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be selected: unknown, unavailable, or strict mode refused its plan."""
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    op: str
+    implementation: str  # "module.function"
+    origin: str  # "native", "native+fallback", "inherited:<backend>", "generic"
+    reason: str
+    plugin: str
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _guarded(native: Callable, supports: Callable, fallback: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if supports(*args, **kwargs) is True:
+            return native(*args, **kwargs)
+        return fallback(*args, **kwargs)
+
+    call.__wrapped__ = native  # type: ignore[attr-defined]
+    return call
+
+
+def _counted(fn: Callable, key: tuple[str, str], counts: collections.Counter) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        counts[key] += 1
+        return fn(*args, **kwargs)
+
+    return call
+
+
+class DispatchPlan:
+    """Ops resolved for one backend. Each catalogue op is an attribute holding a function."""
+
+    def __init__(self, backend: Backend, reg: Registry, trace: bool = False) -> None:
+        self.backend = backend
+        self.device = torch.device(backend.device_type)
+        self.entries: dict[str, PlanEntry] = {}
+        self._counts: collections.Counter = collections.Counter()
+        self.trace = trace
+        composites = []
+        for name, spec in CATALOGUE.items():
+            if spec.composite:
+                composites.append(name)  # built after the parts they call
+                continue
+            self._resolve(name, spec.default, reg)
+        for name in composites:
+            self._resolve(name, CATALOGUE[name].default(self), reg, composite=True)
+
+    def _wrap(self, fn: Callable, op: str, label: str) -> Callable:
+        return _counted(fn, (op, label), self._counts) if self.trace else fn
+
+    def _label(self, bname: str) -> str:
+        return "native" if bname == self.backend.name else f"inherited:{bname}"
+
+    def _resolve(self, op: str, generic: Callable, reg: Registry, composite: bool = False) -> None:
+        candidates = []  # (backend name, registration), most preferred first
+        for bname in (self.backend.name, *self.backend.inherits):
+            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))]
+        # Conditional implementations up to the first unconditional one, which ends the chain.
+        chain, terminal = [], None
+        for bname, r in candidates:
+            if r.supports is None:
+                terminal = (bname, r)
+                break
+            chain.append((bname, r))
+        if terminal is not None:
+            fn = self._wrap(terminal[1].fn, op, self._label(terminal[0]))
+            fallback_name = self._label(terminal[0])
+        else:
+            fn = self._wrap(generic, op, "generic")
+            fallback_name = "generic"
+        for bname, r in reversed(chain):
+            fn = _guarded(self._wrap(r.fn, op, self._label(bname)), r.supports, fn)
+        setattr(self, op, fn)
+
+        if chain:
+            bname, first = chain[0]
+            entry = PlanEntry(op, _qualname(first.fn), f"{self._label(bname)}+fallback",
+                              f"where supports() accepts the call, else {fallback_name}", first.plugin)
+        elif terminal is not None:
+            bname, r = terminal
+            entry = PlanEntry(op, _qualname(r.fn), self._label(bname), f"registered by plugin {r.plugin!r}", r.plugin)
+        else:
+            if composite:
+                reason = "composite of the plan's parts (no fused version registered)"
+            elif self.backend.reference:
+                reason = "reference backend: the generic torch implementation is its own"
+            else:
+                reason = f"no {self.backend.name} implementation registered; generic torch fallback"
+            entry = PlanEntry(op, f"hwlayer.ops.{op}", "generic", reason, "hwlayer")
+        self.entries[op] = entry
+
+    def fallbacks(self) -> list[str]:
+        """Ops that run the generic torch implementation on a backend that is not the reference."""
+        if self.backend.reference:
+            return []
+        return [e.op for e in self.entries.values() if e.origin == "generic" and not CATALOGUE[e.op].composite]
+
+    def call_counts(self) -> dict[tuple[str, str], int]:
+        """``{(op, 'native'|'generic'|'inherited:x'): calls}`` when created with trace=True."""
+        return dict(self._counts)
+
+    def __repr__(self) -> str:
+        return f"DispatchPlan(backend={self.backend.name!r}, device={self.device})"
+
+
+def available_backends(reg: Registry | None = None) -> dict[str, Availability]:
+    reg = reg or registry()
+    return {name: b.availability() for name, b in reg.backends.items()}
+
+
+def select_backend(name: str | None = None, reg: Registry | None = None) -> Backend:
+    """The backend named by ``name``, else ``GLM_BACKEND``, else the best available one."""
+    reg = reg or registry()
+    name = name if name is not None else os.environ.get("GLM_BACKEND") or None
+    if name is not None:
+        name = name.strip().lower()
+        if name not in reg.backends:
+            raise BackendError(
+                f"unknown backend {name!r}; registered backends: {', '.join(sorted(reg.backends))}"
+            )
+        backend = reg.backends[name]
+        status = backend.availability()
+        if not status.available:
+            hint = f" ({backend.install_hint})" if backend.install_hint else ""
+            raise BackendError(f"backend {name!r} is unavailable: {status.reason}{hint}")
+        return backend
+    ranked = sorted(reg.backends.values(), key=lambda b: -b.priority)
+    for backend in ranked:
+        if backend.availability().available:
+            return backend
+    raise BackendError("no backend is available (the cpu backend should always be; is hwlayer installed intact?)")
+
+
+_PLANS: dict[tuple[str, bool], DispatchPlan] = {}
+
+
+def plan(backend: str | Backend | None = None, *, trace: bool | None = None) -> DispatchPlan:
+    """The dispatch plan for a backend (by name, GLM_BACKEND, or auto-detection), cached.
+
+    Raises :class:`BackendError` for an unknown or unavailable backend, and in strict mode
+    (``HWLAYER_STRICT=1``) for a non-reference backend whose plan contains generic fallbacks.
+    """
+    reg = registry()
+    chosen = backend if isinstance(backend, Backend) else select_backend(backend, reg)
+    if trace is None:
+        trace = os.environ.get("HWLAYER_TRACE", "") not in ("", "0")
+    key = (chosen.name, trace)
+    if key not in _PLANS:
+        p = DispatchPlan(chosen, reg, trace=trace)
+        if strict_mode() and p.fallbacks():
+            raise BackendError(
+                f"HWLAYER_STRICT=1: backend {chosen.name!r} has no native implementation of: "
+                f"{', '.join(p.fallbacks())}"
+            )
+        _PLANS[key] = p
+    return _PLANS[key]
+
+
+def reset() -> None:
+    """Forget cached plans and the registry (tests, or after installing a plugin)."""
+    _PLANS.clear()
+    registry(reload=True)

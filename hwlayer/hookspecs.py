@@ -1,0 +1,54 @@
+"""The hwlayer hook specifications: the whole contract between hwlayer and a backend plugin.
+
+A plugin is a module (or object) with functions decorated by :data:`hwlayer.hookimpl`, registered
+under the entry-point group ``hwlayer`` in its package metadata::
+
+    [project.entry-points.hwlayer]
+    acme = "hwlayer_acme.plugin"
+
+Built-in backends (cpu, triton, cuda family, ascend) register through exactly these hooks.
+
+Versioning: :data:`HOOKSPEC_VERSION` is ``MAJOR.MINOR``. A plugin may declare the version it was
+written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.0"``. The promise: within one
+MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
+plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
+for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT_NAME = "hwlayer"
+ENTRY_POINT_GROUP = "hwlayer"
+HOOKSPEC_VERSION = "1.0"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def hwlayer_register_backends(register: Callable) -> None:
+    """Declare backends.
+
+    Call ``register(Backend(...))`` once per backend (see :class:`hwlayer.backend.Backend` for
+    the fields: name, vendor, torch device type, torch.distributed backend, visible-devices
+    variable, detection function, auto-detection priority). Detection must be cheap and must not
+    import a vendor package at registration time: do the import inside ``detect``.
+    """
+
+
+@hookspec
+def hwlayer_register_ops(register: Callable) -> None:
+    """Provide op implementations.
+
+    Call ``register(op_name, fn, backend=NAME, supports=None)`` per implementation. ``op_name``
+    is one of the ops in :mod:`hwlayer.ops`; ``fn`` must honour that op's contract (same
+    signature, same semantics). ``supports``, when given, is called with the op's arguments
+    before every call and returns ``True`` to take the call or a string saying why it declines
+    (for example ``"head_dim 96 not in (64, 128)"``); a declined call goes to the next
+    implementation and finally to the generic torch one. Leave ``supports`` out when ``fn``
+    takes every call the contract allows: the dispatch plan then calls ``fn`` directly.
+    """
