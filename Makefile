@@ -25,6 +25,7 @@ serve: venv
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests conformance $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q conformance --backend triton
 
 conformance: venv
 	$(PY) -m pytest -q conformance --backend $(or $(BACKEND),cpu)

@@ -10,6 +10,10 @@ Environment:
     GLM_BACKEND=name   select a backend (unset: the available backend with the highest priority).
     HWLAYER_STRICT=1   a non-reference backend whose plan uses generic fallbacks is an error.
     HWLAYER_TRACE=1    count calls per op and implementation (``plan.call_counts()``).
+    HWLAYER_TRITON=    the portable Triton tier: ``1`` adds it to every backend's chain (after the
+                       backend's own and inherited implementations, before generic torch);
+                       ``op1,op2`` adds it for those ops only; ``0`` removes it from backends that
+                       inherit it (e.g. the CUDA family). Unset: as each backend declares.
 """
 
 from __future__ import annotations
@@ -28,6 +32,34 @@ from .registry import Registry, registry, strict_mode
 
 class BackendError(RuntimeError):
     """A backend cannot be selected: unknown, unavailable, or strict mode refused its plan."""
+
+
+def _triton_setting() -> str:
+    return os.environ.get("HWLAYER_TRITON", "").strip().lower()
+
+
+def _tiers(backend: Backend, op: str) -> tuple[str, ...]:
+    """Backends whose implementations of ``op`` are consulted, most preferred first."""
+    tiers = [backend.name, *backend.inherits]
+    setting = _triton_setting()
+    if setting in ("0", "off", "false", "no"):
+        return tuple(t for t in tiers if t != "triton" or t == backend.name)
+    wanted = setting in ("1", "all", "on", "true", "yes") or op in {s.strip() for s in setting.split(",")}
+    if wanted and "triton" not in tiers:
+        tiers.append("triton")
+    return tuple(tiers)
+
+
+def _check_triton_setting() -> None:
+    setting = _triton_setting()
+    if setting in ("", "0", "off", "false", "no", "1", "all", "on", "true", "yes"):
+        return
+    unknown = [s.strip() for s in setting.split(",") if s.strip() and s.strip() not in CATALOGUE]
+    if unknown:
+        raise BackendError(
+            f"HWLAYER_TRITON: unknown op {unknown[0]!r}; expected 1, 0 or comma-separated op names "
+            f"({', '.join(CATALOGUE)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +119,7 @@ class DispatchPlan:
 
     def _resolve(self, op: str, generic: Callable, reg: Registry, composite: bool = False) -> None:
         candidates = []  # (backend name, registration), most preferred first
-        for bname in (self.backend.name, *self.backend.inherits):
+        for bname in _tiers(self.backend, op):
             candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))]
         # Conditional implementations up to the first unconditional one, which ends the chain.
         chain, terminal = [], None
@@ -165,7 +197,7 @@ def select_backend(name: str | None = None, reg: Registry | None = None) -> Back
     raise BackendError("no backend is available (the cpu backend should always be; is hwlayer installed intact?)")
 
 
-_PLANS: dict[tuple[str, bool], DispatchPlan] = {}
+_PLANS: dict[tuple[str, bool, str], DispatchPlan] = {}
 
 
 def plan(backend: str | Backend | None = None, *, trace: bool | None = None) -> DispatchPlan:
@@ -178,7 +210,8 @@ def plan(backend: str | Backend | None = None, *, trace: bool | None = None) -> 
     chosen = backend if isinstance(backend, Backend) else select_backend(backend, reg)
     if trace is None:
         trace = os.environ.get("HWLAYER_TRACE", "") not in ("", "0")
-    key = (chosen.name, trace)
+    _check_triton_setting()
+    key = (chosen.name, trace, _triton_setting())
     if key not in _PLANS:
         p = DispatchPlan(chosen, reg, trace=trace)
         if strict_mode() and p.fallbacks():

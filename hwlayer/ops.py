@@ -580,15 +580,21 @@ def ep_dispatch(
     per_rank = num_experts // world
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        got = f"ids in [{int(flat.min())}, {int(flat.max())}]"
+        _fail(op, "topk_ids", f"global expert ids in [0, {num_experts})", got)
     dest = flat // per_rank
     order = torch.argsort(dest, stable=True)
     send_counts = torch.bincount(dest, minlength=world)
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     send, recv = send_counts.tolist(), recv_counts.tolist()
-    recv_x = all_to_all(x.index_select(0, order // k), recv, send, group)
+    # The small id exchange runs asynchronously under the row exchange: one round trip, not two.
     local_ids = (flat.index_select(0, order) % per_rank).to(torch.int32)
-    recv_ids = all_to_all(local_ids, recv, send, group)
+    recv_ids = local_ids.new_empty(sum(recv))
+    ids_work = dist.all_to_all_single(recv_ids, local_ids, recv, send, group=group, async_op=True)
+    recv_x = all_to_all(x.index_select(0, order // k), recv, send, group)
+    ids_work.wait()
     return recv_x, recv_ids, EPHandle(order, send, recv, x.shape[0], k)
 
 
@@ -604,7 +610,17 @@ def ep_combine(y: torch.Tensor, handle: EPHandle, topk_weights: torch.Tensor, gr
     check_tensor(op, "y", y, ndim=2, shape=[sum(handle.recv_counts), None])
     check_tensor(op, "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
     back = all_to_all(y, handle.send_counts, handle.recv_counts, group)
-    return moe_unpermute(back, handle.order, topk_weights, handle.num_tokens)
+    T, k = handle.num_tokens, handle.top_k
+    if handle.order.numel() != T * k:  # a handle that dropped assignments: the general scatter-add
+        return moe_unpermute(back, handle.order, topk_weights, T)
+    # Every assignment came back: undo the permutation, then one fp32 batched [1, k] x [k, D]
+    # product per token does the weighted sum (about 2x faster than a scatter-add on CPU).
+    inverse = torch.empty_like(handle.order)
+    inverse[handle.order] = torch.arange(T * k, device=handle.order.device)
+    D = y.shape[1]
+    rows = back.index_select(0, inverse).view(T, k, D).float()
+    out = torch.bmm(topk_weights.float().view(T, 1, k), rows).view(T, D)
+    return out.to(y.dtype)
 
 
 # --------------------------------------------------------------------------------------------

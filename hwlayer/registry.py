@@ -157,6 +157,8 @@ def load_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
 
     for impl in pm.hook.hwlayer_register_ops.get_hookimpls():
         name = impl.plugin_name
+        if name in skipped:  # its backend hook failed: a skipped plugin contributes nothing
+            continue
         pending: list[OpRegistration] = []
 
         def register_op(
@@ -179,6 +181,8 @@ def load_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
             impl.function(register=register_op)
         except Exception as exc:
             _skip(name, f"hwlayer_register_ops raised {type(exc).__name__}: {exc}", skipped)
+            for bname in [b for b, owner in backend_plugins.items() if owner == name]:
+                del backends[bname], backend_plugins[bname]  # no half-registered backend
             continue
         ops.extend(pending)
 

@@ -1,1 +1,126 @@
-"""cuda backend (placeholder, filled in by the accelerator-backends work)."""
+"""The CUDA family: NVIDIA, Hygon (ROCm/HIP), MetaX (MACA), Iluvatar (CoreX), Kunlunxin (torch_xmlir).
+
+All five put tensors on torch device ``cuda``; they differ in vendor identity (see ``detect.py``,
+which tells them apart), visible-devices variable, collective library underneath ``nccl``, and
+native kernels. Op resolution per backend: its native adapters (``native.py``, each behind a
+``supports`` check that the library imports and takes the shapes), then the Triton tier for those
+Triton runs on (``inherits=("triton",)``), then generic torch.
+
+Nothing here has been run on hardware: no GPU was available to this project. ``verified`` says so.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hwlayer.backend import Backend
+from hwlayer.hookspecs import hookimpl
+
+from . import native
+from .detect import detect
+
+HWLAYER_HOOKSPEC_VERSION = "1.0"
+
+NOT_RUN = "not run on hardware (no GPU available to this project)"
+
+
+def _detector(name: str) -> Callable:
+    return lambda: detect(name)
+
+
+BACKENDS = (
+    Backend(
+        name="cuda",
+        vendor="NVIDIA",
+        device_type="cuda",
+        dist_backend="nccl",
+        detect=_detector("cuda"),
+        visible_devices_env="CUDA_VISIBLE_DEVICES",
+        priority=50,
+        inherits=("triton",),
+        verified=f"written against flash_mla, deep_gemm and vLLM _C op APIs; Triton tier; {NOT_RUN}",
+        install_hint="install a CUDA build of torch (pip install torch --index-url "
+        "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
+        description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
+    ),
+    Backend(
+        name="hygon",
+        vendor="Hygon",
+        device_type="cuda",
+        dist_backend="nccl",  # RCCL underneath (unverified)
+        detect=_detector("hygon"),
+        visible_devices_env="HIP_VISIBLE_DEVICES",
+        priority=60,
+        inherits=("triton",),
+        verified=f"written against lightop API; collective nccl->RCCL unverified; {NOT_RUN}",
+        install_hint="install Hygon's DTK (ROCm) build of torch and lightop from the Hygon developer "
+        "channel; hy-smi must be on PATH",
+        description="Hygon DCU (ROCm/HIP build of torch)",
+    ),
+    Backend(
+        name="metax",
+        vendor="MetaX",
+        device_type="cuda",
+        dist_backend="nccl",  # MCCL underneath
+        detect=_detector("metax"),
+        visible_devices_env="CUDA_VISIBLE_DEVICES",
+        priority=60,
+        inherits=("triton",),
+        verified=f"written against mcoplib (torch.ops._C) and MACA flash_mla / deep_gemm APIs; {NOT_RUN}",
+        install_hint="install MetaX's MACA build of torch and mcoplib (plus MACA flash_mla / deep_gemm) "
+        "from the MetaX channel",
+        description="MetaX GPUs (MACA build of torch)",
+    ),
+    Backend(
+        name="iluvatar",
+        vendor="Iluvatar CoreX",
+        device_type="cuda",
+        dist_backend="nccl",  # unverified
+        detect=_detector("iluvatar"),
+        visible_devices_env="CUDA_VISIBLE_DEVICES",
+        priority=60,
+        inherits=("triton",),
+        verified=f"Triton tier and generic only; collective nccl unverified; {NOT_RUN}",
+        install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
+        description="Iluvatar CoreX GPUs (no native adapters yet: Triton tier, generic)",
+    ),
+    Backend(
+        name="kunlunxin",
+        vendor="Kunlunxin",
+        device_type="cuda",
+        dist_backend="nccl",  # as exposed by torch_xmlir; BKCL underneath (unverified)
+        detect=_detector("kunlunxin"),
+        visible_devices_env="CUDA_VISIBLE_DEVICES",  # unverified
+        priority=60,
+        # No Triton tier: no Kunlunxin Triton backend is documented.
+        verified=f"generic torch only; collective and visible-devices variable unverified; {NOT_RUN}",
+        install_hint="install torch_xmlir and xtorch_ops / kunlun_ops from the Kunlunxin channel",
+        description="Kunlunxin XPUs through torch_xmlir (generic ops)",
+    ),
+)
+
+
+@hookimpl
+def hwlayer_register_backends(register: Callable) -> None:
+    for backend in BACKENDS:
+        register(backend)
+
+
+@hookimpl
+def hwlayer_register_ops(register: Callable) -> None:
+    # Later registrations are preferred, so each op lists its most specific library last.
+    vllm_norm, vllm_norm_supports = native.make_vllm_rms_norm("vllm._C")
+    register("rms_norm", vllm_norm, backend="cuda", supports=vllm_norm_supports)
+    register("sparse_mla_attention", native.flash_mla_sparse_attention, backend="cuda",
+             supports=native.flash_mla_sparse_supports)
+    register("lightning_indexer", native.deep_gemm_lightning_indexer, backend="cuda",
+             supports=native.deep_gemm_indexer_supports)
+
+    mx_norm, mx_norm_supports = native.make_vllm_rms_norm("mcoplib")
+    register("rms_norm", mx_norm, backend="metax", supports=mx_norm_supports)
+    register("sparse_mla_attention", native.flash_mla_sparse_attention, backend="metax",
+             supports=native.flash_mla_sparse_supports)
+    register("lightning_indexer", native.deep_gemm_lightning_indexer, backend="metax",
+             supports=native.deep_gemm_indexer_supports)
+
+    register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)

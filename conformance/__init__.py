@@ -1,0 +1,1 @@
+"""hwlayer conformance suite: ``pytest conformance/ --backend NAME`` (see conftest.py)."""

@@ -1,0 +1,95 @@
+"""DeepSeek Sparse Attention ops: lightning_indexer (tie-aware top-k) and sparse_mla_attention.
+
+Batches are varlen over a paged cache with a shuffled block table and contexts spanning many
+blocks: whole-prompt prefill, chunked prefill (context longer than the query count), one-token
+decode, a sequence with no query tokens, and contexts shorter than ``topk`` (``-1`` padding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import golden
+from .cases import generator, paged_batch, randn
+
+INDEX_HEADS, INDEX_DIM = 4, 32
+BLOCK_SIZE = 8
+
+INDEXER_CASES = {
+    # name: (query counts, context lengths incl. the queries, topk)
+    "prefill-decode-chunked": ([5, 1, 7], [5, 40, 70], 16),
+    "topk-exceeds-context": ([3, 2], [20, 50], 32),
+    "decode-batch": ([1, 1, 1, 1], [9, 33, 1, 64], 16),
+    "empty-sequence": ([2, 0, 3], [10, 7, 30], 8),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEXER_CASES))
+def test_lightning_indexer(checker, dtype, device, case):
+    ck = checker("lightning_indexer", case)
+    gen = generator("lightning_indexer", case, dtype)
+    q_lens, seq_lens, topk = INDEXER_CASES[case]
+    batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE)
+    T = batch.num_tokens
+    q = randn(gen, (T, INDEX_HEADS, INDEX_DIM), ck.dtype, device)
+    weights = randn(gen, (T, INDEX_HEADS), torch.float32, device, scale=INDEX_HEADS**-0.5)
+    k_cache = randn(gen, (batch.num_blocks, BLOCK_SIZE, INDEX_DIM), ck.dtype, device)
+    block_table, cu, lens = batch.tensors(device)
+    scale = INDEX_DIM**-0.5
+
+    out = ck.fn(q, weights, k_cache, block_table, cu, lens, topk, scale)
+    ck.shape_dtype("indices", out, (T, topk), torch.int32)
+    scores = golden.indexer_scores(q, weights, k_cache, batch.block_table, batch.cu_seqlens_q, seq_lens, scale)
+    ck.topk("indices", out.cpu().tolist(), scores, topk, reduction=INDEX_HEADS * INDEX_DIM)
+    if case == "prefill-decode-chunked":
+        ck.time(q, weights, k_cache, block_table, cu, lens, topk, scale)
+
+
+LATENT, ROPE_DIM, HEADS = 32, 8, 4
+SCALE = 0.09  # deliberately not (LATENT + ROPE_DIM)^-0.5: the op must use the scale it is given
+
+ATTENTION_CASES = {
+    # name: (query counts, context lengths, indices per token)
+    "varlen-prefill-with-padding": ([3, 1, 4], [3, 25, 30], 12),
+    "decode": ([1, 1], [17, 40], 16),
+}
+
+
+def _indices(gen: torch.Generator, q_lens: list[int], seq_lens: list[int], K: int) -> torch.Tensor:
+    """Per token, distinct causal positions in random order with ``-1`` interspersed; the first
+    token of the last sequence gets none at all (out 0, lse -inf)."""
+    rows = []
+    for b, (n, L) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        for i in range(n):
+            pos = L - n + i
+            take = min(K - 2, pos + 1)
+            row = torch.randperm(pos + 1, generator=gen)[:take].tolist() + [-1] * (K - take)
+            if b == len(q_lens) - 1 and i == 0:
+                row = [-1] * K
+            perm = torch.randperm(K, generator=gen).tolist()
+            rows.append([row[j] for j in perm])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_sparse_mla_attention(checker, dtype, device, case):
+    ck = checker("sparse_mla_attention", case)
+    gen = generator("sparse_mla_attention", case, dtype)
+    q_lens, seq_lens, K = ATTENTION_CASES[case]
+    batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE)
+    T, Dk = batch.num_tokens, LATENT + ROPE_DIM
+    q = randn(gen, (T, HEADS, Dk), ck.dtype, device, scale=3.0)  # spread-out logits: a wrong scale shows
+    kv_cache = randn(gen, (batch.num_blocks, BLOCK_SIZE, Dk), ck.dtype, device)
+    indices = _indices(gen, q_lens, seq_lens, K)
+    block_table, cu, lens = batch.tensors(device)
+
+    out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)
+    ck.shape_dtype("out", out, (T, HEADS, LATENT), ck.dtype)
+    ck.shape_dtype("lse", lse, (T, HEADS), torch.float32)
+    g_out, g_lse = golden.sparse_mla_attention(q, kv_cache, indices, batch.block_table, batch.cu_seqlens_q,
+                                               seq_lens, SCALE, LATENT)
+    ck.close("lse", lse, g_lse, k=Dk)
+    ck.close("out", out, g_out, k=Dk)
+    if case == "varlen-prefill-with-padding":
+        ck.time(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)

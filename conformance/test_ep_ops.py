@@ -1,0 +1,357 @@
+"""Multi-rank conformance of the expert-parallel ops (``ep_dispatch``, ``ep_combine``).
+
+The suite starts its own processes (``torch.multiprocessing`` spawn, world sizes 2 and 4) on the
+collective backend of the backend under test (``--backend``, default cpu -> gloo). Every rank
+builds the *whole* problem from one seed (all ranks' tokens, all experts), so it can compute the
+float64 golden single-process, naively, from the full inputs; then it runs the ops through
+``hwlayer.plan(backend)`` on its own share and compares:
+
+* delivery: ``ep_dispatch`` hands each rank exactly the (token, expert) rows whose expert it
+  owns, with the right local ids, grouped by source rank and in token-slot order (exact);
+* combine: ``ep_combine`` of the delivered rows themselves equals ``sum_slot w * x`` (float64 golden);
+* MoE: dispatch -> ``fused_experts`` on the local experts (one row per assignment, weight 1, as
+  the model runs it) -> combine equals the dense MoE ``sum_slot w * expert(x)`` in float64;
+* skewed routing: every token to one rank's experts, a rank that receives nothing, an expert
+  with no tokens, a rank with no tokens of its own, no tokens anywhere;
+* bad input (ids out of range, experts not divisible by the world size): ``ValueError`` on every
+  rank before any collective, naming the argument.
+
+One spawn per world size runs every scenario; the tests below read its per-rank results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+WORLD_SIZES = (2, 4)
+SPAWN_TIMEOUT_S = 90.0  # the whole spawn, start-up included
+COLLECTIVE_TIMEOUT_S = 20.0  # one collective; a broken op fails instead of hanging
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# |out - golden| <= atol + rtol * |golden|, golden in float64 on the same rounded inputs.
+TOLERANCE = {  # (combine: weighted sum of k rows; moe: + two expert GEMMs, bf16 activations between)
+    ("combine", "fp32"): (1e-6, 1e-5),
+    ("combine", "bf16"): (1.6e-2, 1.6e-2),
+    ("moe", "fp32"): (1e-5, 1e-5),
+    ("moe", "bf16"): (3e-2, 3e-2),
+    ("combine", "fp16"): (2e-3, 2e-3),
+    ("moe", "fp16"): (4e-3, 4e-3),
+}
+HIDDEN, INTERMEDIATE = 16, 8
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios: the routing of every rank's tokens, from one seed
+
+
+def _routing(world: int, name: str) -> dict[str, Any]:
+    """Tokens per rank, expert count, top-k, and which experts may be chosen by which rank."""
+    E = 4 * world
+    per_rank = E // world
+    tokens = [5 + 2 * r for r in range(world)]
+    allowed: Callable[[int], list[int]] = lambda src: list(range(E))
+    k = 3
+    if name == "all_to_one_rank":  # every token of every rank goes to the last rank's experts
+        allowed = lambda src: list(range((world - 1) * per_rank, E))
+    elif name == "rank_receives_nothing":  # nobody picks rank 0's experts
+        allowed = lambda src: list(range(per_rank, E))
+    elif name == "expert_without_tokens":  # experts 1 and E-2 are never picked
+        allowed = lambda src: [e for e in range(E) if e not in (1, E - 2)]
+    elif name == "rank_without_tokens":  # rank 1 has no tokens of its own
+        tokens[1] = 0
+    elif name == "no_tokens_anywhere":
+        tokens = [0] * world
+    elif name == "top1_one_token":
+        tokens, k = [1] * world, 1
+    return {"E": E, "k": k, "tokens": tokens, "allowed": allowed}
+
+
+SCENARIOS = (
+    "uniform",
+    "all_to_one_rank",
+    "rank_receives_nothing",
+    "expert_without_tokens",
+    "rank_without_tokens",
+    "no_tokens_anywhere",
+    "top1_one_token",
+)
+
+
+def _problem(world: int, name: str, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """The full problem (every rank's inputs, every expert), identical on every rank."""
+    spec = _routing(world, name)
+    g = torch.Generator().manual_seed(seed)
+    E, k = spec["E"], spec["k"]
+    xs, ids, weights = [], [], []
+    for src, T in enumerate(spec["tokens"]):
+        xs.append(torch.randn(T, HIDDEN, generator=g, dtype=torch.float64).to(dtype))
+        scores = torch.rand(T, E, generator=g, dtype=torch.float64)
+        mask = torch.full((E,), True)
+        mask[spec["allowed"](src)] = False
+        scores[:, mask] = -1.0  # never chosen while an allowed expert is left
+        ids.append(scores.topk(k, dim=1).indices.to(torch.int32))
+        weights.append(torch.rand(T, k, generator=g, dtype=torch.float64).float())
+    w13 = (torch.randn(E, 2 * INTERMEDIATE, HIDDEN, generator=g, dtype=torch.float64) * HIDDEN**-0.5).to(dtype)
+    w2 = (torch.randn(E, HIDDEN, INTERMEDIATE, generator=g, dtype=torch.float64) * INTERMEDIATE**-0.5).to(dtype)
+    return {"E": E, "k": k, "x": xs, "ids": ids, "weights": weights, "w13": w13, "w2": w2}
+
+
+# --------------------------------------------------------------------------------------------
+# Float64 goldens, naive, from the full inputs
+
+
+def _golden_delivery(p: dict[str, Any], rank: int, world: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows (float64) and local ids rank ``rank`` must receive: by source rank, then token-slot order."""
+    per_rank = p["E"] // world
+    rows, local = [], []
+    for src in range(world):
+        x, ids = p["x"][src], p["ids"][src]
+        for t in range(ids.shape[0]):
+            for slot in range(ids.shape[1]):
+                e = int(ids[t, slot])
+                if e // per_rank == rank:
+                    rows.append(x[t].double())
+                    local.append(e - rank * per_rank)
+    return (torch.stack(rows) if rows else torch.empty(0, HIDDEN, dtype=torch.float64)), local
+
+
+def _golden_expert(p: dict[str, Any], e: int, row: torch.Tensor) -> torch.Tensor:
+    w13, w2 = p["w13"][e].double(), p["w2"][e].double()
+    gate, up = w13[:INTERMEDIATE] @ row, w13[INTERMEDIATE:] @ row
+    return w2 @ (gate / (1.0 + torch.exp(-gate)) * up)
+
+
+def _golden_moe(p: dict[str, Any], rank: int, expert: bool) -> torch.Tensor:
+    """``out[t] = sum_slot w[t, slot] * f(x[t])`` for rank's own tokens; f = expert or identity."""
+    x, ids, w = p["x"][rank], p["ids"][rank], p["weights"][rank]
+    out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            row = x[t].double()
+            y = _golden_expert(p, int(ids[t, slot]), row) if expert else row
+            out[t] += float(w[t, slot]) * y
+    return out
+
+
+def _close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {list(got.shape)}, expected {list(want.shape)}")
+    if got.numel() == 0:
+        return
+    err = (got.double().cpu() - want).abs()
+    bound = atol + rtol * want.abs()
+    if not bool((err <= bound).all()):
+        i = int((err - bound).flatten().argmax())
+        raise AssertionError(
+            f"{what}: max |err| {float(err.max()):.3g} exceeds atol {atol} + rtol {rtol} * |golden| "
+            f"(worst element {i}: got {float(got.flatten()[i]):.6g}, golden {float(want.flatten()[i]):.6g})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: one process per rank
+
+
+def _run_scenario(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed: int) -> None:
+    dtype = DTYPES[dtype_name]
+    p = _problem(world, name, dtype, seed)
+    dev = plan.device
+    E = p["E"]
+    per_rank = E // world
+    x = p["x"][rank].to(dev)
+    ids = p["ids"][rank].to(dev)
+    weights = p["weights"][rank].to(dev)
+
+    # Every rank makes the same collective calls whatever its checks find (a failed check must
+    # not leave the ranks out of step), then reports all its findings at once.
+    findings: list[str] = []
+
+    def expect(check: Callable[[], None]) -> None:
+        try:
+            check()
+        except AssertionError as exc:
+            findings.append(str(exc))
+
+    # 1. delivery, exact
+    recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, E)
+    want_rows, want_ids = _golden_delivery(p, rank, world)
+
+    def check_delivery() -> None:
+        if recv_ids.dtype != torch.int32:
+            raise AssertionError(f"ep_dispatch: recv_local_ids dtype {recv_ids.dtype}, expected int32")
+        if recv_x.dtype != dtype:
+            raise AssertionError(f"ep_dispatch: recv_x dtype {recv_x.dtype}, expected {dtype}")
+        if recv_ids.cpu().tolist() != want_ids:
+            raise AssertionError(f"ep_dispatch: local ids {recv_ids.cpu().tolist()}, expected {want_ids}")
+        if recv_x.shape != want_rows.shape or not torch.equal(recv_x.cpu().double(), want_rows):
+            raise AssertionError(
+                f"ep_dispatch: received rows differ from the rows routed to rank {rank} "
+                f"(got shape {list(recv_x.shape)}, expected {list(want_rows.shape)})"
+            )
+
+    expect(check_delivery)
+
+    # 2. combine of the delivered rows themselves: out = x * sum(w)
+    out = plan.ep_combine(recv_x, handle, weights)
+
+    def check_combine() -> None:
+        if out.dtype != dtype:
+            raise AssertionError(f"ep_combine: output dtype {out.dtype}, expected {dtype}")
+        _close("ep_combine(identity experts)", out, _golden_moe(p, rank, expert=False),
+               *TOLERANCE[("combine", dtype_name)])
+
+    expect(check_combine)
+
+    # 3. the delivered rows through the local experts, one row per assignment with weight 1 (as
+    # the model runs them), then combine again with the same handle == the dense MoE
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=dev)
+    y = plan.fused_experts(recv_x, p["w13"][mine].to(dev), p["w2"][mine].to(dev), ones, recv_ids.unsqueeze(1))
+    moe = plan.ep_combine(y, handle, weights)
+    expect(lambda: _close("dispatch -> fused_experts -> combine vs dense MoE", moe,
+                          _golden_moe(p, rank, expert=True), *TOLERANCE[("moe", dtype_name)]))
+    if findings:
+        raise AssertionError("; ".join(findings))
+
+
+def _run_bad_input(plan: Any, rank: int, world: int) -> None:
+    """Both calls must raise ValueError before any collective, on every rank."""
+    x = torch.zeros(3, HIDDEN, device=plan.device)
+    cases = [
+        ("topk_ids", torch.tensor([[0], [4 * world], [1]], dtype=torch.int32), 4 * world),  # id == E
+        ("topk_ids", torch.tensor([[0], [-1], [1]], dtype=torch.int32), 4 * world),  # negative id
+        ("num_experts", torch.zeros(3, 1, dtype=torch.int32), 4 * world + 1),  # not divisible by world
+    ]
+    for arg, ids, E in cases:
+        try:
+            plan.ep_dispatch(x, ids.to(plan.device), E)
+        except ValueError as exc:
+            if arg not in str(exc):
+                raise AssertionError(f"ep_dispatch: ValueError does not name '{arg}': {exc}") from None
+        else:
+            raise AssertionError(f"ep_dispatch accepted bad {arg} (E={E}, ids={ids.flatten().tolist()})")
+
+
+def _worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results: dict[str, str | None] = {}
+    save = lambda: Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    import hwlayer
+    from hwlayer.distributed import init_distributed, shutdown
+
+    try:
+        plan = hwlayer.plan(backend)
+        init_distributed(plan, timeout_s=COLLECTIVE_TIMEOUT_S)
+        checks: list[tuple[str, Callable[[], None]]] = []
+        for i, name in enumerate(SCENARIOS):
+            for dtype_name in DTYPES:
+                checks.append((f"{name}-{dtype_name}", lambda n=name, d=dtype_name, s=i: _run_scenario(
+                    plan, rank, world, n, d, 1000 * world + s)))
+        checks.append(("bad_input", lambda: _run_bad_input(plan, rank, world)))
+        broken = None
+        for key, check in checks:
+            if broken:  # an op raised: the ranks may be out of step, later results mean nothing
+                results[key] = f"not run: an earlier check raised ({broken})"
+                continue
+            results[key] = "this rank died during the check"  # saved first: a crash (abort) leaves it
+            save()
+            try:
+                check()
+                results[key] = None
+            except AssertionError as exc:
+                results[key] = str(exc)
+            except Exception as exc:
+                results[key] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+                broken = key
+        save()
+        shutdown()
+    except Exception as exc:
+        results["setup"] = f"{type(exc).__name__}: {exc}"
+    save()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, backend: str) -> dict[str, dict[int, str | None]]:
+    """Run every check on ``world`` ranks; {check: {rank: error or None}}. Bounded in time."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), backend, out_dir), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        trouble = ""
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    trouble = f"the {world} ranks did not finish within {SPAWN_TIMEOUT_S:g} s"
+                    break
+        except Exception as exc:  # a rank crashed (e.g. the collective library aborted the process)
+            trouble = f"{type(exc).__name__}: {exc}"
+        finally:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(5)
+        merged: dict[str, dict[int, str | None]] = {}
+        for rank in range(world):
+            path = Path(out_dir, f"rank{rank}.json")
+            results = json.loads(path.read_text()) if path.exists() else {"setup": "rank wrote no results"}
+            for key, err in results.items():
+                if err is not None and trouble:
+                    err = f"{err} [{trouble}]"
+                merged.setdefault(key, {})[rank] = err
+        if trouble:
+            merged["trouble"] = {0: trouble}
+        return merged
+
+
+@pytest.fixture(scope="module")
+def ep_results(backend_name: str) -> Callable[[int], dict[str, dict[int, str | None]]]:
+    """Results of one spawn per world size (all scenarios and dtypes), made on first use."""
+    cache: dict[int, dict[str, dict[int, str | None]]] = {}
+
+    def get(world: int) -> dict[str, dict[int, str | None]]:
+        if world not in cache:
+            cache[world] = _spawn(world, backend_name)
+        return cache[world]
+
+    return get
+
+
+def _check(results: dict[str, dict[int, str | None]], world: int, key: str) -> None:
+    if "setup" in results:
+        pytest.fail(f"EP workers could not start: {results['setup']}")
+    per_rank = results.get(key)
+    trouble = (results.get("trouble") or {0: ""})[0]
+    assert per_rank is not None and len(per_rank) == world, f"{key}: no result from some ranks ({per_rank}) {trouble}"
+    errors = {r: e for r, e in per_rank.items() if e is not None}
+    assert not errors, "\n".join(f"rank {r}: {e}" for r, e in sorted(errors.items()))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ep_dispatch_combine(ep_results: Callable, world: int, scenario: str, dtype: str) -> None:
+    """Delivery (exact), combine and dispatch -> experts -> combine vs the float64 dense MoE."""
+    _check(ep_results(world), world, f"{scenario}-{dtype}")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ep_dispatch_bad_input(ep_results: Callable, world: int) -> None:
+    """Out-of-range ids and an expert count the world does not divide: ValueError on every rank."""
+    _check(ep_results(world), world, "bad_input")

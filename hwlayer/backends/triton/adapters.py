@@ -1,0 +1,443 @@
+"""The Triton tier's op implementations: contract in, kernel launch, contract out.
+
+Every function here has the signature of its op in :mod:`hwlayer.ops` and is registered with a
+``supports`` predicate. The predicate declines (with a reason) whatever the kernel does not take:
+tensors on a device Triton cannot run on, unusual dtypes or sizes, and malformed input, which then
+reaches the generic implementation and its ``ValueError`` naming the bad argument. So this module
+only launches kernels on input it has already accepted.
+
+``triton`` and the kernels are imported on first use (see ``kernels.py`` for why).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import torch
+
+from hwlayer.ops import FLOAT_DTYPES, INDEX_DTYPES, token_positions
+
+# Sizes a single program keeps in registers; larger calls go to the next tier.
+MAX_NORM_DIM = 16384
+MAX_LATENT_DIM = 1024
+MAX_ROPE_DIM = 256
+MAX_INDEXER_HEADS = 128
+MAX_INDEXER_DIM = 256
+MAX_EXPERTS = 1024
+MAX_ROUTE_TOPK = 64
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def interpreter_problem() -> str | None:
+    """Why the interpreter cannot run kernels in this process, or None when it can.
+
+    Triton decides interpreted-or-compiled when each ``@triton.jit`` function is defined, its own
+    library functions (``tl.sum``...) included, so ``TRITON_INTERPRET=1`` must be set before
+    ``triton`` is first imported.
+    """
+    if not interpreting():
+        return "TRITON_INTERPRET=1 is not set"
+    tl = sys.modules.get("triton.language")
+    if tl is not None and type(getattr(tl, "sum", None)).__name__ != "InterpretedFunction":
+        return "TRITON_INTERPRET=1 was set after triton was imported; set it before starting Python"
+    return None
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels() -> Any:
+    from . import kernels  # noqa: PLC0415 - lazy on purpose: TRITON_INTERPRET is read at import
+
+    return kernels
+
+
+def _device_ok(*tensors: torch.Tensor) -> bool | str:
+    """Triton runs on CUDA/ROCm tensors, or CPU tensors under the interpreter."""
+    if not triton_importable():
+        return "triton is not installed"
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        return "tensors on different devices"
+    if dev.type == "cuda":
+        return True
+    if dev.type == "cpu":
+        problem = interpreter_problem()
+        return True if problem is None else f"triton runs CPU tensors only in its interpreter: {problem}"
+    return f"triton cannot run on {dev.type} tensors"
+
+
+def _is_tensor(*items: Any) -> bool:
+    return all(isinstance(t, torch.Tensor) for t in items)
+
+
+def _p2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _f32_dot(dtype: torch.dtype) -> bool:
+    """Upcast tl.dot operands to fp32: for fp32 inputs, and always in the interpreter (no bf16 math)."""
+    return dtype == torch.float32 or interpreting()
+
+
+# --------------------------------------------------------------------------------------------
+# rms_norm
+
+
+def rms_norm_supports(x: Any, weight: Any, eps: float, residual: Any = None) -> bool | str:
+    if not _is_tensor(x, weight) or (residual is not None and not _is_tensor(residual)):
+        return "non-tensor argument"
+    if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        return "shape or dtype outside the contract"
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        return "residual shape/dtype differs from x"
+    if x.shape[-1] > MAX_NORM_DIM:
+        return f"last dim {x.shape[-1]} > {MAX_NORM_DIM}"
+    return _device_ok(x, weight, *(() if residual is None else (residual,)))
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    rows = x2.shape[0]
+    out = torch.empty_like(x2)
+    summed = torch.empty_like(x2) if residual is not None else out
+    res = residual.reshape(-1, D).contiguous() if residual is not None else x2
+    if rows:
+        _kernels().rms_norm_kernel[(rows,)](
+            x2, res, weight.contiguous(), out, summed, D, float(eps),
+            HAS_RESIDUAL=residual is not None, BLOCK_D=_p2(D),
+        )
+    if residual is not None:
+        return out.view(x.shape), summed.view(x.shape)
+    return out.view(x.shape)
+
+
+def layer_norm_supports(x: Any, weight: Any, bias: Any, eps: float) -> bool | str:
+    if not _is_tensor(x, weight) or (bias is not None and not _is_tensor(bias)):
+        return "non-tensor argument"
+    if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or weight.shape != (x.shape[-1],):
+        return "shape or dtype outside the contract"
+    if bias is not None and bias.shape != (x.shape[-1],):
+        return "bias shape outside the contract"
+    if x.shape[-1] > MAX_NORM_DIM:
+        return f"last dim {x.shape[-1]} > {MAX_NORM_DIM}"
+    return _device_ok(x, weight, *(() if bias is None else (bias,)))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    out = torch.empty_like(x2)
+    if x2.shape[0]:
+        _kernels().layer_norm_kernel[(x2.shape[0],)](
+            x2, weight.contiguous(), bias.contiguous() if bias is not None else weight, out, D, float(eps),
+            HAS_BIAS=bias is not None, BLOCK_D=_p2(D),
+        )
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# kv_cache_write
+
+
+def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any) -> bool | str:
+    if not _is_tensor(cache, rows, slot_mapping):
+        return "non-tensor argument"
+    if cache.dim() != 3 or not cache.is_contiguous() or rows.dim() != 2 or rows.shape[1] != cache.shape[2]:
+        return "cache/rows outside the contract"
+    if slot_mapping.dim() != 1 or slot_mapping.dtype not in INDEX_DTYPES or slot_mapping.shape[0] != rows.shape[0]:
+        return "slot_mapping outside the contract"
+    if slot_mapping.numel() and int(slot_mapping.max()) >= cache.shape[0] * cache.shape[1]:
+        return "slot out of range"  # the generic op names it
+    return _device_ok(cache, rows, slot_mapping)
+
+
+def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    T, D = rows.shape
+    if T and D:
+        block = min(1024, _p2(D))
+        _kernels().kv_cache_write_kernel[(T, triton_cdiv(D, block))](
+            # torch casts (round-to-nearest, exactly as the contract's ``rows.to(cache.dtype)``);
+            # the kernel then only moves bits
+            cache, rows.to(cache.dtype).contiguous(), slot_mapping.contiguous(), D, BLOCK_D=block
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# rope
+
+
+def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool) -> bool | str:
+    if not _is_tensor(x, positions, cos_sin_cache):
+        return "non-tensor argument"
+    if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2:
+        return "x outside the contract"
+    if positions.dim() != 1 or positions.dtype not in INDEX_DTYPES or positions.shape[0] != x.shape[0]:
+        return "positions outside the contract"
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != x.shape[-1]:
+        return "cos_sin_cache outside the contract"
+    if x.shape[-1] // 2 * (x.shape[1] if x.dim() == 3 else 1) > MAX_NORM_DIM:
+        return "heads x rotary dim too large for one program"
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        return "positions outside the cache"  # the generic path raises torch's index error
+    return _device_ok(x, positions, cos_sin_cache)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    T, D = x.shape[0], x.shape[-1]
+    x3 = x.reshape(T, -1, D).contiguous()
+    H = x3.shape[1]
+    out = torch.empty_like(x3)
+    if T and H:
+        _kernels().rope_kernel[(T,)](
+            x3, positions.contiguous(), cos_sin_cache.contiguous(), out, H, D,
+            INTERLEAVED=bool(interleaved), BLOCK_H=_p2(H), BLOCK_HALF=_p2(D // 2),
+        )
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# DSA: lightning indexer and sparse MLA attention
+
+
+def _varlen_ok(cu_seqlens_q: Any, seq_lens: Any, T: int) -> bool | str:
+    if not _is_tensor(cu_seqlens_q, seq_lens):
+        return "non-tensor cu_seqlens_q/seq_lens"
+    if cu_seqlens_q.dim() != 1 or seq_lens.dim() != 1 or seq_lens.shape[0] != cu_seqlens_q.shape[0] - 1:
+        return "cu_seqlens_q/seq_lens shapes outside the contract"
+    if cu_seqlens_q.dtype not in INDEX_DTYPES or seq_lens.dtype not in INDEX_DTYPES:
+        return "cu_seqlens_q/seq_lens must be integer"
+    if int(cu_seqlens_q[-1]) != T:
+        return "cu_seqlens_q does not end at the token count"
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    if bool((seq_lens < q_lens).any()):
+        return "a sequence is shorter than its query count"
+    return True
+
+
+def lightning_indexer_supports(
+    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float
+) -> bool | str:
+    if not _is_tensor(q, weights, k_cache, block_table):
+        return "non-tensor argument"
+    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
+        return "q outside the contract"
+    T, Hi, Di = q.shape
+    if weights.shape != (T, Hi) or k_cache.dim() != 3 or k_cache.shape[2] != Di:
+        return "weights/k_cache shapes outside the contract"
+    if block_table.dim() != 2 or block_table.dtype not in INDEX_DTYPES or topk < 1:
+        return "block_table/topk outside the contract"
+    if Hi > MAX_INDEXER_HEADS or Di > MAX_INDEXER_DIM:
+        return f"indexer heads {Hi} / head dim {Di} above {MAX_INDEXER_HEADS}/{MAX_INDEXER_DIM}"
+    ok = _varlen_ok(cu_seqlens_q, seq_lens, T)
+    if ok is not True:
+        return ok
+    return _device_ok(q, weights, k_cache, block_table)
+
+
+def indexer_scores(
+    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """The Triton-scored tile: fp32 ``[T, max(seq_lens)]``, ``-inf`` at non-causal positions."""
+    T, Hi, Di = q.shape
+    seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
+    S = int(seq_lens.max()) if seq_lens.numel() else 0
+    scores = torch.empty(T, S, dtype=torch.float32, device=q.device)
+    if T and S:
+        block_s = 64
+        _kernels().indexer_score_kernel[(T, triton_cdiv(S, block_s))](
+            q.contiguous(), weights.float().contiguous(), k_cache.contiguous(),
+            block_table.contiguous(), seq_idx, qpos, scores,
+            Hi, Di, k_cache.shape[1], block_table.shape[1], S, float(scale),
+            BLOCK_H=_p2(Hi, 16), BLOCK_D=_p2(Di, 16), BLOCK_S=block_s, F32_DOT=_f32_dot(q.dtype),
+        )
+    return scores
+
+
+def lightning_indexer(
+    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
+) -> torch.Tensor:
+    # Scoring is the Triton kernel; the selection is torch.topk on the scored tile (a Triton
+    # radix-select would save the [T, S] tile; not written yet).
+    scores = indexer_scores(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, scale)
+    T, S = scores.shape
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    k = min(topk, S)
+    if T and k:
+        vals, idx = scores.topk(k, dim=-1)
+        out[:, :k] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
+    return out
+
+
+def sparse_mla_attention_supports(
+    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int
+) -> bool | str:
+    if not _is_tensor(q, kv_cache, indices, block_table):
+        return "non-tensor argument"
+    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
+        return "q outside the contract"
+    T, H, Dk = q.shape
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != Dk or indices.dim() != 2 or indices.shape[0] != T:
+        return "kv_cache/indices shapes outside the contract"
+    if indices.dtype not in INDEX_DTYPES or block_table.dim() != 2 or block_table.dtype not in INDEX_DTYPES:
+        return "indices/block_table dtypes outside the contract"
+    if not 0 < v_dim <= Dk:
+        return "v_dim outside the contract"
+    if v_dim > MAX_LATENT_DIM or Dk - v_dim > MAX_ROPE_DIM:
+        return f"latent {v_dim} / rope {Dk - v_dim} above {MAX_LATENT_DIM}/{MAX_ROPE_DIM}"
+    ok = _varlen_ok(cu_seqlens_q, seq_lens, T)
+    if ok is not True:
+        return ok
+    return _device_ok(q, kv_cache, indices, block_table)
+
+
+def sparse_mla_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, Dk = q.shape
+    K = indices.shape[1]
+    rope_dim = Dk - v_dim
+    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
+    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    block_h = min(_p2(H, 16), 32 if v_dim > 256 else 64)
+    _kernels().sparse_mla_kernel[(T, triton_cdiv(H, block_h))](
+        q.contiguous(), kv_cache.contiguous(), indices.contiguous(), block_table.contiguous(), seq_idx, out, lse,
+        H, Dk, v_dim, rope_dim, K, kv_cache.shape[1], block_table.shape[1], float(scale),
+        BLOCK_H=block_h, BLOCK_V=_p2(v_dim, 16), BLOCK_R=_p2(rope_dim, 16), BLOCK_K=32, F32_DOT=_f32_dot(q.dtype),
+        num_warps=8 if v_dim > 256 else 4,  # the [heads, v_dim] fp32 accumulator lives in registers
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# MoE
+
+
+def moe_route_supports(
+    router_logits: Any, correction_bias: Any, top_k: int, n_group: int, topk_group: int,
+    renormalize: bool, routed_scaling_factor: float,
+) -> bool | str:
+    if not _is_tensor(router_logits) or router_logits.dim() != 2 or router_logits.dtype not in FLOAT_DTYPES:
+        return "router_logits outside the contract"
+    E = router_logits.shape[1]
+    if correction_bias is not None and (not _is_tensor(correction_bias) or correction_bias.shape != (E,)):
+        return "correction_bias outside the contract"
+    if not 1 <= top_k <= E or n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
+        return "top_k/n_group/topk_group outside the contract"
+    if E > MAX_EXPERTS or top_k > MAX_ROUTE_TOPK:
+        return f"{E} experts / top_k {top_k} above {MAX_EXPERTS}/{MAX_ROUTE_TOPK}"
+    if top_k > topk_group * (E // n_group):
+        return "top_k exceeds the experts of the kept groups"
+    return _device_ok(router_logits, *(() if correction_bias is None else (correction_bias,)))
+
+
+def moe_route(
+    router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, n_group: int,
+    topk_group: int, renormalize: bool, routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, E = router_logits.shape
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
+    if T:
+        logits = router_logits.contiguous()
+        bias = correction_bias.contiguous() if correction_bias is not None else logits
+        group_size = E // n_group
+        _kernels().moe_route_kernel[(T,)](
+            logits, bias, weights, ids, E, group_size, n_group, topk_group, top_k, float(routed_scaling_factor),
+            HAS_BIAS=correction_bias is not None, RENORMALIZE=bool(renormalize),
+            LIMIT_GROUPS=n_group > 1 and topk_group < n_group,
+            BLOCK_G=_p2(n_group), BLOCK_EG=_p2(group_size), BLOCK_TOPK=_p2(top_k),
+        )
+    return weights, ids
+
+
+def grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
+    if not _is_tensor(x, w, group_sizes):
+        return "non-tensor argument"
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or w.dim() != 3 or w.shape[2] != x.shape[1]:
+        return "x/w outside the contract"
+    if group_sizes.dim() != 1 or group_sizes.dtype not in INDEX_DTYPES or group_sizes.shape[0] != w.shape[0]:
+        return "group_sizes outside the contract"
+    if int(group_sizes.sum()) != x.shape[0] or bool((group_sizes < 0).any()):
+        return "group_sizes do not partition the rows"
+    return _device_ok(x, w, group_sizes)
+
+
+def _row_tiles(group_sizes: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row tiles that never straddle experts: (expert, first row, end row) per tile, int32."""
+    sizes = group_sizes.long()
+    ends = sizes.cumsum(0)
+    starts = ends - sizes
+    tiles = (sizes + block_m - 1) // block_m
+    expert = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), tiles)
+    first_tile = (tiles.cumsum(0) - tiles)[expert]
+    within = torch.arange(expert.numel(), device=sizes.device) - first_tile
+    row0 = starts[expert] + within * block_m
+    return expert.to(torch.int32), row0.to(torch.int32), ends[expert].to(torch.int32)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    M, Kdim = x.shape
+    N = w.shape[1]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = 32, 64, 32
+    expert, row0, row1 = _row_tiles(group_sizes, block_m)
+    if expert.numel() and N:
+        _kernels().grouped_gemm_kernel[(expert.numel(), triton_cdiv(N, block_n))](
+            x.contiguous(), w.contiguous(), out, expert, row0, row1, N, Kdim,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, F32_DOT=_f32_dot(x.dtype),
+        )
+    return out
+
+
+def silu_and_mul_supports(x: Any) -> bool | str:
+    if not _is_tensor(x) or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] % 2:
+        return "x outside the contract"
+    return _device_ok(x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    inter = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * inter).contiguous()
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    if x2.shape[0] and inter:
+        block = min(1024, _p2(inter))
+        _kernels().silu_and_mul_kernel[(x2.shape[0], triton_cdiv(inter, block))](x2, out, inter, BLOCK=block)
+    return out.view(*x.shape[:-1], inter)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# op name -> (implementation, supports); the registration list of the tier.
+IMPLEMENTATIONS = {
+    "rms_norm": (rms_norm, rms_norm_supports),
+    "layer_norm": (layer_norm, layer_norm_supports),
+    "rope": (rope, rope_supports),
+    "kv_cache_write": (kv_cache_write, kv_cache_write_supports),
+    "lightning_indexer": (lightning_indexer, lightning_indexer_supports),
+    "sparse_mla_attention": (sparse_mla_attention, sparse_mla_attention_supports),
+    "moe_route": (moe_route, moe_route_supports),
+    "grouped_gemm": (grouped_gemm, grouped_gemm_supports),
+    "silu_and_mul": (silu_and_mul, silu_and_mul_supports),
+}

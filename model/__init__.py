@@ -1,0 +1,77 @@
+"""GLM-5 (`glm_moe_dsa`) on hwlayer: ``load_model(path) -> GLM5`` plus the serving ``Batch`` layout.
+
+    from model import load_model, Batch, ModelConfig
+    m = load_model(path)                    # backend: GLM_BACKEND / auto; dtype: float32 on cpu
+    m.score(ids); m.generate(ids, max_new_tokens=32)
+    cache = m.new_cache(num_blocks, block_size); m.forward_batch(batch, cache)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .glm5 import GLM5, Batch, PagedCache
+from .loader import CheckpointError, expert_range_for, load_state
+
+__all__ = ["GLM5", "Batch", "CheckpointError", "ConfigError", "ModelConfig", "PagedCache", "load_model",
+           "parse_dtype"]
+
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES.values():
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype.lower() not in _DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {', '.join(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[dtype.lower()]
+
+
+def load_model(
+    path: str | Path,
+    backend: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    ep: int = 1,
+    ep_group=None,  # noqa: ANN001 - a torch.distributed ProcessGroup (default: the default group)
+    progress: bool | None = None,
+) -> GLM5:
+    """Load a glm_moe_dsa checkpoint directory onto a hwlayer backend.
+
+    ``backend``: hwlayer backend name (None: ``GLM_BACKEND`` or auto-detection). ``dtype``: None
+    means float32 on cpu and the config's dtype on accelerators. ``ep > 1``: expert parallelism over
+    an initialised torch.distributed group of that world size; this rank loads only experts
+    ``[r*E/ep, (r+1)*E/ep)``, attention is replicated (every rank runs the same tokens).
+    """
+    import hwlayer
+
+    path = Path(path)
+    cfg = ModelConfig.from_json(path)
+    plan = hwlayer.plan(backend)
+    if dtype is None:
+        dtype = torch.float32 if plan.device.type == "cpu" else cfg.dtype
+    dtype = parse_dtype(dtype)
+    expert_range = None
+    if not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"ep: expected an integer >= 1, got {ep!r}")
+    if ep > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"ep={ep} needs an initialised torch.distributed default group of world size {ep} "
+                               f"(call torch.distributed.init_process_group first)")
+        world = dist.get_world_size(ep_group)
+        if world != ep:
+            raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")
+        if cfg.n_routed_experts % ep:
+            raise ValueError(f"ep={ep} must divide n_routed_experts ({cfg.n_routed_experts}) in {path / 'config.json'}")
+        expert_range = expert_range_for(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
+    state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress)
+    model = GLM5(cfg, state, plan, dtype, has_mtp, ep=ep, ep_group=ep_group)
+    model.path = path
+    return model

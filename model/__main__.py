@@ -1,0 +1,124 @@
+"""Command line.
+
+    python -m model --model PATH --prompt TEXT [--max-new-tokens N] [--backend X] [--speculative]
+    python -m model plan --config PATH [--ep N] [--dtype bf16|fp8]
+
+``plan`` prints the weights each rank holds and the KV-cache bytes per token for a config.json,
+without loading any weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> str:
+    """Weights per rank and paged-cache bytes per token for a glm_moe_dsa config.json."""
+    from .config import ModelConfig
+    from .loader import expected_tensors
+
+    cfg = ModelConfig.from_json(config_path)
+    if ep < 1 or cfg.n_routed_experts % ep:
+        raise ValueError(f"--ep {ep} must be >= 1 and divide n_routed_experts ({cfg.n_routed_experts})")
+    weight_bytes = {"bf16": 2.0, "fp8": 1.0}[dtype]
+    cache_bytes = 2  # the latent and indexer caches are kept in bf16 in both cases
+    shapes = expected_tensors(cfg, with_mtp=True)
+    expert = replicated = 0
+    for name, shape in shapes.items():
+        n = int(torch.Size(shape).numel())
+        if ".mlp.experts." in name:
+            expert += n
+        else:
+            replicated += n
+    per_rank = replicated + expert // ep
+    fp8_extra = 0.0
+    if dtype == "fp8":  # fp32 block scales, one per 128x128 block of every 2-D matrix
+        fp8_extra = sum(4 * -(-s[0] // 128) * -(-s[1] // 128) for n, s in shapes.items() if len(s) == 2) / ep
+    L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    per_layer = [latent + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0) for i in range(L + n_mtp)]
+    gib = 1024**3
+    lines = [
+        f"config: {config_path} ({L} layers + {n_mtp} MTP, {cfg.n_routed_experts} routed experts, "
+        f"top-{cfg.num_experts_per_tok}, index_topk {cfg.index_topk})",
+        f"parameters: {replicated + expert:,} total ({expert:,} in routed experts, {replicated:,} replicated)",
+        f"weights per rank (ep={ep}, {dtype}): {per_rank:,} parameters = "
+        f"{(per_rank * weight_bytes + fp8_extra) / gib:.2f} GiB "
+        f"(replicated {replicated * weight_bytes / gib:.2f} GiB + experts {expert // ep * weight_bytes / gib:.2f} GiB"
+        f"{f' + fp8 scales {fp8_extra / gib:.3f} GiB' if fp8_extra else ''})",
+        f"kv cache per token per full layer: {cfg.kv_lora_rank} latent + {cfg.qk_rope_head_dim} rope + "
+        f"{cfg.index_head_dim} indexer key = {latent + cfg.index_head_dim} values "
+        f"= {(latent + cfg.index_head_dim) * cache_bytes} bytes (bf16)",
+        f"kv cache per token, all {L} layers: {sum(per_layer[:L])} values = {sum(per_layer[:L]) * cache_bytes:,} bytes; "
+        f"with MTP: {sum(per_layer) * cache_bytes:,} bytes",
+        f"kv cache for one {cfg.max_position_embeddings}-token context: "
+        f"{sum(per_layer) * cache_bytes * cfg.max_position_embeddings / gib:.2f} GiB (replicated on every EP rank)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        p = _Parser(prog="python -m model plan", description="weights per rank and KV bytes per token")
+        p.add_argument("--config", required=True, help="config.json or checkpoint directory")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel world size")
+        p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+        args = p.parse_args(argv[1:])
+        from .config import ConfigError
+
+        try:
+            print(plan_report(args.config, args.ep, args.dtype))
+        except (ConfigError, ValueError) as exc:
+            return _fail(str(exc))
+        return 0
+
+    p = _Parser(prog="python -m model", description="greedy generation with a glm_moe_dsa checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--backend", default=None, help="hwlayer backend (default: GLM_BACKEND or auto)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on cpu)")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP layer")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        return _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    import hwlayer
+
+    from . import load_model
+    from .config import ConfigError
+    from .loader import CheckpointError
+    from .tokenizer import load_tokenizer
+
+    try:
+        model = load_model(args.model, backend=args.backend, dtype=args.dtype)
+        tok = load_tokenizer(args.model)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, hwlayer.BackendError) as exc:
+        return _fail(str(exc))
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        return _fail("--prompt encodes to no tokens")
+    out = model.generate([ids], max_new_tokens=args.max_new_tokens, speculative=args.speculative)[0]
+    print(tok.decode(out[len(ids):].tolist(), skip_special_tokens=False))
+    if args.speculative:
+        print(f"[MTP acceptance rate: {model.last_acceptance_rate:.2f}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Deterministic tiny GLM-5-architecture checkpoints (random weights; the output is noise).
+
+Written without transformers: torch init -> safetensors in the real HF per-expert layout, a
+byte-level BPE tokenizer.json trained with the `tokenizers` library on a fixed corpus plus the GLM
+special tokens, tokenizer_config.json (with a chat template) and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .loader import FP8_BLOCK, expected_tensors
+
+DEFAULT_MODEL_NAME = "glm5-tiny-random"
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+    "</arg_value>", "<tool_response>", "</tool_response>",
+]
+TINY_VOCAB = 512
+
+# Small enough that the CPU serves it in milliseconds per token, shaped like GLM-5: first layer
+# dense, MoE with grouped routing, DSA with index_topk below typical prompt lengths, one MTP layer.
+TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["GlmMoeDsaForCausalLM"],
+    "model_type": "glm_moe_dsa",
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "head_dim": 8,
+    "index_n_heads": 8,
+    "index_head_dim": 16,
+    "index_topk": 16,
+    "indexer_rope_interleave": True,
+    "rope_interleave": True,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "intermediate_size": 128,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "routed_scaling_factor": 2.5,
+    "n_group": 2,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
+    "initializer_range": 0.02,
+}
+
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
+    "</think>{% else %}<think>{% endif %}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. Hello, world! This is a tiny random model used to test
+the hwlayer serving stack. It speaks noise, but it speaks it deterministically. Tokens, layers, experts,
+attention, cache, prefill, decode, sparse indexer, latent attention, mixture of experts, rotary position.
+def main():\n    print("hello")\n    return 0\n{"name": "get_weather", "arguments": {"city": "Paris"}}
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000. Questions? Answers! The user asks and the assistant answers.
+"""
+
+
+def build_tokenizer(vocab_size: int = TINY_VOCAB):  # noqa: ANN201 - tokenizers.Tokenizer
+    """A deterministic byte-level BPE: the 256 byte symbols, GLM special tokens and merges learnt
+    from a fixed corpus, ``vocab_size`` entries in all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def _init_tensors(cfg: ModelConfig, seed: int, std: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_tensors(cfg, with_mtp=True).items():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(".bias"):
+            t = 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = std * torch.randn(shape, generator=g)
+        out[name] = t.contiguous()
+    return out
+
+
+def make_tiny_checkpoint(path: str | Path, config_overrides: dict[str, Any] | None = None, seed: int = 0,
+                         dtype: torch.dtype = torch.float32, std: float = 0.08) -> Path:
+    """Write a deterministic tiny glm_moe_dsa checkpoint into ``path`` (created; files overwritten)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = dict(TINY_CONFIG) | dict(config_overrides or {})
+    tok = build_tokenizer()
+    specials = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
+    raw.setdefault("eos_token_id", [specials["<|endoftext|>"], specials["<|user|>"], specials["<|observation|>"]])
+    raw.setdefault("pad_token_id", specials["<|endoftext|>"])
+    raw.setdefault("bos_token_id", None)
+    cfg = ModelConfig.from_dict(raw, source=str(path / "config.json"))
+    if cfg.vocab_size < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.get_vocab_size()}")
+    tensors = {k: v.to(dtype) for k, v in _init_tensors(cfg, seed, std).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "model_max_length": cfg.max_position_embeddings,
+    }, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": cfg.eos_token_ids, "pad_token_id": raw["pad_token_id"], "do_sample": False,
+    }, indent=2))
+    return path
+
+
+def quantize_fp8_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> (e4m3 weights, fp32 ``weight_scale_inv [ceil(N/128), ceil(K/128)]``), one scale
+    per 128x128 block (the GLM-5-FP8 / DeepSeek-V3 layout): ``w ~= w_fp8 * scale_inv[block]``."""
+    N, K = w.shape
+    nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
+    padded = torch.zeros(nb * FP8_BLOCK, kb * FP8_BLOCK, dtype=torch.float32)
+    padded[:N, :K] = w.float()
+    blocks = padded.view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (blocks / scale_inv[:, None, :, None]).view_as(padded)[:N, :K].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale_inv.contiguous()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HWLAYER_CACHE") or Path.home() / ".cache" / "hwlayer")
+
+
+def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
+    """The ``glm5-tiny-random`` checkpoint under ``<cache>/models/``, created on first use (written to a
+    temp dir, then renamed into place, so a concurrent or interrupted creation never leaves half a model)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        make_tiny_checkpoint(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,7 @@
+"""OpenAI-compatible serving of GLM-5 models on any hwlayer backend.
+
+Modules: :mod:`serving.chat` (the GLM chat template in Python), :mod:`serving.parsers` (reasoning
+and tool-call parsing of generated text, streaming included), :mod:`serving.engine` (continuous
+batching scheduler over a paged KV cache), :mod:`serving.api` (the FastAPI app),
+:mod:`serving.metrics` (Prometheus metrics). ``serve.py`` at the repository root is the entry point.
+"""

@@ -1,0 +1,450 @@
+"""Continuous batching over a paged KV cache.
+
+Every step the scheduler builds ONE :class:`model.Batch` holding all running sequences: one token
+for each decoding sequence plus prefill chunks, under a token budget (chunked prefill), then runs
+``forward_batch`` once, samples the sequences whose context is complete with per-row parameters
+(``plan.sample``), and hands each request its new text. Requests join and leave the batch at any
+step.
+
+KV blocks: a sequence holds ``ceil(tokens in cache / block_size)`` blocks, taken as it grows and
+returned when it finishes, errors or is cancelled. A waiting request is admitted only when the
+blocks for its first chunk are free (otherwise it waits in the queue); when a running sequence
+cannot grow, the most recently admitted one is preempted: its blocks are freed and it goes back to
+the front of the queue to recompute its context later (its output so far and its sampling
+generator are kept, so the result is the same). A request whose prompt + max_tokens could never fit
+the whole cache is refused before it is queued (:meth:`Engine.check_fits`).
+
+Threading: :meth:`Engine.submit` and :meth:`Engine.abort` may be called from any thread; all
+sequence state is touched only by the engine thread (:meth:`Engine.start`), which runs the model.
+Results go out through each request's ``on_event`` callback, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("serving.engine")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class EngineEvent:
+    """What a request learns after a step: new text (and token ids), and whether it is finished."""
+
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class BlockAllocator:
+    """Free list of physical KV block ids ``0 .. num_blocks-1``."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = collections.deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing id list, produced piece by piece without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
+        full = decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""  # an incomplete UTF-8 sequence: wait for the next token
+
+
+_request_counter = itertools.count()
+
+
+class Sequence:
+    """One request's state; owned by the engine thread once submitted."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[EngineEvent], None],
+                 tokenizer: Any, device: torch.device, request_id: str | None = None) -> None:
+        self.request_id = request_id or f"seq-{next(_request_counter)}"
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.on_event = on_event
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.blocks: list[int] = []
+        self.num_computed = 0  # tokens whose KV is in the cache
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = ""  # output text so far (cut at a stop string)
+        self.sent = 0  # characters of ``text`` already handed to the consumer
+        self.finished = False
+        self.counted_prompt = False
+        self.arrival = time.monotonic()
+        self.last_token_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Engine:
+    """Continuous-batching scheduler and step loop around one model and one paged cache.
+
+    ``forward``: how a built batch is run, default ``model.forward_batch`` (expert parallelism
+    passes one that first broadcasts the batch to the other ranks). ``metrics``: a
+    :class:`serving.metrics.ServingMetrics` or None.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: list[int],
+                 forward: Callable[[Any, Any], torch.Tensor] | None = None, metrics: Any = None,
+                 on_idle: Callable[[], None] | None = None, idle_interval: float = 10.0) -> None:
+        from model import Batch  # the model package defines the batch layout
+
+        self._Batch = Batch
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = model.new_cache(num_blocks, block_size)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.forward = forward or model.forward_batch
+        self.metrics = metrics
+        self.on_idle = on_idle  # called on the engine thread every idle_interval seconds without work
+        self.idle_interval = idle_interval
+        self.device = getattr(model, "device", torch.device("cpu"))
+
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.fatal_error: str | None = None  # set when the engine cannot continue (e.g. a rank died)
+        self.on_fatal: Callable[[str], None] | None = None
+        self.steps = 0
+        self.num_preemptions = 0
+
+    # ---- thread-safe API --------------------------------------------------------------------
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request can never run (one line), or None."""
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            return (f"this model's maximum context length is {self.max_model_len} tokens, but the request needs "
+                    f"{total} ({prompt_len} in the prompt + {max_tokens} max_tokens); shorten the prompt or "
+                    "lower max_tokens")
+        if self.blocks_needed(total) > self.allocator.num_blocks:
+            return (f"the request needs {self.blocks_needed(total)} KV blocks ({total} tokens) but the whole cache "
+                    f"has {self.allocator.num_blocks}; lower max_tokens or start the server with more --num-kv-blocks")
+        return None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[EngineEvent], None],
+               request_id: str | None = None) -> Sequence:
+        seq = Sequence(prompt_ids, params, on_event, self.tokenizer, self.device, request_id)
+        with self._cond:
+            if self.fatal_error:
+                raise RuntimeError(self.fatal_error)
+            self._inbox.append(seq)
+            self._cond.notify()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it leaves the batch (and frees its blocks) at the start of the next step."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self._inbox)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.waiting or self.running)
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                idle = False
+                while not self._stopping and not self.has_work():
+                    if not self._cond.wait(self.idle_interval if self.on_idle else None):
+                        idle = True
+                        break
+                if self._stopping:
+                    break
+            try:
+                if idle:
+                    self.on_idle()
+                    continue
+                self.step()
+            except Exception as exc:  # never let the loop die silently; fail what was in flight
+                log.exception("engine step failed")
+                message = f"{type(exc).__name__}: {exc}"
+                fatal = type(exc).__name__ == "RankFailure"  # a rank is gone: no step can succeed again
+                if fatal:
+                    self.fatal_error = message
+                self._fail_all(message)
+                if fatal:
+                    if self.on_fatal:
+                        self.on_fatal(message)
+                    break
+        self._fail_all("server shutting down", reason="abort")
+
+    def _take_inbox(self) -> None:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        self.waiting.extend(inbox)
+        if aborts:
+            for seq in [s for s in self.waiting if s.request_id in aborts]:
+                self.waiting.remove(seq)
+                self._finish(seq, "abort")
+            for seq in [s for s in self.running if s.request_id in aborts]:
+                self._finish(seq, "abort")
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back a running sequence's blocks; it recomputes its context when readmitted."""
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        if self.metrics:
+            self.metrics.preemptions.inc()
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks_needed(num_tokens) - len(seq.blocks)
+        if need > self.allocator.num_free:
+            return False
+        if need > 0:
+            seq.blocks += self.allocator.allocate(need)
+        return True
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Pick this step's (sequence, number of new tokens) pairs."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        # Running sequences first, oldest first: decodes (1 token) and unfinished prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                self._preempt(self.running[-1])  # the newest; possibly seq itself
+                if seq not in self.running:
+                    break
+            if seq not in self.running:
+                break
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        # Then admit from the queue while the budget, the batch size and free blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                break  # head of the queue waits for blocks to come back
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+            if self.metrics and not seq.counted_prompt:
+                seq.counted_prompt = True
+                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        return scheduled
+
+    def build_batch(self, scheduled: list[tuple[Sequence, int]]) -> Any:
+        ids, cu, lens = [], [0], []
+        for seq, n in scheduled:
+            ids += seq.tokens[seq.num_computed:seq.num_computed + n]
+            cu.append(cu[-1] + n)
+            lens.append(seq.num_computed + n)
+        width = max(len(seq.blocks) for seq, _ in scheduled)
+        table = torch.zeros(len(scheduled), width, dtype=torch.int32)
+        for b, (seq, _) in enumerate(scheduled):
+            table[b, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        return self._Batch(
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_table=table,
+        )
+
+    def step(self) -> int:
+        """One scheduling step; returns the number of sequences that ran."""
+        self._take_inbox()
+        scheduled = self.schedule()
+        if not scheduled:
+            return 0
+        batch = self.build_batch(scheduled)
+        try:
+            logits = self.forward(batch, self.cache)
+        except Exception as exc:
+            if type(exc).__name__ == "RankFailure":
+                raise
+            log.exception("forward_batch failed")
+            for seq, _ in scheduled:
+                self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
+            return len(scheduled)
+        self.steps += 1
+        rows, ready = [], []
+        for b, (seq, n) in enumerate(scheduled):
+            seq.num_computed += n
+            if seq.num_computed == seq.num_tokens:  # context complete: this row's logits predict a token
+                rows.append(b)
+                ready.append(seq)
+        if ready:
+            self._sample_and_emit(logits[rows], ready)
+        return len(scheduled)
+
+    def _sample_and_emit(self, logits: torch.Tensor, ready: list[Sequence]) -> None:
+        params = [s.params for s in ready]
+        generators = [s.generator for s in ready]
+        device = logits.device
+        token_ids = self.model.plan.sample(
+            logits,
+            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            generators if any(g is not None for g in generators) else None,
+        ).tolist()
+        now = time.monotonic()
+        for seq, token in zip(ready, token_ids, strict=True):
+            self._append_token(seq, int(token), now)
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        p = seq.params
+        seq.output_ids.append(token)
+        if self.metrics:
+            self.metrics.generation_tokens.inc()
+            if seq.last_token_time is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        reason = None
+        if token in (set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)):
+            reason = "stop"  # the stop token itself is not part of the text
+        else:
+            seq.text += seq.detok.add(token)
+            if p.stop:
+                start = max(0, seq.sent - max(len(s) for s in p.stop))
+                hits = [at for s in p.stop if (at := seq.text.find(s, start)) >= 0]
+                if hits:
+                    seq.text = seq.text[:min(hits)]
+                    reason = "stop"
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+            return
+        # Hold back text that may still turn out to begin a stop string.
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        upto = max(seq.sent, len(seq.text) - hold)
+        event = EngineEvent(text=seq.text[seq.sent:upto], prompt_tokens=len(seq.prompt_ids),
+                            completion_tokens=len(seq.output_ids))
+        seq.sent = upto
+        self._emit(seq, event)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self.running:
+            self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        event = EngineEvent(text=seq.text[seq.sent:], finished=True, finish_reason=reason,
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error)
+        seq.sent = len(seq.text)
+        if self.metrics:
+            self.metrics.finished.labels(reason=reason).inc()
+        self._emit(seq, event)
+
+    def _emit(self, seq: Sequence, event: EngineEvent) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer's failure must not stop the batch
+            log.exception("request %s: event callback failed", seq.request_id)
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        self._take_inbox()
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, reason, error=message)
+        self.waiting.clear()

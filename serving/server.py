@@ -1,0 +1,185 @@
+"""Command line of ``serve.py``: check flags and backend, load the model, run uvicorn.
+
+Order matters for clear failures: flags are checked first, then the hwlayer backend is resolved
+(``GLM_BACKEND=ascend`` without torch_npu fails here, before any weight is read), then the
+expert-parallel configuration, then the checkpoint is loaded. Every such failure is one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+DEFAULT_MODEL_NAME = "glm5-tiny-random"
+PROG = "serve.py"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {PROG} --help)")
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog=PROG, description="OpenAI-compatible GLM-5 server on any hwlayer backend "
+                       "(GLM_BACKEND=name selects one; default: auto-detect).")
+    p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
+    p.add_argument("--served-model-name", help="model name clients send (default: glm5-tiny-random or the dir name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, help="context limit (default: min(max_position_embeddings, 4096))")
+    p.add_argument("--kv-block-size", type=int, default=64, help="tokens per KV cache block")
+    p.add_argument("--num-kv-blocks", type=int,
+                   help="KV cache size in blocks (default: 4 full contexts, at least one block per sequence)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step (decodes + prefill chunks): the chunked-prefill budget")
+    p.add_argument("--api-key", default=os.environ.get("HWLAYER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env HWLAYER_API_KEY)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        fail(f"--port {args.port}: expected 0..65535")
+    for flag in ("kv_block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                 "ep", "max_body_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    if args.api_key is not None and not args.api_key.strip():
+        fail("--api-key (or HWLAYER_API_KEY) is empty; give a key or leave it unset")
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.model is None:
+        from model.tiny import ensure_default_model
+
+        return Path(ensure_default_model()), args.served_model_name or DEFAULT_MODEL_NAME
+    path = Path(args.model).expanduser()
+    if not (path / "config.json").is_file():
+        fail(f"--model {args.model}: no config.json there; expected a Hugging Face checkpoint directory")
+    return path, args.served_model_name or path.resolve().name
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        fail(f"{path / 'config.json'}: cannot read it ({exc})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+
+    import hwlayer
+
+    try:  # the backend first: an unavailable one must fail before any weight is read
+        plan = hwlayer.plan()
+    except hwlayer.BackendError as exc:
+        fail(str(exc))
+
+    path, model_name = resolve_checkpoint(args)
+    config = read_config(path)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    dist_ctx = None
+    if args.ep > 1 or world > 1:
+        from . import ep as ep_mod
+
+        dist_ctx = ep_mod.start(args.ep, plan, config)  # one line and exit 2 when it cannot work
+
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+
+    try:
+        if dist_ctx is not None:
+            model = ep_mod.load(load_model, path, plan, args.ep)
+        else:
+            model = load_model(path, backend=plan.backend.name)
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as exc:
+        fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
+
+    max_pos = int(config.get("max_position_embeddings", 4096))
+    max_model_len = args.max_model_len or min(max_pos, 4096)
+    if max_model_len > max_pos:
+        fail(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings ({max_pos})")
+    block_size = args.kv_block_size
+    blocks_per_context = -(-max_model_len // block_size)
+    num_blocks = args.num_kv_blocks or max(4 * blocks_per_context, args.max_num_seqs)
+    if num_blocks < blocks_per_context:
+        fail(f"--num-kv-blocks {num_blocks} x --kv-block-size {block_size} = {num_blocks * block_size} tokens cannot "
+             f"hold one {max_model_len}-token context; use at least {blocks_per_context} blocks or a smaller "
+             "--max-model-len")
+
+    from .api import ServerConfig, create_app
+    from .engine import Engine
+    from .metrics import ServingMetrics
+
+    eos_ids = set(getattr(model.config, "eos_token_ids", None) or [])
+    for token in ("<|endoftext|>", "<|user|>", "<|observation|>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            eos_ids.add(token_id)
+
+    if dist_ctx is not None and dist_ctx.rank != 0:
+        return ep_mod.follower_loop(model, num_blocks, block_size)
+    leader = dist_ctx is not None
+
+    metrics = ServingMetrics()
+    engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+                    eos_token_ids=sorted(eos_ids), metrics=metrics,
+                    forward=ep_mod.leader_forward(model) if leader else None,
+                    on_idle=ep_mod.keepalive if leader else None)
+    backend = plan.backend.name
+    metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
+                 block_size=block_size)
+    server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
+                                 device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, tokenizer, server_config, metrics)
+    return run_uvicorn(app, engine, args, dist_ctx, (
+        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens, "
+        f"max-model-len {max_model_len}, at http://{args.host}:{args.port}"))
+
+
+def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, banner: str) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    exit_status = {"code": 0}
+
+    def on_fatal(message: str) -> None:
+        # A rank died: answer 503 for a moment (health and new requests), then exit non-zero.
+        import threading
+
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        exit_status["code"] = 1
+        threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
+
+    engine.on_fatal = on_fatal
+    print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
+    server.run()
+    if dist_ctx is not None:
+        from . import ep as ep_mod
+
+        ep_mod.shutdown_followers(exit_status["code"] != 0)
+    if not server.started and exit_status["code"] == 0:
+        return 1  # uvicorn could not bind (it printed why)
+    return exit_status["code"]

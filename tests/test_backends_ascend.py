@@ -1,0 +1,145 @@
+"""Ascend conversions (pure torch, checked against their documented meaning) and the missing-torch_npu path.
+
+Nothing here imports torch_npu: it is not installed on this machine, and the adapters that call it
+were written against the torch-npu 2.14 docs without hardware.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwlayer import ops
+from hwlayer.backends.ascend import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_group_list_conversions_round_trip() -> None:
+    counts = torch.tensor([3, 0, 2, 5])
+    cumulative = convert.counts_to_cumulative(counts)
+    assert cumulative.tolist() == [3, 3, 5, 10]
+    assert convert.cumulative_to_counts(cumulative).tolist() == counts.tolist()
+    # The cumulative list's entry e is where expert e's rows end in the permuted buffer.
+    x_rows = torch.arange(10)
+    starts = cumulative - counts
+    for e in range(4):
+        assert x_rows[starts[e] : cumulative[e]].numel() == counts[e]
+
+
+def test_seq_lengths_for_tnd_and_paged_layouts() -> None:
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    seq_lens = torch.tensor([10, 1, 17], dtype=torch.int32)
+    q_ends = convert.tnd_actual_seq_lengths(cu)
+    assert q_ends.dtype == torch.int32 and q_ends.tolist() == [3, 4, 9]  # cumulative, no leading 0
+    kv = convert.kv_actual_seq_lengths(seq_lens)
+    assert kv.dtype == torch.int32 and kv.tolist() == [10, 1, 17]  # per sequence, not cumulative
+
+
+def test_pa_bsnd_is_a_view_with_one_kv_head() -> None:
+    cache = torch.randn(4, 16, 128)
+    pa = convert.to_pa_bsnd(cache)
+    assert pa.shape == (4, 16, 1, 128)
+    assert pa.data_ptr() == cache.data_ptr()
+    assert torch.equal(pa[2, 5, 0], cache[2, 5])
+
+
+def test_latent_cache_and_query_split() -> None:
+    kv = torch.randn(3, 8, 576)
+    c, pe = convert.split_latent_cache(kv, 512)
+    assert c.shape == (3, 8, 1, 512) and pe.shape == (3, 8, 1, 64)
+    assert c.is_contiguous() and pe.is_contiguous()
+    assert torch.equal(torch.cat((c, pe), dim=-1).squeeze(2), kv)
+    q = torch.randn(5, 4, 576)
+    q_nope, q_rope = convert.split_query(q, 512)
+    assert torch.equal(torch.cat((q_nope, q_rope), -1), q)
+
+
+def test_valid_first_keeps_the_set_and_moves_padding_last() -> None:
+    idx = torch.tensor([[-1, 7, -1, 3, 9], [4, -1, 2, -1, -1], [-1, -1, -1, -1, -1]], dtype=torch.int32)
+    out = convert.valid_first(idx)
+    assert out.tolist() == [[7, 3, 9, -1, -1], [4, 2, -1, -1, -1], [-1] * 5]
+    # Attention over the positions is order-independent, so reordering cannot change the result.
+    T, H, Dk, V = 3, 2, 12, 8
+    q = torch.randn(T, H, Dk)
+    cache = torch.randn(4, 4, Dk)
+    bt = torch.arange(4, dtype=torch.int32).view(1, 4).repeat(3, 1)
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    lens = torch.tensor([16, 16, 16], dtype=torch.int32)
+    a = ops.sparse_mla_attention(q, cache, idx, bt, cu, lens, 0.3, V)
+    b = ops.sparse_mla_attention(q, cache, out, bt, cu, lens, 0.3, V)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_mul_cos_sin_reproduce_our_rope(interleaved: bool) -> None:
+    # npu_rotary_mul's documented formula, written out: out = r1 * x + r2 * rotate(x).
+    D, T, H = 64, 6, 3
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    angles = torch.arange(50).float()[:, None] * inv_freq[None, :]
+    cache = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    positions = torch.tensor([0, 3, 7, 7, 20, 49])
+    x = torch.randn(T, H, D)
+    r1, r2 = convert.rope_cos_sin(cache, positions, interleaved)
+    if convert.rotary_mode(interleaved) == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    else:
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    npu_formula = r1[:, None, :] * x + r2[:, None, :] * rotated
+    torch.testing.assert_close(npu_formula, ops.rope(x, positions, cache, interleaved))
+
+
+def test_nt_to_nn_weights_matches_linear_layout() -> None:
+    w = torch.randn(3, 5, 4)  # [E, N, K]
+    x = torch.randn(2, 4)
+    nn_w = convert.nt_to_nn_weights(w)
+    assert nn_w.shape == (3, 4, 5) and nn_w.is_contiguous()
+    torch.testing.assert_close(x @ nn_w[1], x @ w[1].t())
+
+
+def test_indexer_output_and_lse_conversions() -> None:
+    raw = torch.tensor([[[5, 2, -1, -1]], [[0, -1, -1, -1]]], dtype=torch.int32)  # TND [T, 1, sparse_count]
+    assert convert.indexer_output_to_positions(raw, 3).tolist() == [[5, 2, -1], [0, -1, -1]]
+    assert convert.indexer_output_to_positions((raw, torch.zeros(2, 1, 4)), 4).shape == (2, 4)
+    s = torch.randn(2, 3, 7)
+    m = s.amax(-1)
+    total = torch.exp(s - m[..., None]).sum(-1)
+    lse = convert.lse_from_max_sum(m[None], total[None])
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    empty = convert.lse_from_max_sum(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    assert empty.item() == float("-inf")
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("GLM_BACKEND", "HWLAYER_STRICT")}
+    full_env.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120)
+
+
+def test_missing_torch_npu_is_one_clear_line_and_exit_2() -> None:
+    done = _run(["-m", "hwlayer", "ops"], GLM_BACKEND="ascend")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "torch_npu" in lines[0] and "pip install .[ascend]" in lines[0] and "set_env.sh" in lines[0]
+    assert done.stdout == ""
+
+
+def test_ascend_detection_reasons_without_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwlayer.backends import ascend
+
+    status = ascend.BACKEND.availability()
+    assert not status.available and "torch_npu is not installed" in status.reason
+    # With torch_npu "present" but CANN not sourced, detection stops before importing anything.
+    monkeypatch.setattr(ascend.importlib.util, "find_spec", lambda name: object() if name == "torch_npu" else None)
+    for var in ascend.CANN_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    status = ascend.BACKEND.availability()
+    assert not status.available and "CANN environment is not set" in status.reason
+    assert "torch_npu" not in sys.modules

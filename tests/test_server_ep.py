@@ -1,0 +1,95 @@
+"""Expert-parallel serving: two real processes (torch.distributed, gloo on CPU), rank 0 serving HTTP.
+
+The ranks are started the way torchrun starts them (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT in the environment), without the elastic agent, so the test sees each rank's own exit
+status: with torchrun the agent tears the job down when a rank dies, which can beat rank 0's answer.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.launch import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from model.tiny import ensure_default_model
+
+    cache = tmp_path_factory.mktemp("ep-cache")
+    return cache, ensure_default_model(cache_dir=cache)
+
+
+def start_ranks(cache: Path, http_port: int, world: int = 2) -> list[subprocess.Popen]:
+    master_port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "HWLAYER_CACHE": str(cache), "GLM_BACKEND": "cpu", "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "HWLAYER_DIST_TIMEOUT": "60",
+               "HWLAYER_DIST_PROBE_TIMEOUT": "5", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "serve.py"), "--ep", str(world), "--port", str(http_port),
+             "--max-model-len", "256", "--log-level", "warning"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a rank exited early ({p.returncode}): {p.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("EP server not healthy")
+
+
+def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoint):
+    cache, path = checkpoint
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    prompt = "Hello there, experts"
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    reference = load_model(path, backend="cpu").generate([ids], max_new_tokens=8)[0][len(ids):]
+    expected = tokenizer.decode([int(t) for t in reference], skip_special_tokens=False)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = start_ranks(cache, port)
+    try:
+        wait_healthy(url, procs)
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        first = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert first["choices"][0]["text"] == expected  # the sharded experts compute what one process does
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert again["choices"][0]["text"] == expected
+
+        procs[1].send_signal(signal.SIGKILL)  # a follower dies
+        procs[1].wait(10)
+        failed = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 503, failed.text
+        assert "rank 1 exited" in failed.json()["error"]["message"]
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 503
+        assert procs[0].wait(30) == 1  # rank 0 stops serving and exits non-zero
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

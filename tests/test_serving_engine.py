@@ -1,0 +1,151 @@
+"""The continuous-batching engine on the real tiny model, stepped synchronously in this process.
+
+Every generated token is checked against an independent reference: the full-context logits of
+``model.score`` (no cache, no batching), so chunked prefill, mixed prefill/decode batches, paged
+blocks and preemption must all reproduce plain greedy decoding.
+"""
+
+import pytest
+import torch
+
+model_pkg = pytest.importorskip("model")
+
+from serving.engine import BlockAllocator, Engine, SamplingParams  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from model import load_model
+    from model.tiny import ensure_default_model
+    from model.tokenizer import load_tokenizer
+
+    path = ensure_default_model(cache_dir=tmp_path_factory.mktemp("tiny"))
+    return load_model(path, backend="cpu"), load_tokenizer(path)
+
+
+def make_engine(tiny, **overrides):
+    model, tokenizer = tiny
+    kwargs = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
+                  eos_token_ids=[])
+    kwargs.update(overrides)
+    return Engine(model, tokenizer, **kwargs)
+
+
+def run_all(engine, requests):
+    """Submit ``(prompt_ids, params)`` pairs, step until all finish; returns (token ids, events) per request."""
+    events = [[] for _ in requests]
+    seqs = [engine.submit(p, sp, events[i].append) for i, (p, sp) in enumerate(requests)]
+    for _ in range(10_000):
+        if all(e and e[-1].finished for e in events):
+            break
+        engine.step()
+    return [s.output_ids for s in seqs], events
+
+
+def assert_greedy(model, prompt, output, tol=1e-3):
+    """Each generated token is (up to float noise) the argmax of the uncached full-context logits."""
+    ids = torch.tensor([prompt + output])
+    logits = model.score(ids)[0, len(prompt) - 1:-1]
+    for step, token in enumerate(output):
+        assert logits[step, token] >= logits[step].max() - tol, f"token {step}: {token} is not the greedy choice"
+
+
+def prompts(tokenizer, n):
+    texts = ["Hello, world", "The quick brown fox jumps over the lazy dog and keeps running", "GLM", "1 2 3 4 5 6"]
+    return [tokenizer.encode(texts[i % len(texts)] + f" #{i}", add_special_tokens=False).ids for i in range(n)]
+
+
+def test_block_allocator():
+    alloc = BlockAllocator(4)
+    a = alloc.allocate(3)
+    assert alloc.num_free == 1 and alloc.num_used == 3 and len(set(a)) == 3
+    with pytest.raises(RuntimeError):
+        alloc.allocate(2)
+    alloc.free(a)
+    assert alloc.num_free == 4
+
+
+def test_batched_chunked_greedy_matches_uncached_reference(tiny):
+    model, tokenizer = tiny
+    engine = make_engine(tiny, max_num_batched_tokens=7)  # prompts arrive in chunks of <= 7 tokens
+    batch = prompts(tokenizer, 3)
+    outputs, events = run_all(engine, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in batch])
+    for prompt, output, ev in zip(batch, outputs, events, strict=True):
+        assert len(output) == 6 and ev[-1].finish_reason == "length" and ev[-1].completion_tokens == 6
+        assert_greedy(model, prompt, output)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert not engine.running and not engine.waiting
+
+
+def test_preemption_when_blocks_run_out_keeps_results_and_returns_blocks(tiny):
+    model, tokenizer = tiny
+    batch = prompts(tokenizer, 3)
+    need = [-(-(len(p) + 8) // 4) for p in batch]
+    engine = make_engine(tiny, num_blocks=max(need) + 2)  # room for one long sequence and a bit: others wait
+    outputs, events = run_all(engine, [(p, SamplingParams(max_tokens=8, temperature=0.0)) for p in batch])
+    assert engine.num_preemptions > 0
+    for prompt, output in zip(batch, outputs, strict=True):
+        assert len(output) == 8
+        assert_greedy(model, prompt, output)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_requests_wait_for_blocks_and_max_num_seqs(tiny):
+    _, tokenizer = tiny
+    engine = make_engine(tiny, max_num_seqs=2)
+    batch = prompts(tokenizer, 5)
+    events = [[] for _ in batch]
+    for i, p in enumerate(batch):
+        engine.submit(p, SamplingParams(max_tokens=3, temperature=0.0), events[i].append)
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 3
+    while engine.has_work():
+        engine.step()
+    assert all(e[-1].finished for e in events)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_abort_frees_blocks_within_one_step(tiny):
+    _, tokenizer = tiny
+    engine = make_engine(tiny)
+    events = []
+    seq = engine.submit(prompts(tokenizer, 1)[0], SamplingParams(max_tokens=100, temperature=0.0), events.append)
+    for _ in range(3):
+        engine.step()
+    assert engine.allocator.num_used > 0 and not seq.finished
+    engine.abort(seq.request_id)
+    engine.step()
+    assert seq.finished and events[-1].finish_reason == "abort"
+    assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.running
+
+
+def test_eos_stop_strings_and_seeded_sampling(tiny):
+    model, tokenizer = tiny
+    prompt = prompts(tokenizer, 1)[0]
+    (greedy,), _ = run_all(make_engine(tiny), [(prompt, SamplingParams(max_tokens=6, temperature=0.0))])
+    # the 3rd greedy token as an eos id: generation stops there, the eos token is not in the text
+    (out,), (ev,) = run_all(make_engine(tiny, eos_token_ids=[greedy[2]]),
+                            [(prompt, SamplingParams(max_tokens=6, temperature=0.0))])
+    assert out == greedy[:out.index(greedy[2]) + 1] and ev[-1].finish_reason == "stop"
+    text = "".join(e.text for e in ev)
+    assert text == tokenizer.decode(out[:-1], skip_special_tokens=False)
+    # a stop string cuts the text before it
+    full = tokenizer.decode(greedy, skip_special_tokens=False)
+    if len(full) > 3:
+        stop = full[2:4]
+        (_,), (ev,) = run_all(make_engine(tiny), [(prompt, SamplingParams(max_tokens=6, temperature=0.0,
+                                                                          stop=[stop]))])
+        assert "".join(e.text for e in ev) == full[:full.index(stop)] and ev[-1].finish_reason == "stop"
+    # same seed, same tokens, also when batched with other requests; another seed differs
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7)
+    (a,), _ = run_all(make_engine(tiny), [(prompt, sampled)])
+    (b, _), _ = run_all(make_engine(tiny), [(prompt, sampled), (prompts(tokenizer, 2)[1], sampled)])
+    (c,), _ = run_all(make_engine(tiny), [(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=8))])
+    assert a == b and a != c
+
+
+def test_check_fits(tiny):
+    engine = make_engine(tiny, num_blocks=8, block_size=4, max_model_len=256)
+    assert engine.check_fits(10, 20) is None
+    assert "maximum context length is 256" in engine.check_fits(200, 100)
+    assert "KV blocks" in engine.check_fits(10, 30)
