@@ -22,6 +22,8 @@ INDEXER_CASES = {
     "topk-exceeds-context": ([3, 2], [20, 50], 32),
     "decode-batch": ([1, 1, 1, 1], [9, 33, 1, 64], 16),
     "empty-sequence": ([2, 0, 3], [10, 7, 30], 8),
+    # more than a handful of new tokens per sequence: the per-sequence prefill path
+    "long-prefill": ([24, 12], [24, 45], 16),
 }
 
 

@@ -278,13 +278,20 @@ def lightning_indexer(
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
-    for b in range(len(lens)):  # one iteration per sequence, not per token
+    q_lens = [t1 - t0 for t0, t1 in zip(starts[:-1], starts[1:], strict=True)]
+    for b, (n, L) in enumerate(zip(q_lens, lens, strict=True)):
+        if L < n:
+            _fail(op, "seq_lens", f"seq_lens[{b}] >= its query count {n}", L)
+    if T and max(q_lens) <= 8 and len(lens) * max(lens) * (Di + max(q_lens) * Hi) <= (1 << 25):
+        # Decode (few new tokens per sequence): one batched product over all sequences, keys
+        # padded to the longest context; padding lies beyond every query's position, so it is masked.
+        _indexer_batched(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, q_lens, lens, scale, out)
+        return out
+    for b in range(len(lens)):  # prefill: one iteration per sequence, not per token
         t0, t1, L = starts[b], starts[b + 1], lens[b]
         n = t1 - t0
         if n == 0:
             continue
-        if L < n:
-            _fail(op, "seq_lens", f"seq_lens[{b}] >= its query count {n}", L)
         pos = torch.arange(L, device=q.device)
         zeros = torch.zeros(L, dtype=torch.long, device=q.device)
         keys = flat[positions_to_slots(block_table[b : b + 1], zeros, pos, bs)]
@@ -302,6 +309,39 @@ def lightning_indexer(
             idx = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
             out[t0 + c0 : t0 + c1, :k] = idx
     return out
+
+
+def _indexer_batched(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_lens: list[int],
+    lens: list[int],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """``lightning_indexer`` for batches with few new tokens per sequence (decode): sequences are
+    padded to ``[B, max new tokens]`` queries and ``[B, max context]`` keys and scored at once."""
+    T, Hi, Di = q.shape
+    B, n_max, L_max = len(lens), max(q_lens), max(lens)
+    seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
+    row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
+    q_pad = torch.zeros((B, n_max, Hi, Di), dtype=torch.float32, device=q.device)
+    q_pad[seq_idx, row] = q.float()
+    w_pad = torch.zeros((B, n_max, Hi), dtype=torch.float32, device=q.device)
+    w_pad[seq_idx, row] = weights.float()
+    pos = torch.arange(L_max, device=q.device)
+    seqs = torch.arange(B, device=q.device)
+    slots = positions_to_slots(block_table, seqs, pos.expand(B, L_max), k_cache.shape[1])
+    keys = k_cache.reshape(-1, Di)[slots].float()  # [B, L_max, Di]
+    logits = torch.relu(torch.einsum("bnhd,bsd->bnhs", q_pad, keys) * scale)
+    score = torch.einsum("bnhs,bnh->bns", logits, w_pad)[seq_idx, row]  # [T, L_max]
+    score.masked_fill_(pos[None, :] > qpos[:, None], float("-inf"))
+    vals, idx = score.topk(min(out.shape[1], L_max), dim=-1)
+    out[:, : idx.shape[1]] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
 
 
 @_op
