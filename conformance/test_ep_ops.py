@@ -16,7 +16,9 @@ float64 golden single-process, naively, from the full inputs; then it runs the o
 * bad input (ids out of range, experts not divisible by the world size): ``ValueError`` on every
   rank before any collective, naming the argument.
 
-One spawn per world size runs every scenario; the tests below read its per-rank results.
+One spawn per world size runs every scenario in fp32, bf16 and fp16; the tests below (their
+dtypes follow ``--dtype``) read its per-rank results, and ``--report`` records them under
+``expert_parallel``. A vendor backend needs 4 devices (one per rank, by ``LOCAL_RANK``).
 """
 
 from __future__ import annotations
@@ -322,13 +324,20 @@ def _spawn(world: int, backend: str) -> dict[str, dict[int, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def ep_results(backend_name: str) -> Callable[[int], dict[str, dict[int, str | None]]]:
-    """Results of one spawn per world size (all scenarios and dtypes), made on first use."""
+def ep_results(backend_name: str, conformance_report: Any) -> Callable[[int], dict[str, dict[int, str | None]]]:
+    """Results of one spawn per world size (all scenarios and dtypes), made on first use; also
+    attached to the conformance report (``--report``) as ``expert_parallel``."""
     cache: dict[int, dict[str, dict[int, str | None]]] = {}
 
     def get(world: int) -> dict[str, dict[int, str | None]]:
         if world not in cache:
             cache[world] = _spawn(world, backend_name)
+            conformance_report.add_extra("expert_parallel", {
+                f"{w} ranks": {key: "pass" if all(e is None for e in per_rank.values()) else
+                               "; ".join(f"rank {r}: {e}" for r, e in per_rank.items() if e is not None)
+                               for key, per_rank in results.items()}
+                for w, results in sorted(cache.items())
+            })
         return cache[world]
 
     return get

@@ -30,6 +30,7 @@ See docs/distributed.md for launch commands and what happens on failure.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -182,7 +183,8 @@ def init_distributed(
     ``GLM_BACKEND`` / auto-detection). ``timeout_s``: collective timeout (default
     ``HWLAYER_DIST_TIMEOUT`` or 300 s). ``dist_backend``: a collective backend to insist on;
     it must equal the hwlayer backend's own. Every problem is a :class:`DistConfigError` raised
-    before the process group (and before any weight) is touched. Idempotent within a process.
+    before the process group (and before any weight) is touched. Idempotent within a process; a
+    default group created earlier by the caller is kept as it is (with its own timeout).
     """
     global _CONTEXT
     if _CONTEXT is not None:
@@ -218,7 +220,10 @@ def init_distributed(
 
     # Arrive first, under the generous start-up timeout: ranks start seconds apart (imports,
     # device init), which must not count against the collective timeout, possibly a short one.
-    store = _rendezvous_store(rank, start_timeout)
+    if dist.is_initialized():  # someone made the group already: share its store (rank 0 may host it)
+        store = dist.distributed_c10d._get_default_store()
+    else:
+        store = _rendezvous_store(rank, start_timeout)
     attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     health = dist.PrefixStore(_HEALTH_PREFIX + attempt, store)
     peers = _exchange_peers(health, rank, world, start_timeout)
@@ -227,6 +232,9 @@ def init_distributed(
             collective, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
         )
     _CONTEXT = DistContext(rank, world, local_rank, device, chosen, collective, timeout, probe_timeout, health, peers)
+    # torch 2.13 + gloo can abort at interpreter exit ("terminate called without an active
+    # exception") when the process group is still alive: always tear it down on the way out.
+    atexit.register(shutdown)
     return _CONTEXT
 
 

@@ -62,14 +62,14 @@ def load_model(
     if ep > 1:
         import torch.distributed as dist
 
+        if cfg.n_routed_experts % ep:
+            raise ValueError(f"ep={ep} must divide n_routed_experts ({cfg.n_routed_experts}) in {path / 'config.json'}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"ep={ep} needs an initialised torch.distributed default group of world size {ep} "
                                f"(call torch.distributed.init_process_group first)")
         world = dist.get_world_size(ep_group)
         if world != ep:
             raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")
-        if cfg.n_routed_experts % ep:
-            raise ValueError(f"ep={ep} must divide n_routed_experts ({cfg.n_routed_experts}) in {path / 'config.json'}")
         expert_range = expert_range_for(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
     state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress)
     model = GLM5(cfg, state, plan, dtype, has_mtp, ep=ep, ep_group=ep_group)

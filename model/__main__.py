@@ -64,7 +64,8 @@ def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> st
         f"kv cache per token per full layer: {cfg.kv_lora_rank} latent + {cfg.qk_rope_head_dim} rope + "
         f"{cfg.index_head_dim} indexer key = {latent + cfg.index_head_dim} values "
         f"= {(latent + cfg.index_head_dim) * cache_bytes} bytes (bf16)",
-        f"kv cache per token, all {L} layers: {sum(per_layer[:L])} values = {sum(per_layer[:L]) * cache_bytes:,} bytes; "
+        f"kv cache per token, all {L} layers: {sum(per_layer[:L])} values = "
+        f"{sum(per_layer[:L]) * cache_bytes:,} bytes; "
         f"with MTP: {sum(per_layer) * cache_bytes:,} bytes",
         f"kv cache for one {cfg.max_position_embeddings}-token context: "
         f"{sum(per_layer) * cache_bytes * cfg.max_position_embeddings / gib:.2f} GiB (replicated on every EP rank)",

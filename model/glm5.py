@@ -201,7 +201,9 @@ class DecoderLayer:
 class MTPLayer:
     """Multi-token prediction head (layer index num_hidden_layers): given the main model's final
     hidden ``h_i`` and the token at ``i+1``, predicts the token at ``i+2``:
-    ``u = eh_proj([enorm(embed(tok)), hnorm(h)])`` -> decoder layer -> shared_head.norm -> lm_head."""
+    ``u = eh_proj([enorm(embed(tok)), hnorm(h)])`` -> decoder layer -> shared_head.norm -> lm_head.
+    Conventions follow vLLM's DeepSeek MTP: ``h_i`` is the main model's final-normed hidden state and
+    the embedding at position 0 is zeroed."""
 
     def __init__(self, model: GLM5, w: dict[str, torch.Tensor], i: int) -> None:
         p = f"model.layers.{i}."
@@ -215,7 +217,9 @@ class MTPLayer:
 
     def __call__(self, tokens: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
                  cache: PagedCache) -> torch.Tensor:
-        e = self.plan.rms_norm(F.embedding(tokens, self.embed), self.enorm, self.eps)
+        e = F.embedding(tokens, self.embed)
+        e = torch.where(ctx.positions[:, None] == 0, 0.0, e).to(e.dtype)  # position 0 has no previous token (vLLM)
+        e = self.plan.rms_norm(e, self.enorm, self.eps)
         h = self.plan.rms_norm(hidden, self.hnorm, self.eps)
         u = F.linear(torch.cat([e, h], dim=-1), self.eh_proj)
         x, residual, _ = self.layer(u, None, ctx, cache, None)
@@ -279,8 +283,8 @@ class GLM5:
                              f"cu_seqlens_q={cu.tolist()} seq_lens={seq_lens.tolist()}")
         q_lens = (cu[1:] - cu[:-1]).long()
         if bool((q_lens < 1).any()) or bool((seq_lens.long() < q_lens).any()):
-            raise ValueError(f"Batch: expected >= 1 new token per sequence and seq_lens >= new tokens, got seq_lens={seq_lens.tolist()} "
-                             f"new={q_lens.tolist()}")
+            raise ValueError(f"Batch: expected >= 1 new token per sequence and seq_lens >= new tokens, got "
+                             f"seq_lens={seq_lens.tolist()} new={q_lens.tolist()}")
         max_len = int(seq_lens.max()) if seq_lens.numel() else 0
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"Batch: context of {max_len} tokens exceeds max_position_embeddings "
@@ -454,18 +458,16 @@ class GLM5:
             ctx = self.context(batch, cache)
             h = self.hidden_states(batch.input_ids, ctx, cache)
             predicted = self.logits(h).argmax(-1).view(-1, 2).tolist()
-            mtp_tokens, mtp_rows, still = [], [], []
+            still, catch_up = [], []  # catch_up: (sequence, tokens for the MTP, rows of h they pair with)
             for j, b in enumerate(active):
                 proposed += 1
                 y1, y2 = predicted[j]
-                if y1 == drafts[b]:
+                if y1 == drafts[b]:  # draft accepted: both verified positions are kept, y2 is free
                     accepted += 1
-                    emitted, mtp_tokens_b, rows = [y1, y2], [y1, y2], [2 * j, 2 * j + 1]
-                else:
-                    emitted, mtp_tokens_b, rows = [y1], [y1], [2 * j]
+                    emitted, rows = [y1, y2], [2 * j, 2 * j + 1]
+                else:  # rejected: position L+1 of the cache is stale and is overwritten next step
+                    emitted, rows = [y1], [2 * j]
                 lens[b] += len(emitted)
-                mtp_tokens.append(mtp_tokens_b)
-                mtp_rows += rows
                 done = False
                 for t in emitted:
                     new[b].append(t)
@@ -474,17 +476,14 @@ class GLM5:
                         break
                 if not done:
                     still.append(b)
+                    catch_up.append((b, emitted, rows))
             # MTP catch-up over the newly cached positions (1 or 2 per sequence), drafting the next token.
-            keep = [i for i, b in enumerate(active) if b in still]
-            if keep:
-                sub_tokens = [mtp_tokens[i] for i in keep]
-                rows = torch.tensor([r for i in keep for r in ([2 * i, 2 * i + 1] if len(mtp_tokens[i]) == 2
-                                                                 else [2 * i])], device=h.device)
-                sub = [active[i] for i in keep]
-                mtp_lens = [lens[b] for b in sub]  # MTP cache catches up to the main cache's L positions
-                out = self._mtp(sub_tokens, h[rows], table, mtp_lens, cache, mtp_layer, rows_of=sub)
-                for b, d in zip(sub, [out[b] for b in sub], strict=True):
-                    drafts[b] = d
+            if catch_up:
+                sub = [b for b, _, _ in catch_up]
+                rows = torch.tensor([r for _, _, rs in catch_up for r in rs], device=h.device)
+                out = self._mtp([toks for _, toks, _ in catch_up], h[rows], table, [lens[b] for b in sub], cache,
+                                mtp_layer, rows_of=sub)
+                drafts.update(out)
             active = still
         self.spec_stats = {"proposed": proposed, "accepted": accepted,
                            "acceptance_rate": accepted / proposed if proposed else 0.0}

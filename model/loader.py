@@ -35,7 +35,7 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple
     """Every tensor a glm_moe_dsa checkpoint must hold, with its shape (HF per-expert layout)."""
     D, H = cfg.hidden_size, cfg.num_attention_heads
     dl, dr, dn, dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-    I, Im, E = cfg.intermediate_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    Id, Im, E = cfg.intermediate_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     out: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (cfg.vocab_size, D),
         "model.norm.weight": (D,),
@@ -75,7 +75,7 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple
                 out |= {q + "gate_proj.weight": (Is, D), q + "up_proj.weight": (Is, D), q + "down_proj.weight": (D, Is)}
         else:
             q = p + "mlp."
-            out |= {q + "gate_proj.weight": (I, D), q + "up_proj.weight": (I, D), q + "down_proj.weight": (D, I)}
+            out |= {q + "gate_proj.weight": (Id, D), q + "up_proj.weight": (Id, D), q + "down_proj.weight": (D, Id)}
         if i >= cfg.num_hidden_layers:  # MTP extras
             out |= {
                 p + "enorm.weight": (D,),
@@ -169,7 +169,8 @@ def load_state(
     scales = {n for n in files if n.endswith("_scale_inv")}
     missing = [n for n in want if n not in files]
     if missing:
-        where = path / "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() else path
+        index = path / "model.safetensors.index.json"
+        where = index if index.is_file() else path / "model.safetensors"
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
                                                                             if len(missing) > 1 else ""))
     unexpected = [n for n in files if n not in want and n not in scales and n not in optional]

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions, streaming and not.
 
 The model runs on the engine thread; handlers only render prompts, submit requests and relay the
-engine's events (through an asyncio queue fed with ``call_soon_threadsafe``), so the event loop
-never waits on a model step. A client that disconnects cancels its request (the engine drops it and
-frees its KV blocks at its next step).
+engine's events (per-request asyncio queues, fed by :class:`EventRelay` with one loop wake-up per
+engine step), so the event loop never waits on a model step. A client that disconnects cancels its
+request (the engine drops it and frees its KV blocks at its next step).
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}`` with one-line messages.
 """
@@ -11,7 +11,9 @@ Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}`` wi
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -96,6 +98,77 @@ def _validation_message(exc: ValidationError) -> tuple[str, str]:
     return f"{param}: {' or '.join(reasons)} (got {shown})", param
 
 
+# ---- response bodies -----------------------------------------------------------------------------
+
+def usage(event: EngineEvent) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def engine_error(event: EngineEvent) -> dict:
+    return {"error": {"message": event.error or "request failed", "type": "server_error", "param": None,
+                      "code": "engine_error"}}
+
+
+class ChatResponse:
+    """OpenAI chat.completion / chat.completion.chunk bodies of one request, from engine events:
+    reasoning and content separated, tool calls parsed, finish_reason ``tool_calls`` when any."""
+
+    def __init__(self, request_id: str, model: str, parser: GLMOutputParser, include_usage: bool = False) -> None:
+        self.request_id, self.model, self.parser, self.include_usage = request_id, model, parser, include_usage
+        self.created = int(time.time())
+        self.num_tool_calls = 0
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def _finish_reason(self, engine_reason: str | None) -> str | None:
+        return "tool_calls" if self.num_tool_calls and engine_reason == "stop" else engine_reason
+
+    def first_chunk(self) -> dict:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def chunks(self, event: EngineEvent) -> list[dict]:
+        """The stream chunks for one engine event (the last one also ends the choice)."""
+        parsed = self.parser.feed(event.text)
+        if event.finished:
+            parsed.extend(self.parser.finish())
+        out = []
+        if parsed.reasoning:
+            out.append(self._chunk({"reasoning_content": parsed.reasoning}))
+        if parsed.content:
+            out.append(self._chunk({"content": parsed.content}))
+        if parsed.tool_calls:
+            calls = [c.to_openai(self.num_tool_calls + i) for i, c in enumerate(parsed.tool_calls)]
+            self.num_tool_calls += len(calls)
+            out.append(self._chunk({"tool_calls": calls}))
+        if event.finished:
+            if event.finish_reason == "error":
+                out.append(engine_error(event))
+                return out
+            out.append(self._chunk({}, self._finish_reason(event.finish_reason)))
+            if self.include_usage:
+                out.append({"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": [], "usage": usage(event)})
+        return out
+
+    def whole(self, text: str, last: EngineEvent) -> dict:
+        """The non-streaming body for the complete generated ``text``."""
+        parsed = self.parser.feed(text)
+        parsed.extend(self.parser.finish())
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None,
+                                   "reasoning_content": parsed.reasoning or None}
+        if parsed.tool_calls:
+            message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
+            self.num_tool_calls = len(parsed.tool_calls)
+        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": self._finish_reason(last.finish_reason)}],
+                "usage": usage(last)}
+
+
 # ---- server state ----------------------------------------------------------------------------
 
 @dataclass
@@ -107,6 +180,31 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+class EventRelay:
+    """Hands engine events (engine thread) to request queues (event loop) with at most one loop wake-up
+    per batch of events, instead of one ``call_soon_threadsafe`` per token per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, EngineEvent]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def push(self, queue: asyncio.Queue, event: EngineEvent) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class _CountRequests:
@@ -141,7 +239,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine._thread is None:
+        if not engine.started:
             engine.start()
         yield
         engine.stop()
@@ -163,7 +261,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != config.api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'" if header else
                            "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key",
                            "authentication_error")
@@ -237,48 +335,55 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
                               top_k=0 if req.top_k is None else req.top_k, seed=req.seed, stop=stop,
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos)
 
+    async def encode(text: str) -> list[int]:
+        if len(text) < 20_000:
+            return tokenizer.encode(text, add_special_tokens=False).ids
+        # a long prompt takes a while to tokenize: not on the event loop
+        return (await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)).ids
+
+    relay: dict[str, EventRelay] = {}
+
     def submit(prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
-        loop = asyncio.get_running_loop()
+        if "relay" not in relay:
+            relay["relay"] = EventRelay(asyncio.get_running_loop())
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-
-        def on_event(event: EngineEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
+        push = relay["relay"].push
         try:
-            engine.submit(prompt_ids, params, on_event, request_id)
+            engine.submit(prompt_ids, params, lambda event: push(queue, event), request_id)
         except RuntimeError as exc:
             raise APIError(503, f"engine stopped: {exc}", None, "engine_dead", "server_error") from None
         return queue
 
-    async def collect(request: Request, queue: asyncio.Queue, request_id: str) -> AsyncIterator[EngineEvent]:
-        """Events of one request; stops (and cancels the request) when the client goes away."""
+    async def watch_disconnect(request: Request, request_id: str) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        engine.abort(request_id)
+
+    async def collect(request: Request, queue: asyncio.Queue, request_id: str,
+                      watch: bool = False) -> AsyncIterator[EngineEvent]:
+        """Events of one request, those that queued up while the consumer was busy merged into one.
+
+        A streaming response is cancelled by Starlette when its client leaves; ``watch`` polls for
+        that otherwise (non-streaming). Either way the request is aborted in the engine."""
+        watcher = asyncio.create_task(watch_disconnect(request, request_id)) if watch else None
         finished = False
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            while not finished:
+                event = await queue.get()
+                while not event.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    later.text = event.text + later.text
+                    event = later
+                finished = event.finished
                 yield event
-                if event.finished:
-                    finished = True
-                    return
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not finished:
                 engine.abort(request_id)
 
-    def usage(event: EngineEvent) -> dict:
-        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                "total_tokens": event.prompt_tokens + event.completion_tokens}
-
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def engine_error(event: EngineEvent) -> dict:
-        return {"error": {"message": event.error or "request failed", "type": "server_error", "param": None,
-                          "code": "engine_error"}}
 
     # ---- routes ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -322,70 +427,34 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
             prompt = render_chat(req.messages, tools, enable_thinking=thinking, clear_thinking=clear_thinking)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), exc.param, "invalid_value") from None
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        prompt_ids = await encode(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, len(prompt_ids), max_tokens)
         request_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
         queue = submit(prompt_ids, params, request_id)
-        parser = GLMOutputParser(thinking, tools)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            return {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": config.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        response = ChatResponse(request_id, config.model_name, GLMOutputParser(thinking, tools), include_usage)
 
         if req.stream:
             async def stream() -> AsyncIterator[str]:
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                called = 0
+                yield sse(response.first_chunk())
                 async for event in collect(request, queue, request_id):
-                    parsed = parser.feed(event.text)
-                    if event.finished:
-                        parsed.extend(parser.finish())
-                    if parsed.reasoning:
-                        yield sse(chunk({"reasoning_content": parsed.reasoning}))
-                    if parsed.content:
-                        yield sse(chunk({"content": parsed.content}))
-                    if parsed.tool_calls:
-                        calls = [c.to_openai(called + i) for i, c in enumerate(parsed.tool_calls)]
-                        called += len(calls)
-                        yield sse(chunk({"tool_calls": calls}))
-                    if event.finished:
-                        if event.finish_reason == "error":
-                            yield sse(engine_error(event))
-                        else:
-                            reason = "tool_calls" if called and event.finish_reason == "stop" else event.finish_reason
-                            yield sse(chunk({}, reason))
-                            if include_usage:
-                                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                           "model": config.model_name, "choices": [], "usage": usage(event)})
+                    for item in response.chunks(event):
+                        yield sse(item)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         text, last = [], None
-        async for event in collect(request, queue, request_id):
+        async for event in collect(request, queue, request_id, watch=True):
             text.append(event.text)
             last = event
-        if last is None or not last.finished:
+        if last is None or last.finish_reason == "abort":
             return Response(status_code=499)  # the client left; nobody reads this
         if last.finish_reason == "error":
             return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)
-        parsed = parser.feed("".join(text))
-        parsed.extend(parser.finish())
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None,
-                                   "reasoning_content": parsed.reasoning or None}
-        finish_reason = last.finish_reason
-        if parsed.tool_calls:
-            message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": created, "model": config.model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(last)})
+        return JSONResponse(response.whole("".join(text), last))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -401,7 +470,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+            prompt_ids = await encode(prompt)
         else:
             vocab = tokenizer.get_vocab_size(with_added_tokens=True)
             if not prompt or any(not 0 <= t < vocab for t in prompt):
@@ -434,10 +503,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         text, last = [], None
-        async for event in collect(request, queue, request_id):
+        async for event in collect(request, queue, request_id, watch=True):
             text.append(event.text)
             last = event
-        if last is None or not last.finished:
+        if last is None or last.finish_reason == "abort":
             return Response(status_code=499)
         if last.finish_reason == "error":
             return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)

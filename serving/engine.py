@@ -212,6 +212,10 @@ class Engine:
             self._aborts.add(request_id)
             self._cond.notify()
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -346,13 +350,17 @@ class Engine:
 
     def step(self) -> int:
         """One scheduling step; returns the number of sequences that ran."""
+        started = time.perf_counter()
         self._take_inbox()
         scheduled = self.schedule()
         if not scheduled:
             return 0
         batch = self.build_batch(scheduled)
         try:
+            forward_started = time.perf_counter()
             logits = self.forward(batch, self.cache)
+            if self.metrics:
+                self.metrics.forward_seconds.observe(time.perf_counter() - forward_started)
         except Exception as exc:
             if type(exc).__name__ == "RankFailure":
                 raise
@@ -369,6 +377,8 @@ class Engine:
                 ready.append(seq)
         if ready:
             self._sample_and_emit(logits[rows], ready)
+        if self.metrics:
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
         return len(scheduled)
 
     def _sample_and_emit(self, logits: torch.Tensor, ready: list[Sequence]) -> None:

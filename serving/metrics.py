@@ -25,6 +25,10 @@ class ServingMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("hwlayer_inter_token_latency_seconds", "Time between a request's tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("hwlayer_engine_step_seconds", "One engine step: schedule, forward, sample",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.forward_seconds = Histogram("hwlayer_forward_seconds", "forward_batch of one step",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.info = Info("hwlayer_server", "Backend, device and model of this server", registry=r)
         self.waiting = Gauge("hwlayer_num_requests_waiting", "Requests queued for the batch", registry=r)
         self.running = Gauge("hwlayer_num_requests_running", "Sequences in the running batch", registry=r)

@@ -35,19 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "(GLM_BACKEND=name selects one; default: auto-detect).")
     p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
     p.add_argument("--served-model-name", help="model name clients send (default: glm5-tiny-random or the dir name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     p.add_argument("--max-model-len", type=int, help="context limit (default: min(max_position_embeddings, 4096))")
-    p.add_argument("--kv-block-size", type=int, default=64, help="tokens per KV cache block")
+    p.add_argument("--kv-block-size", type=int, default=64, help="tokens per KV cache block (default 64)")
     p.add_argument("--num-kv-blocks", type=int,
                    help="KV cache size in blocks (default: 4 full contexts, at least one block per sequence)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per step (decodes + prefill chunks): the chunked-prefill budget")
+                   help="tokens per step (decodes + prefill chunks): the chunked-prefill budget (default 2048)")
     p.add_argument("--api-key", default=os.environ.get("HWLAYER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env HWLAYER_API_KEY)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size limit")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks; launch with torchrun --nproc-per-node N serve.py --ep N (default 1)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="request body size limit, larger bodies get 413 (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
-        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens, "
+        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
+        f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
         f"max-model-len {max_model_len}, at http://{args.host}:{args.port}"))
 
 

@@ -75,7 +75,8 @@ def _pids_alive(pids: list[int]) -> list[int]:
 
 def _job(nproc: int, checkpoint: Path, out_dir: Path, fault: str = "none", fail_rank: int = -1, fail_call: int = -1,
          timeout_s: float = 60, monitor_s: float = 0.2) -> tuple[int, str, float, dict[int, int]]:
-    """Run the worker under torchrun: (exit code, output, seconds, {rank: pid}); nothing outlives it.
+    """Run the worker under torchrun: (exit code, output, seconds, {rank: pid}). Workers still
+    alive after torchrun returned are killed and reported in the output as "left behind".
     ``monitor_s``: how often torchrun polls its workers; once one has failed it stops the rest."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--monitor-interval={monitor_s}", __file__, str(checkpoint), str(out_dir), fault, str(fail_rank),
@@ -92,8 +93,10 @@ def _job(nproc: int, checkpoint: Path, out_dir: Path, fault: str = "none", fail_
         out += f"\n[test] torchrun job killed after {JOB_LIMIT_S} s"
     elapsed = time.monotonic() - start
     pids = {int(r): int(p) for r, p in re.findall(r"rank (\d+) worker pid (\d+)", out)}
+    time.sleep(0.5)  # torchrun has returned: give the kernel a moment to finish reaping
     for pid in _pids_alive(list(pids.values())):  # never leave a worker behind, even on failure
         os.kill(pid, signal.SIGKILL)
+        out += f"\n[test] worker pid {pid} left behind after torchrun returned"
     return proc.returncode, out, elapsed, pids
 
 
@@ -124,7 +127,7 @@ def test_rank_that_exits_mid_generation_is_named(checkpoint: Path, tmp_path: Pat
     assert set(named) == {"0", "2", "3"}, out
     assert not re.search(r"rank [023] (exited|hung)", out), out
     assert elapsed < JOB_LIMIT_S
-    assert _pids_alive(list(pids.values())) == [], "workers left behind"
+    assert "left behind" not in out, out
 
 
 def test_rank_that_hangs_mid_generation_is_named(checkpoint: Path, tmp_path: Path) -> None:
@@ -132,7 +135,7 @@ def test_rank_that_hangs_mid_generation_is_named(checkpoint: Path, tmp_path: Pat
     assert code != 0, out
     assert re.search(rf"rank 0: EP generation failed: rank 1 hung \(pid {pids[1]} alive", out), out
     assert elapsed < JOB_LIMIT_S
-    assert _pids_alive(list(pids.values())) == [], "workers left behind"
+    assert "left behind" not in out, out
 
 
 def test_bad_ep_config_fails_before_loading_weights(checkpoint: Path, tmp_path: Path) -> None:

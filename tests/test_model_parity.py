@@ -32,8 +32,9 @@ CONFIGS = {
     # IndexShare ("F"/"S" pattern: layers 1 and 3 reuse the previous full layer's top-k) + YaRN RoPE with mscale
     "indexshare_yarn": dict(
         num_hidden_layers=4, index_topk_pattern="FSFS",
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
-                         "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 128, "mscale": 1.0, "mscale_all_dim": 0.707,
+                         "beta_fast": 32, "beta_slow": 1},
     ),
 }
 PROMPT_LEN = 24

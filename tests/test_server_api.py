@@ -18,10 +18,10 @@ from serving.parsers import parse_output
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-MODEL = "glm5-tiny-random"
+MODEL = "glm5-tiny-test"  # --served-model-name
 # Small cache and batch so that 32 concurrent requests queue for sequence slots and for KV blocks.
 SERVER_ARGS = ["--max-model-len", "1024", "--kv-block-size", "16", "--num-kv-blocks", "80", "--max-num-seqs", "8",
-               "--max-num-batched-tokens", "96", "--api-key", API_KEY]
+               "--max-num-batched-tokens", "96", "--api-key", API_KEY, "--served-model-name", MODEL]
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,16 @@ def test_cancelled_stream_leaves_the_batch_and_frees_blocks(server):
     assert after["hwlayer_generation_tokens_total"] - before["hwlayer_generation_tokens_total"] < 400
 
 
+def test_non_streaming_client_that_gives_up_cancels_its_request(server):
+    before = scrape_metrics(server.url)
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.5)
+    after = assert_idle(server)
+    aborted = 'hwlayer_request_finished_total{reason="abort"}'
+    assert after.get(aborted, 0) == before.get(aborted, 0) + 1
+
+
 BAD_BODIES = [
     (b"{not json", 400, "invalid_json", None),
     (b'{"model": "glm5-tiny-random", "prompt": "\xff\xfe"}', 400, "invalid_encoding", None),
@@ -236,7 +246,7 @@ BAD_CHAT = [
     ({"model": "gpt-4"}, "model"),
     ({"stream": "yes"}, "stream"),
     ({"chat_template_kwargs": {"enable_thinking": "no"}}, "enable_thinking"),
-    ({"messages": [{"role": "user", "content": "word " * 1500}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 5000}]}, "messages"),
 ]
 
 

@@ -1,5 +1,8 @@
 """Expert-parallel serving: two real processes (torch.distributed, gloo on CPU), rank 0 serving HTTP.
 
+(The torchrun launch itself, greedy equality with one process and SIGTERM shutdown are covered by
+tests/test_ep_serve.py; this file covers what happens when a rank dies.)
+
 The ranks are started the way torchrun starts them (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT in the environment), without the elastic agent, so the test sees each rank's own exit
 status: with torchrun the agent tears the job down when a rank dies, which can beat rank 0's answer.
@@ -93,3 +96,4 @@ def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoin
             if p.poll() is None:
                 p.kill()
                 p.wait()
+

@@ -1,0 +1,192 @@
+"""GLM-5 model on the hwlayer CPU backend vs transformers' GlmMoeDsaForCausalLM (eager), same
+checkpoint, same dtype (bf16), same run.
+
+The checkpoint is shaped like GLM-5 but narrow: hidden 512, 8 heads, MLA (q_lora 256, kv_lora 128,
+nope 64 + rope 32, v 64), DSA indexer (8 heads x 64, index_topk 256), 32 routed experts top-4 + 1
+shared, first layer dense. Measured:
+
+* decode ms/token at 1K / 4K / 16K context (batch 1, greedy): ours = one forward_batch step over
+  the paged cache; transformers = one forward with its DynamicCache, after the same prefill;
+* prefill tokens/s at 2K (one forward over the 2K prompt);
+* a memory-bandwidth floor for our decode: bytes one decode step must read (weights of the
+  replicated parts + the 4 routed experts + shared expert, the indexer keys of the whole context,
+  the 256 selected latent rows) / measured copy bandwidth.
+
+Transformers at long context is slow on this CPU: its context is built by chunked prefill
+(``--hf-chunk`` tokens per forward through its cache) and its decode is timed over fewer steps.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_model.py [--contexts 1024,4096,16384] [--steps 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model import Batch, load_model
+from model.tiny import make_tiny_checkpoint
+
+BENCH_CONFIG = {
+    "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+    "num_key_value_heads": 8, "q_lora_rank": 256, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 32, "v_head_dim": 64, "head_dim": 32, "index_n_heads": 8, "index_head_dim": 64,
+    "index_topk": 256, "n_routed_experts": 32, "num_experts_per_tok": 4, "n_shared_experts": 1,
+    "moe_intermediate_size": 256, "intermediate_size": 1024, "first_k_dense_replace": 1, "n_group": 1,
+    "topk_group": 1, "max_position_embeddings": 20480, "num_nextn_predict_layers": 0, "dtype": "bfloat16",
+}
+
+
+def _ms(fn, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read+write bandwidth of a 512 MiB tensor copy (bytes read counted once)."""
+    src = torch.empty(128 * 1024 * 1024, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = min(_ms(lambda: dst.copy_(src), 1) for _ in range(5))
+    return src.numel() * 4 / (best / 1e3) / 1e9
+
+
+def decode_bytes(m, context: int) -> int:  # noqa: ANN001
+    """Bytes one batch-1 decode step reads (lower bound: every weight it multiplies, once)."""
+    cfg, elem = m.config, torch.empty((), dtype=m.dtype).element_size()
+    total = m.embed.shape[1] * elem + m.lm_head.numel() * elem + m.norm.numel() * elem
+    for layer in m.layers:
+        a = layer.attn
+        for t in (a.q_a_proj, a.q_b_proj, a.kv_a_proj, a.o_proj, a.w_uk, a.w_uv):
+            total += t.numel() * t.element_size()
+        if a.has_indexer:
+            total += sum(t.numel() * t.element_size() for t in (a.wq_b, a.wk, a.weights_proj))
+            total += context * cfg.index_head_dim * elem  # indexer keys: the whole context
+        total += min(cfg.index_topk, context) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem  # selected rows
+        mlp = layer.mlp
+        if hasattr(mlp, "w13"):
+            per_expert = (mlp.w13[0].numel() + mlp.w2[0].numel()) * elem
+            total += cfg.num_experts_per_tok * per_expert + mlp.gate.numel() * 4
+            if mlp.shared is not None:
+                total += (mlp.shared.gate_up.numel() + mlp.shared.down.numel()) * elem
+        else:
+            total += (mlp.gate_up.numel() + mlp.down.numel()) * elem
+    return total
+
+
+def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+    out = {}
+    for C in contexts:
+        bs = 64
+        cache = m.new_cache(-(-(C + steps + 1) // bs), bs)
+        table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+        for s in range(0, C, chunk):  # chunked prefill up to the context
+            e = min(C, s + chunk)
+            m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                                  torch.tensor([e], dtype=torch.int32), table), cache)
+        pos = [C]
+
+        def step() -> None:
+            pos[0] += 1
+            m.forward_batch(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
+                                  torch.tensor([pos[0]], dtype=torch.int32), table), cache)
+
+        step()  # warm-up
+        out[C] = _ms(step, steps)
+    return out
+
+
+def hf_prefill_and_decode(hf, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+    from transformers import DynamicCache
+
+    out = {}
+    for C in contexts:
+        cache = DynamicCache(config=hf.config)
+        with torch.no_grad():
+            for s in range(0, C, chunk):
+                e = min(C, s + chunk)
+                hf(ids[None, s:e], cache=cache, use_cache=True,
+                   position_ids=torch.arange(s, e)[None])
+            pos = [C]
+
+            def step() -> None:
+                hf(ids[None, pos[0] : pos[0] + 1], cache=cache, use_cache=True,
+                   position_ids=torch.tensor([[pos[0]]]))
+                pos[0] += 1
+
+            step()
+            out[C] = _ms(step, steps)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="1024,4096,16384")
+    ap.add_argument("--hf-contexts", default=None, help="contexts for transformers (default: same)")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed per context (median)")
+    ap.add_argument("--hf-steps", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=2048, help="our chunked-prefill size")
+    ap.add_argument("--hf-chunk", type=int, default=1024, help="transformers chunked-prefill size")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    hf_contexts = [int(c) for c in (args.hf_contexts or args.contexts).split(",")]
+
+    from transformers import GlmMoeDsaForCausalLM
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_model_"))
+    path = make_tiny_checkpoint(tmp / "ckpt", BENCH_CONFIG, seed=0, dtype=torch.bfloat16, std=0.05)
+    ours = load_model(path, backend="cpu", dtype="bf16")
+    hf = GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    n = max(contexts + hf_contexts + [args.prefill]) + max(args.steps, args.hf_steps) + 4
+    ids = torch.randint(20, BENCH_CONFIG["vocab_size"], (n,), generator=torch.Generator().manual_seed(0))
+
+    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                 "torch": torch.__version__, "config": BENCH_CONFIG}
+    # prefill tokens/s at 2K (fresh cache; one forward over the whole prompt)
+    P = args.prefill
+    cache = ours.new_cache(-(-P // 64), 64)
+    table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+    batch = Batch(ids[:P], torch.tensor([0, P], dtype=torch.int32), torch.tensor([P], dtype=torch.int32), table)
+    ours.forward_batch(batch, cache)  # warm-up
+    t_ours = min(_ms(lambda: ours.forward_batch(batch, cache), 1) for _ in range(2))
+    with torch.no_grad():
+        t_hf = _ms(lambda: hf(ids[None, :P]), 1)
+    res["prefill"] = {"tokens": P, "ours_tok_s": P / t_ours * 1e3, "hf_tok_s": P / t_hf * 1e3,
+                      "speedup": t_hf / t_ours}
+    print(f"prefill {P}: ours {P / t_ours * 1e3:.0f} tok/s, transformers {P / t_hf * 1e3:.0f} tok/s, "
+          f"x{t_hf / t_ours:.1f}", flush=True)
+
+    bw = copy_bandwidth_gbs()
+    res["copy_bandwidth_GBs"] = bw
+    ours_ms = ours_prefill_and_decode(ours, ids, contexts, args.steps, args.chunk)
+    for C in contexts:
+        floor_ms = decode_bytes(ours, C) / (bw * 1e9) * 1e3
+        print(f"decode @{C}: ours {ours_ms[C]:.1f} ms/token (bandwidth floor {floor_ms:.2f} ms, "
+              f"x{ours_ms[C] / floor_ms:.1f} above it)", flush=True)
+    hf_ms = hf_prefill_and_decode(hf, ids, hf_contexts, args.hf_steps, args.hf_chunk)
+    for C in hf_contexts:
+        line = f"decode @{C}: transformers {hf_ms[C]:.1f} ms/token"
+        if C in ours_ms:
+            line += f", ours x{hf_ms[C] / ours_ms[C]:.1f} faster"
+        print(line, flush=True)
+    res["decode_ms"] = {"ours": ours_ms, "hf": hf_ms,
+                        "bandwidth_floor_ms": {C: decode_bytes(ours, C) / (bw * 1e9) * 1e3 for C in contexts}}
+    if len(contexts) > 1:
+        print(f"ours decode {contexts[-1]} / {contexts[0]}: x{ours_ms[contexts[-1]] / ours_ms[contexts[0]]:.2f}")
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

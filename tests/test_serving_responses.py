@@ -1,0 +1,70 @@
+"""Chat response bodies built from engine events, validated against the openai package's own types.
+
+The default model's output is noise, so tool calls and reasoning boundaries are exercised here with
+given generated text (the engine events a generation produces), not with the model.
+"""
+
+import json
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from serving.api import ChatResponse
+from serving.engine import EngineEvent
+from serving.parsers import GLMOutputParser
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+GENERATED = ("I should look it up.</think>Let me check."
+             "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+             "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>")
+
+
+def events(text: str, pieces: int, finish_reason: str = "stop") -> list[EngineEvent]:
+    size = -(-len(text) // pieces)
+    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    return [EngineEvent(text=p, finished=i == len(parts) - 1, finish_reason=finish_reason if i == len(parts) - 1
+                        else None, prompt_tokens=10, completion_tokens=i + 1) for i, p in enumerate(parts)]
+
+
+def test_streamed_chunks_are_openai_chunks_with_reasoning_content_and_tool_calls():
+    for pieces in (1, 3, 7, len(GENERATED)):
+        response = ChatResponse("chatcmpl-x", "glm5-tiny-random", GLMOutputParser(True, TOOLS), include_usage=True)
+        chunks = [response.first_chunk()] + [c for e in events(GENERATED, pieces) for c in response.chunks(e)]
+        parsed = [ChatCompletionChunk.model_validate(c) for c in chunks]
+        reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in parsed if c.choices)
+        content = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+        calls = [tc for c in parsed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert reasoning == "I should look it up." and content == "Let me check."
+        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+            (0, "get_weather", {"city": "Paris", "days": 2})]
+        assert calls[0].id.startswith("call_") and calls[0].type == "function"
+        finishes = [c.choices[0].finish_reason for c in parsed if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["tool_calls"]
+        assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == pieces
+
+
+def test_whole_response_is_an_openai_chat_completion():
+    response = ChatResponse("chatcmpl-y", "glm5-tiny-random", GLMOutputParser(True, TOOLS))
+    last = EngineEvent(finished=True, finish_reason="stop", prompt_tokens=10, completion_tokens=30)
+    body = ChatCompletion.model_validate(response.whole(GENERATED, last))
+    choice = body.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    assert choice.message.model_extra["reasoning_content"] == "I should look it up."
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
+    assert body.usage.total_tokens == 40
+
+
+def test_length_stop_keeps_length_and_unclosed_call_is_content():
+    response = ChatResponse("chatcmpl-z", "m", GLMOutputParser(False, TOOLS))
+    last = EngineEvent(finished=True, finish_reason="length", prompt_tokens=3, completion_tokens=5)
+    body = ChatCompletion.model_validate(response.whole("ok <tool_call>get_weather<arg_key>ci", last))
+    assert body.choices[0].finish_reason == "length"
+    assert body.choices[0].message.content == "ok <tool_call>get_weather<arg_key>ci"
+    assert not body.choices[0].message.tool_calls
+
+
+def test_engine_error_ends_the_stream_with_an_error_object():
+    response = ChatResponse("chatcmpl-e", "m", GLMOutputParser(True))
+    out = response.chunks(EngineEvent(text="", finished=True, finish_reason="error", error="model step failed: X"))
+    assert out[-1]["error"]["message"] == "model step failed: X" and out[-1]["error"]["type"] == "server_error"
