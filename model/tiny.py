@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .chat_template import GLM_CHAT_TEMPLATE
 from .config import ModelConfig
 from .loader import FP8_BLOCK, expected_tensors
 
@@ -74,11 +75,7 @@ TINY_CONFIG: dict[str, Any] = {
     "initializer_range": 0.02,
 }
 
-CHAT_TEMPLATE = (
-    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
-    "</think>{% else %}<think>{% endif %}{% endif %}"
-)
+CHAT_TEMPLATE = GLM_CHAT_TEMPLATE  # the full GLM template: tools, thinking, observations
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. Hello, world! This is a tiny random model used to test

@@ -21,22 +21,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from model.chat_template import GLM_CHAT_TEMPLATE, TOOLS_FOOTER, TOOLS_HEADER
+
+__all__ = ["GLM_CHAT_TEMPLATE", "TOOLS_FOOTER", "TOOLS_HEADER"]
+
 ROLES = ("system", "user", "assistant", "tool", "observation")
 
-TOOLS_HEADER = (
-    "\n# Tools\n\n"
-    "You may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n"
-    "<tools>\n"
-)
-TOOLS_FOOTER = (
-    "</tools>\n\n"
-    "For each function call, output the function name and arguments within the following XML format:\n"
-    "<tool_call>{function-name}"
-    "<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>"
-    "<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>"
-    "...</tool_call>"
-)
+
 
 
 class ChatTemplateError(ValueError):
@@ -179,65 +170,3 @@ def render_chat(
     if add_generation_prompt:
         out.append("<|assistant|>" + ("<think>" if enable_thinking else "</think>"))
     return "".join(out)
-
-
-def _jinja_literal(text: str) -> str:
-    return "{{- " + json.dumps(text) + " -}}"  # a JSON string is a valid Jinja string literal
-
-
-# The same template as Jinja, for checkpoints' tokenizer_config.json ``chat_template`` (and for clients that
-# render with transformers). Tool-call ``arguments`` must be mappings here, as vLLM passes them; the Python
-# renderer also accepts the OpenAI JSON-string form. Kept equal to render_chat by tests/test_serving_chat.py.
-GLM_CHAT_TEMPLATE = "".join([
-    "{%- macro visible(content) -%}",
-    "{%- if content is string -%}{{- content -}}",
-    "{%- elif content is iterable and content is not mapping -%}",
-    "{%- for part in content -%}{%- if part is string -%}{{- part -}}",
-    "{%- elif part.type == 'text' -%}{{- part.text -}}{%- endif -%}{%- endfor -%}",
-    "{%- endif -%}",
-    "{%- endmacro -%}",
-    "{%- set ns = namespace(last_user=-1) -%}",
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}",
-    "{%- endfor -%}",
-    "{%- set keep_all_reasoning = clear_thinking is defined and not clear_thinking -%}",
-    "[gMASK]<sop>",
-    "{%- if tools -%}",
-    _jinja_literal("<|system|>" + TOOLS_HEADER),
-    "{%- for tool in tools -%}{{- tool | tojson(ensure_ascii=False) -}}", _jinja_literal("\n"), "{%- endfor -%}",
-    _jinja_literal(TOOLS_FOOTER),
-    "{%- endif -%}",
-    "{%- for m in messages -%}",
-    "{%- set content = visible(m.content) -%}",
-    "{%- if m.role == 'system' -%}{{- '<|system|>' + content -}}",
-    "{%- elif m.role == 'user' -%}{{- '<|user|>' + content -}}",
-    "{%- elif m.role == 'assistant' -%}",
-    "{%- set reasoning = '' -%}",
-    "{%- if m.reasoning_content is string -%}{%- set reasoning = m.reasoning_content -%}",
-    "{%- elif '</think>' in content -%}",
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}",
-    "{%- set content = content.split('</think>', 1)[1].lstrip('\\n') -%}",
-    "{%- endif -%}",
-    "{{- '<|assistant|>' -}}",
-    "{%- if (keep_all_reasoning or loop.index0 > ns.last_user) and reasoning.strip() -%}",
-    "{{- '<think>' + reasoning.strip() + '</think>' -}}",
-    "{%- else -%}{{- '</think>' -}}{%- endif -%}",
-    "{%- if content.strip() -%}{{- content.strip() -}}{%- endif -%}",
-    "{%- for call in m.tool_calls or [] -%}",
-    "{%- set fn = call.function if call.function is defined else call -%}",
-    "{{- '<tool_call>' + fn.name -}}",
-    "{%- for key, value in (fn.arguments or {}).items() -%}",
-    "{{- '<arg_key>' + key + '</arg_key><arg_value>' -}}",
-    "{%- if value is string -%}{{- value -}}{%- else -%}{{- value | tojson(ensure_ascii=False) -}}{%- endif -%}",
-    "{{- '</arg_value>' -}}",
-    "{%- endfor -%}",
-    "{{- '</tool_call>' -}}",
-    "{%- endfor -%}",
-    "{%- elif m.role == 'tool' or m.role == 'observation' -%}",
-    "{%- if loop.first or loop.previtem.role not in ['tool', 'observation'] -%}{{- '<|observation|>' -}}{%- endif -%}",
-    "{{- '<tool_response>' + content + '</tool_response>' -}}",
-    "{%- endif -%}",
-    "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}",
-    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '</think>' -}}{%- else -%}{{- '<think>' -}}",
-    "{%- endif -%}{%- endif -%}",
-])

@@ -148,14 +148,12 @@ def test_jinja_template_defaults_thinking_on_and_history_cleared():
     assert _jinja(GLM_CHAT_TEMPLATE, messages, None) == render_chat(messages)
 
 
+@pytest.mark.parametrize("messages, tools", CONVERSATIONS)
 @pytest.mark.parametrize("enable_thinking", [True, False])
-def test_agrees_with_the_tiny_checkpoints_chat_template(tmp_path_factory, enable_thinking):
-    """On the plain system/user chats its template covers, the tiny checkpoint's chat_template agrees."""
+def test_agrees_with_the_tiny_checkpoints_chat_template(tmp_path_factory, messages, tools, enable_thinking):
+    """The chat_template the default checkpoint ships renders every conversation as the server does."""
     tiny = pytest.importorskip("model.tiny")
     path = tiny.ensure_default_model(cache_dir=tmp_path_factory.getbasetemp() / "chat-template-model")
-    template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-    if not template:
-        pytest.skip("the tiny checkpoint ships no chat_template")
-    messages = CONVERSATIONS[0][0]
-    assert _jinja(template, messages, None, enable_thinking=enable_thinking) == render_chat(
-        messages, enable_thinking=enable_thinking)
+    template = json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
+    assert _jinja(template, messages, tools, enable_thinking=enable_thinking) == render_chat(
+        messages, tools, enable_thinking=enable_thinking)
