@@ -71,15 +71,17 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"CUDA-visible devices: {info['cuda_devices']}")
     print(f"chosen backend: {info['chosen_backend'] or 'none (' + str(info['choice_error']) + ')'}")
     print()
-    header = f"{'backend':<11} {'vendor':<14} {'device':<7} {'collective':<10} {'status':<12}"
+    vw = max([len("vendor"), *(len(b["vendor"]) for b in info["backends"])])
+    header = f"{'backend':<11} {'vendor':<{vw}} {'device':<7} {'collective':<10} {'status':<12}"
+    indent = " " * (len(header) + 1)
     print(f"{header} reason / verified")
     for b in info["backends"]:
         status = "available" if b["available"] else "unavailable"
-        row = f"{b['name']:<11} {b['vendor']:<14} {b['device_type']:<7} {b['dist_backend']:<10} {status:<12}"
+        row = f"{b['name']:<11} {b['vendor']:<{vw}} {b['device_type']:<7} {b['dist_backend']:<10} {status:<12}"
         print(f"{row} {b['reason']}")
         if b["install_hint"]:
-            print(f"{'':<57}install: {b['install_hint']}")
-        print(f"{'':<57}verified: {b['verified']}")
+            print(f"{indent}install: {b['install_hint']}")
+        print(f"{indent}verified: {b['verified']}")
     for name, why in info["skipped_plugins"].items():
         print(f"skipped plugin {name}: {why}")
 
