@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# The Cambricon and Moore Threads backends are out-of-tree plugins, installed as a vendor's
+	# package would be (entry points); they report "unavailable" until their vendor stack is present.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e plugins/hwlayer-cambricon -e plugins/hwlayer-musa
 	touch $@
 
 serve: venv
