@@ -327,12 +327,17 @@ def _indexer_batched(
     padded to ``[B, max new tokens]`` queries and ``[B, max context]`` keys and scored at once."""
     T, Hi, Di = q.shape
     B, n_max, L_max = len(lens), max(q_lens), max(lens)
-    seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
-    row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
-    q_pad = torch.zeros((B, n_max, Hi, Di), dtype=torch.float32, device=q.device)
-    q_pad[seq_idx, row] = q.float()
-    w_pad = torch.zeros((B, n_max, Hi), dtype=torch.float32, device=q.device)
-    w_pad[seq_idx, row] = weights.float()
+    if T == B and n_max == 1:  # pure decode: one token per sequence, nothing to pad
+        seq_idx, row = torch.arange(B, device=q.device), torch.zeros(B, dtype=torch.long, device=q.device)
+        qpos = seq_lens.long() - 1
+        q_pad, w_pad = q.float().unsqueeze(1), weights.float().unsqueeze(1)
+    else:
+        seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
+        row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
+        q_pad = torch.zeros((B, n_max, Hi, Di), dtype=torch.float32, device=q.device)
+        q_pad[seq_idx, row] = q.float()
+        w_pad = torch.zeros((B, n_max, Hi), dtype=torch.float32, device=q.device)
+        w_pad[seq_idx, row] = weights.float()
     pos = torch.arange(L_max, device=q.device)
     seqs = torch.arange(B, device=q.device)
     slots = positions_to_slots(block_table, seqs, pos.expand(B, L_max), k_cache.shape[1])
