@@ -57,11 +57,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hwlayer.certificate import json_safe
 
 SCHEMA = "hwlayer-conformance-report/1"
 RESERVED_KEYS = frozenset(
@@ -194,7 +195,7 @@ class Recorder:
             "tolerances": self.tolerances,
             "plan": self.plan,
             "records": records,
-            "cases": [_json_safe(asdict(c)) for c in self.cases.values()],
+            "cases": [json_safe(asdict(c)) for c in self.cases.values()],
             **self.extra,
         }
 
@@ -203,7 +204,7 @@ class Recorder:
         data = self.to_dict(exit_status)
         json_path = Path(path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(_json_safe(data), indent=2) + "\n", encoding="utf-8")
+        json_path.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
         md_path = json_path.with_suffix(".md")
         md_path.write_text(render_markdown(data), encoding="utf-8")
         return json_path, md_path
@@ -216,17 +217,6 @@ def simple_origin(plan_origin: str) -> str:
     if plan_origin.startswith("inherited"):
         return "inherited"
     return "generic" if plan_origin == "generic" else plan_origin
-
-
-def _json_safe(value: Any) -> Any:
-    """Infinities and NaN become strings ("inf", "-inf", "nan"): JSON has no literal for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _fmt(v: Any) -> str:

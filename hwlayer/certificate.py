@@ -353,14 +353,15 @@ def _recall(r: dict[str, Any]) -> str:
     return f"{r['recall']:.3f}" + (f" (min {r['recall_min']:.3f})" if r["recall_min"] is not None else "")
 
 
-def _json_safe(value: Any) -> Any:
-    """Infinities and NaN as strings, as the conformance report writes them (JSON has no literal)."""
+def json_safe(value: Any) -> Any:
+    """Infinities and NaN as strings ("inf", "-inf", "nan"): JSON has no literal for them. The
+    conformance report and the certificate both write through this."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -504,7 +505,7 @@ def write_certificate(report_path: str | Path, out_dir: str | Path, env: dict[st
     cert = build_certificate(load_json(report_path), env)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "certificate.json").write_text(json.dumps(_json_safe(cert), indent=2) + "\n", encoding="utf-8")
+    (out / "certificate.json").write_text(json.dumps(json_safe(cert), indent=2) + "\n", encoding="utf-8")
     (out / "certificate.md").write_text(render_markdown(cert), encoding="utf-8")
     (out / "certificate.html").write_text(render_html(cert), encoding="utf-8")
     return cert

@@ -385,6 +385,22 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect_whole(request: Request, queue: asyncio.Queue, request_id: str) -> Response | tuple:
+        """A non-streaming request's whole text and last event, or the Response that ends it early."""
+        text, last = [], None
+        async for event in collect(request, queue, request_id, watch=True):
+            text.append(event.text)
+            last = event
+        if last is None or last.finish_reason == "abort":
+            return Response(status_code=499)  # the client left; nobody reads this
+        if last.finish_reason == "error":
+            return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)
+        return "".join(text), last
+
     # ---- routes ---------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
@@ -443,18 +459,12 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
                         yield sse(item)
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return sse_response(stream())
 
-        text, last = [], None
-        async for event in collect(request, queue, request_id, watch=True):
-            text.append(event.text)
-            last = event
-        if last is None or last.finish_reason == "abort":
-            return Response(status_code=499)  # the client left; nobody reads this
-        if last.finish_reason == "error":
-            return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)
-        return JSONResponse(response.whole("".join(text), last))
+        whole = await collect_whole(request, queue, request_id)
+        if isinstance(whole, Response):
+            return whole
+        return JSONResponse(response.whole(*whole))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -499,18 +509,13 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
                                    "model": config.model_name, "choices": [], "usage": usage(event)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return sse_response(stream())
 
-        text, last = [], None
-        async for event in collect(request, queue, request_id, watch=True):
-            text.append(event.text)
-            last = event
-        if last is None or last.finish_reason == "abort":
-            return Response(status_code=499)
-        if last.finish_reason == "error":
-            return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)
-        body = chunk("".join(text), last.finish_reason)
+        whole = await collect_whole(request, queue, request_id)
+        if isinstance(whole, Response):
+            return whole
+        text, last = whole
+        body = chunk(text, last.finish_reason)
         body["usage"] = usage(last)
         return JSONResponse(body)
 
