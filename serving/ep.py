@@ -10,57 +10,35 @@ own copy of the paged cache (same geometry, same block ids), so the expert all-t
 model line up. Followers loop until rank 0 broadcasts ``shutdown``. While idle, rank 0 broadcasts a
 keep-alive every few seconds so the followers' collective timeout never fires on a quiet server.
 
-A rank failure surfaces as :class:`hwlayer.distributed.RankFailure` on rank 0's engine thread: the
-engine fails in-flight requests, the API answers 503, and the process exits non-zero.
+This module raises, :mod:`serving.server` reports: a configuration that cannot work is a
+:class:`hwlayer.distributed.DistConfigError` (one line, exit 2, before any weight is read); a rank
+failure is a :class:`hwlayer.distributed.RankFailure` (on rank 0 it surfaces on the engine thread: the
+engine fails in-flight requests, the API answers 503, and the process exits non-zero).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+
+from hwlayer import distributed as hd
 
 KEEPALIVE_SECONDS = 10.0
 
 
-def _fail(message: str) -> None:
-    from .server import fail
+def start(ep: int, plan: Any, config: dict) -> hd.DistContext:
+    """Check the EP configuration (before any weight is read) and join the process group.
 
-    fail(message)
-
-
-def start(ep: int, plan: Any, config: dict) -> Any:
-    """Check the EP configuration (before any weight is read) and join the process group."""
-    from hwlayer import distributed as hd
-    from model import load_model
-
+    Raises :class:`hwlayer.distributed.DistConfigError` naming what is wrong."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    num_experts = int(config.get("n_routed_experts") or 0)
-    try:
-        hd.check_ep_config(ep, num_experts, world)
-    except hd.DistConfigError as exc:
-        _fail(str(exc))
-    if "ep" not in inspect.signature(load_model).parameters:
-        _fail(f"--ep {ep}: expert parallelism is not available yet (model.load_model takes no ep= argument)")
-    try:
-        return hd.init_distributed(plan)
-    except hd.DistConfigError as exc:
-        _fail(str(exc))
-
-
-def load(load_model: Callable, path: Path, plan: Any, ep: int) -> Any:
-    return load_model(path, backend=plan.backend.name, ep=ep)
+    hd.check_ep_config(ep, int(config.get("n_routed_experts") or 0), world)
+    return hd.init_distributed(plan)
 
 
 def _broadcast(message: list, what: str) -> None:
-    import torch.distributed as dist
-
-    from hwlayer import distributed as hd
-
     ctx = hd.current()
     device = ctx.device if ctx is not None and ctx.dist_backend != "gloo" else None
     with hd.rank_failure_guard(what):
@@ -72,8 +50,6 @@ def leader_forward(model: Any) -> Callable[[Any, Any], torch.Tensor]:
     step = {"n": 0}
 
     def forward(batch: Any, cache: Any) -> torch.Tensor:
-        from hwlayer import distributed as hd
-
         step["n"] += 1
         _broadcast([("step", batch)], f"serving step {step['n']} (broadcast)")
         with hd.rank_failure_guard(f"serving step {step['n']} (forward)"):
@@ -86,35 +62,32 @@ def keepalive() -> None:
     _broadcast([("noop", None)], "keep-alive")
 
 
-def follower_loop(model: Any, num_blocks: int, block_size: int) -> int:
-    """Ranks > 0: run every step rank 0 broadcasts, until ``shutdown``. Returns the exit status."""
-    from hwlayer import distributed as hd
+def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
+    """Ranks > 0: run every step rank 0 broadcasts, until ``shutdown``.
 
+    Raises :class:`hwlayer.distributed.RankFailure` when a collective fails (the group is broken
+    then, so it is left as it is)."""
     cache = model.new_cache(num_blocks, block_size)
     rank = hd.current().rank
-    try:
-        while True:
-            message: list = [None]
-            _broadcast(message, f"rank {rank} waiting for a step")
-            kind, batch = message[0]
-            if kind == "shutdown":
-                break
-            if kind == "step":
-                with hd.rank_failure_guard(f"rank {rank} forward"):
-                    model.forward_batch(batch, cache)
-    except hd.RankFailure as exc:
-        print(f"serve.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    while True:
+        message: list = [None]
+        _broadcast(message, f"rank {rank} waiting for a step")
+        kind, batch = message[0]
+        if kind == "shutdown":
+            break
+        if kind == "step":
+            with hd.rank_failure_guard(f"rank {rank} forward"):
+                model.forward_batch(batch, cache)
     hd.shutdown()
-    return 0
 
 
 def shutdown_followers(failed: bool) -> None:
-    from hwlayer import distributed as hd
+    """Rank 0, after serving: tell the followers to stop (unless a rank already failed), leave the group.
 
-    if not failed:
-        try:
+    Raises :class:`hwlayer.distributed.RankFailure` when a follower cannot be told; the group is
+    left either way."""
+    try:
+        if not failed:
             _broadcast([("shutdown", None)], "shutdown")
-        except hd.RankFailure as exc:
-            print(f"serve.py: error: {exc}", file=sys.stderr, flush=True)
-    hd.shutdown()
+    finally:
+        hd.shutdown()

@@ -25,8 +25,13 @@ class _OneLineParser(argparse.ArgumentParser):
         fail(f"{message} (see {PROG} --help)")
 
 
-def fail(message: str, status: int = 2) -> NoReturn:
+def report(message: str) -> None:
+    """One error line on stderr, the way every failure of the server is reported."""
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    report(message)
     sys.exit(status)
 
 
@@ -100,18 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     dist_ctx = None
     if args.ep > 1 or world > 1:
+        from hwlayer.distributed import DistConfigError
+
         from . import ep as ep_mod
 
-        dist_ctx = ep_mod.start(args.ep, plan, config)  # one line and exit 2 when it cannot work
+        try:
+            dist_ctx = ep_mod.start(args.ep, plan, config)
+        except DistConfigError as exc:
+            fail(str(exc))
 
     from model import load_model
     from model.tokenizer import load_tokenizer
 
     try:
-        if dist_ctx is not None:
-            model = ep_mod.load(load_model, path, plan, args.ep)
-        else:
-            model = load_model(path, backend=plan.backend.name)
+        model = load_model(path, backend=plan.backend.name, ep=args.ep)  # ep=1: every expert in this process
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, KeyError) as exc:
         fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
@@ -139,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             eos_ids.add(token_id)
 
     if dist_ctx is not None and dist_ctx.rank != 0:
-        return ep_mod.follower_loop(model, num_blocks, block_size)
+        from hwlayer.distributed import RankFailure
+
+        try:
+            ep_mod.follower_loop(model, num_blocks, block_size)
+        except RankFailure as exc:
+            fail(str(exc), status=1)
+        return 0
     leader = dist_ctx is not None
 
     metrics = ServingMetrics()
@@ -172,7 +185,7 @@ def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, 
         # A rank died: answer 503 for a moment (health and new requests), then exit non-zero.
         import threading
 
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        report(message)
         exit_status["code"] = 1
         threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
 
@@ -180,9 +193,14 @@ def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, 
     print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
     server.run()
     if dist_ctx is not None:
+        from hwlayer.distributed import RankFailure
+
         from . import ep as ep_mod
 
-        ep_mod.shutdown_followers(exit_status["code"] != 0)
+        try:
+            ep_mod.shutdown_followers(exit_status["code"] != 0)
+        except RankFailure as exc:
+            report(str(exc))  # serving ended cleanly; a follower that cannot be told to stop is only noted
     if not server.started and exit_status["code"] == 0:
         return 1  # uvicorn could not bind (it printed why)
     return exit_status["code"]
