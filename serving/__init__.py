@@ -2,6 +2,8 @@
 
 Modules: :mod:`serving.chat` (the GLM chat template in Python), :mod:`serving.parsers` (reasoning
 and tool-call parsing of generated text, streaming included), :mod:`serving.engine` (continuous
-batching scheduler over a paged KV cache), :mod:`serving.api` (the FastAPI app),
-:mod:`serving.metrics` (Prometheus metrics). ``serve.py`` at the repository root is the entry point.
+batching scheduler over a paged KV cache), :mod:`serving.protocol` (the OpenAI wire format: request
+schemas, error and response bodies), :mod:`serving.api` (the FastAPI app: routes and request
+handling), :mod:`serving.metrics` (Prometheus metrics), :mod:`serving.server` (the command line) and
+:mod:`serving.ep` (expert-parallel serving). ``serve.py`` at the repository root is the entry point.
 """

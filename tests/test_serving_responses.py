@@ -1,4 +1,4 @@
-"""Chat response bodies built from engine events, validated against the openai package's own types.
+"""Response bodies built from engine events, validated against the openai package's own types.
 
 The default model's output is noise, so tool calls and reasoning boundaries are exercised here with
 given generated text (the engine events a generation produces), not with the model.
@@ -6,11 +6,12 @@ given generated text (the engine events a generation produces), not with the mod
 
 import json
 
+from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from serving.api import ChatResponse
 from serving.engine import EngineEvent
 from serving.parsers import GLMOutputParser
+from serving.protocol import ChatResponse, CompletionResponse
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
@@ -68,3 +69,28 @@ def test_engine_error_ends_the_stream_with_an_error_object():
     response = ChatResponse("chatcmpl-e", "m", GLMOutputParser(True))
     out = response.chunks(EngineEvent(text="", finished=True, finish_reason="error", error="model step failed: X"))
     assert out[-1]["error"]["message"] == "model step failed: X" and out[-1]["error"]["type"] == "server_error"
+
+
+def test_completion_stream_and_whole_body_are_openai_completions():
+    text = "Once upon a time"
+    for pieces in (1, 4, len(text)):
+        response = CompletionResponse("cmpl-x", "m", include_usage=True)
+        chunks = response.opening() + [c for e in events(text, pieces, "length") for c in response.chunks(e)]
+        # openai's Completion type has no null finish_reason (the client does not validate stream chunks)
+        parsed = [Completion.model_validate(c) if not c["choices"] or c["choices"][0]["finish_reason"]
+                  else Completion.model_construct(**c) for c in chunks]
+        assert all(c.id == "cmpl-x" and c.object == "text_completion" for c in parsed)
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * (pieces - 1) + ["length"]
+        assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == pieces
+    last = EngineEvent(finished=True, finish_reason="stop", prompt_tokens=4, completion_tokens=6)
+    body = Completion.model_validate(CompletionResponse("cmpl-y", "m").whole(text, last))
+    assert body.choices[0].text == text and body.choices[0].finish_reason == "stop"
+    assert body.usage.total_tokens == 10
+
+
+def test_completion_engine_error_is_the_only_chunk_of_the_last_event():
+    response = CompletionResponse("cmpl-e", "m", include_usage=True)
+    out = response.chunks(EngineEvent(text="x", finished=True, finish_reason="error", error="model step failed: X"))
+    assert out == [{"error": {"message": "model step failed: X", "type": "server_error", "param": None,
+                              "code": "engine_error"}}]
