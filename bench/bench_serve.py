@@ -24,9 +24,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test suite's server launcher
 
-from serving.launch import ServerProcess  # noqa: E402
+from server_process import ServerProcess
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-
-from serving.launch import REPO, ServerProcess, free_port
+from server_process import REPO, ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -52,29 +48,17 @@ def test_ep2_server_answers_like_the_single_process_server() -> None:
     with ServerProcess() as single:
         want = _chat(single.url)
 
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="serve-ep-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "serve.py"), "--ep", "2", "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HWLAYER_DIST_TIMEOUT": "60"}
-    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HWLAYER_DIST_TIMEOUT": "60"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    server = ServerProcess(["--ep", "2"], env=env, launcher=torchrun, new_session=True)
+    job = server.proc
     workers: list[int] = []
     left_behind: list[int] = []
     try:
-        deadline = time.monotonic() + START_LIMIT_S
-        while True:
-            assert job.poll() is None, f"EP server exited with {job.returncode}:\n{Path(log.name).read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"EP server not healthy in {START_LIMIT_S} s"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        server.wait_healthy(START_LIMIT_S)
         workers = _children(job.pid)
         assert len(workers) == 2, f"expected torchrun to run 2 ranks, found processes {workers}"
-        got = _chat(url)
+        got = _chat(server.url)
         text = (want["message"].get("content") or "") + (want["message"].get("reasoning_content") or "")
         assert want["completion_tokens"] == 12 and text, f"the single-process server answered nothing: {want!r}"
         assert got == want, f"EP=2 answered {got!r}, single process {want!r}"
@@ -89,5 +73,5 @@ def test_ep2_server_answers_like_the_single_process_server() -> None:
         left_behind = [p for p in workers if _alive(p)]
         for pid in left_behind:  # never leave a rank behind, even when the test fails
             os.kill(pid, signal.SIGKILL)
-        os.unlink(log.name)
+        os.unlink(server.log.name)
     assert not left_behind, f"ranks {left_behind} outlived the job"

@@ -11,9 +11,9 @@ import time
 import httpx
 import openai
 import pytest
+from server_process import ServerProcess, scrape_metrics
 
 from serving.chat import render_chat
-from serving.launch import ServerProcess, scrape_metrics
 from serving.parsers import parse_output
 
 API_KEY = "test-key-123"
@@ -139,8 +139,11 @@ def test_seeded_sampling_is_reproducible(client):
     c = client.completions.create(seed=999, **kwargs).choices[0].text
     assert a == b
     assert a != c
-    top_k = client.completions.create(seed=5, extra_body={"top_k": 3}, **kwargs).choices[0].text
-    assert top_k == client.completions.create(seed=5, extra_body={"top_k": 3}, **kwargs).choices[0].text
+    top_3 = client.completions.create(seed=5, extra_body={"top_k": 3}, **kwargs).choices[0].text
+    assert top_3 == client.completions.create(seed=5, extra_body={"top_k": 3}, **kwargs).choices[0].text
+    # top_k reaches the sampler: keeping one candidate at temperature 1 is greedy decoding
+    top_1 = client.completions.create(seed=5, extra_body={"top_k": 1}, **kwargs).choices[0].text
+    assert top_1 == client.completions.create(**{**kwargs, "temperature": 0}).choices[0].text
 
 
 def test_tool_round_trip_prompt(client, tokenizer):
@@ -225,7 +228,7 @@ def test_malformed_bodies(server, raw, status, code, param):
     r = httpx.post(server.url + "/v1/completions", content=raw, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == status
     err = r.json()["error"]
-    assert err["code"] == code and set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["param"] == param and set(err) == {"message", "type", "param", "code"}
 
 
 BAD_CHAT = [

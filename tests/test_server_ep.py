@@ -12,15 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-from serving.launch import free_port
-
-REPO = Path(__file__).resolve().parent.parent
+from server_process import REPO, free_port, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +42,6 @@ def start_ranks(cache: Path, http_port: int, world: int = 2) -> list[subprocess.
     return procs
 
 
-def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"a rank exited early ({p.returncode}): {p.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("EP server not healthy")
-
-
 def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoint):
     cache, path = checkpoint
     from model import load_model
@@ -76,7 +57,7 @@ def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoin
     url = f"http://127.0.0.1:{port}"
     procs = start_ranks(cache, port)
     try:
-        wait_healthy(url, procs)
+        wait_healthy(url, procs, 90, lambda: "\n".join(p.stdout.read() for p in procs if p.poll() is not None))
         body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         first = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
         assert first["choices"][0]["text"] == expected  # the sharded experts compute what one process does
