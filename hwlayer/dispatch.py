@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import Availability, Backend
+from .backend import Backend
 from .ops import CATALOGUE
 from .registry import Registry, registry, strict_mode
 
@@ -167,11 +167,6 @@ class DispatchPlan:
 
     def __repr__(self) -> str:
         return f"DispatchPlan(backend={self.backend.name!r}, device={self.device})"
-
-
-def available_backends(reg: Registry | None = None) -> dict[str, Availability]:
-    reg = reg or registry()
-    return {name: b.availability() for name, b in reg.backends.items()}
 
 
 def select_backend(name: str | None = None, reg: Registry | None = None) -> Backend:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops import FLOAT_DTYPES, INDEX_DTYPES, token_positions
+from hwlayer.ops.layout import FLOAT_DTYPES, INDEX_DTYPES, check_varlen, token_positions
 
 # Sizes a single program keeps in registers; larger calls go to the next tier.
 MAX_NORM_DIM = 16384
@@ -213,18 +213,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 # DSA: lightning indexer and sparse MLA attention
 
 
-def _varlen_ok(cu_seqlens_q: Any, seq_lens: Any, T: int) -> bool | str:
-    if not _is_tensor(cu_seqlens_q, seq_lens):
-        return "non-tensor cu_seqlens_q/seq_lens"
-    if cu_seqlens_q.dim() != 1 or seq_lens.dim() != 1 or seq_lens.shape[0] != cu_seqlens_q.shape[0] - 1:
-        return "cu_seqlens_q/seq_lens shapes outside the contract"
-    if cu_seqlens_q.dtype not in INDEX_DTYPES or seq_lens.dtype not in INDEX_DTYPES:
-        return "cu_seqlens_q/seq_lens must be integer"
-    if int(cu_seqlens_q[-1]) != T:
-        return "cu_seqlens_q does not end at the token count"
-    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    if bool((seq_lens < q_lens).any()):
-        return "a sequence is shorter than its query count"
+def _varlen_ok(op: str, cu_seqlens_q: Any, seq_lens: Any, T: int) -> bool | str:
+    """The layout check of the generic ops (:func:`hwlayer.ops.layout.check_varlen`), as a reason."""
+    try:
+        check_varlen(op, cu_seqlens_q, seq_lens, T)
+    except ValueError as exc:
+        return str(exc)
     return True
 
 
@@ -242,7 +236,7 @@ def lightning_indexer_supports(
         return "block_table/topk outside the contract"
     if Hi > MAX_INDEXER_HEADS or Di > MAX_INDEXER_DIM:
         return f"indexer heads {Hi} / head dim {Di} above {MAX_INDEXER_HEADS}/{MAX_INDEXER_DIM}"
-    ok = _varlen_ok(cu_seqlens_q, seq_lens, T)
+    ok = _varlen_ok("lightning_indexer", cu_seqlens_q, seq_lens, T)
     if ok is not True:
         return ok
     return _device_ok(q, weights, k_cache, block_table)
@@ -300,7 +294,7 @@ def sparse_mla_attention_supports(
         return "v_dim outside the contract"
     if v_dim > MAX_LATENT_DIM or Dk - v_dim > MAX_ROPE_DIM:
         return f"latent {v_dim} / rope {Dk - v_dim} above {MAX_LATENT_DIM}/{MAX_ROPE_DIM}"
-    ok = _varlen_ok(cu_seqlens_q, seq_lens, T)
+    ok = _varlen_ok("sparse_mla_attention", cu_seqlens_q, seq_lens, T)
     if ok is not True:
         return ok
     return _device_ok(q, kv_cache, indices, block_table)

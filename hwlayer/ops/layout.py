@@ -1,0 +1,103 @@
+"""Layout helpers shared by the generic ops and by backend adapters (public API).
+
+The layouts themselves are described in :mod:`hwlayer.ops` (token-major varlen batches, paged
+caches, positions within a sequence). This module holds the one copy of:
+
+* argument validation: :func:`check_tensor`, :func:`check_varlen` and :func:`fail`, which raise
+  the one-line ``ValueError`` every op uses ("<op>: argument '<arg>' expected <what>, got <what>");
+* index arithmetic: :func:`token_positions` (sequence and position of every query token) and
+  :func:`positions_to_slots` (position -> flat paged-cache slot);
+* :func:`chunk_rows`, the temporary-size budget of the generic implementations.
+
+Vendor adapters import these instead of re-deriving them, so a layout rule lives in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def fail(op: str, arg: str, expected: str, got: Any) -> NoReturn:
+    """Raise the op's one-line ``ValueError``: ``<op>: argument '<arg>' expected <expected>, got <got>``."""
+    raise ValueError(f"{op}: argument '{arg}' expected {expected}, got {got}")
+
+
+def check_tensor(
+    op: str,
+    arg: str,
+    t: Any,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> None:
+    """Raise ``ValueError`` unless ``t`` is a tensor with the given rank, dtype and sizes
+    (``None`` in ``shape`` means any size). Public so vendor adapters can reuse it."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, arg, "a torch.Tensor", type(t).__name__)
+    if ndim is not None:
+        ok = t.dim() in ndim if isinstance(ndim, tuple) else t.dim() == ndim
+        if not ok:
+            fail(op, arg, f"{ndim}-D tensor", f"shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        fail(op, arg, f"dtype {names}", str(t.dtype).removeprefix("torch."))
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, t.shape, strict=False)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            fail(op, arg, f"shape {want}", f"{list(t.shape)}")
+
+
+def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> tuple[list[int], list[int]]:
+    """Raise ``ValueError`` unless ``cu_seqlens_q`` / ``seq_lens`` describe a varlen batch of
+    ``num_tokens`` query tokens: integer 1-D ``[B + 1]`` / ``[B]``, ``cu_seqlens_q`` rising from 0
+    to ``num_tokens``, and every context at least as long as its query tokens.
+
+    Returns the host copies it read, ``(cu_seqlens_q, seq_lens)`` as lists, so a caller that needs
+    them on the host does not read the device again.
+    """
+    check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, shape=[cu_seqlens_q.shape[0] - 1])
+    starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    if not starts or starts[-1] != num_tokens:
+        got = starts[-1] if starts else "an empty tensor"
+        fail(op, "cu_seqlens_q", f"last entry == number of query tokens ({num_tokens})", got)
+    if starts[0] != 0:
+        fail(op, "cu_seqlens_q", "first entry 0", starts[0])
+    for b, (t0, t1, L) in enumerate(zip(starts[:-1], starts[1:], lens, strict=True)):
+        if t1 < t0:
+            fail(op, "cu_seqlens_q", "non-decreasing entries", starts)
+        if L < t1 - t0:
+            fail(op, "seq_lens", f"seq_lens[{b}] >= its query count {t1 - t0}", L)
+    return starts, lens
+
+
+def token_positions(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position) of every query token of a varlen batch, both int64 ``[T]``."""
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    seq_idx = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens)
+    start = cu_seqlens_q[:-1].long()
+    offset = seq_lens.long() - q_lens - start  # position = token index + offset of its sequence
+    pos = torch.arange(seq_idx.numel(), device=q_lens.device) + offset[seq_idx]
+    return seq_idx, pos
+
+
+def positions_to_slots(
+    block_table: torch.Tensor, seq_idx: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Map positions (any shape, aligned with ``seq_idx`` on dim 0) to flat cache slots (int64).
+    Negative positions map to the slot of position 0 of their sequence; callers mask them."""
+    p = positions.long().clamp(min=0)
+    rows = seq_idx.view(-1, *([1] * (p.dim() - 1))).expand_as(p)
+    blocks = block_table.long()[rows, p // block_size]
+    return blocks * block_size + p % block_size
+
+
+def chunk_rows(n_rows: int, per_row_elems: int, budget: int = 1 << 25) -> int:
+    """Rows per chunk so that one chunk's temporary stays near ``budget`` elements."""
+    return max(1, min(n_rows, budget // max(1, per_row_elems)))

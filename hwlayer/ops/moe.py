@@ -1,0 +1,162 @@
+"""Mixture of experts: ``moe_route`` (noaux_tc), ``moe_permute`` / ``moe_unpermute``, ``grouped_gemm``,
+``silu_and_mul`` and the ``fused_experts`` composite built from them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail
+
+
+def moe_route(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-5 / DeepSeek-V3 ``noaux_tc`` routing.
+
+    ``router_logits``: ``[T, E]`` (``x @ W_gate^T``, computed in fp32). ``s = sigmoid(logits)``;
+    the choice score ``s + correction_bias`` (``[E]``, may be None) is used for selection only.
+    When ``n_group > 1`` experts form ``n_group`` equal groups, each group scored by the sum of its
+    top-2 choice scores, and only the best ``topk_group`` groups stay eligible. ``ids`` = the
+    ``top_k`` best eligible choice scores; ``weights = s[ids]`` (never the biased score), divided
+    by ``sum + 1e-20`` if ``renormalize``, then times ``routed_scaling_factor``.
+    Returns ``(weights fp32 [T, top_k], ids int32 [T, top_k])``; order within a row unspecified.
+    """
+    op = "moe_route"
+    check_tensor(op, "router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    T, E = router_logits.shape
+    if correction_bias is not None:
+        check_tensor(op, "correction_bias", correction_bias, ndim=1, shape=[E])
+    if not 1 <= top_k <= E:
+        fail(op, "top_k", f"1 <= top_k <= {E}", top_k)
+    if n_group < 1 or E % n_group:
+        fail(op, "n_group", f"a divisor of the expert count {E}", n_group)
+    if not 1 <= topk_group <= n_group:
+        fail(op, "topk_group", f"1 <= topk_group <= n_group ({n_group})", topk_group)
+    scores = router_logits.float().sigmoid()
+    choice = scores + correction_bias.float() if correction_bias is not None else scores
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=choice.device).scatter_(1, keep, True)
+        choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, E)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def moe_permute(
+    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group token rows by expert.
+
+    ``x``: ``[T, D]``; ``topk_ids``: int ``[T, k]``; an id outside ``[0, num_experts)`` (for
+    example ``-1``, or an expert owned by another rank after subtracting an offset) is dropped.
+    Returns ``(x_sorted [M, D], group_sizes int64 [num_experts], order int64 [M])`` where ``M`` is
+    the number of kept assignments, rows are sorted by expert (stable in token order), and
+    ``order[j] = t * k + slot`` names the assignment that row ``j`` came from.
+    """
+    op = "moe_permute"
+    check_tensor(op, "x", x, ndim=2)
+    check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, shape=[x.shape[0], None])
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    order = torch.argsort(key, stable=True)
+    kept = flat.numel() - int(counts[num_experts])
+    order = order[:kept]
+    return x.index_select(0, order // k), counts[:num_experts], order
+
+
+def moe_unpermute(
+    y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Inverse of ``moe_permute`` with the routing weights applied.
+
+    ``y``: ``[M, D]`` expert outputs in permuted order; ``order``: from ``moe_permute``;
+    ``topk_weights``: ``[num_tokens, k]``. Returns ``[num_tokens, D]`` in ``y.dtype`` with
+    ``out[t] = sum over kept slots of topk_weights[t, slot] * y[row]``, accumulated in fp32;
+    tokens with no kept slot get zeros.
+    """
+    op = "moe_unpermute"
+    check_tensor(op, "y", y, ndim=2)
+    check_tensor(op, "order", order, ndim=1, dtypes=INDEX_DTYPES, shape=[y.shape[0]])
+    check_tensor(op, "topk_weights", topk_weights, ndim=2, shape=[num_tokens, None])
+    k = topk_weights.shape[1]
+    order = order.long()
+    w = topk_weights.reshape(-1).float().index_select(0, order)
+    out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+    out.index_add_(0, order // k, y.float() * w.unsqueeze(1))
+    return out.to(y.dtype)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Per-expert matmul on rows grouped by expert.
+
+    ``x``: ``[M, K]`` with rows of expert ``e`` contiguous and experts in order;
+    ``w``: ``[E, N, K]`` (nn.Linear layout, "NT"); ``group_sizes``: int ``[E]`` row counts
+    (sum == M; Ascend wants these as ``group_list_type=1``). Returns ``[M, N]`` in ``x.dtype``:
+    ``out[rows of e] = x[rows of e] @ w[e]^T``. Experts with no rows cost nothing.
+    """
+    op = "grouped_gemm"
+    check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "w", w, ndim=3, shape=[None, None, x.shape[1]])
+    check_tensor(op, "group_sizes", group_sizes, ndim=1, dtypes=INDEX_DTYPES, shape=[w.shape[0]])
+    sizes = group_sizes.tolist()
+    if sum(sizes) != x.shape[0]:
+        fail(op, "group_sizes", f"counts summing to {x.shape[0]} rows", sum(sizes))
+    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            torch.mm(x[start : start + n], w[e].t().to(x.dtype), out=out[start : start + n])
+            start += n
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation: ``x``: ``[..., 2I]`` -> ``silu(x[..., :I]) * x[..., I:]`` (gate first,
+    then up; Ascend ``npu_swiglu``), in ``x.dtype``."""
+    check_tensor("silu_and_mul", "x", x, dtypes=FLOAT_DTYPES)
+    if x.shape[-1] % 2:
+        fail("silu_and_mul", "x", "an even last dim", x.shape[-1])
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def fused_experts_factory(plan: Any) -> Callable:
+    def fused_experts(
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Routed experts, the composite: ``sum_k w_k * W2_e (silu(W1_e x) * W3_e x)``.
+
+        ``x``: ``[T, D]``; ``w13``: ``[E, 2I, D]`` (gate rows then up rows per expert);
+        ``w2``: ``[E, D, I]``; ``topk_weights``/``topk_ids``: ``[T, k]`` from ``moe_route``
+        (ids outside ``[0, E)`` contribute nothing). Returns ``[T, D]`` in ``x.dtype``. The
+        default runs ``moe_permute -> grouped_gemm -> silu_and_mul -> grouped_gemm ->
+        moe_unpermute`` through the plan, so overriding a part speeds this up too.
+        """
+        check_tensor("fused_experts", "w13", w13, ndim=3, shape=[None, None, x.shape[-1]])
+        check_tensor("fused_experts", "w2", w2, ndim=3, shape=[w13.shape[0], x.shape[-1], w13.shape[1] // 2])
+        xs, sizes, order = plan.moe_permute(x, topk_ids, w13.shape[0])
+        h = plan.silu_and_mul(plan.grouped_gemm(xs, w13, sizes))
+        y = plan.grouped_gemm(h, w2, sizes)
+        return plan.moe_unpermute(y, order, topk_weights, x.shape[0])
+
+    return fused_experts
