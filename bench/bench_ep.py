@@ -143,17 +143,18 @@ def _model_worker(rank: int, world: int, port: int, ckpt: str, batch: int, promp
     if world > 1:
         _join(rank, world, port)
     from model import load_model
+    from model.generate import generate
 
     m = load_model(ckpt, backend="cpu", ep=world)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, m.config.vocab_size, (batch, prompt_len), generator=g)
-    m.generate(prompts[:, :8], max_new_tokens=2, stop_at_eos=False)  # warm-up
+    generate(m, prompts[:, :8], max_new_tokens=2, stop_at_eos=False)  # warm-up
     runs = []
     for _ in range(2):
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        m.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False)
+        generate(m, prompts, max_new_tokens=new_tokens, stop_at_eos=False)
         runs.append(time.perf_counter() - start)
     elapsed = min(runs)
     if world > 1:

@@ -1,9 +1,14 @@
 """GLM-5 (`glm_moe_dsa`) on hwlayer: ``load_model(path) -> GLM5`` plus the serving ``Batch`` layout.
 
-    from model import load_model, Batch, ModelConfig
+    from model import load_model, Batch
+    from model.generate import generate, generate_speculative, score
     m = load_model(path)                    # backend: GLM_BACKEND / auto; dtype: float32 on cpu
-    m.score(ids); m.generate(ids, max_new_tokens=32)
+    score(m, ids); generate(m, ids, max_new_tokens=32)
+    generate_speculative(m, ids).acceptance_rate   # MTP drafts, same tokens as generate()
     cache = m.new_cache(num_blocks, block_size); m.forward_batch(batch, cache)
+
+``glm5.py`` is the network, ``generate.py`` the generation loops (kept a module of its own, not
+re-exported here, so ``model.generate`` always names the module), ``loader.py`` the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from .config import ConfigError, ModelConfig
 from .glm5 import GLM5, Batch, PagedCache
-from .loader import CheckpointError, expert_range_for, load_state
+from .loader import CheckpointError, load_state
 
 __all__ = ["GLM5", "Batch", "CheckpointError", "ConfigError", "ModelConfig", "PagedCache", "load_model",
            "parse_dtype"]
@@ -49,6 +54,7 @@ def load_model(
     ``[r*E/ep, (r+1)*E/ep)``, attention is replicated (every rank runs the same tokens).
     """
     import hwlayer
+    from hwlayer.distributed import local_expert_range
 
     path = Path(path)
     cfg = ModelConfig.from_json(path)
@@ -70,7 +76,7 @@ def load_model(
         world = dist.get_world_size(ep_group)
         if world != ep:
             raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")
-        expert_range = expert_range_for(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
+        expert_range = local_expert_range(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
     state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress)
     model = GLM5(cfg, state, plan, dtype, has_mtp, ep=ep, ep_group=ep_group)
     model.path = path

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import load_model
     from .config import ConfigError
+    from .generate import generate, generate_speculative
     from .loader import CheckpointError
     from .tokenizer import load_tokenizer
 
@@ -114,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok.encode(args.prompt).ids
     if not ids:
         return _fail("--prompt encodes to no tokens")
-    out = model.generate([ids], max_new_tokens=args.max_new_tokens, speculative=args.speculative)[0]
+    try:
+        if args.speculative:
+            result = generate_speculative(model, [ids], max_new_tokens=args.max_new_tokens)
+            out = result.tokens[0]
+        else:
+            out = generate(model, [ids], max_new_tokens=args.max_new_tokens)[0]
+    except ValueError as exc:  # e.g. --speculative on a checkpoint without its MTP layer
+        return _fail(str(exc))
     print(tok.decode(out[len(ids):].tolist(), skip_special_tokens=False))
     if args.speculative:
-        print(f"[MTP acceptance rate: {model.last_acceptance_rate:.2f}]", file=sys.stderr)
+        print(f"[MTP acceptance rate: {result.acceptance_rate:.2f}]", file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,9 @@ dn = qk_nope_head_dim, dv = v_head_dim, Hi / Di = indexer heads / head dim.
 Attention is always the absorbed MLA form over the latent paged cache: a cache row is
 ``[kv_a_layernorm(c) (dl), rope(k_pe) (dr)]``; ``q~ = q_nope @ W_uk`` and
 ``out = attn @ W_uv^T``, so the cache is never expanded through ``kv_b_proj``.
+
+This file holds the network only; scoring and generation loops (greedy, MTP speculative) are in
+:mod:`model.generate`, the server's continuous batching in ``serving/engine.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from hwlayer.ops.layout import check_varlen, positions_to_slots, token_positions
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -250,10 +255,7 @@ class GLM5:
         self.mtp = MTPLayer(self, weights, cfg.num_hidden_layers) if has_mtp else None
         self.cos_sin = rope_cos_sin_cache(cfg, self.device)
         self.path = None
-        self.last_acceptance_rate: float | None = None
-        self.spec_stats: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ serving API
     @property
     def num_cache_layers(self) -> int:
         return self.config.num_hidden_layers + (1 if self.mtp is not None else 0)
@@ -272,20 +274,17 @@ class GLM5:
         return sum(per_layer) * elem
 
     def context(self, batch: Batch, cache: PagedCache) -> ForwardContext:
-        """Positions and slots of the new tokens (they are the last ones of each sequence)."""
+        """Positions and slots of the new tokens (they are the last ones of each sequence).
+        Built once per step on the host side of the batch; every layer reuses it."""
         dev = self.device
         cu = batch.cu_seqlens_q.to(dev, torch.int32)
         seq_lens = batch.seq_lens.to(dev, torch.int32)
         block_table = batch.block_table.to(dev, torch.int32)
         T = batch.input_ids.shape[0]
-        if cu.dim() != 1 or seq_lens.shape != (cu.shape[0] - 1,) or int(cu[-1]) != T or int(cu[0]) != 0:
-            raise ValueError(f"Batch: expected cu_seqlens_q [B+1] from 0 to {T} and seq_lens [B], got "
-                             f"cu_seqlens_q={cu.tolist()} seq_lens={seq_lens.tolist()}")
-        q_lens = (cu[1:] - cu[:-1]).long()
-        if bool((q_lens < 1).any()) or bool((seq_lens.long() < q_lens).any()):
-            raise ValueError(f"Batch: expected >= 1 new token per sequence and seq_lens >= new tokens, got "
-                             f"seq_lens={seq_lens.tolist()} new={q_lens.tolist()}")
-        max_len = int(seq_lens.max()) if seq_lens.numel() else 0
+        starts, lens = check_varlen("Batch", cu, seq_lens, T)
+        if any(t1 == t0 for t0, t1 in zip(starts[:-1], starts[1:], strict=True)):
+            raise ValueError(f"Batch: expected >= 1 new token per sequence, got cu_seqlens_q={starts}")
+        max_len = max(lens, default=0)
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"Batch: context of {max_len} tokens exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -293,11 +292,9 @@ class GLM5:
                 block_table.shape[1] * cache.block_size < max_len:
             raise ValueError(f"Batch: block_table {list(block_table.shape)} cannot address {max_len} positions "
                              f"with block_size {cache.block_size}")
-        seq_idx = torch.repeat_interleave(torch.arange(q_lens.numel(), device=dev), q_lens)
-        first_pos = seq_lens.long() - q_lens  # position of each sequence's first new token
-        positions = torch.arange(T, device=dev) - cu[:-1].long()[seq_idx] + first_pos[seq_idx]
+        seq_idx, positions = token_positions(cu, seq_lens)
         bs = cache.block_size
-        slots = block_table.long()[seq_idx, positions // bs] * bs + positions % bs
+        slots = positions_to_slots(block_table, seq_idx, positions, bs)
         if T and int(slots.max()) >= cache.num_blocks * bs:
             raise ValueError(f"Batch: block_table names block {int(slots.max()) // bs}, the cache has "
                              f"{cache.num_blocks} blocks")
@@ -322,181 +319,3 @@ class GLM5:
         ctx = self.context(batch, cache)
         h = self.hidden_states(batch.input_ids, ctx, cache)
         return self.logits(h[ctx.cu_seqlens_q[1:].long() - 1])
-
-    # ------------------------------------------------------------------ convenience API
-    def _contiguous_blocks(self, lengths: list[int], cache_len: int) -> tuple[PagedCache, torch.Tensor]:
-        """A private cache with ``ceil(cache_len / bs)`` consecutive blocks per sequence."""
-        bs = 64
-        per_seq = max(1, -(-cache_len // bs))
-        cache = self.new_cache(len(lengths) * per_seq, bs)
-        table = torch.arange(len(lengths) * per_seq, dtype=torch.int32).view(len(lengths), per_seq)
-        return cache, table
-
-    @staticmethod
-    def _as_sequences(input_ids: torch.Tensor | list) -> tuple[list[list[int]], bool]:
-        if isinstance(input_ids, torch.Tensor):
-            if input_ids.dim() == 1:
-                input_ids = input_ids.unsqueeze(0)
-            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"expected input_ids as an integer tensor [B, T], got {input_ids.dtype} "
-                                 f"{list(input_ids.shape)}")
-            return input_ids.tolist(), True
-        return [list(map(int, s)) for s in input_ids], False
-
-    def _check_ids(self, seqs: list[list[int]]) -> None:
-        V = self.config.vocab_size
-        for s in seqs:
-            if not s:
-                raise ValueError("expected every sequence to hold at least one token")
-            if min(s) < 0 or max(s) >= V:
-                raise ValueError(f"token ids must be in [0, {V}), got one in [{min(s)}, {max(s)}]")
-
-    @staticmethod
-    def _varlen(seqs: list[list[int]], table: torch.Tensor, context: list[int]) -> Batch:
-        lens = [len(s) for s in seqs]
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lens).cumsum(0)
-        return Batch(torch.tensor([t for s in seqs for t in s], dtype=torch.int64), cu,
-                     torch.tensor(context, dtype=torch.int32), table)
-
-    @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor | list) -> torch.Tensor:
-        """Logits of every position: LongTensor ``[B, T]`` -> fp32 ``[B, T, vocab]`` (list input ->
-        list of ``[T_b, vocab]``). Uses a private cache that is dropped afterwards."""
-        seqs, rect = self._as_sequences(input_ids)
-        self._check_ids(seqs)
-        lens = [len(s) for s in seqs]
-        cache, table = self._contiguous_blocks(lens, max(lens))
-        batch = self._varlen(seqs, table, lens)
-        ctx = self.context(batch, cache)
-        logits = self.logits(self.hidden_states(batch.input_ids, ctx, cache))
-        parts = list(logits.split(lens))
-        return torch.stack(parts) if rect else parts
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int = 32, speculative: bool = False,
-                 stop_at_eos: bool = True) -> torch.Tensor | list[torch.Tensor]:
-        """Greedy decoding with the paged cache. ``[B, T]`` -> ``[B, T + new]`` (sequences that
-        stopped at an eos token are padded with ``pad_token_id``); a list of token lists -> a list
-        of 1-D tensors. ``speculative=True`` drafts one token per step with the MTP layer and
-        verifies it with the main model (same output as plain greedy); the acceptance rate is
-        left in ``self.last_acceptance_rate`` and ``self.spec_stats``."""
-        seqs, rect = self._as_sequences(input_ids)
-        self._check_ids(seqs)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if speculative and self.mtp is None:
-            raise ValueError("speculative=True needs an MTP layer (num_nextn_predict_layers >= 1 with its weights "
-                             "in the checkpoint)")
-        lens = [len(s) for s in seqs]
-        cache, table = self._contiguous_blocks(lens, max(lens) + max_new_tokens + 2)
-        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
-        if speculative:
-            new = self._generate_speculative(seqs, cache, table, max_new_tokens, eos)
-        else:
-            new = self._generate_plain(seqs, cache, table, max_new_tokens, eos)
-        outs = [torch.tensor(s + n, dtype=torch.int64) for s, n in zip(seqs, new, strict=True)]
-        if not rect:
-            return outs
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_ids[0]
-        width = max(o.numel() for o in outs)
-        return torch.stack([F.pad(o, (0, width - o.numel()), value=pad) for o in outs])
-
-    def _generate_plain(self, seqs: list[list[int]], cache: PagedCache, table: torch.Tensor, max_new: int,
-                        eos: set[int]) -> list[list[int]]:
-        new: list[list[int]] = [[] for _ in seqs]
-        if max_new == 0:
-            return new
-        lens = [len(s) for s in seqs]
-        logits = self.forward_batch(self._varlen(seqs, table, lens), cache)  # prefill all prompts at once
-        active = list(range(len(seqs)))
-        while True:
-            tokens = logits.argmax(-1).tolist()
-            still = []
-            for b, t in zip(active, tokens, strict=True):
-                new[b].append(t)
-                lens[b] += 1
-                if t not in eos and len(new[b]) < max_new:
-                    still.append(b)
-            active = still
-            if not active:
-                return new
-            batch = self._varlen([[new[b][-1]] for b in active], table[active], [lens[b] for b in active])
-            logits = self.forward_batch(batch, cache)
-
-    def _generate_speculative(self, seqs: list[list[int]], cache: PagedCache, table: torch.Tensor, max_new: int,
-                              eos: set[int]) -> list[list[int]]:
-        """One MTP draft per step. Invariant per active sequence: the main cache holds positions
-        ``0..L-1``; ``pending`` (token L, already emitted) is not cached yet; ``draft`` is the MTP's
-        guess for token L+1. A verify step feeds ``[pending, draft]``: if the main model's token
-        after ``pending`` equals the draft, both are kept and its next token comes for free."""
-        new: list[list[int]] = [[] for _ in seqs]
-        self.spec_stats = {"proposed": 0, "accepted": 0}
-        self.last_acceptance_rate = None
-        if max_new == 0:
-            return new
-        mtp_layer = self.config.num_hidden_layers
-        lens = [len(s) for s in seqs]
-        batch = self._varlen(seqs, table, lens)
-        ctx = self.context(batch, cache)
-        h = self.hidden_states(batch.input_ids, ctx, cache)
-        last = ctx.cu_seqlens_q[1:].long() - 1
-        pending = self.logits(h[last]).argmax(-1).tolist()
-        # MTP prefill: position i sees (h_i, token i+1); the last position sees the first new token.
-        shifted = [s[1:] + [p] for s, p in zip(seqs, pending, strict=True)]
-        drafts = self._mtp(shifted, h, table, lens, cache, mtp_layer)
-        active = []
-        for b, p in enumerate(pending):
-            new[b].append(p)
-            if p not in eos and len(new[b]) < max_new:
-                active.append(b)
-        proposed = accepted = 0
-        while active:
-            # Verify [pending, draft] for every active sequence in one main-model forward.
-            verify = [[new[b][-1], drafts[b]] for b in active]
-            batch = self._varlen(verify, table[active], [lens[b] + 2 for b in active])
-            ctx = self.context(batch, cache)
-            h = self.hidden_states(batch.input_ids, ctx, cache)
-            predicted = self.logits(h).argmax(-1).view(-1, 2).tolist()
-            still, catch_up = [], []  # catch_up: (sequence, tokens for the MTP, rows of h they pair with)
-            for j, b in enumerate(active):
-                proposed += 1
-                y1, y2 = predicted[j]
-                if y1 == drafts[b]:  # draft accepted: both verified positions are kept, y2 is free
-                    accepted += 1
-                    emitted, rows = [y1, y2], [2 * j, 2 * j + 1]
-                else:  # rejected: position L+1 of the cache is stale and is overwritten next step
-                    emitted, rows = [y1], [2 * j]
-                lens[b] += len(emitted)
-                done = False
-                for t in emitted:
-                    new[b].append(t)
-                    if t in eos or len(new[b]) >= max_new:
-                        done = True
-                        break
-                if not done:
-                    still.append(b)
-                    catch_up.append((b, emitted, rows))
-            # MTP catch-up over the newly cached positions (1 or 2 per sequence), drafting the next token.
-            if catch_up:
-                sub = [b for b, _, _ in catch_up]
-                rows = torch.tensor([r for _, _, rs in catch_up for r in rs], device=h.device)
-                out = self._mtp([toks for _, toks, _ in catch_up], h[rows], table, [lens[b] for b in sub], cache,
-                                mtp_layer, rows_of=sub)
-                drafts.update(out)
-            active = still
-        self.spec_stats = {"proposed": proposed, "accepted": accepted,
-                           "acceptance_rate": accepted / proposed if proposed else 0.0}
-        self.last_acceptance_rate = self.spec_stats["acceptance_rate"]
-        return new
-
-    def _mtp(self, tokens: list[list[int]], hidden: torch.Tensor, table: torch.Tensor, context: list[int],
-             cache: PagedCache, mtp_layer: int, rows_of: list[int] | None = None) -> dict[int, int]:
-        """Run the MTP layer over the given tokens (hidden rows aligned); return its greedy draft
-        for each sequence's last row, keyed by sequence index."""
-        seq_ids = rows_of if rows_of is not None else list(range(len(tokens)))
-        batch = self._varlen(tokens, table[seq_ids], context)
-        ctx = self.context(batch, cache)
-        logits = self.mtp(batch.input_ids.to(self.device), hidden, ctx, cache)
-        last = ctx.cu_seqlens_q[1:].long() - 1
-        return dict(zip(seq_ids, logits[last].argmax(-1).tolist(), strict=True))

@@ -144,19 +144,23 @@ def load_state(
     cfg: ModelConfig,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
-    expert_range: tuple[int, int] | None = None,
+    expert_range: range | None = None,
     progress: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Load the tensors this process owns. Returns ``(state, has_mtp)``.
 
     ``state`` uses HF names, except each MoE layer's experts appear as ``...mlp.experts.w13``
-    ``[E_local, 2I, D]`` and ``...mlp.experts.w2`` ``[E_local, D, I]`` (experts
-    ``expert_range = [lo, hi)``, default all). Router and indexer-weight tensors stay fp32.
+    ``[E_local, 2I, D]`` and ``...mlp.experts.w2`` ``[E_local, D, I]`` (the experts in
+    ``expert_range``, default all; an EP rank passes ``hwlayer.distributed.local_expert_range``).
+    Router and indexer-weight tensors stay fp32.
     """
     path = Path(path)
     files = checkpoint_files(path)
     E = cfg.n_routed_experts
-    lo, hi = expert_range or (0, E)
+    experts = expert_range if expert_range is not None else range(E)
+    if experts.step != 1 or not 0 <= experts.start <= experts.stop <= E:
+        raise ValueError(f"expert_range: expected a contiguous range within [0, {E}), got {experts}")
+    lo, hi = experts.start, experts.stop
 
     want = expected_tensors(cfg, with_mtp=False)
     mtp = {k: v for k, v in expected_tensors(cfg, with_mtp=True).items() if k not in want}
@@ -254,10 +258,3 @@ def load_state(
     bar.close()
     state |= stacks
     return state, has_mtp
-
-
-def expert_range_for(rank: int, world: int, num_experts: int) -> tuple[int, int]:
-    """Rank ``r`` of ``world`` owns experts ``[r*E/W, (r+1)*E/W)`` (the ep_dispatch sharding)."""
-    per = num_experts // world
-    return rank * per, (rank + 1) * per
-

@@ -86,15 +86,16 @@ else
         step "decode-tiny-$backend" 60 "$PY" - "$backend" "$OUT/decode-tiny-$backend.json" <<'EOF'
 import json, sys, time, torch
 from model import load_model
+from model.generate import generate
 from model.tiny import ensure_default_model
 backend, out = sys.argv[1], sys.argv[2]
 m = load_model(ensure_default_model(), backend=backend)
 device = m.plan.device
 prompt = [[(7 * i) % 400 + 20 for i in range(64)] for _ in range(4)]
-m.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # warm-up: Triton compilation, allocator
+generate(m, prompt, max_new_tokens=8, stop_at_eos=False)  # warm-up: Triton compilation, allocator
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 sync(); t0 = time.perf_counter()
-m.generate(prompt, max_new_tokens=64, stop_at_eos=False)
+generate(m, prompt, max_new_tokens=64, stop_at_eos=False)
 sync(); secs = time.perf_counter() - t0
 result = {"backend": backend, "device": str(device), "batch": 4, "prompt_tokens": 64,
           "new_tokens": 64, "seconds": secs, "tokens_per_s": 4 * 64 / secs}

@@ -45,13 +45,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(checkpoint: Path) -> dict:
     """Single-process logits, generations and the full expert weights of the first MoE layer."""
     from model import load_model
+    from model.generate import generate, score
 
     m = load_model(checkpoint, backend="cpu")
     prompts = _prompts(m.config.vocab_size)
     moe = _moe_layers(m)
     return {
-        "logits": [t.clone() for t in m.score(prompts)],
-        "generated": [t.tolist() for t in m.generate(prompts, max_new_tokens=NEW_TOKENS, stop_at_eos=False)],
+        "logits": [t.clone() for t in score(m, prompts)],
+        "generated": [t.tolist() for t in generate(m, prompts, max_new_tokens=NEW_TOKENS, stop_at_eos=False)],
         "w13": moe[0].w13.clone(),
         "experts": m.config.n_routed_experts,
     }
@@ -182,6 +183,7 @@ def _worker(checkpoint: str, out_dir: str, fault: str, fail_rank: int, fail_call
     import hwlayer
     from hwlayer.distributed import DistConfigError, RankFailure, check_ep_config, init_distributed, rank_failure_guard
     from model import ModelConfig, load_model
+    from model.generate import generate, score
 
     world = int(os.environ["WORLD_SIZE"])
     ep = {"config-ep": 3, "config-world": 4}.get(fault, world)
@@ -198,8 +200,8 @@ def _worker(checkpoint: str, out_dir: str, fault: str, fail_rank: int, fail_call
     prompts = _prompts(m.config.vocab_size)
     try:
         with rank_failure_guard("EP generation"):
-            generated = m.generate(prompts, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
-            logits = m.score(prompts)
+            generated = generate(m, prompts, max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+            logits = score(m, prompts)
     except RankFailure as exc:
         print(f"worker: error: {exc}", file=sys.stderr, flush=True)
         return 1

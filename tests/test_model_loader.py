@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hwlayer.distributed import local_expert_range
 from model import CheckpointError, ConfigError, ModelConfig, load_model
+from model.generate import score
 from model.loader import load_state
 from model.tiny import SPECIAL_TOKENS, ensure_default_model, make_tiny_checkpoint, quantize_fp8_blockwise
 from model.tokenizer import load_tokenizer
@@ -53,7 +55,7 @@ def test_sharded_checkpoint_loads_identically(tiny, tmp_path):
     weight_map = {n: f for f, part in shards.items() for n in part}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     a, b = load_model(tiny, backend="cpu"), load_model(out, backend="cpu")
-    assert torch.equal(a.score(_ids()), b.score(_ids()))
+    assert torch.equal(score(a, _ids()), score(b, _ids()))
 
 
 def test_fp8_block_scaled_checkpoint_is_dequantised(tiny, tmp_path):
@@ -87,13 +89,13 @@ def test_fp8_block_scaled_checkpoint_is_dequantised(tiny, tmp_path):
     assert torch.equal(state[name], expected[name])
     assert (state[name] - tensors[name]).abs().max() < 0.1 * tensors[name].abs().max()  # close to the original
     a, b = load_model(out, backend="cpu"), load_model(ref_dir, backend="cpu")
-    assert torch.equal(a.score(_ids()), b.score(_ids()))
+    assert torch.equal(score(a, _ids()), score(b, _ids()))
 
 
 def test_expert_range_loads_only_owned_experts(tiny):
     cfg = ModelConfig.from_json(tiny)
     full, _ = load_state(tiny, cfg, torch.float32)
-    part, _ = load_state(tiny, cfg, torch.float32, expert_range=(4, 8))
+    part, _ = load_state(tiny, cfg, torch.float32, expert_range=local_expert_range(1, 2, cfg.n_routed_experts))
     key = "model.layers.1.mlp.experts.w13"
     assert part[key].shape[0] == 4
     assert torch.equal(part[key], full[key][4:8])
@@ -110,7 +112,7 @@ def test_bf16_load_converts_dtype_but_keeps_router_fp32(tiny):
     assert m.embed.dtype == torch.bfloat16 and m.layers[1].mlp.w13.dtype == torch.bfloat16
     assert m.layers[1].mlp.gate.dtype == torch.float32
     assert m.new_cache(2, 16).kv[0].dtype == torch.bfloat16
-    assert m.score(_ids()).dtype == torch.float32
+    assert score(m, _ids()).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------- bad checkpoints
@@ -327,3 +329,17 @@ def test_generate_cli_subprocess(tiny):
     r = _cli("--model", str(tiny), "--prompt", "Hello world", "--max-new-tokens", "5", "--backend", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_speculative_cli_reports_acceptance_rate(capsys, tiny):
+    rc, out, err = _main(capsys, "--model", str(tiny), "--prompt", "Hello world", "--max-new-tokens", "4",
+                         "--backend", "cpu", "--speculative")
+    assert rc == 0, err
+    assert out.strip() and "[MTP acceptance rate: " in err
+
+
+def test_speculative_cli_without_mtp_exits_2_one_line(capsys, tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "no-mtp", {"num_nextn_predict_layers": 0})
+    rc, _, err = _main(capsys, "--model", str(path), "--prompt", "hi", "--backend", "cpu", "--speculative")
+    assert rc == 2
+    assert "speculative decoding needs an MTP layer" in err and len(err.strip().splitlines()) == 1, err

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM  # noqa: E402
 
 from model import Batch, load_model  # noqa: E402
+from model.generate import generate, generate_speculative, score  # noqa: E402
 from model.tiny import make_tiny_checkpoint  # noqa: E402
 
 BASE = dict(
@@ -98,7 +99,7 @@ def test_fp32_logits_match_transformers(pair):
     ids = _prompt(PROMPT_LEN, 1)
     with torch.no_grad():
         ref = hf(ids).logits.float()
-    got = ours.score(ids)
+    got = score(ours, ids)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
 
@@ -107,12 +108,12 @@ def test_sparsity_really_cuts_keys(pair):
     """With index_topk 8 < 24 tokens the indexer must change the result vs. dense attention."""
     _, _, _, ours = pair
     ids = _prompt(PROMPT_LEN, 1)
-    sparse = ours.score(ids)
+    sparse = score(ours, ids)
     attns = [layer.attn for layer in ours.layers if layer.attn.has_indexer]
     try:
         for a in attns:
             a.topk = PROMPT_LEN
-        dense = ours.score(ids)
+        dense = score(ours, ids)
     finally:
         for a in attns:
             a.topk = ours.config.index_topk
@@ -126,7 +127,7 @@ def test_greedy_generate_32_tokens_matches_transformers(pair):
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
                           min_new_tokens=32)
-    got = ours.generate(ids, max_new_tokens=32, stop_at_eos=False)
+    got = generate(ours, ids, max_new_tokens=32, stop_at_eos=False)
     assert got.shape == ref.shape
     assert got.tolist() == ref.tolist()
 
@@ -144,7 +145,7 @@ def test_varlen_batch_matches_transformers_right_padded(pair):
         mask[i, : len(s)] = 1
     with torch.no_grad():
         ref = hf(padded, attention_mask=mask).logits.float()
-    got = ours.score([s.tolist() for s in seqs])
+    got = score(ours, [s.tolist() for s in seqs])
     for i, n in enumerate(lens):
         assert (got[i] - ref[i, :n]).abs().max().item() <= 1e-4, f"sequence {i}"
 
@@ -179,7 +180,7 @@ def test_bf16_logits_close_to_transformers_bf16(pair):
         ids = _prompt(PROMPT_LEN, seed)
         with torch.no_grad():
             ref16, ref32 = hf(ids).logits.float(), hf32(ids).logits.float()
-        got = ours.score(ids)
+        got = score(ours, ids)
         ours_err.append((got - ref32).abs().mean().item())
         hf_err.append((ref16 - ref32).abs().mean().item())
         agree.append((got.argmax(-1) == ref32.argmax(-1)).float().mean().item())
@@ -219,18 +220,17 @@ def test_speculative_equals_plain_greedy(tmp_path, variant):
     m = load_model(path, backend="cpu")
     assert m.mtp is not None
     prompts = [list(range(5, 35)), list(range(100, 111)), [7, 9, 11]]  # batch > 1, different lengths
-    plain = m.generate(prompts, max_new_tokens=24, stop_at_eos=False)
-    spec = m.generate(prompts, max_new_tokens=24, stop_at_eos=False, speculative=True)
-    assert [s.tolist() for s in spec] == [p.tolist() for p in plain]
-    stats = m.spec_stats
-    assert stats["proposed"] > 0 and 0.0 <= m.last_acceptance_rate <= 1.0
+    plain = generate(m, prompts, max_new_tokens=24, stop_at_eos=False)
+    spec = generate_speculative(m, prompts, max_new_tokens=24, stop_at_eos=False)
+    assert [s.tolist() for s in spec.tokens] == [p.tolist() for p in plain]
+    assert spec.proposed > 0 and 0.0 <= spec.acceptance_rate <= 1.0
     if variant == "good_mtp":
-        assert stats["accepted"] > 0, stats  # the accept branch really ran
-        assert stats["accepted"] < stats["proposed"], stats  # and the reject branch too
+        assert spec.accepted > 0, spec  # the accept branch really ran
+        assert spec.accepted < spec.proposed, spec  # and the reject branch too
 
 
 def test_checkpoint_without_mtp_weights_refuses_speculation(pair):
     _, _, _, ours = pair
     assert ours.mtp is None  # transformers does not save the MTP layer
-    with pytest.raises(ValueError, match="speculative=True needs an MTP layer"):
-        ours.generate(_prompt(4, 0), max_new_tokens=2, speculative=True)
+    with pytest.raises(ValueError, match="speculative decoding needs an MTP layer"):
+        generate_speculative(ours, _prompt(4, 0), max_new_tokens=2)

@@ -1,7 +1,7 @@
 """The continuous-batching engine on the real tiny model, stepped synchronously in this process.
 
 Every generated token is checked against an independent reference: the full-context logits of
-``model.score`` (no cache, no batching), so chunked prefill, mixed prefill/decode batches, paged
+``model.generate.score`` (no cache, no batching), so chunked prefill, mixed prefill/decode batches, paged
 blocks and preemption must all reproduce plain greedy decoding.
 """
 
@@ -10,6 +10,7 @@ import torch
 
 model_pkg = pytest.importorskip("model")
 
+from model.generate import score  # noqa: E402
 from serving.engine import BlockAllocator, Engine, SamplingParams  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def run_all(engine, requests):
 def assert_greedy(model, prompt, output, tol=1e-3):
     """Each generated token is (up to float noise) the argmax of the uncached full-context logits."""
     ids = torch.tensor([prompt + output])
-    logits = model.score(ids)[0, len(prompt) - 1:-1]
+    logits = score(model, ids)[0, len(prompt) - 1:-1]
     for step, token in enumerate(output):
         assert logits[step, token] >= logits[step].max() - tol, f"token {step}: {token} is not the greedy choice"
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r"""
 import json, torch, hwlayer
 from model import load_model
+from model.generate import generate, score
 from model.tiny import ensure_default_model
 
 path = ensure_default_model()
@@ -29,8 +30,8 @@ result = {}
 for name in ("cpu", "triton"):
     m = load_model(path, backend=name)
     assert m.config.index_topk < len(prompts[0])
-    logits = m.score(prompts)
-    tokens = m.generate(prompts, max_new_tokens=4, stop_at_eos=False)
+    logits = score(m, prompts)
+    tokens = generate(m, prompts, max_new_tokens=4, stop_at_eos=False)
     result[name] = (logits, [t.tolist() for t in tokens])
 counts = hwlayer.plan("triton", trace=True).call_counts()
 print(json.dumps({
