@@ -18,6 +18,8 @@ import httpx
 import pytest
 from server_process import REPO, free_port, wait_healthy
 
+pytestmark = pytest.mark.slow  # an EP server under torchrun
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -45,12 +47,13 @@ def start_ranks(cache: Path, http_port: int, world: int = 2) -> list[subprocess.
 def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoint):
     cache, path = checkpoint
     from model import load_model
+    from model.generate import generate
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     prompt = "Hello there, experts"
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    reference = load_model(path, backend="cpu").generate([ids], max_new_tokens=8)[0][len(ids):]
+    reference = generate(load_model(path, backend="cpu"), [ids], max_new_tokens=8)[0][len(ids):]
     expected = tokenizer.decode([int(t) for t in reference], skip_special_tokens=False)
 
     port = free_port()
