@@ -35,6 +35,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # multi-process gloo groups
+
 WORLD_SIZES = (2, 4)
 SPAWN_TIMEOUT_S = 90.0  # the whole spawn, start-up included
 COLLECTIVE_TIMEOUT_S = 20.0  # one collective; a broken op fails instead of hanging

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def conformance_suite_dir() -> Path | None:
     """The conformance suite: $HWLAYER_CONFORMANCE_DIR, else ../conformance next to the hwlayer package
-    (a source checkout or an editable install). None when not found."""
+    (a source checkout or an editable install). None when not found, as from a wheel: the suite is a
+    pytest tree with its goldens and tolerances, kept in the checkout rather than installed as a
+    top-level ``conformance`` package with pytest as a runtime dependency."""
     override = os.environ.get("HWLAYER_CONFORMANCE_DIR")
     suite = Path(override) if override else Path(__file__).resolve().parent.parent / "conformance"
     return suite if (suite / "conftest.py").is_file() else None
@@ -152,8 +154,8 @@ def _run_conformance(backend: str, out: str, dtypes: list[str] | None, pytest_ar
     select_backend(backend)  # unknown / unavailable backend: one line, exit 2, before a long run
     suite = conformance_suite_dir()
     if suite is None:
-        raise ValueError("conformance suite not found: expected conformance/conftest.py next to the hwlayer "
-                         "package (use a source checkout or set HWLAYER_CONFORMANCE_DIR)")
+        raise ValueError("conformance suite not found: it is not part of the wheel; run from a source checkout "
+                         "(pip install -e '.[dev]' in it) or set HWLAYER_CONFORMANCE_DIR to its conformance/ folder")
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / "report.json"

@@ -122,6 +122,7 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_missing_torch_npu_is_one_clear_line_and_exit_2() -> None:
     done = _run(["-m", "hwlayer", "ops"], GLM_BACKEND="ascend")
     assert done.returncode == 2

@@ -29,6 +29,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
 
 
+@pytest.mark.slow
 def test_importing_hwlayer_and_the_cpu_plan_import_no_vendor_package() -> None:
     code = (
         "import json, sys, torch, hwlayer\n"
@@ -42,6 +43,7 @@ def test_importing_hwlayer_and_the_cpu_plan_import_no_vendor_package() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 def test_probing_every_backend_imports_no_vendor_kernel_library() -> None:
     # `hwlayer info` runs every detection; detection may look for packages but imports none of the
     # kernel libraries (and triton's kernels module only loads when a Triton op runs).

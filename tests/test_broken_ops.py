@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # conformance subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 BROKEN_PLUGIN = REPO / "tests" / "plugins" / "hwlayer-broken"
 BUGS = {

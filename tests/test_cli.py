@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ def pip_install_target(sources: list[Path], target: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_info_json():
     result = hwlayer_cmd("info", "--json")
     assert result.returncode == 0, result.stderr
@@ -66,6 +68,7 @@ def test_info_json():
     assert info["hookspec_version"] == hwlayer.HOOKSPEC_VERSION
 
 
+@pytest.mark.slow
 def test_ops_json_lists_every_op():
     result = hwlayer_cmd("ops", "--backend", "cpu", "--json")
     assert result.returncode == 0, result.stderr
@@ -75,6 +78,7 @@ def test_ops_json_lists_every_op():
     assert {e["origin"] for e in data["ops"]} == {"generic"}
 
 
+@pytest.mark.slow
 def test_unknown_backend_is_one_line_and_exit_2():
     result = hwlayer_cmd("ops", "--backend", "nope")
     assert result.returncode == 2
@@ -121,6 +125,7 @@ def example_site(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_example_plugin_op_is_native_from_the_plugin(example_site):
     result = hwlayer_cmd("ops", "--backend", "example", "--json", PYTHONPATH=str(example_site))
     assert result.returncode == 0, result.stderr
@@ -138,12 +143,14 @@ def test_example_plugin_op_is_native_from_the_plugin(example_site):
     assert "example" in data["plugins"]
 
 
+@pytest.mark.slow
 def test_empty_hwlayer_plugins_hides_the_example(example_site):
     info = hwlayer_cmd("info", "--json", PYTHONPATH=str(example_site), HWLAYER_PLUGINS="")
     data = json.loads(info.stdout)
     assert "example" not in [b["name"] for b in data["backends"]] and "example" not in data["plugins"]
 
 
+@pytest.mark.slow
 def test_example_plugin_passes_conformance_for_its_op(example_site, tmp_path):
     report = tmp_path / "example.json"
     result = subprocess.run(
@@ -159,3 +166,38 @@ def test_example_plugin_passes_conformance_for_its_op(example_site, tmp_path):
         assert r["op"] == "silu_and_mul" and r["passed"] and r["plan_origin"] == "native+fallback"
         # contiguous cases ran the plugin's kernel; strided ones were declined by supports()
         assert r["calls"]["native"] > 0 and r["calls"]["generic"] > 0
+
+
+@pytest.mark.slow
+def test_wheel_ships_py_typed_and_its_conformance_command_names_the_fix(tmp_path):
+    """hwlayer built as a wheel and installed with no checkout beside it: py.typed ships, the suite does
+    not, and ``hwlayer conformance`` says so in one line with exit status 2 instead of a traceback."""
+    src = tmp_path / "src-hwlayer"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("hwlayer", "model", "serving"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    built = subprocess.run([*pip[:3], "wheel", *pip[3:], "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("hwlayer-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hwlayer/py.typed" in names
+    assert not [n for n in names if n.startswith("conformance/")]
+    site = tmp_path / "site"
+    done = subprocess.run([*pip[:3], "install", *pip[3:], "--no-deps", "--no-index", "--target", str(site),
+                           str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    env = {**clean_env(), "PYTHONPATH": str(site)}  # the installed wheel, not the checkout
+    where = subprocess.run([sys.executable, "-c", "import hwlayer; print(hwlayer.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=120)
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr
+    run = subprocess.run([sys.executable, str(site / "bin" / "hwlayer"), "conformance", "--backend", "cpu",
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    err = run.stderr.strip()
+    assert len(err.splitlines()) == 1 and "not part of the wheel" in err and "source checkout" in err, err

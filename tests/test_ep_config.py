@@ -73,6 +73,7 @@ def test_bad_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_timeout_s() == 7.5
 
 
+@pytest.mark.slow
 def test_bad_collective_backend_in_a_job_fails_before_the_process_group() -> None:
     """HWLAYER_DIST_BACKEND=nccl on the cpu backend: the rank stops with the one line, at once
     (MASTER_PORT 1 has no listener: reaching the rendezvous would fail differently)."""

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # torchrun workers
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_LIMIT_S = 90  # hard bound on one torchrun job
 FAULT_TIMEOUT_S = 2  # HWLAYER_DIST_TIMEOUT of the fault jobs
