@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test lint conformance bench clean
+.PHONY: venv serve test test-fast lint conformance bench clean
 
 venv: $(VENV)/.installed
 
@@ -25,10 +25,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: venv
 	$(PY) serve.py $(SERVE_ARGS)
 
+# The full run CI uses. Triton's interpreter must be switched on before triton is first imported, so
+# the Triton kernel tests and the Triton conformance run get processes of their own.
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests conformance $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests conformance --ignore=tests/test_triton_kernels.py $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_kernels.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q conformance --backend triton --ignore-glob="*test_ep_*"
+
+# The edit-run loop (under a minute on two cores): no servers, torchrun, subprocess pipelines or Triton
+# interpreter (tests marked slow), conformance in fp32 only. `make test` before pushing.
+# One torch thread: the tiny model gains nothing from more, and on a shared machine spinning OpenMP
+# threads made this run twice as long.
+test-fast: venv
+	$(PY) -m ruff check .
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --dtype fp32 tests conformance \
+		--ignore=tests/test_triton_kernels.py $(PYTEST_ARGS)
 
 conformance: venv
 	$(PY) -m pytest -q conformance --backend $(or $(BACKEND),cpu)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from server_process import REPO, ServerProcess
 
+pytestmark = pytest.mark.slow  # an EP server under torchrun
+
 openai = pytest.importorskip("openai")
 
 MESSAGES = [{"role": "user", "content": "Name three prime numbers."}]

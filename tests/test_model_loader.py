@@ -325,6 +325,7 @@ def test_cli_bad_args_exit_2_one_line(capsys, args, needle):
     assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_generate_cli_subprocess(tiny):
     r = _cli("--model", str(tiny), "--prompt", "Hello world", "--max-new-tokens", "5", "--backend", "cpu")
     assert r.returncode == 0, r.stderr

@@ -28,6 +28,7 @@ def _env(site: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_generated_package_installs_and_passes_conformance(tmp_path):
     hwlayer = [sys.executable, "-W", "ignore", "-m", "hwlayer"]
     made = subprocess.run([*hwlayer, "new-backend", "acme", "--out", str(tmp_path)], cwd=tmp_path,

@@ -16,6 +16,8 @@ from server_process import ServerProcess, scrape_metrics
 from serving.chat import render_chat
 from serving.parsers import parse_output
 
+pytestmark = pytest.mark.slow  # a real server process
+
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "glm5-tiny-test"  # --served-model-name

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a TRITON_INTERPRET=1 subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""

@@ -191,6 +191,7 @@ def _write_incompatible_plugin(root: Path) -> Path:
     return pkg
 
 
+@pytest.mark.slow
 def test_installed_plugins_report_honest_status(tmp_path):
     site = tmp_path / "site"
     future = _write_incompatible_plugin(tmp_path)
