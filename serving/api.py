@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import ChatTemplateError, render_chat
+from .chat import ChatTemplate, ChatTemplateError, prompt_opens_thinking, template_kwargs
 from .engine import Engine, EngineEvent, SamplingParams
 from .metrics import ServingMetrics
 from .parsers import GLMOutputParser
@@ -140,10 +140,9 @@ class ChatResponse:
             out.append(self._chunk({"reasoning_content": parsed.reasoning}))
         if parsed.content:
             out.append(self._chunk({"content": parsed.content}))
-        if parsed.tool_calls:
-            calls = [c.to_openai(self.num_tool_calls + i) for i, c in enumerate(parsed.tool_calls)]
-            self.num_tool_calls += len(calls)
-            out.append(self._chunk({"tool_calls": calls}))
+        # tool calls stream as pieces: name first, then arguments (serving/parsers.py)
+        out.extend(self._chunk({"tool_calls": [d.to_openai()]}) for d in parsed.tool_calls)
+        self.num_tool_calls = self.parser.num_tool_calls
         if event.finished:
             if event.finish_reason == "error":
                 out.append(engine_error(event))
@@ -160,9 +159,10 @@ class ChatResponse:
         parsed.extend(self.parser.finish())
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None,
                                    "reasoning_content": parsed.reasoning or None}
-        if parsed.tool_calls:
-            message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-            self.num_tool_calls = len(parsed.tool_calls)
+        calls = parsed.calls()
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
+            self.num_tool_calls = len(calls)
         return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self._finish_reason(last.finish_reason)}],
@@ -179,6 +179,7 @@ class ServerConfig:
     device: str
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)  # serving/chat.py: which one renders
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -418,38 +419,29 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
         check_auth(request)
         return JSONResponse({"object": "list", "data": [{
             "id": config.model_name, "object": "model", "created": config.created, "owned_by": "hwlayer",
-            "max_model_len": config.max_model_len, "backend": config.backend}]})
+            "max_model_len": config.max_model_len, "backend": config.backend,
+            "chat_template": config.chat_template.source}]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
         check_alive()
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
-        # Thinking switches, most specific first: top-level enable_thinking (vLLM), chat_template_kwargs
-        # (vLLM/SGLang), the Z.ai "thinking" object; default on, history reasoning cleared.
-        kwargs = dict(req.chat_template_kwargs or {})
-        zai = req.thinking or {}
-        if zai.get("type") not in (None, "enabled", "disabled"):
-            raise APIError(400, f"thinking.type must be 'enabled' or 'disabled', got {zai.get('type')!r}",
-                           "thinking", "invalid_value")
-        thinking = kwargs.get("enable_thinking", zai.get("type", "enabled") == "enabled")
-        thinking = thinking if req.enable_thinking is None else req.enable_thinking
-        clear_thinking = kwargs.get("clear_thinking", zai.get("clear_thinking", True))
-        for name, value in (("enable_thinking", thinking), ("clear_thinking", clear_thinking)):
-            if not isinstance(value, bool):
-                raise APIError(400, f"{name} must be a boolean, got {json.dumps(value)[:40]}", name, "invalid_value")
-        tools = req.tools if req.tool_choice != "none" else None
+        # serving/chat.py: the request's template variables (thinking switches) and the server's template
         try:
-            prompt = render_chat(req.messages, tools, enable_thinking=thinking, clear_thinking=clear_thinking)
+            kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, req.thinking)
+            prompt = config.chat_template.render(req.messages, req.tools, kwargs)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), exc.param, "invalid_value") from None
+        tools = req.tools if req.tool_choice != "none" else None  # "none": tools stay in the prompt (vLLM)
         prompt_ids = await encode(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, len(prompt_ids), max_tokens)
         request_id = "chatcmpl-" + uuid.uuid4().hex
         queue = submit(prompt_ids, params, request_id)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        response = ChatResponse(request_id, config.model_name, GLMOutputParser(thinking, tools), include_usage)
+        parser = GLMOutputParser(prompt_opens_thinking(prompt), tools, stream=req.stream)
+        response = ChatResponse(request_id, config.model_name, parser, include_usage)
 
         if req.stream:
             async def stream() -> AsyncIterator[str]:
