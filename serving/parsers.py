@@ -169,14 +169,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN / Infinity, json.dumps would write them
 
 
-def _finite_json(value: Any) -> bool:
-    try:
-        json.dumps(value, allow_nan=False)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def _parse_value(text: str) -> tuple[Any, bool]:
     """``(value, parsed)``: JSON, then JSON after one level of unescaping (``[\\"a\\"]``), then a Python
     literal (``True``, ``'a'``, ``(1, 2)``); otherwise the text itself (SGLang ``parse_arguments`` order)."""
@@ -193,10 +185,9 @@ def _parse_value(text: str) -> tuple[Any, bool]:
     if len(text) <= MAX_LITERAL_CHARS:
         try:
             value = ast.literal_eval(text)
-            if isinstance(value, (tuple, set, frozenset)):
-                value = list(value)
-            if _finite_json(value):
-                return value, True
+            if isinstance(value, (set, frozenset)):
+                value = sorted(value, key=repr)
+            return json.loads(json.dumps(value, allow_nan=False)), True  # tuples -> lists; fails for non-JSON
         except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, MemoryError, RecursionError
             pass
     return text, False
