@@ -309,8 +309,16 @@ def prepare_messages(messages: list[dict]) -> list[dict]:
     prepared = []
     for i, m in enumerate(messages):
         m = dict(m)
-        if m.get("content") is None:
+        content = m.get("content")
+        if content is None:
             m["content"] = ""
+        elif isinstance(content, list) and m["role"] in ("tool", "observation"):
+            for j, item in enumerate(content):  # tool results: items are rendered by the template as they are
+                if not isinstance(item, (str, dict)):
+                    raise ChatTemplateError(f"messages[{i}].content[{j}] must be a string or an object, got "
+                                            f"{type(item).__name__}", f"messages[{i}].content")
+        else:
+            visible_text(content, f"messages[{i}]")  # the same checks as the built-in renderer: text only
         calls = m.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):

@@ -335,3 +335,15 @@ def test_unusable_templates_fail_with_one_line_naming_the_file(tmp_path):
         with pytest.raises(ValueError) as info:
             load_chat_template(*args)
         assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "content": 3}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content"),
+    ([{"role": "tool", "content": [7]}], "messages[0].content"),
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+])
+def test_jinja_path_checks_messages_as_the_builtin_does(messages, param):
+    with pytest.raises(ChatTemplateError) as info:
+        ChatTemplate(source="t", source_text=GLM_CHAT_TEMPLATE).render(messages)
+    assert info.value.param == param
