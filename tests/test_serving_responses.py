@@ -72,3 +72,20 @@ def test_engine_error_ends_the_stream_with_an_error_object():
     response = ChatResponse("chatcmpl-e", "m", GLMOutputParser(True))
     out = response.chunks(EngineEvent(text="", finished=True, finish_reason="error", error="model step failed: X"))
     assert out[-1]["error"]["message"] == "model step failed: X" and out[-1]["error"]["type"] == "server_error"
+
+
+def test_the_openai_sdk_assembles_the_streamed_tool_calls():
+    """openai's own stream accumulator (what ``client.chat.completions.stream`` uses) rebuilds both calls
+    from the name-then-argument-pieces deltas, one character per engine event."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    text = GENERATED + "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"
+    response = ChatResponse("chatcmpl-s", "m", GLMOutputParser(True, TOOLS))
+    state = ChatCompletionStreamState()
+    for chunk in [response.first_chunk()] + [c for e in events(text, len(text)) for c in response.chunks(e)]:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "Oslo"})]
+    assert len({c.id for c in choice.message.tool_calls}) == 2
