@@ -285,6 +285,7 @@ class GLMOutputParser:
             if self.stream:
                 self._close_value_early(out, buf)
                 self._emit_args(out, "}" if self.call_args_open else "{}")
+                self.num_tool_calls += 1  # its name was sent: finish_reason "tool_calls" when it stopped there
             else:
                 self._give_back_call(out, "")
         self.state = "done"

@@ -275,8 +275,11 @@ def test_a_call_cut_off_by_the_length_limit():
     """Streaming has already sent the name and pieces: the arguments are closed into valid JSON. Not streaming,
     the unfinished call is content (vLLM test_extract_tool_calls_incomplete_tool_call)."""
     text = "ok <tool_call>get_weather<arg_key>city</arg_key><arg_value>Par"
-    streamed = fed(text, False, TOOLS)
+    parser = GLMOutputParser(False, TOOLS)
+    streamed = parser.feed(text)
+    streamed.extend(parser.finish())
     assert summary(streamed) == (None, "ok", [call("get_weather", city="Par")])
+    assert parser.num_tool_calls == 1
     assert summary(parse_output(text, False, TOOLS)) == (None, text, [])
 
 
