@@ -100,7 +100,7 @@ def test_builtin_renderer_is_byte_identical_to_the_glm47_template(reference_temp
     assert rendered == builtin
 
 
-def test_the_reference_exercises_the_edge_cases(reference_template):
+def test_the_conversations_exercise_the_edge_cases():
     """The conversations above reach the template's distinctive branches (so the comparison means something)."""
     def render(name, **kw):
         return render_chat(*CONVERSATIONS[name], **kw)
