@@ -33,6 +33,9 @@ def _jinja_literal(text: str) -> str:
 # The same template as Jinja, for checkpoints' tokenizer_config.json ``chat_template`` (and for clients that
 # render with transformers). Tool-call ``arguments`` must be mappings here, as vLLM passes them; the Python
 # renderer also accepts the OpenAI JSON-string form. Kept equal to render_chat by tests/test_serving_chat.py.
+# Edge cases follow the GLM-4.7 template: whitespace-only reasoning renders ``<think></think>``, inline
+# ``</think>`` keeps the text after the last one, a tool result given as a list renders one <tool_response>
+# per item (its ``output``, or the item itself).
 GLM_CHAT_TEMPLATE = "".join([
     "{%- macro visible(content) -%}",
     "{%- if content is string -%}{{- content -}}",
@@ -59,11 +62,11 @@ GLM_CHAT_TEMPLATE = "".join([
     "{%- set reasoning = '' -%}",
     "{%- if m.reasoning_content is string -%}{%- set reasoning = m.reasoning_content -%}",
     "{%- elif '</think>' in content -%}",
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}",
-    "{%- set content = content.split('</think>', 1)[1].lstrip('\\n') -%}",
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}",
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}",
     "{%- endif -%}",
     "{{- '<|assistant|>' -}}",
-    "{%- if (keep_all_reasoning or loop.index0 > ns.last_user) and reasoning.strip() -%}",
+    "{%- if (keep_all_reasoning or loop.index0 > ns.last_user) and reasoning -%}",
     "{{- '<think>' + reasoning.strip() + '</think>' -}}",
     "{%- else -%}{{- '</think>' -}}{%- endif -%}",
     "{%- if content.strip() -%}{{- content.strip() -}}{%- endif -%}",
@@ -78,8 +81,14 @@ GLM_CHAT_TEMPLATE = "".join([
     "{{- '</tool_call>' -}}",
     "{%- endfor -%}",
     "{%- elif m.role == 'tool' or m.role == 'observation' -%}",
+    "{%- if m.content is string or m.content is none -%}",
     "{%- if loop.first or loop.previtem.role not in ['tool', 'observation'] -%}{{- '<|observation|>' -}}{%- endif -%}",
     "{{- '<tool_response>' + content + '</tool_response>' -}}",
+    "{%- else -%}{{- '<|observation|>' -}}",
+    "{%- for item in m.content -%}",
+    "{{- '<tool_response>' -}}{{- item.output if item.output is defined else item -}}{{- '</tool_response>' -}}",
+    "{%- endfor -%}",
+    "{%- endif -%}",
     "{%- endif -%}",
     "{%- endfor -%}",
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}",

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import ChatTemplateError, render_chat
+from .chat import ChatTemplate, ChatTemplateError, prompt_opens_thinking, template_kwargs
 from .engine import Engine, EngineEvent, SamplingParams
 from .metrics import ServingMetrics
 from .parsers import GLMOutputParser
@@ -68,6 +68,7 @@ class ServerConfig:
     device: str
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)  # serving/chat.py: which one renders
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -185,28 +186,12 @@ async def parse_request(request: Request, state: ServerState, schema: type[BaseM
     return req
 
 
-def thinking_switches(req: ChatCompletionRequest) -> tuple[bool, bool]:
-    """``(enable_thinking, clear_thinking)``, most specific first: top-level ``enable_thinking`` (vLLM),
-    ``chat_template_kwargs`` (vLLM/SGLang), the Z.ai ``thinking`` object; default on, history
-    reasoning cleared."""
-    kwargs = dict(req.chat_template_kwargs or {})
-    zai = req.thinking or {}
-    if zai.get("type") not in (None, "enabled", "disabled"):
-        raise APIError(400, f"thinking.type must be 'enabled' or 'disabled', got {zai.get('type')!r}",
-                       "thinking", "invalid_value")
-    thinking = kwargs.get("enable_thinking", zai.get("type", "enabled") == "enabled")
-    thinking = thinking if req.enable_thinking is None else req.enable_thinking
-    clear_thinking = kwargs.get("clear_thinking", zai.get("clear_thinking", True))
-    for name, value in (("enable_thinking", thinking), ("clear_thinking", clear_thinking)):
-        if not isinstance(value, bool):
-            raise APIError(400, f"{name} must be a boolean, got {json.dumps(value)[:40]}", name, "invalid_value")
-    return thinking, clear_thinking
-
-
-def render_prompt(messages: list[dict], tools: list[dict] | None, thinking: bool, clear_thinking: bool) -> str:
-    """The chat prompt text; a message the template cannot render is a 400 naming it."""
+def render_prompt(state: ServerState, req: ChatCompletionRequest) -> str:
+    """The chat prompt text from the server's template (serving/chat.py) and the request's template
+    variables (thinking switches); a request the template cannot render is a 400 naming it."""
     try:
-        return render_chat(messages, tools, enable_thinking=thinking, clear_thinking=clear_thinking)
+        kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, req.thinking)
+        return state.config.chat_template.render(req.messages, req.tools, kwargs)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
 
@@ -363,19 +348,20 @@ async def models(state: State) -> JSONResponse:
     config = state.config
     return JSONResponse({"object": "list", "data": [{
         "id": config.model_name, "object": "model", "created": config.created, "owned_by": "hwlayer",
-        "max_model_len": config.max_model_len, "backend": config.backend}]})
+        "max_model_len": config.max_model_len, "backend": config.backend,
+        "chat_template": config.chat_template.source}]})
 
 
 @v1.post("/chat/completions", dependencies=[Depends(require_live_engine)])
 async def chat_completions(request: Request, state: State) -> Response:
     req: ChatCompletionRequest = await parse_request(request, state, ChatCompletionRequest)
-    thinking, clear_thinking = thinking_switches(req)
-    tools = req.tools if req.tool_choice != "none" else None
-    prompt_ids = await encode(state.tokenizer, render_prompt(req.messages, tools, thinking, clear_thinking))
+    prompt = render_prompt(state, req)
+    tools = req.tools if req.tool_choice != "none" else None  # "none": tools stay in the prompt (vLLM)
+    prompt_ids = await encode(state.tokenizer, prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(state, req, len(prompt_ids), max_tokens)
-    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, GLMOutputParser(thinking, tools),
-                        include_usage(req))
+    parser = GLMOutputParser(prompt_opens_thinking(prompt), tools, stream=req.stream)
+    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, parser, include_usage(req))
     return await respond(request, state, prompt_ids, params, body, req.stream)
 
 

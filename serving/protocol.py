@@ -140,10 +140,9 @@ class ChatResponse:
             out.append(self._chunk({"reasoning_content": parsed.reasoning}))
         if parsed.content:
             out.append(self._chunk({"content": parsed.content}))
-        if parsed.tool_calls:
-            calls = [c.to_openai(self.num_tool_calls + i) for i, c in enumerate(parsed.tool_calls)]
-            self.num_tool_calls += len(calls)
-            out.append(self._chunk({"tool_calls": calls}))
+        # tool calls stream as pieces: name first, then arguments (serving/parsers.py)
+        out.extend(self._chunk({"tool_calls": [d.to_openai()]}) for d in parsed.tool_calls)
+        self.num_tool_calls = self.parser.num_tool_calls
         if event.finished:
             if event.finish_reason == "error":
                 out.append(engine_error(event))
@@ -160,9 +159,10 @@ class ChatResponse:
         parsed.extend(self.parser.finish())
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None,
                                    "reasoning_content": parsed.reasoning or None}
-        if parsed.tool_calls:
-            message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-            self.num_tool_calls = len(parsed.tool_calls)
+        calls = parsed.calls()
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
+            self.num_tool_calls = len(calls)
         return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self._finish_reason(last.finish_reason)}],

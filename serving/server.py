@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(GLM_BACKEND=name selects one; default: auto-detect).")
     p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
     p.add_argument("--served-model-name", help="model name clients send (default: glm5-tiny-random or the dir name)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template file (default: the checkpoint's own; the built-in GLM-5 renderer when "
+                   "the checkpoint ships none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     p.add_argument("--max-model-len", type=int, help="context limit (default: min(max_position_embeddings, 4096))")
@@ -67,6 +70,8 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    if args.chat_template is not None and not Path(args.chat_template).expanduser().is_file():
+        fail(f"--chat-template {args.chat_template}: no such file; expected a Jinja chat template file")
     if args.api_key is not None and not args.api_key.strip():
         fail("--api-key (or HWLAYER_API_KEY) is empty; give a key or leave it unset")
 
@@ -102,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     path, model_name = resolve_checkpoint(args)
     config = read_config(path)
+    from .chat import load_chat_template
+
+    try:
+        chat_template = load_chat_template(path, args.chat_template)
+    except ValueError as exc:
+        fail(str(exc))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     dist_ctx = None
     if args.ep > 1 or world > 1:
@@ -165,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
-                                 device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                                 device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                                 chat_template=chat_template)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
-        f"max-model-len {max_model_len}, at http://{args.host}:{args.port}"))
+        f"max-model-len {max_model_len}, chat template: {chat_template.source}, at http://{args.host}:{args.port}"))
 
 
 def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, banner: str) -> int:

@@ -1,10 +1,23 @@
-"""Golden renderings of the GLM chat template (serving/chat.py)."""
+"""Golden renderings of the built-in GLM chat renderer, and the Jinja path for checkpoint templates
+(serving/chat.py). The byte-for-byte comparison with the real GLM-4.7 template is in
+tests/test_serving_chat_reference.py."""
 
 import json
 
 import pytest
 
-from serving.chat import GLM_CHAT_TEMPLATE, TOOLS_FOOTER, TOOLS_HEADER, ChatTemplateError, render_chat
+from serving.chat import (
+    BUILTIN_SOURCE,
+    GLM_CHAT_TEMPLATE,
+    TOOLS_FOOTER,
+    TOOLS_HEADER,
+    ChatTemplate,
+    ChatTemplateError,
+    load_chat_template,
+    prompt_opens_thinking,
+    render_chat,
+    template_kwargs,
+)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -122,13 +135,19 @@ CONVERSATIONS = [
                                                         "arguments": {"city": "Paris", "days": 2, "o": {"u": "C"}}}}]},
       {"role": "tool", "content": "21 C"}, {"role": "tool", "content": "sunny"},
       {"role": "assistant", "content": "Sunny, 21 C.", "reasoning_content": "Done."}], [WEATHER_TOOL]),
+    # edge cases where the GLM-4.7 template differs from a naive renderer
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "  \n "},
+      {"role": "tool", "content": [{"type": "text", "text": "t1"}, {"output": "t2"}, "t3"]},
+      {"role": "tool", "content": "t4"}], None),
+    ([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>R</think>mid</think>\n\nA1"},
+      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "\n</think>only answer"}], None),
 ]
 
 
-def _jinja(template, messages, tools, **kwargs):
+def _jinja(template, messages, tools, add_generation_prompt=True, **kwargs):
     chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
     rendered = chat_template_utils.render_jinja_template([messages], tools=tools, chat_template=template,
-                                                         add_generation_prompt=True, **kwargs)
+                                                         add_generation_prompt=add_generation_prompt, **kwargs)
     while isinstance(rendered, (list, tuple)):
         rendered = rendered[0]
     return rendered
@@ -157,3 +176,174 @@ def test_agrees_with_the_tiny_checkpoints_chat_template(tmp_path_factory, messag
     template = json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
     assert _jinja(template, messages, tools, enable_thinking=enable_thinking) == render_chat(
         messages, tools, enable_thinking=enable_thinking)
+
+
+# ---- edge cases (as the GLM-4.7 template renders them) -------------------------------------------------
+
+def test_whitespace_only_reasoning_renders_an_empty_think_block():
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": " \n"}]
+    assert render_chat(messages, add_generation_prompt=False) == "[gMASK]<sop><|user|>Q<|assistant|><think></think>A"
+    messages[1]["reasoning_content"] = ""
+    assert render_chat(messages, add_generation_prompt=False) == "[gMASK]<sop><|user|>Q<|assistant|></think>A"
+
+
+def test_two_think_closes_keep_the_text_after_the_last():
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>R</think>x</think>\nA"}]
+    assert render_chat(messages, add_generation_prompt=False) == "[gMASK]<sop><|user|>Q<|assistant|><think>R</think>A"
+
+
+def test_tool_result_given_as_a_list_renders_each_item():
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "a"}, {"output": "b"}]}, {"role": "tool", "content": "c"}]
+    assert render_chat(messages, enable_thinking=False) == (
+        "[gMASK]<sop><|user|>Q<|assistant|></think><tool_call>f</tool_call>"
+        "<|observation|><tool_response>{'type': 'text', 'text': 'a'}</tool_response><tool_response>b</tool_response>"
+        "<tool_response>c</tool_response><|assistant|></think>")
+
+
+# ---- template variables and the Jinja path -------------------------------------------------------------
+
+def test_template_kwargs_merge_the_thinking_switches_most_specific_first():
+    assert template_kwargs() == {}
+    assert template_kwargs(None, None, {"type": "disabled", "clear_thinking": False}) == {
+        "enable_thinking": False, "clear_thinking": False}
+    assert template_kwargs(True, {"enable_thinking": False, "reasoning_effort": "low"}, {"type": "disabled"}) == {
+        "enable_thinking": True, "reasoning_effort": "low"}
+    assert template_kwargs(None, {"enable_thinking": False}, {"type": "enabled"})["enable_thinking"] is False
+
+
+@pytest.mark.parametrize("args, param", [
+    ((None, {"enable_thinking": "no"}, None), "enable_thinking"),
+    ((None, {"clear_thinking": 1}, None), "clear_thinking"),
+    ((None, None, {"type": "sometimes"}), "thinking"),
+    ((None, {"messages": []}, None), "chat_template_kwargs"),
+    ((None, {"add_generation_prompt": False}, None), "chat_template_kwargs"),
+])
+def test_template_kwargs_reject_bad_values_naming_the_field(args, param):
+    with pytest.raises(ChatTemplateError) as info:
+        template_kwargs(*args)
+    assert info.value.param == param and "\n" not in str(info.value)
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking(render_chat(CONVERSATIONS[0][0]))
+    assert not prompt_opens_thinking(render_chat(CONVERSATIONS[0][0], enable_thinking=False))
+
+
+@pytest.mark.parametrize("messages, tools", CONVERSATIONS)
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"clear_thinking": False}])
+def test_jinja_path_renders_the_glm_template_as_transformers_and_as_the_builtin(messages, tools, kwargs):
+    """ChatTemplate's sandbox renders GLM_CHAT_TEMPLATE exactly as transformers does, and as render_chat."""
+    jinja = ChatTemplate(source="test", source_text=GLM_CHAT_TEMPLATE)
+    prompt = jinja.render(messages, tools, kwargs)
+    assert prompt == ChatTemplate().render(messages, tools, kwargs) == render_chat(messages, tools, **kwargs)
+    from serving.chat import prepare_messages
+
+    assert prompt == _jinja(GLM_CHAT_TEMPLATE, prepare_messages(messages), tools, **kwargs)
+
+
+def test_jinja_sandbox_helpers_as_transformers_sets_them():
+    source = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role: ' + m.content) }}"
+              "{% endif %}{% if loop.index > 2 %}{% break %}{% endif %}[{{ m.content | tojson }}]"
+              "{%- if true %}\n  kept{% endif %}{% generation %}g{% endgeneration %}{% endfor %}"
+              "{{ strftime_now('%Y') | length }}{{ eos_token }}")
+    tpl = ChatTemplate(source="test", source_text=source, special_tokens={"eos_token": "<eos>"})
+    messages = [{"role": "user", "content": "<é>"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]
+    out = tpl.render(messages)
+    # tojson: no HTML escaping, no ASCII escaping; trim_blocks (the newline after a block tag goes); loopcontrols;
+    # the generation tag renders its body
+    assert out == '["<é>"]  keptg["b"]  keptg4<eos>'
+    assert out == _jinja(source, messages, None, eos_token="<eos>", add_generation_prompt=False)
+    with pytest.raises(ChatTemplateError) as info:
+        tpl.render([{"role": "system", "content": "S"}])
+    assert "no system role: S" in str(info.value) and "test" in str(info.value) and info.value.param == "messages"
+
+
+def test_jinja_template_errors_are_one_line_request_errors():
+    unsafe = ChatTemplate(source="test", source_text="{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError, match="SecurityError|UndefinedError"):
+        unsafe.render([{"role": "user", "content": "x"}])
+    needs_mapping = ChatTemplate(source="test", source_text="{{ messages[0].content.items() | list }}")
+    with pytest.raises(ChatTemplateError) as info:
+        needs_mapping.render([{"role": "user", "content": "x"}])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        ChatTemplate(source="bad.jinja", source_text="{% for %}")
+
+
+def test_jinja_path_decodes_tool_call_arguments_and_null_content_without_touching_the_request():
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]
+    before = json.dumps(messages)
+    tpl = ChatTemplate(source="t", source_text="{% for m in messages %}[{{ m.content }}]"
+                       "{% for c in m.tool_calls or [] %}{{ c.function.arguments.a }}{% endfor %}{% endfor %}")
+    assert tpl.render(messages) == "[go][]1"
+    assert json.dumps(messages) == before
+    with pytest.raises(ChatTemplateError) as info:
+        tpl.render([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}])
+    assert info.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+# ---- which template ------------------------------------------------------------------------------------
+
+def _checkpoint(tmp_path, config=None, jinja=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (tmp_path / "chat_template.jinja").write_text(jinja)
+    return tmp_path
+
+
+def test_template_choice_override_then_jinja_file_then_config_then_builtin(tmp_path):
+    both = _checkpoint(tmp_path / "both", {"chat_template": "config {{ messages | length }}", "eos_token": "<e>"},
+                       "file {{ messages | length }}{{ eos_token }}")
+    only_config = _checkpoint(tmp_path / "config", {"chat_template": "config {{ messages | length }}"})
+    named = _checkpoint(tmp_path / "named", {"chat_template": [{"name": "tool_use", "template": "t"},
+                                                               {"name": "default", "template": "d"}]})
+    none = _checkpoint(tmp_path / "none", {"eos_token": "<e>"})
+    override = tmp_path / "override.jinja"
+    override.write_text("override {{ add_generation_prompt }}")
+    msgs = [{"role": "user", "content": "x"}]
+
+    t = load_chat_template(both, override)
+    assert t.source == f"--chat-template {override}" and t.render(msgs) == "override True"
+    t = load_chat_template(both)
+    assert t.source == "checkpoint chat_template.jinja" and t.render(msgs) == "file 1<e>"
+    t = load_chat_template(only_config)
+    assert t.source == "checkpoint tokenizer_config.json" and t.render(msgs) == "config 1"
+    assert load_chat_template(named).render(msgs) == "d"
+    for path in (none, tmp_path / "empty-dir", None):
+        t = load_chat_template(path)
+        assert t.source == BUILTIN_SOURCE and t.is_builtin and t.render(msgs) == render_chat(msgs)
+
+
+def test_unusable_templates_fail_with_one_line_naming_the_file(tmp_path):
+    bad_json = tmp_path / "bad"
+    bad_json.mkdir()
+    (bad_json / "tokenizer_config.json").write_text("{oops")
+    bad_syntax = _checkpoint(tmp_path / "syntax", jinja="{% if %}")
+    no_default = _checkpoint(tmp_path / "nodefault", {"chat_template": [{"name": "tool_use", "template": "t"}]})
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("  ")
+    for args, words in [((bad_json,), "tokenizer_config.json: cannot read"),
+                        ((bad_syntax,), "chat_template.jinja: not a valid Jinja template"),
+                        ((no_default,), "without a 'default' template"),
+                        ((None, empty), "empty.jinja: the chat template file is empty"),
+                        ((None, tmp_path / "missing.jinja"), "missing.jinja: cannot read")]:
+        with pytest.raises(ValueError) as info:
+            load_chat_template(*args)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "content": 3}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content"),
+    ([{"role": "tool", "content": [7]}], "messages[0].content"),
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+])
+def test_jinja_path_checks_messages_as_the_builtin_does(messages, param):
+    with pytest.raises(ChatTemplateError) as info:
+        ChatTemplate(source="t", source_text=GLM_CHAT_TEMPLATE).render(messages)
+    assert info.value.param == param

@@ -36,16 +36,20 @@ def test_streamed_chunks_are_openai_chunks_with_reasoning_content_and_tool_calls
         content = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
         calls = [tc for c in parsed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
         assert reasoning == "I should look it up." and content == "Let me check."
-        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-            (0, "get_weather", {"city": "Paris", "days": 2})]
+        # name first (with id and type), then argument pieces that concatenate to the arguments JSON
+        assert (calls[0].index, calls[0].function.name, calls[0].function.arguments) == (0, "get_weather", "")
         assert calls[0].id.startswith("call_") and calls[0].type == "function"
+        assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in calls[1:])
+        assert json.loads("".join(tc.function.arguments for tc in calls[1:])) == {"city": "Paris", "days": 2}
+        if pieces == len(GENERATED):
+            assert len(calls) > 3  # one character per event: the arguments arrive in several pieces
         finishes = [c.choices[0].finish_reason for c in parsed if c.choices and c.choices[0].finish_reason]
         assert finishes == ["tool_calls"]
         assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == pieces
 
 
 def test_whole_response_is_an_openai_chat_completion():
-    response = ChatResponse("chatcmpl-y", "glm5-tiny-random", GLMOutputParser(True, TOOLS))
+    response = ChatResponse("chatcmpl-y", "glm5-tiny-random", GLMOutputParser(True, TOOLS, stream=False))
     last = EngineEvent(finished=True, finish_reason="stop", prompt_tokens=10, completion_tokens=30)
     body = ChatCompletion.model_validate(response.whole(GENERATED, last))
     choice = body.choices[0]
@@ -57,7 +61,7 @@ def test_whole_response_is_an_openai_chat_completion():
 
 
 def test_length_stop_keeps_length_and_unclosed_call_is_content():
-    response = ChatResponse("chatcmpl-z", "m", GLMOutputParser(False, TOOLS))
+    response = ChatResponse("chatcmpl-z", "m", GLMOutputParser(False, TOOLS, stream=False))
     last = EngineEvent(finished=True, finish_reason="length", prompt_tokens=3, completion_tokens=5)
     body = ChatCompletion.model_validate(response.whole("ok <tool_call>get_weather<arg_key>ci", last))
     assert body.choices[0].finish_reason == "length"
@@ -94,3 +98,20 @@ def test_completion_engine_error_is_the_only_chunk_of_the_last_event():
     out = response.chunks(EngineEvent(text="x", finished=True, finish_reason="error", error="model step failed: X"))
     assert out == [{"error": {"message": "model step failed: X", "type": "server_error", "param": None,
                               "code": "engine_error"}}]
+
+
+def test_the_openai_sdk_assembles_the_streamed_tool_calls():
+    """openai's own stream accumulator (what ``client.chat.completions.stream`` uses) rebuilds both calls
+    from the name-then-argument-pieces deltas, one character per engine event."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    text = GENERATED + "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"
+    response = ChatResponse("chatcmpl-s", "m", GLMOutputParser(True, TOOLS))
+    state = ChatCompletionStreamState()
+    for chunk in [response.first_chunk()] + [c for e in events(text, len(text)) for c in response.chunks(e)]:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "Oslo"})]
+    assert len({c.id for c in choice.message.tool_calls}) == 2
