@@ -149,12 +149,14 @@ class Checker:
         return f"{self.op} [{self.case}] {self.dtype_name}"
 
     def finish(self) -> None:
-        """Record which implementation tiers served this case (from the traced plan)."""
+        """Record which implementations served this case, from the traced plan's call counts
+        (never from the plan entry: a native adapter whose ``supports()`` declines hands the call
+        to the next tier, and only the counts show it)."""
         for (op, tier), n in self.plan.call_counts().items():
             delta = n - self._calls_before.get((op, tier), 0)
             if op == self.op and delta:
-                short = "native" if tier == "native" else "inherited" if tier.startswith("inherited") else "generic"
-                self.result.calls[short] = self.result.calls.get(short, 0) + delta
+                self.result.calls[tier] = self.result.calls.get(tier, 0) + delta
+                self.result.implementations.setdefault(tier, tier_implementation(self.plan, op, tier))
 
     # ---------------------------------------------------------------------------------------
 
@@ -287,6 +289,30 @@ class Checker:
         self.recorder.add_timing(self.op, self.dtype_name, self.case, backend_ms, generic_ms, runs)
         for key, n in self.plan.call_counts().items():  # timing calls are not the case's calls
             self._calls_before[key] = self._calls_before.get(key, 0) + n - counts_before.get(key, 0)
+
+
+def tier_implementation(plan: Any, op: str, tier: str) -> str:
+    """The function(s) behind a traced tier label (``native``, ``inherited:<backend>``, ``generic``)."""
+    if tier == "generic":
+        return f"hwlayer.ops.{op}" + (" (composite of the plan's parts)" if CATALOGUE[op].composite else "")
+    from hwlayer.registry import registry  # the registry the plan was resolved from (cached)
+
+    backend = plan.backend.name if tier == "native" else tier.removeprefix("inherited:")
+    names = [f"{r.fn.__module__}.{r.fn.__qualname__}" for r in registry().implementations(op, backend)]
+    return " | ".join(names) or f"{backend} implementation"
+
+
+def skip_unless_reference(backend_name: str) -> None:
+    """Skip a suite self-test (it checks the suite, not the backend) unless the backend under test
+    is the reference: it runs once, with ``--backend cpu``, instead of counting as a pass for
+    every backend."""
+    import pytest
+
+    import hwlayer
+
+    if not hwlayer.select_backend(backend_name).reference:
+        pytest.skip("suite self-test: checks the conformance suite itself, not the backend; runs with the "
+                    "reference backend (--backend cpu)")
 
 
 def _median_ms(fn: Callable, args: tuple, kwargs: dict, runs: int, device: torch.device) -> float:

@@ -1,4 +1,8 @@
-"""Self-checks of the conformance harness: tolerance file schema, error figures, report files."""
+"""Self-tests of the conformance harness: tolerance file schema, error figures, report files.
+
+They check the suite, not the backend, so they run once, with the reference backend (``--backend
+cpu``), and are skipped for every other backend instead of counting as its passes.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,13 @@ import math
 import pytest
 import torch
 
-from .checks import ToleranceFileError, error_figures, load_tolerances, tolerance_for
+from .checks import ToleranceFileError, error_figures, load_tolerances, skip_unless_reference, tolerance_for
 from .report import SCHEMA, Recorder
+
+
+@pytest.fixture(autouse=True)
+def _suite_self_test(backend_name: str) -> None:
+    skip_unless_reference(backend_name)
 
 
 def test_tolerance_file_is_valid_and_overrides_need_a_reason(tmp_path):
@@ -42,7 +51,9 @@ def test_report_round_trip(tmp_path):
     rec.plan = {"rms_norm": {"origin": "native+fallback", "implementation": "x.y", "plugin": "p", "reason": ""}}
     ok = rec.case("rms_norm", "fp32", "plain", "node1")
     ok.merge(passed=True, max_abs=1e-7, max_rel=1e-7, atol=1e-5, rtol=1e-5, ratio=0.01, message=None)
+    ok.calls = {"native": 3}
     bad = rec.case("rms_norm", "fp32", "wide", "node2")
+    bad.calls = {"native": 1, "generic": 2}  # the native adapter declined two of this case's calls
     bad.merge(passed=False, max_abs=math.inf, max_rel=math.inf, atol=None, rtol=None, ratio=math.inf,
               message="rms_norm [wide] fp32: raised RuntimeError: boom")
     rec.add_extra("model", {"perplexity": 1.0})
@@ -51,9 +62,13 @@ def test_report_round_trip(tmp_path):
     assert data["schema"] == SCHEMA and data["backend"] == "cpu" and data["torch"] == torch.__version__
     (record,) = data["records"]
     assert record["cases"] == 2 and not record["passed"] and record["failed_cases"] == ["wide"]
-    assert record["error_ratio"] == "inf" and record["origin"] == "native"
+    assert record["error_ratio"] == "inf" and record["plan_origin"] == "native+fallback"
+    # origin comes from the traced calls, not from the plan: mixed tiers with their counts
+    assert record["origin"] == "native 4 / generic 2" and record["calls"] == {"native": 4, "generic": 2}
+    assert [c["origin"] for c in data["cases"]] == ["native", "generic 2 / native 1"]
     assert record["message"].startswith("rms_norm [wide] fp32")
     assert data["model"] == {"perplexity": 1.0} and not data["passed"]
-    assert "| rms_norm | fp32 | **FAIL** | 2 |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| rms_norm | fp32 | **FAIL** | 2 |" in md and "| native 4 / generic 2 (plan: native+fallback) |" in md
     with pytest.raises(ValueError, match="reserved"):
         rec.add_extra("records", [])
