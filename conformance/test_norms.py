@@ -1,4 +1,5 @@
-"""rms_norm, layer_norm, silu_and_mul: plain, fused residual, 3-D and non-contiguous inputs."""
+"""rms_norm, layer_norm, silu_and_mul: plain, fused residual, 3-D and non-contiguous inputs, the
+model's real widths, and rows of small magnitude where eps matters."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ import torch
 
 from . import golden
 from .cases import generator, randn
+from .checks import Tolerance
 
 HIDDEN = 64
 EPS = 1e-6
+MODEL_EPS = 1e-5  # GLM-5 rms_norm_eps
+
+# GLM-5's normalised widths (reference config): the hidden size, the q and kv LoRA ranks. At 64,
+# accumulating the mean square in bf16 hides inside the tolerance; at 6144 it does not.
+WIDTH_CASES = {"hidden-6144": 6144, "q_lora_rank-2048": 2048, "kv_lora_rank-512": 512}
+
+
+def _graded_rows(gen, dtype, device, D: int) -> torch.Tensor:
+    """Rows whose RMS runs from 1 down to 3e-4, below sqrt(eps) = 3.2e-3: there eps dominates the
+    denominator, so an implementation that drops eps (or squares in fp16, where x^2 ~ 1e-7 is
+    subnormal) is off by a large factor, while the unit rows keep the usual scale."""
+    rms = torch.tensor([1.0, 0.1, 1e-2, 3e-3, 1e-3, 3e-4], dtype=torch.float64)
+    return (torch.randn(len(rms), D, generator=gen, dtype=torch.float64) * rms[:, None]).to(device=device, dtype=dtype)
 
 
 def _x(gen, dtype, device, layout: str, shape=(7, HIDDEN)) -> torch.Tensor:
@@ -54,6 +69,24 @@ def test_rms_norm_with_residual(checker, dtype, device, case):
     ck.exact("residual argument unmodified", residual, residual_before)
 
 
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_rms_norm_model_widths(checker, dtype, device, case):
+    """Real widths and small-magnitude rows, with the model's eps, plain and with the residual."""
+    ck = checker("rms_norm", case)
+    gen = generator("rms_norm", case, dtype)
+    D = WIDTH_CASES[case]
+    x = _graded_rows(gen, ck.dtype, device, D)
+    residual = _graded_rows(gen, ck.dtype, device, D)
+    w = randn(gen, (D,), ck.dtype, device, scale=0.5) + 1
+    out = ck.fn(x, w, MODEL_EPS)
+    ck.shape_dtype("out", out, x.shape, ck.dtype)
+    ck.close("out", out, golden.rms_norm(x, w, MODEL_EPS))
+    out, new_residual = ck.fn(x, w, MODEL_EPS, residual=residual)
+    s = (golden._f64(x) + golden._f64(residual)).to(ck.dtype)
+    ck.close("residual (x + residual)", new_residual, golden._f64(s))
+    ck.close("out with residual", out, golden.rms_norm(s, w, MODEL_EPS))
+
+
 @pytest.mark.parametrize("case", ["bias", "no-bias", "transposed"])
 def test_layer_norm(checker, dtype, device, case):
     ck = checker("layer_norm", case)
@@ -66,6 +99,31 @@ def test_layer_norm(checker, dtype, device, case):
     ck.close("out", out, golden.layer_norm(x, w, b, EPS))
     if case == "bias":
         ck.time(x, w, b, EPS)
+
+
+@pytest.mark.parametrize("case", ["small-variance", "large-mean"])
+def test_layer_norm_conditioning(checker, dtype, device, case):
+    """The indexer key norm's width (128). small-variance: rows of std 1 down to 3e-4, where eps
+    (1e-6 here, the indexer's) dominates the variance. large-mean: rows of mean 100 and std 1, where
+    a one-pass E[x^2] - E[x]^2 variance cancels catastrophically in fp32."""
+    ck = checker("layer_norm", case)
+    gen = generator("layer_norm", case, dtype)
+    D = 128
+    if case == "small-variance":
+        x = _graded_rows(gen, ck.dtype, device, D)
+    else:
+        x = (torch.randn(6, D, generator=gen, dtype=torch.float64) + 100.0).to(device=device, dtype=ck.dtype)
+    w = randn(gen, (D,), ck.dtype, device, scale=0.5) + 1
+    b = randn(gen, (D,), ck.dtype, device, scale=0.5)
+    out = ck.fn(x, w, b, EPS)
+    ck.shape_dtype("out", out, x.shape, ck.dtype)
+    tol = ck.tol
+    if case == "large-mean":
+        # Any fp32 algorithm rounds the mean (|mean| 2^-24 absolute); divided by the std (1) and
+        # times |w| that is the error floor of a correct two-pass or Welford norm. A one-pass
+        # variance is ~|mean|/std times worse than this and still fails.
+        tol = Tolerance(tol.atol + 4 * 2.0**-24 * 100.0 * float(w.abs().max()), tol.rtol)
+    ck.close("out", out, golden.layer_norm(x, w, b, EPS), tol=tol)
 
 
 @pytest.mark.parametrize("case", ["2d", "3d", "transposed", "sliced"])
