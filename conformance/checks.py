@@ -8,6 +8,7 @@ message naming op, case, dtype and the error figures when it fails.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ def load_tolerances(path: Path = TOLERANCES_FILE) -> dict[str, Any]:
             raise ToleranceFileError(f"{path.name}: ops.{op}: unknown op")
         for dtype, entry in by_dtype.items():
             _validate(f"ops.{op}.{dtype}", dtype, entry)
+    for op, by_dtype in (data.get("interpreter") or {}).items():
+        if op not in CATALOGUE:
+            raise ToleranceFileError(f"{path.name}: interpreter.{op}: unknown op")
+        for dtype, entry in by_dtype.items():
+            where = f"interpreter.{op}.{dtype}"
+            _validate(where, dtype, entry, allow_reason=True)
+            if not str(entry.get("reason") or "").strip():
+                raise ToleranceFileError(f"{path.name}: {where}: an interpreter override needs a written 'reason'")
     for backend, by_op in (data.get("backends") or {}).items():
         for op, by_dtype in (by_op or {}).items():
             for dtype, entry in by_dtype.items():
@@ -74,14 +83,22 @@ def _validate(where: str, dtype: str, entry: Any, allow_reason: bool = False) ->
         raise ToleranceFileError(f"{TOLERANCES_FILE.name}: {where}: expected a mapping with keys {sorted(allowed)}")
 
 
-def tolerance_for(data: dict[str, Any], backend: str, op: str, dtype: str) -> Tolerance:
+def triton_interpreter() -> bool:
+    """Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def tolerance_for(data: dict[str, Any], backend: str, op: str, dtype: str, interpreter: bool = False) -> Tolerance:
+    """defaults < ops < interpreter (when ``interpreter``) < backends; the last override's reason wins."""
     values = dict(data["defaults"][dtype])
     values.update((data.get("ops") or {}).get(op, {}).get(dtype, {}))
-    override = ((data.get("backends") or {}).get(backend) or {}).get(op, {}).get(dtype)
+    overrides = [((data.get("interpreter") or {}).get(op) or {}).get(dtype) if interpreter else None,
+                 ((data.get("backends") or {}).get(backend) or {}).get(op, {}).get(dtype)]
     reason = None
-    if override:
-        values.update({k: v for k, v in override.items() if k != "reason"})
-        reason = override["reason"]
+    for override in overrides:
+        if override:
+            values.update({k: v for k, v in override.items() if k != "reason"})
+            reason = override["reason"]
     return Tolerance(float(values["atol"]), float(values["rtol"]), float(values.get("atol_per_k", 0.0)), reason)
 
 
@@ -139,11 +156,17 @@ class Checker:
         self.plan = plan
         self.device = plan.device
         self.fn: Callable = getattr(plan, op)
-        self.tol = tolerance_for(tolerances, plan.backend.name, op, dtype)
+        self.tol = tolerance_for(tolerances, plan.backend.name, op, dtype, triton_interpreter())
+        self._tolerances = tolerances
         self.result: CaseResult = recorder.case(op, dtype, case, nodeid)
         self.result.override = self.tol.override()
         self.recorder = recorder
         self._calls_before = dict(plan.call_counts())
+
+    def tolerance_of(self, dtype: str) -> Tolerance:
+        """This op's tolerance for another dtype: for an output whose arithmetic does not depend on
+        the input dtype (sparse_mla_attention's fp32 lse from fp32 logits)."""
+        return tolerance_for(self._tolerances, self.plan.backend.name, self.op, dtype, triton_interpreter())
 
     def label(self) -> str:
         return f"{self.op} [{self.case}] {self.dtype_name}"

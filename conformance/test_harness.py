@@ -36,6 +36,12 @@ def test_tolerance_file_is_valid_and_overrides_need_a_reason(tmp_path):
     tol = tolerance_for(load_tolerances(good), "acme", "rms_norm", "fp32")
     assert tol.atol == 1e-3 and tol.rtol == 1e-5 and tol.override()["reason"] == "fp32 via tf32 units"
     assert tolerance_for(load_tolerances(good), "cpu", "rms_norm", "fp32").override() is None
+    # the interpreter section applies only under TRITON_INTERPRET=1, with its reason
+    plain, interp = (tolerance_for(data, "triton", "rms_norm", "bf16", interpreter=i) for i in (False, True))
+    assert interp.rtol > plain.rtol and "truncates" in interp.override()["reason"] and plain.override() is None
+    bad.write_text("defaults: {bf16: {atol: 1.0e-5, rtol: 1.0e-5}}\ninterpreter: {rope: {bf16: {rtol: 1.0e-2}}}\n")
+    with pytest.raises(ToleranceFileError, match="interpreter.rope.bf16: an interpreter override needs"):
+        load_tolerances(bad)
 
 
 def test_error_figures_ratio_and_infinities():
