@@ -140,15 +140,16 @@ def note(backend: str) -> str:
     return f"emulated from docs, not hardware: CPU emulators of the {backend} libraries (conformance/emulators)"
 
 
-def activate(backend: str) -> None:
-    """Install the emulators of ``backend``'s libraries and the marker; reload hwlayer's registry."""
+def activate(backend: str, overrides: dict[str, Callable[[types.ModuleType], None]] | None = None) -> None:
+    """Install the emulators of ``backend``'s libraries and the marker; reload hwlayer's registry.
+    ``overrides`` replaces module builders (e.g. ``{"flash_mla": flash_mla.install_legacy}``)."""
     import os
 
     import hwlayer
 
     if _STATE:
         deactivate()
-    builders = _builders(backend)
+    builders = {**_builders(backend), **(overrides or {})}
     clashes = [name for name in builders if name in sys.modules]
     if clashes:
         raise RuntimeError(f"cannot emulate {clashes[0]!r}: a module of that name is already imported")
@@ -198,9 +199,9 @@ def active() -> str | None:
 
 
 @contextlib.contextmanager
-def emulation(backend: str) -> Iterator[None]:
+def emulation(backend: str, overrides: dict[str, Callable[[types.ModuleType], None]] | None = None) -> Iterator[None]:
     """``with emulation("ascend"): ...`` -- :func:`activate` for the block only."""
-    activate(backend)
+    activate(backend, overrides)
     try:
         yield
     finally:
