@@ -29,6 +29,10 @@ test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests conformance $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q conformance --backend triton --ignore-glob="*test_ep_*"
+	# Vendor adapters against CPU emulators of their libraries' documented APIs (conformance/emulators),
+	# one process per backend (the emulation lasts a session); about 1.5 minutes on 2 cores.
+	for b in ascend cuda metax hygon cambricon musa; do \
+		$(PY) -m pytest -q conformance --backend $$b --emulated || exit 1; done
 
 conformance: venv
 	$(PY) -m pytest -q conformance --backend $(or $(BACKEND),cpu)
