@@ -13,7 +13,8 @@ Subtly wrong ones, which pass small well-conditioned cases:
 
 * ``broken-numerics``: sparse_mla_attention and sample exponentiate without subtracting the max
   (fine for logits near 10, inf/inf beyond ~88); rms_norm accumulates the mean square in the
-  input dtype (a bf16 accumulator: invisible at width 64, not at 6144).
+  input dtype, element by element (a bf16 accumulator: within the old tolerance at width 64, far
+  off at 6144).
 * ``broken-eps``: rms_norm and layer_norm drop eps (invisible unless the mean square is near eps);
   sample applies top-k / top-p to the untempered distribution, then the temperature (same support
   at T = 1, a wrong one far from it: some support tokens are never drawn).
@@ -154,14 +155,16 @@ def sparse_mla_attention_no_max(q, kv_cache, indices, block_table, cu_seqlens_q,
 
 
 def rms_norm_input_dtype_accumulator(x, weight, eps, residual=None):
-    """Sums the squares 64 columns at a time into an accumulator of x's dtype (a half-precision
-    kernel's register): exact enough at width 64, wrong by many ulps at 6144."""
+    """Sums the squares into an accumulator of x's dtype, one column at a time (a half-precision
+    register): at width 64 the sum stays small enough to be nearly exact; at 6144 it stalls once
+    it is 256x the terms (bf16 keeps 8 significant bits)."""
     if residual is not None:
         x = x + residual
     xf = x.float()
     acc = torch.zeros(xf.shape[:-1], dtype=x.dtype)
-    for c in range(0, x.shape[-1], 64):
-        acc = (acc.float() + xf[..., c : c + 64].pow(2).sum(-1)).to(x.dtype)  # bug: rounded every step
+    sq = xf.pow(2)
+    for c in range(x.shape[-1]):
+        acc = (acc.float() + sq[..., c]).to(x.dtype)  # bug: rounded to x.dtype every step
     y = xf * torch.rsqrt(acc.float().unsqueeze(-1) / x.shape[-1] + eps) * weight.float()
     return (y.to(x.dtype), x) if residual is not None else y.to(x.dtype)
 
