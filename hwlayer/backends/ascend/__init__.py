@@ -74,7 +74,8 @@ BACKEND = Backend(
     detect=_detect,
     visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
     priority=70,
-    verified="written against torch_npu 2.14 API docs, not run on hardware",
+    verified=("written against torch_npu 2.14 / Ascend op-plugin docs @517f2e7d0f20 (2026-08-21), emulated in CI "
+              "from them (pytest conformance --emulated), not run on hardware"),
     install_hint=INSTALL_HINT,
     description="Huawei Ascend NPUs through torch_npu",
 )

@@ -24,7 +24,8 @@ from .detect import detect
 
 HWLAYER_HOOKSPEC_VERSION = "1.0"
 
-NOT_RUN = "not run on hardware (no GPU available to this project)"
+NOT_RUN = "not run on hardware"
+EMULATED = "emulated in CI from those APIs (pytest conformance --emulated)"
 
 
 def _detector(name: str) -> Callable:
@@ -41,7 +42,9 @@ BACKENDS = (
         visible_devices_env="CUDA_VISIBLE_DEVICES",
         priority=50,
         inherits=("triton",),
-        verified=f"written against flash_mla, deep_gemm and vLLM _C op APIs; Triton tier; {NOT_RUN}",
+        verified=("native adapters written against FlashMLA 9241ae3 (2026-04-29), DeepGEMM 54e2261 (2026-06-23) and "
+                  f"vLLM's _C schemas, {EMULATED}, not run with those libraries; conformance for cuda and triton run "
+                  "on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) without them: Triton tier and generic ops served"),
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
@@ -55,7 +58,8 @@ BACKENDS = (
         visible_devices_env="HIP_VISIBLE_DEVICES",
         priority=60,
         inherits=("triton",),
-        verified=f"written against lightop API; collective nccl->RCCL unverified; {NOT_RUN}",
+        verified=(f"written against lightop.norm as Hygon's vllm_hcu plugin calls it, {EMULATED}; "
+                  f"collective nccl->RCCL unverified; {NOT_RUN}"),
         install_hint="install Hygon's DTK (ROCm) build of torch and lightop from the Hygon developer "
         "channel; hy-smi must be on PATH",
         description="Hygon DCU (ROCm/HIP build of torch)",
@@ -69,7 +73,8 @@ BACKENDS = (
         visible_devices_env="CUDA_VISIBLE_DEVICES",
         priority=60,
         inherits=("triton",),
-        verified=f"written against mcoplib (torch.ops._C) and MACA flash_mla / deep_gemm APIs; {NOT_RUN}",
+        verified=("written against mcoplib f722323 (torch.ops._C via mcoplib._C), mcFlashMLA c2dbf6e and MACA "
+                  f"deep_gemm as vLLM-metax 3aadf08 calls it, {EMULATED}; {NOT_RUN}"),
         install_hint="install MetaX's MACA build of torch and mcoplib (plus MACA flash_mla / deep_gemm) "
         "from the MetaX channel",
         description="MetaX GPUs (MACA build of torch)",
