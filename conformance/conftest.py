@@ -156,16 +156,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def _unserved_native_ops(config: pytest.Config) -> list[str]:
     """Under --emulated: ops the backend must serve natively that were called but never reached
-    their adapter (every call declined by ``supports()``: the generic op would be compared with itself)."""
+    their adapter (every call declined by ``supports()``: the generic op would be compared with itself).
+    Also records the native call count of every op in the report's ``emulation`` entry."""
     from . import emulators
 
     name = _backend(config)
     counts = hwlayer.plan(name, trace=True).call_counts()
+    native = {op: n for (op, tier), n in sorted(counts.items()) if tier == "native"}
     missing = []
     for op in emulators.EXPECTED_NATIVE.get(name, ()):
         calls = sum(n for (o, _tier), n in counts.items() if o == op)
         if calls and not counts.get((op, "native"), 0):
             missing.append(op)
+    recorder = config.stash.get(_RECORDER, None)
+    if recorder is not None and "emulation" in recorder.extra:
+        expected = list(emulators.EXPECTED_NATIVE.get(name, ()))
+        recorder.extra["emulation"].update(native_calls=native, expected_native=expected, never_served=missing)
     return missing
 
 
