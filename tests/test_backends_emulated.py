@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -338,3 +339,19 @@ def test_musa_fp8_indexer_scales_queries_and_flashmla_pads_heads(emulate, monkey
     assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*args)) >= 0.95
     assert served_natively(plan, "lightning_indexer")
     check_mla(plan, 16)
+
+
+def test_emulated_conformance_fails_when_an_expected_adapter_never_serves():
+    # hygon registers no rope adapter: declaring rope "expected native" must fail the session even
+    # though every rope case passes (the generic op would have been compared with itself).
+    args = ["-q", "-p", "no:cacheprovider", "conformance/test_rope.py", "conformance/test_norms.py",
+            "--backend", "hygon", "--emulated", "--dtype", "fp32", "-k", "rope or model_widths"]
+    code = ("import sys, pytest\n"
+            "from conformance import emulators\n"
+            "emulators.EXPECTED_NATIVE['hygon'] = ('rms_norm', 'rope')\n"
+            f"sys.exit(pytest.main({args!r}))\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "never served a call: rope" in done.stdout
+    assert " failed" not in done.stdout.splitlines()[-1]  # every case passed; the guard failed the run
