@@ -166,6 +166,35 @@ def test_torch_npu_emulator_signature_matches_the_recorded_wheel_stub(op):
             assert (p.kind is inspect.Parameter.KEYWORD_ONLY) == s["kwonly"], f"{op}({p.name}) keyword-only"
 
 
+def _source_stub_cases() -> list[tuple[str, str, str]]:
+    """(stub file, function, emulator attribute path) for the stubs recorded from vendor git sources."""
+    return [
+        ("flash_mla-9241ae3", "flash_mla_sparse_fwd", "flash_mla.flash_mla_sparse_fwd"),
+        ("flash_mla-before-082094b", "flash_mla_sparse_fwd", "flash_mla._legacy_flash_mla_sparse_fwd"),
+        ("mcFlashMLA-c2dbf6e", "flash_mla_sparse_fwd", "flash_mla._maca_flash_mla_sparse_fwd"),
+        ("DeepGEMM-54e2261", "fp8_mqa_logits", "deep_gemm.fp8_mqa_logits"),
+        ("vLLM-metax-3aadf08-deep_gemm", "bf16_mqa_logits", "deep_gemm.bf16_mqa_logits"),
+        ("mate-3f58cc3-moe_fused_gate", "moe_fused_gate", "mate.moe_fused_gate"),
+        ("mate-3f58cc3-flashmla", "flash_mla_sparse_fwd", "mate.flash_mla_sparse_fwd"),
+        ("mate-3f58cc3-deep_gemm", "fp8_mqa_logits", "mate.fp8_mqa_logits"),
+        ("mate-3f58cc3-deep_gemm", "m_grouped_bf16_gemm_nt_contiguous", "mate.m_grouped_bf16_gemm_nt_contiguous"),
+        ("mate-3f58cc3-gemm", "ragged_m_moe_gemm_16bit", "mate.ragged_m_moe_gemm_16bit"),
+    ]
+
+
+@pytest.mark.parametrize(("stub_file", "function", "emulator"), _source_stub_cases())
+def test_emulator_signature_matches_the_vendor_source(stub_file, function, emulator):
+    stub = json.loads((STUBS / f"{stub_file}.json").read_text())["ops"][function]
+    module, attr = emulator.rsplit(".", 1)
+    fn = getattr(importlib.import_module(f"conformance.emulators.{module}"), attr)
+    params = list(inspect.signature(fn).parameters.values())
+    assert [(p.name, p.kind is inspect.Parameter.KEYWORD_ONLY) for p in params] == [
+        (s["name"], s["kwonly"]) for s in stub["params"]]
+    for p, s in zip(params, stub["params"], strict=True):
+        want = inspect.Parameter.empty if s["default"] == "<required>" else s["default"]
+        assert p.default == want, f"{function}({p.name}): default {p.default!r}, source {want!r}"
+
+
 def test_required_arguments_are_required_as_in_the_vendor_sources():
     from conformance.emulators import mate, torch_mlu_ops
 

@@ -1,13 +1,21 @@
-"""Record the signatures of the torch_npu ops the Ascend adapters call, from a real torch-npu wheel.
+"""Record the signatures of the vendor functions the adapters call, from the vendors' own files.
 
-torch_npu cannot be imported without Ascend's CANN runtime, but its wheel (pip-downloadable from
-PyPI on any machine) ships the op prototypes as text: the docstrings in ``torch_npu/_op_plugin_docs.py``
-and the meta kernels in ``torch_npu/op_plugin/meta/_meta_registrations.py``. This script reads them
-from the wheel without importing anything and writes ``stubs/torch_npu-<version>.json``, which
-``tests/test_emulators.py`` compares with the emulator's signatures::
+* torch_npu cannot be imported without Ascend's CANN runtime, but its wheel (pip-downloadable from
+  PyPI on any machine) ships the op prototypes as text: the docstrings in
+  ``torch_npu/_op_plugin_docs.py`` and the meta kernels in
+  ``torch_npu/op_plugin/meta/_meta_registrations.py``. Read from the wheel without importing::
 
-    pip download --no-deps torch-npu==2.14.0 -d /tmp/npu
-    python -m conformance.emulators.record_stubs /tmp/npu/torch_npu-2.14.0-*.whl
+      pip download --no-deps torch-npu==2.14.0 -d /tmp/npu
+      python -m conformance.emulators.record_stubs /tmp/npu/torch_npu-2.14.0-*.whl
+
+* The other libraries are not installable here (no CPU wheels on PyPI); their Python interfaces are
+  read from a git checkout at a named commit, without importing (``ast``; pybind ``m.def`` blocks
+  with ``py::arg`` for DeepGEMM)::
+
+      python -m conformance.emulators.record_stubs --git NAME REPO_DIR COMMIT PATH FUNCTION [FUNCTION...]
+
+Both write ``stubs/<name>.json``, which ``tests/test_backends_emulated.py`` compares with the
+emulators' signatures.
 """
 
 from __future__ import annotations
@@ -112,12 +120,44 @@ def record(wheel: Path) -> dict:
     return {"package": "torch-npu", "version": version, "wheel": wheel.name, "ops": ops}
 
 
+def _pybind_prototype(source: str, fn: str) -> tuple[list[dict], bool]:
+    """``m.def("fn", &impl, py::arg("a"), py::arg("b") = default, ...)`` -> parameters."""
+    m = re.search(rf'm\.def\("{fn}",\s*&\w+,(.*?)\);', source, re.S)
+    if m is None:
+        raise LookupError(f"no m.def for {fn}")
+    params = []
+    for name, default in re.findall(r'py::arg\("(\w+)"\)(?:\s*=\s*([^,)]+))?', m.group(1)):
+        value = {"true": True, "false": False, "std::nullopt": None}.get(default.strip(), default.strip())
+        params.append({"name": name, "default": _value(str(value)) if default else REQUIRED, "kwonly": False})
+    return params, False
+
+
+def record_git(name: str, repo: Path, commit: str, path: str, functions: list[str]) -> dict:
+    import subprocess
+
+    source = subprocess.run(["git", "--git-dir", str(repo), "show", f"{commit}:{path}"], check=True,
+                            capture_output=True, text=True).stdout
+    ops = {}
+    for fn in functions:
+        params, kw = _pybind_prototype(source, fn) if path.endswith((".hpp", ".cpp")) else _meta_prototype(source, fn)
+        ops[fn] = {"source": path, "kinds_recorded": True, "params": params}
+    return {"package": name, "commit": commit, "path": path, "ops": ops}
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not argv[0].endswith(".whl"):
-        print("usage: python -m conformance.emulators.record_stubs TORCH_NPU_WHEEL.whl", file=sys.stderr)
+    stubs_dir = Path(__file__).parent / "stubs"
+    if len(argv) >= 6 and argv[0] == "--git":
+        name, repo, commit, path, *functions = argv[1:]
+        stubs = record_git(name, Path(repo), commit, path, functions)
+        out = stubs_dir / f"{name}.json"
+    elif len(argv) == 1 and argv[0].endswith(".whl"):
+        stubs = record(Path(argv[0]))
+        out = stubs_dir / f"torch_npu-{stubs['version']}.json"
+    else:
+        print("usage: python -m conformance.emulators.record_stubs TORCH_NPU_WHEEL.whl\n"
+              "       python -m conformance.emulators.record_stubs --git NAME REPO_GIT_DIR COMMIT PATH FUNCTION...",
+              file=sys.stderr)
         return 2
-    stubs = record(Path(argv[0]))
-    out = Path(__file__).parent / "stubs" / f"torch_npu-{stubs['version']}.json"
     out.write_text(json.dumps(stubs, indent=1, default=str) + "\n")
     print(out)
     return 0
