@@ -167,6 +167,7 @@ def lightop_rms_norm(
 # sparse_mla_attention through FlashMLA
 
 
+@functools.lru_cache(maxsize=8)  # per function object: supports() asks on every call
 def flash_mla_natural_lse(fn: Any) -> bool:
     """Whether this ``flash_mla_sparse_fwd`` returns a natural-log lse. FlashMLA 082094b
     (2026-01-16) switched sparse prefill from base 2 to natural log and added ``topk_length`` in the

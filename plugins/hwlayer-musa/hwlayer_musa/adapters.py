@@ -65,6 +65,7 @@ def _common(x: torch.Tensor, module: str, dtypes: tuple[torch.dtype, ...]) -> bo
 #      attn_sink=None, topk_length=None) -> (out, max_logits, lse); FlashMLA's current API
 
 
+@cache  # per function object
 def _natural_lse(fn) -> bool:
     """FlashMLA's API with ``topk_length`` (which mate mirrors) returns a natural-log lse; the
     older one without it returned base 2 (deepseek-ai/FlashMLA 082094b, 2026-01-16)."""
