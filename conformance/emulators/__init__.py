@@ -32,7 +32,9 @@ How it is switched on (tests only, never in production):
   imports) and reloads the registry.
 
 ``pytest conformance/ --backend ascend --emulated`` uses this for a whole session
-(conformance/conftest.py); ``tests/test_emulators.py`` uses :func:`emulation` per test.
+(conformance/conftest.py); ``tests/test_backends_emulated.py`` uses :func:`activate` per test and
+checks the emulators' signatures against ``stubs/``, recorded from the vendors' own files (the
+torch-npu wheel, the libraries' sources at named commits) by :mod:`.record_stubs`.
 """
 
 from __future__ import annotations
