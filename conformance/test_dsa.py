@@ -3,6 +3,8 @@
 Batches are varlen over a paged cache with a shuffled block table and contexts spanning many
 blocks: whole-prompt prefill, chunked prefill (context longer than the query count), one-token
 decode, a sequence with no query tokens, and contexts shorter than ``topk`` (``-1`` padding).
+Attention also runs with every logit near +120 and near -120, beyond fp32 exp's range, where only
+a softmax that subtracts the running max stays finite.
 """
 
 from __future__ import annotations
