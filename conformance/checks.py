@@ -24,6 +24,7 @@ from .report import CaseResult, Recorder
 
 TOLERANCES_FILE = Path(__file__).with_name("tolerances.yaml")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}  # half an ulp, relative
 _FIELDS = ("atol", "rtol", "atol_per_k")
 
 

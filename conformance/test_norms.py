@@ -8,7 +8,7 @@ import torch
 
 from . import golden
 from .cases import generator, randn
-from .checks import Tolerance, triton_interpreter
+from .checks import UNIT_ROUNDOFF, Tolerance, triton_interpreter
 
 HIDDEN = 64
 EPS = 1e-6
@@ -91,7 +91,6 @@ def test_rms_norm_model_widths(checker, dtype, device, case):
     _row_scale(ck, "out with residual", out, want)
 
 
-UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 SIGNIFICAND_BITS = {"fp32": 24, "bf16": 8, "fp16": 11}
 
 
