@@ -8,6 +8,7 @@ message naming op, case, dtype and the error figures when it fails.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .report import CaseResult, Recorder
 
 TOLERANCES_FILE = Path(__file__).with_name("tolerances.yaml")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}  # half an ulp, relative
 _FIELDS = ("atol", "rtol", "atol_per_k")
 
 
@@ -56,6 +58,14 @@ def load_tolerances(path: Path = TOLERANCES_FILE) -> dict[str, Any]:
             raise ToleranceFileError(f"{path.name}: ops.{op}: unknown op")
         for dtype, entry in by_dtype.items():
             _validate(f"ops.{op}.{dtype}", dtype, entry)
+    for op, by_dtype in (data.get("interpreter") or {}).items():
+        if op not in CATALOGUE:
+            raise ToleranceFileError(f"{path.name}: interpreter.{op}: unknown op")
+        for dtype, entry in by_dtype.items():
+            where = f"interpreter.{op}.{dtype}"
+            _validate(where, dtype, entry, allow_reason=True)
+            if not str(entry.get("reason") or "").strip():
+                raise ToleranceFileError(f"{path.name}: {where}: an interpreter override needs a written 'reason'")
     for backend, by_op in (data.get("backends") or {}).items():
         for op, by_dtype in (by_op or {}).items():
             for dtype, entry in by_dtype.items():
@@ -74,14 +84,22 @@ def _validate(where: str, dtype: str, entry: Any, allow_reason: bool = False) ->
         raise ToleranceFileError(f"{TOLERANCES_FILE.name}: {where}: expected a mapping with keys {sorted(allowed)}")
 
 
-def tolerance_for(data: dict[str, Any], backend: str, op: str, dtype: str) -> Tolerance:
+def triton_interpreter() -> bool:
+    """Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def tolerance_for(data: dict[str, Any], backend: str, op: str, dtype: str, interpreter: bool = False) -> Tolerance:
+    """defaults < ops < interpreter (when ``interpreter``) < backends; the last override's reason wins."""
     values = dict(data["defaults"][dtype])
     values.update((data.get("ops") or {}).get(op, {}).get(dtype, {}))
-    override = ((data.get("backends") or {}).get(backend) or {}).get(op, {}).get(dtype)
+    overrides = [((data.get("interpreter") or {}).get(op) or {}).get(dtype) if interpreter else None,
+                 ((data.get("backends") or {}).get(backend) or {}).get(op, {}).get(dtype)]
     reason = None
-    if override:
-        values.update({k: v for k, v in override.items() if k != "reason"})
-        reason = override["reason"]
+    for override in overrides:
+        if override:
+            values.update({k: v for k, v in override.items() if k != "reason"})
+            reason = override["reason"]
     return Tolerance(float(values["atol"]), float(values["rtol"]), float(values.get("atol_per_k", 0.0)), reason)
 
 
@@ -139,22 +157,30 @@ class Checker:
         self.plan = plan
         self.device = plan.device
         self.fn: Callable = getattr(plan, op)
-        self.tol = tolerance_for(tolerances, plan.backend.name, op, dtype)
+        self.tol = tolerance_for(tolerances, plan.backend.name, op, dtype, triton_interpreter())
+        self._tolerances = tolerances
         self.result: CaseResult = recorder.case(op, dtype, case, nodeid)
         self.result.override = self.tol.override()
         self.recorder = recorder
         self._calls_before = dict(plan.call_counts())
 
+    def tolerance_of(self, dtype: str) -> Tolerance:
+        """This op's tolerance for another dtype: for an output whose arithmetic does not depend on
+        the input dtype (sparse_mla_attention's fp32 lse from fp32 logits)."""
+        return tolerance_for(self._tolerances, self.plan.backend.name, self.op, dtype, triton_interpreter())
+
     def label(self) -> str:
         return f"{self.op} [{self.case}] {self.dtype_name}"
 
     def finish(self) -> None:
-        """Record which implementation tiers served this case (from the traced plan)."""
+        """Record which implementations served this case, from the traced plan's call counts
+        (never from the plan entry: a native adapter whose ``supports()`` declines hands the call
+        to the next tier, and only the counts show it)."""
         for (op, tier), n in self.plan.call_counts().items():
             delta = n - self._calls_before.get((op, tier), 0)
             if op == self.op and delta:
-                short = "native" if tier == "native" else "inherited" if tier.startswith("inherited") else "generic"
-                self.result.calls[short] = self.result.calls.get(short, 0) + delta
+                self.result.calls[tier] = self.result.calls.get(tier, 0) + delta
+                self.result.implementations.setdefault(tier, tier_implementation(self.plan, op, tier))
 
     # ---------------------------------------------------------------------------------------
 
@@ -287,6 +313,30 @@ class Checker:
         self.recorder.add_timing(self.op, self.dtype_name, self.case, backend_ms, generic_ms, runs)
         for key, n in self.plan.call_counts().items():  # timing calls are not the case's calls
             self._calls_before[key] = self._calls_before.get(key, 0) + n - counts_before.get(key, 0)
+
+
+def tier_implementation(plan: Any, op: str, tier: str) -> str:
+    """The function(s) behind a traced tier label (``native``, ``inherited:<backend>``, ``generic``)."""
+    if tier == "generic":
+        return f"hwlayer.ops.{op}" + (" (composite of the plan's parts)" if CATALOGUE[op].composite else "")
+    from hwlayer.registry import registry  # the registry the plan was resolved from (cached)
+
+    backend = plan.backend.name if tier == "native" else tier.removeprefix("inherited:")
+    names = [f"{r.fn.__module__}.{r.fn.__qualname__}" for r in registry().implementations(op, backend)]
+    return " | ".join(names) or f"{backend} implementation"
+
+
+def skip_unless_reference(backend_name: str) -> None:
+    """Skip a suite self-test (it checks the suite, not the backend) unless the backend under test
+    is the reference: it runs once, with ``--backend cpu``, instead of counting as a pass for
+    every backend."""
+    import pytest
+
+    import hwlayer
+
+    if not hwlayer.select_backend(backend_name).reference:
+        pytest.skip("suite self-test: checks the conformance suite itself, not the backend; runs with the "
+                    "reference backend (--backend cpu)")
 
 
 def _median_ms(fn: Callable, args: tuple, kwargs: dict, runs: int, device: torch.device) -> float:

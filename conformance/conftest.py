@@ -3,6 +3,8 @@
     pytest conformance/ --backend cpu                 # default: $GLM_BACKEND, else cpu
     pytest conformance/ --backend triton --dtype fp32 # --dtype repeatable or comma-separated
     pytest conformance/ --report reports/cpu.json     # also writes reports/cpu.md
+    pytest conformance/ --backend ascend --emulated   # vendor adapters against CPU emulators of the
+                                                      # vendor libraries' documented APIs (emulators/)
 
 Fixtures for test modules: ``backend_name``, ``plan`` (the backend's traced dispatch plan),
 ``device``, ``dtype`` (parametrised from ``--dtype``: "fp32" | "bf16" | "fp16"), ``checker``
@@ -34,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="dtype(s) to run: fp32, bf16, fp16 (repeatable or comma-separated; default all)")
     group.addoption("--report", default=None, metavar="PATH",
                     help="write a JSON report to PATH and a Markdown table next to it (.md)")
+    group.addoption("--emulated", action="store_true", default=False,
+                    help="run the backend's native adapters on CPU against emulators of its vendor libraries' "
+                         "documented APIs (conformance/emulators); the report says 'emulated from docs, not hardware'")
 
 
 def _dtypes(config: pytest.Config) -> list[str]:
@@ -51,11 +56,38 @@ def _backend(config: pytest.Config) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     name = _backend(config)
+    if config.getoption("--emulated"):
+        from . import emulators
+
+        try:
+            emulators.activate(name)  # before selection: the emulated backend detects as available
+        except (ValueError, RuntimeError) as exc:
+            raise pytest.UsageError(f"--emulated: {exc}") from None
     try:
         backend = hwlayer.select_backend(name)
     except hwlayer.BackendError as exc:
         raise pytest.UsageError(f"--backend {name}: {exc}") from None
-    config.stash[_RECORDER] = Recorder(name, backend.device_type, _dtypes(config), str(TOLERANCES_FILE.name))
+    recorder = Recorder(name, backend.device_type, _dtypes(config), str(TOLERANCES_FILE.name))
+    if config.getoption("--emulated"):
+        recorder.add_extra("emulation", {"status": "emulated from docs, not hardware", "verified": backend.verified})
+    config.stash[_RECORDER] = recorder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.getoption("--emulated"):
+        from . import emulators
+
+        emulators.deactivate()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--emulated"):
+        return
+    skip = pytest.mark.skip(reason="--emulated: EP cases spawn worker processes, which do not carry the test-only "
+                                   "emulators (EP runs the generic all_to_all on every backend)")
+    for item in items:
+        if "test_ep_" in item.nodeid:
+            item.add_marker(skip)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -122,7 +154,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
+def _unserved_native_ops(config: pytest.Config) -> list[str]:
+    """Under --emulated: ops the backend must serve natively that were called but never reached
+    their adapter (every call declined by ``supports()``: the generic op would be compared with itself).
+    Also records the native call count of every op in the report's ``emulation`` entry."""
+    from . import emulators
+
+    name = _backend(config)
+    counts = hwlayer.plan(name, trace=True).call_counts()
+    native = {op: n for (op, tier), n in sorted(counts.items()) if tier == "native"}
+    missing = []
+    for op in emulators.EXPECTED_NATIVE.get(name, ()):
+        calls = sum(n for (o, _tier), n in counts.items() if o == op)
+        if calls and not counts.get((op, "native"), 0):
+            missing.append(op)
+    recorder = config.stash.get(_RECORDER, None)
+    if recorder is not None and "emulation" in recorder.extra:
+        expected = list(emulators.EXPECTED_NATIVE.get(name, ()))
+        recorder.extra["emulation"].update(native_calls=native, expected_native=expected, never_served=missing)
+    return missing
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--emulated"):
+        missing = _unserved_native_ops(session.config)
+        if missing:
+            session.config.stash[_UNSERVED] = missing
+            session.exitstatus = exitstatus = pytest.ExitCode.TESTS_FAILED
     path = session.config.getoption("--report")
     recorder = session.config.stash.get(_RECORDER, None)
     if path and recorder is not None:
@@ -131,9 +189,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _REPORT_PATHS = pytest.StashKey[tuple]()
+_UNSERVED = pytest.StashKey[list]()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    unserved = config.stash.get(_UNSERVED, None)
+    if unserved:
+        terminalreporter.write_line(f"--emulated: native adapter(s) never served a call: {', '.join(unserved)} "
+                                    "(every call was declined by supports())", red=True)
     paths = config.stash.get(_REPORT_PATHS, None)
     if paths:
         terminalreporter.write_line(f"hwlayer conformance report: {paths[0]} and {paths[1]}")

@@ -33,7 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(rows)
     for i in range(rows.shape[0]):
         r = rows[i]
-        mean_square = sum(float(v) ** 2 for v in r) / r.numel()
+        mean_square = math.fsum(v * v for v in r.tolist()) / r.numel()  # exactly rounded sum
         out[i] = weight * r / math.sqrt(mean_square + eps)
     return out.reshape(x.shape)
 

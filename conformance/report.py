@@ -32,10 +32,15 @@ JSON schema ``hwlayer-conformance-report/1``::
                                         #   reduction length, see tolerances.yaml)
           "error_ratio": 0.12,          # max over elements of |err| / (atol + rtol * |golden|);
                                         #   a case passes when <= 1 (and integer parts match)
-          "origin": "native",           # "native" | "inherited" | "generic", from the plan entry
-          "plan_origin": "native+fallback",   # the plan entry's origin verbatim
-          "implementation": "pkg.module.fn",
-          "calls": {"native": 8, "generic": 0},  # traced calls during the cases, by tier
+          "origin": "triton 12 / generic 3",  # what SERVED the cases, from the traced calls: one
+                                        #   tier's name ("native", an inherited backend such as
+                                        #   "triton", "generic") or mixed tiers with their counts,
+                                        #   most calls first; "not called" when no call was traced
+          "plan_origin": "native+fallback",   # the plan entry's origin verbatim (what was planned)
+          "implementation": "pkg.module.fn",  # the plan entry's first-choice implementation
+          "calls": {"inherited:triton": 12, "generic": 3},  # traced calls during the cases, by tier
+          "implementations": {"inherited:triton": "hwlayer.backends.triton.adapters.rms_norm",
+                              "generic": "hwlayer.ops.rms_norm"},   # the function(s) behind each tier
           "tolerance_override": null,   # or {"reason": "...", "atol": .., "rtol": .., "atol_per_k": ..}
           "recall": null,               # top-k ops: mean recall of the golden top-k set
           "recall_min": null,           #            worst row's recall
@@ -45,7 +50,8 @@ JSON schema ``hwlayer-conformance-report/1``::
         }, ...
       ],
       "cases": [ {"op", "dtype", "case", "nodeid", "passed", "max_abs_err", "max_rel_err",
-                  "atol", "rtol", "error_ratio", "recall", "message"}, ... ],
+                  "atol", "rtol", "error_ratio", "recall", "message", "calls", "implementations",
+                  "origin"}, ... ],   # per case: which tier served it (same vocabulary as above)
       ...                               # extras other suites add (e.g. "model": {...})
     }
 
@@ -62,7 +68,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwlayer.certificate import json_safe
+from hwlayer.certificate import json_safe, served_origin, tier_name
 
 SCHEMA = "hwlayer-conformance-report/1"
 RESERVED_KEYS = frozenset(
@@ -89,7 +95,8 @@ class CaseResult:
     recall_min: float | None = None
     message: str | None = None
     override: dict[str, Any] | None = None
-    calls: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # traced calls by tier: native, inherited:x, generic
+    implementations: dict[str, str] = field(default_factory=dict)  # tier -> the function(s) behind it
 
     def merge(self, *, passed: bool, max_abs: float, max_rel: float, atol: float | None, rtol: float | None,
               ratio: float, message: str | None) -> None:
@@ -144,9 +151,11 @@ class Recorder:
             recalls = [c.recall for c in cases if c.recall is not None]
             mins = [c.recall_min for c in cases if c.recall_min is not None]
             calls: dict[str, int] = {}
+            implementations: dict[str, str] = {}
             for c in cases:
                 for tier, n in c.calls.items():
                     calls[tier] = calls.get(tier, 0) + n
+                implementations.update(c.implementations)
             entry = self.plan.get(op, {})
             plan_origin = entry.get("origin", "unknown")
             override = next((c.override for c in cases if c.override), None)
@@ -162,10 +171,11 @@ class Recorder:
                     "atol": worst.atol,
                     "rtol": worst.rtol,
                     "error_ratio": worst.error_ratio,
-                    "origin": simple_origin(plan_origin),
+                    "origin": served_origin(calls),
                     "plan_origin": plan_origin,
                     "implementation": entry.get("implementation"),
                     "calls": calls,
+                    "implementations": implementations,
                     "tolerance_override": override,
                     "recall": sum(recalls) / len(recalls) if recalls else None,
                     "recall_min": min(mins) if mins else None,
@@ -195,7 +205,7 @@ class Recorder:
             "tolerances": self.tolerances,
             "plan": self.plan,
             "records": records,
-            "cases": [json_safe(asdict(c)) for c in self.cases.values()],
+            "cases": [json_safe(asdict(c) | {"origin": served_origin(c.calls)}) for c in self.cases.values()],
             **self.extra,
         }
 
@@ -227,6 +237,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _origin_cell(r: dict[str, Any]) -> str:
+    """The served origin, plus the plan's where the two disagree (e.g. a native adapter that declined)."""
+    plan_origin = r.get("plan_origin") or "unknown"
+    planned = tier_name(plan_origin.removesuffix("+fallback"))
+    return r["origin"] if r["origin"] == planned else f"{r['origin']} (plan: {plan_origin})"
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     """The report as a Markdown table: op x dtype -> pass/fail, errors, tolerance, origin, recall."""
     lines = [
@@ -235,7 +252,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"torch {data['torch']}, hwlayer {data['hwlayer']}, device `{data['device']}`, created {data['created']}. "
         f"Overall: **{'PASS' if data['passed'] else 'FAIL'}** (pytest exit status {data['pytest_exit_status']}).",
         "",
-        "| op | dtype | result | cases | max abs err | max rel err | atol | rtol | err/tol | origin "
+        "| op | dtype | result | cases | max abs err | max rel err | atol | rtol | err/tol | served by "
         "| top-k recall | backend ms | generic ms | tolerance override |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -246,7 +263,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {r['op']} | {r['dtype']} | {'pass' if r['passed'] else '**FAIL**'} | {r['cases']} "
             f"| {_fmt(r['max_abs_err'])} | {_fmt(r['max_rel_err'])} | {_fmt(r['atol'])} | {_fmt(r['rtol'])} "
-            f"| {_fmt(r['error_ratio'])} | {r['origin']} | {recall} | {_fmt(timing.get('backend_ms'))} "
+            f"| {_fmt(r['error_ratio'])} | {_origin_cell(r)} | {recall} | {_fmt(timing.get('backend_ms'))} "
             f"| {_fmt(timing.get('generic_ms'))} | {override} |"
         )
     failed = [r for r in data["records"] if not r["passed"]]

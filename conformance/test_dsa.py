@@ -3,6 +3,8 @@
 Batches are varlen over a paged cache with a shuffled block table and contexts spanning many
 blocks: whole-prompt prefill, chunked prefill (context longer than the query count), one-token
 decode, a sequence with no query tokens, and contexts shorter than ``topk`` (``-1`` padding).
+Attention also runs with every logit near +120 and near -120, beyond fp32 exp's range, where only
+a softmax that subtracts the running max stays finite.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from . import golden
 from .cases import generator, paged_batch, randn
+from .checks import Tolerance
 
 INDEX_HEADS, INDEX_DIM = 4, 32
 BLOCK_SIZE = 8
@@ -55,7 +58,12 @@ ATTENTION_CASES = {
     # name: (query counts, context lengths, indices per token)
     "varlen-prefill-with-padding": ([3, 1, 4], [3, 25, 30], 12),
     "decode": ([1, 1], [17, 40], 16),
+    # logits around +120 / -120 (exp overflows / underflows fp32 beyond +-88 / -103): a softmax
+    # without the running max subtraction gives inf/inf or 0/0; a correct one is unaffected
+    "logits+120": ([2, 1], [20, 33], 16),
+    "logits-120": ([2, 1], [20, 33], 16),
 }
+LOGIT_SHIFT = {"logits+120": 120.0, "logits-120": -120.0}
 
 
 def _indices(gen: torch.Generator, q_lens: list[int], seq_lens: list[int], K: int) -> torch.Tensor:
@@ -74,6 +82,30 @@ def _indices(gen: torch.Generator, q_lens: list[int], seq_lens: list[int], K: in
     return torch.tensor(rows, dtype=torch.int32)
 
 
+def _shifted_logits(ck, q: torch.Tensor, kv_cache: torch.Tensor, shift: float):
+    """Every logit moved by ``shift`` with its spread (~2) kept: latent column 0 of every cache row
+    is 4 and q's column 0 is ``shift / (4 * SCALE)`` (rounded to an even integer, exact in every
+    dtype). The other entries are rounded to multiples of 1/16 within +-15.9 (8 significant bits:
+    exact in bf16 and fp16 too), so every partial sum of q . k is a multiple of 2^-8 below 2^12 and
+    exact in fp32 whatever the summation order: the dot products carry no rounding at all.
+
+    What rounding is left is the contract's: logits ``scale * (q . k)`` formed in fp32 carry
+    2^-24 |logit| each, which moves ``out`` by up to that times the value spread (2 max|v|) and
+    ``lse`` by that much; the tolerance gets that term (x2 for an exp2-based softmax's
+    ``log2(e)`` factor) on top of the op's entry.
+    """
+    grid = lambda t: (golden._f64(t) * 16).round().clamp(-254, 254) / 16  # noqa: E731
+    kv = grid(kv_cache)
+    kv[..., 0] = 4.0
+    qq = grid(q)
+    qq[..., 0] = 2 * round(shift / (4 * SCALE) / 2)
+    q, kv_cache = qq.to(q.device, q.dtype), kv.to(kv_cache.device, kv_cache.dtype)
+    v_max = float(kv[..., :LATENT].abs().max())
+    logit_max = float((golden._f64(q) @ golden._f64(kv_cache).reshape(-1, kv.shape[-1]).T).abs().max()) * SCALE
+    extra = 2 * 2.0**-24 * logit_max * 2 * v_max
+    return q, kv_cache, Tolerance(ck.tol.atol + extra, ck.tol.rtol, ck.tol.atol_per_k, ck.tol.override_reason)
+
+
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_sparse_mla_attention(checker, dtype, device, case):
     ck = checker("sparse_mla_attention", case)
@@ -83,6 +115,9 @@ def test_sparse_mla_attention(checker, dtype, device, case):
     T, Dk = batch.num_tokens, LATENT + ROPE_DIM
     q = randn(gen, (T, HEADS, Dk), ck.dtype, device, scale=3.0)  # spread-out logits: a wrong scale shows
     kv_cache = randn(gen, (batch.num_blocks, BLOCK_SIZE, Dk), ck.dtype, device)
+    tol = ck.tol
+    if case in LOGIT_SHIFT:
+        q, kv_cache, tol = _shifted_logits(ck, q, kv_cache, LOGIT_SHIFT[case])
     indices = _indices(gen, q_lens, seq_lens, K)
     block_table, cu, lens = batch.tensors(device)
 
@@ -91,7 +126,12 @@ def test_sparse_mla_attention(checker, dtype, device, case):
     ck.shape_dtype("lse", lse, (T, HEADS), torch.float32)
     g_out, g_lse = golden.sparse_mla_attention(q, kv_cache, indices, batch.block_table, batch.cu_seqlens_q,
                                                seq_lens, SCALE, LATENT)
-    ck.close("lse", lse, g_lse, k=Dk)
-    ck.close("out", out, g_out, k=Dk)
+    # lse is fp32 from fp32 logits whatever the input dtype (products of dtype inputs are exact in
+    # fp32): it gets the fp32 tolerance, not the output dtype's.
+    lse_tol = ck.tolerance_of("fp32")
+    if case in LOGIT_SHIFT:
+        lse_tol = Tolerance(lse_tol.atol + tol.atol - ck.tol.atol, lse_tol.rtol, lse_tol.atol_per_k)
+    ck.close("lse (fp32 tolerance)", lse, g_lse, k=Dk, tol=lse_tol)
+    ck.close("out", out, g_out, k=Dk, tol=tol)
     if case == "varlen-prefill-with-padding":
         ck.time(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)

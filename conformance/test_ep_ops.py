@@ -12,7 +12,8 @@ float64 golden single-process, naively, from the full inputs; then it runs the o
 * MoE: dispatch -> ``fused_experts`` on the local experts (one row per assignment, weight 1, as
   the model runs it) -> combine equals the dense MoE ``sum_slot w * expert(x)`` in float64;
 * skewed routing: every token to one rank's experts, a rank that receives nothing, an expert
-  with no tokens, a rank with no tokens of its own, no tokens anywhere;
+  with no tokens, a rank with no tokens of its own, no tokens anywhere (exact empty shapes, then a
+  real step on the same group that must still be right);
 * bad input (ids out of range, experts not divisible by the world size): ``ValueError`` on every
   rank before any collective, naming the argument.
 
@@ -166,6 +167,17 @@ def _close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: 
 
 
 def _run_scenario(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed: int) -> None:
+    if name == "no_tokens_anywhere":
+        # An empty step has nothing to compare but shapes: check those exactly, then run a real
+        # step right after it on the same process group and plan. State an empty step leaves
+        # behind (buffers or split sizes sized for zero, a handle reused) shows up there.
+        _run_step(plan, rank, world, name, dtype_name, seed, empty=True)
+        _run_step(plan, rank, world, "uniform", dtype_name, seed + 7919)
+    else:
+        _run_step(plan, rank, world, name, dtype_name, seed)
+
+
+def _run_step(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed: int, empty: bool = False) -> None:
     dtype = DTYPES[dtype_name]
     p = _problem(world, name, dtype, seed)
     dev = plan.device
@@ -223,8 +235,19 @@ def _run_scenario(plan: Any, rank: int, world: int, name: str, dtype_name: str, 
     moe = plan.ep_combine(y, handle, weights)
     expect(lambda: _close("dispatch -> fused_experts -> combine vs dense MoE", moe,
                           _golden_moe(p, rank, expert=True), *TOLERANCE[("moe", dtype_name)]))
+
+    def check_empty() -> None:
+        for what, t, shape in (("ep_dispatch recv_x", recv_x, (0, HIDDEN)), ("ep_dispatch recv_local_ids",
+                               recv_ids, (0,)), ("ep_combine", out, (0, HIDDEN)), ("ep_combine after experts",
+                               moe, (0, HIDDEN))):
+            if tuple(t.shape) != shape or t.device.type != dev.type:
+                raise AssertionError(f"{what} of an empty step: shape {list(t.shape)} on {t.device}, "
+                                     f"expected {list(shape)} on {dev.type}")
+
+    if empty:
+        expect(check_empty)
     if findings:
-        raise AssertionError("; ".join(findings))
+        raise AssertionError(f"{name}: " + "; ".join(findings))
 
 
 def _run_bad_input(plan: Any, rank: int, world: int) -> None:

@@ -1,4 +1,8 @@
-"""Self-checks of the conformance harness: tolerance file schema, error figures, report files."""
+"""Self-tests of the conformance harness: tolerance file schema, error figures, report files.
+
+They check the suite, not the backend, so they run once, with the reference backend (``--backend
+cpu``), and are skipped for every other backend instead of counting as its passes.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,13 @@ import math
 import pytest
 import torch
 
-from .checks import ToleranceFileError, error_figures, load_tolerances, tolerance_for
+from .checks import ToleranceFileError, error_figures, load_tolerances, skip_unless_reference, tolerance_for
 from .report import SCHEMA, Recorder
+
+
+@pytest.fixture(autouse=True)
+def _suite_self_test(backend_name: str) -> None:
+    skip_unless_reference(backend_name)
 
 
 def test_tolerance_file_is_valid_and_overrides_need_a_reason(tmp_path):
@@ -27,6 +36,12 @@ def test_tolerance_file_is_valid_and_overrides_need_a_reason(tmp_path):
     tol = tolerance_for(load_tolerances(good), "acme", "rms_norm", "fp32")
     assert tol.atol == 1e-3 and tol.rtol == 1e-5 and tol.override()["reason"] == "fp32 via tf32 units"
     assert tolerance_for(load_tolerances(good), "cpu", "rms_norm", "fp32").override() is None
+    # the interpreter section applies only under TRITON_INTERPRET=1, with its reason
+    plain, interp = (tolerance_for(data, "triton", "rms_norm", "bf16", interpreter=i) for i in (False, True))
+    assert interp.rtol > plain.rtol and "truncates" in interp.override()["reason"] and plain.override() is None
+    bad.write_text("defaults: {bf16: {atol: 1.0e-5, rtol: 1.0e-5}}\ninterpreter: {rope: {bf16: {rtol: 1.0e-2}}}\n")
+    with pytest.raises(ToleranceFileError, match="interpreter.rope.bf16: an interpreter override needs"):
+        load_tolerances(bad)
 
 
 def test_error_figures_ratio_and_infinities():
@@ -42,7 +57,9 @@ def test_report_round_trip(tmp_path):
     rec.plan = {"rms_norm": {"origin": "native+fallback", "implementation": "x.y", "plugin": "p", "reason": ""}}
     ok = rec.case("rms_norm", "fp32", "plain", "node1")
     ok.merge(passed=True, max_abs=1e-7, max_rel=1e-7, atol=1e-5, rtol=1e-5, ratio=0.01, message=None)
+    ok.calls = {"native": 3}
     bad = rec.case("rms_norm", "fp32", "wide", "node2")
+    bad.calls = {"native": 1, "generic": 2}  # the native adapter declined two of this case's calls
     bad.merge(passed=False, max_abs=math.inf, max_rel=math.inf, atol=None, rtol=None, ratio=math.inf,
               message="rms_norm [wide] fp32: raised RuntimeError: boom")
     rec.add_extra("model", {"perplexity": 1.0})
@@ -51,9 +68,13 @@ def test_report_round_trip(tmp_path):
     assert data["schema"] == SCHEMA and data["backend"] == "cpu" and data["torch"] == torch.__version__
     (record,) = data["records"]
     assert record["cases"] == 2 and not record["passed"] and record["failed_cases"] == ["wide"]
-    assert record["error_ratio"] == "inf" and record["origin"] == "native"
+    assert record["error_ratio"] == "inf" and record["plan_origin"] == "native+fallback"
+    # origin comes from the traced calls, not from the plan: mixed tiers with their counts
+    assert record["origin"] == "native 4 / generic 2" and record["calls"] == {"native": 4, "generic": 2}
+    assert [c["origin"] for c in data["cases"]] == ["native", "generic 2 / native 1"]
     assert record["message"].startswith("rms_norm [wide] fp32")
     assert data["model"] == {"perplexity": 1.0} and not data["passed"]
-    assert "| rms_norm | fp32 | **FAIL** | 2 |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| rms_norm | fp32 | **FAIL** | 2 |" in md and "| native 4 / generic 2 (plan: native+fallback) |" in md
     with pytest.raises(ValueError, match="reserved"):
         rec.add_extra("records", [])

@@ -21,6 +21,8 @@ from model import Batch, load_model
 from model.generate import score
 from model.tiny import make_tiny_checkpoint
 
+from .checks import skip_unless_reference
+
 SEQ = 24
 # Per model dtype: max |logit error|, min top-1 agreement, max mean KL(golden || model).
 # Reduced precision is judged on agreement and KL: a rounding can flip a routed expert or an
@@ -153,8 +155,10 @@ def test_logits_against_float64_golden(checkpoint, request, dtype):
     assert kl <= tol_kl, f"{backend}/{model_dtype}: mean KL {kl:.3g} > {tol_kl}"
 
 
-def test_golden_is_sensitive_to_the_sparse_mask(checkpoint):
-    """The golden itself must depend on index_topk (else the comparison would not test DSA)."""
+def test_golden_is_sensitive_to_the_sparse_mask(checkpoint, request):
+    """The golden itself must depend on index_topk (else the comparison would not test DSA).
+    A suite self-test: runs with the reference backend only."""
+    skip_unless_reference(_backend(request))
     ids = torch.randint(0, 500, (SEQ,), generator=torch.Generator().manual_seed(1))
     cfg_path = checkpoint / "config.json"
     sparse = golden_logits(checkpoint, ids)

@@ -116,6 +116,40 @@ def _timing(rec: dict[str, Any]) -> tuple[float | None, float | None]:
     return backend_ms, generic_ms
 
 
+_TIER_ORDER = ("native", "inherited", "generic")
+
+
+def tier_name(tier: str) -> str:
+    """Display name of a traced tier label: ``native``, the inherited backend (``inherited:triton``
+    -> ``triton``), ``generic``."""
+    return tier.removeprefix("inherited:")
+
+
+def served_origin(calls: dict[str, int]) -> str:
+    """What served a set of calls, from the traced counts (``DispatchPlan.call_counts``): one
+    tier's name, or every tier that served some of them with its count, most calls first
+    (``"triton 12 / generic 3"``); ``"not called"`` when nothing was traced."""
+    live = [(tier, n) for tier, n in calls.items() if n]
+    if not live:
+        return "not called"
+    if len(live) == 1:
+        return tier_name(live[0][0])
+    rank = {t: i for i, t in enumerate(_TIER_ORDER)}
+    live.sort(key=lambda tn: (-tn[1], rank.get(tn[0].split(":")[0], 9), tn[0]))
+    return " / ".join(f"{tier_name(t)} {n}" for t, n in live)
+
+
+def _serving(origin: str, calls: dict[str, int]) -> str:
+    """``native`` (no call reached the generic fallback; inherited tiers count as the backend's
+    own), ``mixed`` (some did), ``fallback`` (all did). From the traced calls when the report
+    has them, else from the origin string."""
+    live = {t: n for t, n in calls.items() if n}
+    if live:
+        generic = live.get("generic", 0)
+        return "fallback" if generic == sum(live.values()) else "mixed" if generic else "native"
+    return "native" if origin.startswith(("native", "inherited")) else "fallback"
+
+
 def normalise_record(rec: dict[str, Any]) -> dict[str, Any]:
     """One op x dtype record in the certificate's own field names."""
     if not isinstance(rec, dict) or "op" not in rec:
@@ -134,6 +168,8 @@ def normalise_record(rec: dict[str, Any]) -> dict[str, Any]:
     if passed_raw is None and "status" in rec:
         passed_raw = str(rec["status"]).lower() in ("pass", "passed", "ok")
     calls = rec.get("calls") if isinstance(rec.get("calls"), dict) else {}
+    calls = {str(k): int(v) for k, v in calls.items() if isinstance(v, (int, float))}
+    serving = _serving(origin, calls)
     cases = rec.get("cases")
     return {
         "op": str(rec["op"]),
@@ -146,9 +182,12 @@ def normalise_record(rec: dict[str, Any]) -> dict[str, Any]:
         "rtol": rtol,
         "error_ratio": ratio,
         "origin": origin,
-        "native": origin.startswith("native") or origin.startswith("inherited"),
+        "serving": serving,
+        "native": serving == "native",
         "implementation": rec.get("implementation"),
-        "calls": {str(k): int(v) for k, v in calls.items() if isinstance(v, (int, float))},
+        "implementations": dict(rec.get("implementations") or {}),
+        "plan_origin": rec.get("plan_origin"),
+        "calls": calls,
         "recall": _num(rec.get("recall")),
         "recall_min": _num(rec.get("recall_min")),
         "failed_cases": list(rec.get("failed_cases") or []),
@@ -193,6 +232,12 @@ def _merge_cases(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keep["failed_cases"] = cur["failed_cases"] + r["failed_cases"]
         keep["passed"] = cur["passed"] and r["passed"]
         keep["tolerance_override"] = cur["tolerance_override"] or r["tolerance_override"]
+        if cur["calls"] or r["calls"]:  # what served the merged cases: all of their calls
+            keep["calls"] = {t: cur["calls"].get(t, 0) + r["calls"].get(t, 0) for t in {**cur["calls"], **r["calls"]}}
+            keep["implementations"] = {**cur["implementations"], **r["implementations"]}
+            keep["origin"] = served_origin(keep["calls"])
+            keep["serving"] = _serving(keep["origin"], keep["calls"])
+            keep["native"] = keep["serving"] == "native"
         merged[key] = keep
     return list(merged.values())
 
@@ -304,8 +349,9 @@ def build_certificate(report: dict[str, Any], env: dict[str, Any] | None = None)
             "passed": not failed and bool(records),
             "records": len(records),
             "failed": failed,
-            "native": sum(1 for r in records if r["native"]),
-            "fallback": sum(1 for r in records if not r["native"]),
+            "native": sum(1 for r in records if r["serving"] == "native"),
+            "mixed": sum(1 for r in records if r["serving"] == "mixed"),
+            "fallback": sum(1 for r in records if r["serving"] == "fallback"),
             "overrides": sum(1 for r in records if r["tolerance_override"]),
             "max_error_ratio": max(ratios) if ratios else None,
         },
@@ -340,10 +386,15 @@ def _speed(r: dict[str, Any]) -> str:
 
 
 def _path(r: dict[str, Any]) -> str:
-    """native / inherited / generic, with the traced call counts when the report has them."""
+    """What served the op, from the traced calls: one tier with its call count, or the mixed
+    tiers with theirs; the plan's origin is added where it promised something else."""
     text = "generic fallback" if r["origin"] == "generic" else r["origin"]
-    if r["calls"]:
-        text += " (" + ", ".join(f"{n} {tier}" for tier, n in sorted(r["calls"].items())) + " calls)"
+    total = sum(r["calls"].values())
+    if total and "/" not in r["origin"]:
+        text += f" ({total} calls)"
+    plan = r.get("plan_origin")
+    if plan and r["calls"] and tier_name(plan.removesuffix("+fallback")) != r["origin"]:
+        text += f"; plan: {plan}"
     return text
 
 
@@ -384,7 +435,8 @@ def render_markdown(cert: dict[str, Any]) -> str:
     verdict = "PASSED" if s["passed"] else f"FAILED ({len(s['failed'])}: {', '.join(s['failed']) or 'no records'})"
     lines = [f"# hwlayer conformance certificate: `{cert['backend']}`", "", f"**Result: {verdict}**", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _env_rows(cert)]
-    lines += ["", f"{s['records']} op x dtype records: {s['native']} native, {s['fallback']} generic fallback, "
+    lines += ["", f"{s['records']} op x dtype records: {s['native']} served natively, {s.get('mixed', 0)} partly "
+              f"by the generic fallback, {s['fallback']} by the generic fallback only (from traced calls), "
               f"{s['overrides']} with a tolerance override; highest error ratio "
               f"{_fmt(s['max_error_ratio'])} (1.0 = at the tolerance).", ""]
     lines += ["## Per op and dtype", "",
@@ -445,8 +497,9 @@ def render_html(cert: dict[str, Any]) -> str:
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
            f"<title>hwlayer certificate: {e(cert['backend'])}</title><style>{_CSS}</style></head><body>",
            f"<h1>hwlayer conformance certificate: <code>{e(cert['backend'])}</code></h1>",
-           f"<p>Result: {verdict}. {s['records']} op x dtype records, {s['native']} native, "
-           f"{s['fallback']} generic fallback, {s['overrides']} tolerance overrides; highest error ratio "
+           f"<p>Result: {verdict}. {s['records']} op x dtype records, {s['native']} served natively, "
+           f"{s.get('mixed', 0)} partly by the generic fallback, {s['fallback']} by the generic fallback only "
+           f"(from traced calls), {s['overrides']} tolerance overrides; highest error ratio "
            f"{e(_fmt(s['max_error_ratio']))}.</p><table>"]
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _env_rows(cert)]
     out.append("</table><h2>Error ratio heat map (max error / tolerance)</h2>")
@@ -462,7 +515,8 @@ def render_html(cert: dict[str, Any]) -> str:
             if r is None:
                 cells.append("<td style='background:#f4f4f4'></td>")
                 continue
-            label = _fmt(r["error_ratio"], ".2f") + ("" if r["native"] else " <small>(generic)</small>")
+            label = _fmt(r["error_ratio"], ".2f") + {"native": "", "mixed": " <small>(partly generic)</small>"}.get(
+                r["serving"], " <small>(generic)</small>")
             if r["tolerance_override"]:
                 label += " *"
             cls = " class='fail'" if not r["passed"] else ""
@@ -472,7 +526,8 @@ def render_html(cert: dict[str, Any]) -> str:
                          f"{label}</td>")
         out.append(f"<tr><th>{e(op)}</th>{''.join(cells)}</tr>")
     out.append("</table><p class='small'>* tolerance override (reason in the table below). "
-               "(generic) = the backend ran the generic torch fallback for this op.</p>")
+               "(generic) / (partly generic) = the generic torch fallback served all / some of this op's calls "
+               "(traced).</p>")
     out.append("<h2>Per op and dtype</h2><table><tr><th>op</th><th>dtype</th><th>result</th><th>cases</th>"
                "<th>max abs err</th><th>max rel err</th><th>atol</th><th>rtol</th><th>error ratio</th>"
                "<th>top-k recall</th><th>path</th><th>time vs generic</th><th>tolerance override</th></tr>")

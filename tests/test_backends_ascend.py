@@ -95,25 +95,33 @@ def test_rotary_mul_cos_sin_reproduce_our_rope(interleaved: bool) -> None:
     torch.testing.assert_close(npu_formula, ops.rope(x, positions, cache, interleaved))
 
 
-def test_nt_to_nn_weights_matches_linear_layout() -> None:
+def test_nt_weights_as_kn_view_is_a_transposed_view_of_the_linear_layout() -> None:
     w = torch.randn(3, 5, 4)  # [E, N, K]
     x = torch.randn(2, 4)
-    nn_w = convert.nt_to_nn_weights(w)
-    assert nn_w.shape == (3, 4, 5) and nn_w.is_contiguous()
-    torch.testing.assert_close(x @ nn_w[1], x @ w[1].t())
+    kn = convert.nt_weights_as_kn_view(w)
+    assert kn.shape == (3, 4, 5) and kn.data_ptr() == w.data_ptr() and not kn.is_contiguous()
+    torch.testing.assert_close(x @ kn[1], x @ w[1].t())
 
 
-def test_indexer_output_and_lse_conversions() -> None:
+def test_indexer_output_conversion() -> None:
     raw = torch.tensor([[[5, 2, -1, -1]], [[0, -1, -1, -1]]], dtype=torch.int32)  # TND [T, 1, sparse_count]
     assert convert.indexer_output_to_positions(raw, 3).tolist() == [[5, 2, -1], [0, -1, -1]]
     assert convert.indexer_output_to_positions((raw, torch.zeros(2, 1, 4)), 4).shape == (2, 4)
-    s = torch.randn(2, 3, 7)
-    m = s.amax(-1)
-    total = torch.exp(s - m[..., None]).sum(-1)
-    lse = convert.lse_from_max_sum(m[None], total[None])
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
-    empty = convert.lse_from_max_sum(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
-    assert empty.item() == float("-inf")
+
+
+def test_lse_over_positions_matches_the_contract_in_small_chunks() -> None:
+    torch.manual_seed(0)
+    bs, H, Dk = 4, 3, 10
+    kv = torch.randn(6, bs, Dk)
+    block_table = torch.tensor([[2, 0, 5], [1, 3, 4]], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    seq_lens = torch.tensor([9, 11], dtype=torch.int32)
+    q = torch.randn(5, H, Dk)
+    indices = torch.tensor([[0, 8, -1], [3, -1, -1], [10, 2, 7], [-1, -1, -1], [5, 1, 0]], dtype=torch.int32)
+    _, want = ops.sparse_mla_attention(q, kv, indices, block_table, cu, seq_lens, 0.3, 6)
+    got = convert.lse_over_positions(q, kv, indices, block_table, cu, seq_lens, 0.3, budget=1)  # one token a chunk
+    torch.testing.assert_close(got, want)
+    assert got[3].eq(float("-inf")).all()
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:

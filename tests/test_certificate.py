@@ -29,6 +29,13 @@ def _report(**overrides) -> dict:
         {"op": "lightning_indexer", "dtype": "fp32", "cases": 3, "passed": True, "max_abs_err": 0.0,
          "max_rel_err": 0.0, "atol": 1e-5, "rtol": 1.3e-6, "error_ratio": 0.0, "origin": "native",
          "calls": {"native": 6, "generic": 0}, "recall": 0.998, "recall_min": 0.99, "tolerance_override": None},
+        # the plan promised a native adapter, the traced calls show the Triton tier and the generic
+        # fallback served: the record says so (as the suite writes it, origin from the calls)
+        {"op": "sparse_mla_attention", "dtype": "bf16", "cases": 4, "passed": True, "max_abs_err": 0.002,
+         "max_rel_err": 0.003, "atol": 1e-2, "rtol": 4e-3, "error_ratio": 0.3, "origin": "triton 12 / generic 3",
+         "plan_origin": "native+fallback", "calls": {"inherited:triton": 12, "generic": 3},
+         "implementations": {"inherited:triton": "hwlayer.backends.triton.adapters.sparse_mla_attention",
+                             "generic": "hwlayer.ops.sparse_mla_attention"}, "tolerance_override": None},
         # exact-output op that mismatched: the suite writes the infinite ratio as the string "inf"
         {"op": "kv_cache_write", "dtype": "fp32", "cases": 2, "passed": False, "failed_cases": ["skip_padding"],
          "max_abs_err": "inf", "max_rel_err": "inf", "atol": 0.0, "rtol": 0.0, "error_ratio": "inf",
@@ -45,7 +52,8 @@ def test_certificate_summary_and_records():
     s = cert["summary"]
     assert cert["backend"] == "acme" and cert["environment"]["torch"] == "2.13.0"
     assert s["passed"] is False and s["failed"] == ["grouped_gemm/bf16", "kv_cache_write/fp32"]
-    assert s["records"] == 5 and s["native"] == 4 and s["fallback"] == 1 and s["overrides"] == 1
+    assert s["records"] == 6 and s["native"] == 4 and s["mixed"] == 1 and s["fallback"] == 1
+    assert s["overrides"] == 1
     assert s["max_error_ratio"] == float("inf")
     rec = {(r["op"], r["dtype"]): r for r in cert["records"]}
     assert rec[("grouped_gemm", "bf16")]["cases"] == 2 and rec[("grouped_gemm", "bf16")]["passed"] is False
@@ -55,6 +63,27 @@ def test_certificate_summary_and_records():
     assert rec[("lightning_indexer", "fp32")]["recall_min"] == 0.99
     assert rec[("lightning_indexer", "fp32")]["calls"] == {"native": 6, "generic": 0}
     assert rec[("kv_cache_write", "fp32")]["failed_cases"] == ["skip_padding"]
+    mla = rec[("sparse_mla_attention", "bf16")]
+    assert mla["serving"] == "mixed" and not mla["native"] and mla["origin"] == "triton 12 / generic 3"
+    assert mla["plan_origin"] == "native+fallback" and "triton" in mla["implementations"]["inherited:triton"]
+
+
+def test_served_origin_comes_from_the_calls():
+    assert cert_mod.served_origin({"inherited:triton": 12, "generic": 3}) == "triton 12 / generic 3"
+    assert cert_mod.served_origin({"generic": 3, "native": 3}) == "native 3 / generic 3"  # ties: native first
+    assert cert_mod.served_origin({"native": 5, "generic": 0}) == "native"
+    assert cert_mod.served_origin({"inherited:triton": 7}) == "triton"
+    assert cert_mod.served_origin({}) == "not called"
+    # a record whose origin string claims native but whose calls all reached the fallback
+    r = cert_mod.normalise_record({"op": "rms_norm", "dtype": "fp32", "passed": True, "origin": "native",
+                                   "calls": {"native": 0, "generic": 4}})
+    assert r["serving"] == "fallback" and not r["native"]
+    # several records of one op x dtype: the merged record's origin counts all of their calls
+    merged = cert_mod.build_certificate({"backend": "x", "records": [
+        {"op": "rope", "dtype": "fp32", "passed": True, "origin": "native", "calls": {"native": 2}},
+        {"op": "rope", "dtype": "fp32", "passed": True, "origin": "generic", "calls": {"generic": 1}},
+    ]})["records"][0]
+    assert merged["origin"] == "native 2 / generic 1" and merged["serving"] == "mixed"
 
 
 def test_all_passing_report_passes():
@@ -75,14 +104,16 @@ def test_written_files_are_self_contained(tmp_path):
     assert "<script" not in html and not re.search(r"(src|href)=['\"]?http", html)
     # heat map: one row per op, one column per dtype, colours from the ratio
     heat = html.split("<table class='heat'>")[1].split("</table>")[0]
-    assert heat.count("<tr>") == 5  # header + 4 ops
+    assert heat.count("<tr>") == 6  # header + 5 ops
+    assert "(partly generic)" in heat
     assert cert_mod.ratio_colour(0.95, True) in heat and cert_mod.ratio_colour(0.1, True) in heat
     assert "#8b0000" in heat  # the failure
     assert "bf16 output rounding of a 7168-wide reduction" in html
     assert "top1_agreement" in html and "kl_divergence" in md
     assert "**Result: FAILED (2: grouped_gemm/bf16, kv_cache_write/fp32)**" in md
     assert "| rms_norm | fp32 | pass | 1 |" in md and "(2.00x)" in md
-    assert "0.998 (min 0.990)" in md and "| native (0 generic, 6 native calls) |" in md
+    assert "0.998 (min 0.990)" in md and "| native (6 calls) |" in md
+    assert "| triton 12 / generic 3; plan: native+fallback |" in md
     assert "- `kv_cache_write` fp32: slot 3 not written (cases: skip_padding)" in md
     assert "slot 3 not written" in html
 

@@ -13,11 +13,14 @@ expert GEMMs (the ``fused_experts`` composite picks them up). Expert-parallel di
 generic ``all_to_all_single`` over hccl: ``npu_moe_distribute_dispatch_v2`` delivers rows grouped by
 expert with its own combine metadata, not the source-rank order the ``ep_dispatch`` contract fixes.
 
-Written against the torch-npu 2.14 API documentation; not run on Ascend hardware.
+Written against the torch-npu 2.14 API documentation (Ascend/op-plugin docs @517f2e7d0f20,
+2026-08-21); emulated in CI from those docs (``pytest conformance --backend ascend --emulated``,
+conformance/emulators/torch_npu.py); not run on Ascend hardware.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Callable
@@ -26,6 +29,7 @@ from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS
+from .device import emulation_note
 
 HWLAYER_HOOKSPEC_VERSION = "1.0"
 
@@ -70,7 +74,8 @@ BACKEND = Backend(
     detect=_detect,
     visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
     priority=70,
-    verified="written against torch_npu 2.14 API docs, not run on hardware",
+    verified=("written against torch_npu 2.14 / Ascend op-plugin docs @517f2e7d0f20 (2026-08-21), emulated in CI "
+              "from them (pytest conformance --emulated), not run on hardware"),
     install_hint=INSTALL_HINT,
     description="Huawei Ascend NPUs through torch_npu",
 )
@@ -78,7 +83,12 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    register(BACKEND)
+    note = emulation_note()
+    if note is None:
+        register(BACKEND)
+        return
+    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
+                                 verified=f"{note}; written against torch_npu 2.14 API docs"))
 
 
 @hookimpl

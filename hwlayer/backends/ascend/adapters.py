@@ -1,30 +1,46 @@
 """torch_npu adapters: our op contracts in, torch_npu's conventions out (conversions in ``convert.py``).
 
-Written against the torch-npu 2.14 op documentation and vllm-ascend's usage; NOT run on hardware.
-``torch_npu`` is imported inside the adapters only. Each ``*_supports`` declines calls whose tensors
-are not on an NPU or whose shapes/dtypes the op's documentation excludes; those go to generic torch.
+Written against the torch_npu op documentation -- Ascend/op-plugin master 517f2e7d0f20 (2026-08-21),
+``docs/zh/custom_APIs/torch_npu/torch_npu-<op>.md`` -- and the torch-npu 2.14.0 wheel's prototypes,
+plus vllm-ascend's usage; NOT run on hardware. CI runs them against CPU emulators of those docs
+(``conformance/emulators/torch_npu.py``). ``torch_npu`` is imported inside the adapters only. Each
+``*_supports`` declines calls whose tensors are not on the backend's device or whose shapes/dtypes
+the op's documentation excludes (Atlas A2/A3 limits); those go to generic torch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from . import convert
+from .device import device_type
 
 
 def _npu() -> Any:
-    import torch_npu  # noqa: PLC0415 - lazy: only on an Ascend machine
+    import torch_npu  # noqa: PLC0415 - lazy: only on an Ascend machine (or under the test emulation)
 
     return torch_npu
 
 
 def _on_npu(*tensors: Any) -> bool:
-    return all(isinstance(t, torch.Tensor) and t.device.type == "npu" for t in tensors)
+    dev = device_type()
+    return all(isinstance(t, torch.Tensor) and t.device.type == dev for t in tensors)
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*HALF_DTYPES, torch.float32)
+# npu_rms_norm's documented (self, gamma) dtype pairs on Atlas A2/A3.
+RMS_NORM_PAIRS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                  (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)}
+SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)  # npu_sparse_flash_attention N1 on Atlas A2/A3
+
+
+def _paged_block_ok(cache: torch.Tensor) -> bool:
+    """PA_BSND ``block_size``: a multiple of 16, at most 1024 (indexer and SFA docs)."""
+    return cache.shape[1] % 16 == 0 and cache.shape[1] <= 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,12 +50,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def rms_norm_supports(x: Any, weight: Any, eps: float, residual: Any = None) -> bool | str:
     if not _on_npu(x, weight) or (residual is not None and not _on_npu(residual)):
         return "needs NPU tensors"
-    if x.dtype not in (*HALF_DTYPES, torch.float32) or x.dim() < 2 or weight.dim() != 1:
+    if x.dtype not in FLOAT_DTYPES or not 2 <= x.dim() <= 8 or weight.dim() != 1:
         return "npu_rms_norm takes 2-8-D fp16/bf16/fp32 input"
     if weight.shape[0] != x.shape[-1] or (residual is not None and residual.shape != x.shape):
         return "shapes outside the contract"
-    if residual is not None and (residual.dtype != x.dtype or x.dtype not in HALF_DTYPES):
-        return "npu_add_rms_norm takes fp16/bf16 inputs of one dtype"
+    if residual is not None and (residual.dtype != x.dtype or x.numel() == 0):
+        return "npu_add_rms_norm takes x2 of x1's dtype and no empty tensors"
     return True
 
 
@@ -47,11 +63,18 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     npu = _npu()
-    gamma = weight.to(x.dtype)  # the ops want gamma in the input's dtype
+    # npu_rms_norm takes an fp32 gamma with fp16/bf16 input: never round the weight to x's dtype
+    # (the contract multiplies by the weight in fp32). Other pairs: fp32 gamma, an exact upcast.
+    gamma = weight if (x.dtype, weight.dtype) in RMS_NORM_PAIRS else weight.float()
     if residual is None:
         y, _rstd = npu.npu_rms_norm(x, gamma, epsilon=eps)
         return y
-    y, _rstd, x_sum = npu.npu_add_rms_norm(x, residual, gamma, eps)
+    if weight.dtype == x.dtype:
+        y, _rstd, x_sum = npu.npu_add_rms_norm(x, residual, weight, eps)  # gamma must have x1's dtype
+        return y, x_sum
+    # npu_add_rms_norm wants gamma in x1's dtype, which would round an fp32 weight: add, then norm.
+    x_sum = x + residual
+    y, _rstd = npu.npu_rms_norm(x_sum, gamma, epsilon=eps)
     return y, x_sum
 
 
@@ -62,11 +85,13 @@ def rms_norm(
 def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool) -> bool | str:
     if not _on_npu(x, positions, cos_sin_cache):
         return "needs NPU tensors"
-    if x.dim() not in (2, 3) or x.dtype not in (*HALF_DTYPES, torch.float32):
+    if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES:
         return "x outside the contract"
     D = x.shape[-1]
     if D % 2 or D >= 896 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D:
         return "npu_rotary_mul takes an even D < 896"
+    if x.dim() == 3 and x.shape[1] >= 1000:
+        return "npu_rotary_mul takes fewer than 1000 heads (B*N < 1000)"
     if positions.dim() != 1 or positions.shape[0] != x.shape[0]:
         return "positions outside the contract"
     return True
@@ -75,11 +100,14 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool)
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
     r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
-    x4 = x.reshape(T, 1, -1, D)  # BSND with B = tokens, S = 1, N = heads
-    r1 = r1.to(x.dtype).view(T, 1, 1, D)
-    r2 = r2.to(x.dtype).view(T, 1, 1, D)
-    out = _npu().npu_rotary_mul(x4, r1, r2, rotary_mode=convert.rotary_mode(interleaved))
-    return out.reshape(x.shape)
+    # SBND with S = tokens, B = 1, N = heads; r1/r2 as S11D, the one broadcast form the doc lists for
+    # both "half" and "interleave" modes.
+    # All three in fp32 (a documented dtype for each): the contract rotates with fp32 cos/sin, and
+    # cos/sin rounded to bf16 move a bf16 result by up to |x| * 2^-9, beyond the contract.
+    x4 = x.float().reshape(T, 1, -1, D)
+    mode = convert.rotary_mode(interleaved)
+    out = _npu().npu_rotary_mul(x4, r1.view(T, 1, 1, D), r2.view(T, 1, 1, D), rotary_mode=mode)
+    return out.to(x.dtype).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +123,8 @@ def lightning_indexer_supports(
         return "npu_lightning_indexer takes fp16/bf16 query [T, N<=64, 128]"
     if k_cache.dim() != 3 or k_cache.shape[-1] != 128 or weights.shape != q.shape[:2]:
         return "k_cache/weights outside the contract"
+    if not _paged_block_ok(k_cache):
+        return f"PA_BSND block_size must be a multiple of 16 and <= 1024, got {k_cache.shape[1]}"
     if not (1 <= topk <= 2048 or topk in (3072, 4096, 5120, 6144, 7168, 8192)):
         return "sparse_count must be 1..2048 or a documented larger size"
     if scale <= 0:
@@ -107,11 +137,12 @@ def lightning_indexer(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
 ) -> torch.Tensor:
     # The NPU op scores sum_h w_h * relu(q_h . k). Our scale > 0 multiplies every score of a token
-    # by the same factor (relu(s x) = s relu(x)), so the top-k is unchanged without it.
+    # by the same factor (relu(s x) = s relu(x)), so the top-k is unchanged without it. Weights stay
+    # fp32 (allowed on Atlas A2/A3 whatever the query dtype).
     out = _npu().npu_lightning_indexer(
         q.contiguous(),
         convert.to_pa_bsnd(k_cache.to(q.dtype)),
-        weights.to(q.dtype).contiguous(),
+        weights.float().contiguous(),
         actual_seq_lengths_query=convert.tnd_actual_seq_lengths(cu_seqlens_q),
         actual_seq_lengths_key=convert.kv_actual_seq_lengths(seq_lens),
         block_table=block_table.to(torch.int32),
@@ -130,8 +161,12 @@ def sparse_mla_attention_supports(
         return "needs NPU tensors"
     if q.dim() != 3 or q.dtype not in HALF_DTYPES or kv_cache.dim() != 3 or kv_cache.shape[-1] != q.shape[-1]:
         return "npu_sparse_flash_attention takes fp16/bf16 q and cache of one width"
-    if not 0 < v_dim < q.shape[-1]:
-        return "absorbed MLA needs a rope part (v_dim < Dk)"
+    if q.shape[-1] != 576 or v_dim != 512:
+        return "npu_sparse_flash_attention takes D 512 with a rope part of 64 (Dk 576, v_dim 512)"
+    if q.shape[1] not in SFA_HEADS:
+        return f"npu_sparse_flash_attention takes 1/2/4/.../128 query heads on Atlas A2/A3, got {q.shape[1]}"
+    if not _paged_block_ok(kv_cache):
+        return f"PA_BSND block_size must be a multiple of 16 and <= 1024, got {kv_cache.shape[1]}"
     if indices.dim() != 2 or indices.shape[0] != q.shape[0] or indices.shape[1] == 0:
         return "indices outside the contract"
     return True
@@ -142,9 +177,13 @@ def sparse_mla_attention(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_nope, q_rope = convert.split_query(q, v_dim)
+    # Two contiguous caches: Atlas A2/A3 take no non-contiguous key/key_rope, and our contract keeps
+    # one [.., 576] latent cache, so this is a copy per call (vllm-ascend stores them separately).
     c_cache, pe_cache = convert.split_latent_cache(kv_cache.to(q.dtype), v_dim)
-    sparse = convert.valid_first(indices.to(torch.int32)).unsqueeze(1)  # [T, KV_N=1, K]
-    out, softmax_max, softmax_sum = _npu().npu_sparse_flash_attention(
+    sparse = convert.valid_first(indices.to(torch.int32)).unsqueeze(1).contiguous()  # [T, KV_N=1, K]
+    # return_softmax_lse is documented for training with layout_kv other than PA_BSND only, so the
+    # kernel gives `out` and the lse comes from one extra scores pass in torch (chunked).
+    out, _softmax_max, _softmax_sum = _npu().npu_sparse_flash_attention(
         q_nope, c_cache, c_cache, sparse, scale,
         block_table=block_table.to(torch.int32),
         actual_seq_lengths_query=convert.tnd_actual_seq_lengths(cu_seqlens_q),
@@ -154,16 +193,17 @@ def sparse_mla_attention(
         layout_query="TND", layout_kv="PA_BSND",
         sparse_mode=0,  # attend to exactly the given positions (the indexer already applied causality)
         attention_mode=2,  # absorbed MLA: key and value are the same latent cache
-        return_softmax_lse=True,
+        return_softmax_lse=False,
     )
-    lse = convert.lse_from_max_sum(softmax_max, softmax_sum)
+    lse = convert.lse_over_positions(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale)
     empty = ~(indices >= 0).any(dim=1)
     out = out.masked_fill(empty[:, None, None], 0.0)
-    return out, lse.masked_fill(empty[:, None], float("-inf"))
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------
-# MoE: npu_moe_gating_top_k, npu_grouped_matmul, npu_swiglu
+# MoE: npu_moe_gating_top_k, npu_grouped_matmul, npu_swiglu, npu_moe_init_routing_v2,
+# npu_moe_token_unpermute
 
 
 def moe_route_supports(
@@ -179,6 +219,8 @@ def moe_route_supports(
         return "npu_moe_gating_top_k (sigmoid) always renormalises the top-k weights"
     if E > 2048 or n_group < 1 or E % n_group or E // n_group <= 2 or not 1 <= topk_group <= n_group:
         return "npu_moe_gating_top_k needs E <= 2048 split into groups of more than 2 experts"
+    if math.ceil(E // n_group / 32) * 32 * n_group > 2048:
+        return "npu_moe_gating_top_k needs align32(E / group_count) * group_count <= 2048"
     if not 1 <= top_k <= E // n_group * topk_group:
         return "top_k exceeds the experts of the kept groups"
     return True
@@ -208,17 +250,21 @@ def grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
         return "needs NPU tensors"
     if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1] or group_sizes.shape != (w.shape[0],):
         return "shapes outside the contract"
-    if x.dtype not in (*HALF_DTYPES, torch.float32):
+    if x.dtype not in FLOAT_DTYPES:
         return "npu_grouped_matmul takes fp16/bf16/fp32"
+    if w.shape[0] > 1024:
+        return "npu_grouped_matmul takes at most 1024 groups"
     return True
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    # Our weights are [E, N, K]; the op multiplies x @ w with w [E, K, N]: a copy per call (a model
-    # storing NPU-layout weights would skip it).
+    # Our weights are [E, N, K] (y = x @ w^T); the op takes [E, K, N] and documents "weight
+    # transposed" as supported, so a transposed view is passed: no copy (vllm-ascend moe_mlp.py does
+    # the same). Cumulative group ends (group_list_type=0) have no length-1 restriction.
+    weight = convert.nt_weights_as_kn_view(w.to(x.dtype).contiguous())
     out = _npu().npu_grouped_matmul(
-        [x], [convert.nt_to_nn_weights(w.to(x.dtype))],
-        group_list=group_sizes.long(), split_item=2, group_type=0, group_list_type=1,  # counts
+        [x.contiguous()], [weight],
+        group_list=convert.counts_to_cumulative(group_sizes), split_item=2, group_type=0, group_list_type=0,
     )
     return out[0]
 
@@ -226,13 +272,66 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
 def silu_and_mul_supports(x: Any) -> bool | str:
     if not _on_npu(x):
         return "needs NPU tensors"
-    if x.dtype not in (*HALF_DTYPES, torch.float32) or x.shape[-1] % 2:
+    if x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2 or not 1 <= x.dim() <= 8:
         return "x outside the contract"
+    if x.numel() == 0:
+        return "npu_swiglu takes no empty tensors"
     return True
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return _npu().npu_swiglu(x, dim=-1)  # swish(first half) * second half: gate first, as ours
+    # swish(first half) * second half: gate first, as ours. npu_swiglu takes no non-contiguous input.
+    return _npu().npu_swiglu(x.contiguous(), dim=-1)
+
+
+def moe_permute_supports(x: Any, topk_ids: Any, num_experts: int) -> bool | str:
+    if not _on_npu(x, topk_ids):
+        return "needs NPU tensors"
+    if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or x.dtype not in FLOAT_DTYPES:
+        return "x / topk_ids outside the contract"
+    if not 1 <= num_experts <= 10240:
+        return "npu_moe_init_routing_v2 takes expert_num in [1, 10240]"
+    if topk_ids.numel() == 0:
+        return "no assignments (nothing to sort)"
+    return True
+
+
+def moe_permute(
+    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Ids outside [0, num_experts) are dropped by the contract; the op sorts ids below the active
+    # range last and leaves them out of the counts, so they become -1 (ids above expert_num are not
+    # allowed by its doc).
+    ids = topk_ids.to(torch.int32)
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, -1))
+    expanded_x, row_idx, counts, _ = _npu().npu_moe_init_routing_v2(
+        x, ids, active_num=-1, expert_num=num_experts, drop_pad_mode=0,
+        expert_tokens_num_type=1, expert_tokens_num_flag=True,  # per-expert counts
+        active_expert_range=[0, num_experts],
+        row_idx_type=1,  # scatter index: sorted row j came from flat assignment row_idx[j] = our `order`
+    )
+    kept = int(counts.sum())  # rows past it are uninitialised; the generic op reads this count too
+    return expanded_x[:kept], counts.long(), row_idx[:kept].long()
+
+
+def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: int) -> bool | str:
+    if not _on_npu(y, order, topk_weights):
+        return "needs NPU tensors"
+    if y.dim() != 2 or order.dim() != 1 or topk_weights.dim() != 2 or topk_weights.shape[0] != num_tokens:
+        return "shapes outside the contract"
+    if y.dtype != torch.bfloat16:
+        return "npu_moe_token_unpermute takes bfloat16 tokens only"
+    if num_tokens < 1 or y.shape[0] != num_tokens * topk_weights.shape[1] or order.shape[0] != y.shape[0]:
+        return "npu_moe_token_unpermute needs every assignment kept (no dropped ids)"
+    if topk_weights.shape[1] > 512 or y.shape[0] >= 16777215:
+        return "npu_moe_token_unpermute takes topK <= 512 and fewer than 16777215 rows"
+    return True
+
+
+def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    # Row j goes back to flat assignment order[j] (Megatron's sorted_indices), then each token's topK
+    # rows are weighted by probs and summed. probs are bf16 per the doc.
+    return _npu().npu_moe_token_unpermute(y, order.long(), probs=topk_weights.to(torch.bfloat16))
 
 
 IMPLEMENTATIONS = {
@@ -243,4 +342,6 @@ IMPLEMENTATIONS = {
     "moe_route": (moe_route, moe_route_supports),
     "grouped_gemm": (grouped_gemm, grouped_gemm_supports),
     "silu_and_mul": (silu_and_mul, silu_and_mul_supports),
+    "moe_permute": (moe_permute, moe_permute_supports),
+    "moe_unpermute": (moe_unpermute, moe_unpermute_supports),
 }

@@ -4,14 +4,17 @@ Plain torch, no torch_npu: every function here is unit-tested on CPU against its
 meaning (tests/test_backends_ascend.py). The adapters in ``adapters.py`` call them right before
 handing tensors to the NPU op.
 
-Conventions on the torch_npu side (torch-npu 2.14 op docs, vllm-ascend usage):
+Conventions on the torch_npu side (torch-npu 2.14 op docs, Ascend/op-plugin docs @517f2e7d0f20,
+vllm-ascend usage):
 
 * ``TND`` layout: tokens of all sequences concatenated, ``actual_seq_lengths_query`` holding the
   *cumulative* token count at the end of each sequence (int32 ``[B]``, no leading zero).
 * ``PA_BSND`` paged caches: ``[num_blocks, block_size, N_kv, D]``; ``actual_seq_lengths_kv`` holds
   each sequence's own (non-cumulative) context length.
-* ``npu_grouped_matmul``: ``group_list_type=0`` wants cumulative row ends, ``1`` per-group counts;
-  weights are ``[E, K, N]`` (``y = x @ w``), where ours are nn.Linear ``[E, N, K]``.
+* ``npu_grouped_matmul``: ``group_list_type=0`` wants cumulative row ends, ``1`` per-group counts
+  (whose list may not have length 1); weights are ``[E, K, N]`` (``y = x @ w``), where ours are
+  nn.Linear ``[E, N, K]``; the doc lists "weight transposed" as supported, so a transposed view
+  serves without a copy.
 * ``npu_sparse_flash_attention``: each ``sparse_indices`` row must list its valid entries first and
   its invalid (``-1``) entries last.
 * ``npu_rotary_mul(x, r1, r2, mode)``: ``out = r1 * x + r2 * rotate(x)`` with full-width ``r1`` (cos)
@@ -22,6 +25,8 @@ Conventions on the torch_npu side (torch-npu 2.14 op docs, vllm-ascend usage):
 from __future__ import annotations
 
 import torch
+
+from hwlayer.ops import positions_to_slots, token_positions
 
 
 def counts_to_cumulative(group_sizes: torch.Tensor) -> torch.Tensor:
@@ -94,9 +99,10 @@ def rotary_mode(interleaved: bool) -> str:
     return "interleave" if interleaved else "half"
 
 
-def nt_to_nn_weights(w: torch.Tensor) -> torch.Tensor:
-    """nn.Linear-layout expert weights ``[E, N, K]`` -> ``npu_grouped_matmul``'s ``[E, K, N]``, contiguous."""
-    return w.transpose(1, 2).contiguous()
+def nt_weights_as_kn_view(w: torch.Tensor) -> torch.Tensor:
+    """nn.Linear-layout expert weights ``[E, N, K]`` (contiguous) -> ``npu_grouped_matmul``'s
+    ``[E, K, N]`` as a transposed view of the same memory (no copy)."""
+    return w.transpose(1, 2)
 
 
 def indexer_output_to_positions(out: torch.Tensor | tuple, topk: int) -> torch.Tensor:
@@ -108,10 +114,25 @@ def indexer_output_to_positions(out: torch.Tensor | tuple, topk: int) -> torch.T
     return torch.where(indices >= 0, indices, torch.full_like(indices, -1))
 
 
-def lse_from_max_sum(softmax_max: torch.Tensor, softmax_sum: torch.Tensor) -> torch.Tensor:
-    """``npu_sparse_flash_attention(..., return_softmax_lse=True)`` gives per-(KV head, token, head)
-    running max and sum of ``exp(s - max)``, ``[1, T, H]``. Natural-log ``lse = max + log(sum)``
-    ``[T, H]``; an empty row (sum 0) gives ``-inf``."""
-    m = softmax_max.reshape(softmax_max.shape[-2], softmax_max.shape[-1]).float()
-    s = softmax_sum.reshape(softmax_sum.shape[-2], softmax_sum.shape[-1]).float()
-    return torch.where(s > 0, m + torch.log(s.clamp(min=1e-38)), torch.full_like(m, float("-inf")))
+def lse_over_positions(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, budget: int = 1 << 25,
+) -> torch.Tensor:
+    """Natural-log ``lse[t, h] = log(sum_k exp(q[t, h] . kv[idx_k] * scale))`` over the valid
+    ``indices`` (fp32 ``[T, H]``, ``-inf`` for a token with none), computed in torch in token chunks
+    of about ``budget`` elements. ``npu_sparse_flash_attention`` documents ``return_softmax_lse``
+    only for training with a non-paged cache, so the Ascend adapter gets the lse this way."""
+    T, H, Dk = q.shape
+    K = indices.shape[1]
+    flat = kv_cache.reshape(-1, Dk)
+    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    step = max(1, budget // max(1, K * (Dk + H)))
+    for c0 in range(0, T, step):
+        c1 = min(T, c0 + step)
+        idx = indices[c0:c1]
+        kv = flat[positions_to_slots(block_table, seq_idx[c0:c1], idx, kv_cache.shape[1])].float()
+        s = torch.einsum("thd,tkd->thk", q[c0:c1].float(), kv) * scale
+        s.masked_fill_(~(idx >= 0)[:, None, :], float("-inf"))
+        lse[c0:c1] = torch.logsumexp(s, dim=-1)
+    return lse

@@ -7,6 +7,7 @@ registration. Ops: rms_norm, rope, moe_route, grouped_gemm on torch_mlu_ops, eac
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
@@ -16,7 +17,8 @@ from . import adapters
 HWLAYER_HOOKSPEC_VERSION = "1.0"
 
 NAME = "cambricon"
-VERIFIED = "written against torch_mlu_ops API (per vendor docs), not run on hardware"
+VERIFIED = ("written against torch_mlu_ops 1.12.1 _ops.py API docs; emulated in CI from them "
+            "(conformance --emulated); not run on hardware")
 INSTALL_HINT = ("install Cambricon's torch_mlu and torch_mlu_ops builds matching your torch (vendor channel), "
                 "with the Neuware/CNToolkit runtime; check devices with `cnmon`")
 
@@ -52,7 +54,13 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    register(BACKEND)
+    note = adapters.emulation_note()
+    if note is None:
+        register(BACKEND)
+        return
+    # A test process emulating this backend's libraries on CPU (hwlayer's conformance/emulators).
+    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
+                                 verified=f"{note}; {VERIFIED}"))
 
 
 @hookimpl

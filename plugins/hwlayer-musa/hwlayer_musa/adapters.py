@@ -1,15 +1,19 @@
 """hwlayer ops on Moore Threads' mate library: argument conversion, the mate call, conversion back.
 
-Written against mate's FlashMLA- and DeepGEMM-compatible API (``mate.flashmla``,
-``mate.deep_gemm``, ``mate.moe_fused_gate``) as documented by the vendor and used by vllm-musa,
-NOT run on hardware. Every adapter is behind a ``supports_*`` guard; declined calls run hwlayer's
-generic torch implementation. Details no source confirmed are marked "unverified".
+Written against MooreThreads/mate 3f58cc3 (2026-05-26): ``mate/flashmla.py``, ``mate/deep_gemm.py``,
+``mate/gemm.py``, ``mate/moe_fused_gate.py`` with ``csrc/moe_fused_gate.mu`` and
+``tests/test_fused_moe_gate.py``; NOT run on hardware. CI runs these adapters against CPU emulators
+of those APIs (hwlayer's ``conformance/emulators/mate.py``, ``pytest conformance --backend musa
+--emulated``). Every adapter is behind a ``supports_*`` guard; declined calls run hwlayer's generic
+torch implementation.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import sys
 from functools import cache
 from types import ModuleType
 
@@ -17,9 +21,7 @@ import torch
 
 from . import convert
 
-# Whether mate's flash_mla_sparse_fwd reports lse in base 2 (unverified; FlashMLA's interface
-# documents a natural-log lse). Conformance on hardware settles it: lse is compared to the golden.
-LSE_IS_LOG2 = False
+LN2 = 0.6931471805599453
 
 
 @cache
@@ -37,45 +39,70 @@ def _module(name: str) -> ModuleType:
     return mod
 
 
+def emulation_note() -> str | None:
+    """The note of a test-only emulation of this backend (hwlayer's ``conformance/emulators``
+    installs a ``hwlayer_emulation`` marker module), else None -- always None in production."""
+    marker = sys.modules.get("hwlayer_emulation")
+    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == "musa" else None
+
+
+def device_type() -> str:
+    return "cpu" if emulation_note() else "musa"
+
+
 def _common(x: torch.Tensor, module: str, dtypes: tuple[torch.dtype, ...]) -> bool | str:
     _, why = _import(module)
     if why:
         return why
-    if x.device.type != "musa":
+    if x.device.type != device_type():
         return f"tensor on {x.device.type}, mate needs musa tensors"
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} not supported by this mate kernel"
     return True
 
 
-# ---- sparse_mla_attention: mate.flashmla.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v) -> (out, max_logits, lse)
+# ---- sparse_mla_attention: mate.flashmla.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512,
+#      attn_sink=None, topk_length=None) -> (out, max_logits, lse); FlashMLA's current API
+
+
+@cache  # per function object
+def _natural_lse(fn) -> bool:
+    """FlashMLA's API with ``topk_length`` (which mate mirrors) returns a natural-log lse; the
+    older one without it returned base 2 (deepseek-ai/FlashMLA 082094b, 2026-01-16)."""
+    try:
+        return "topk_length" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim):
     ok = _common(q, "mate.flashmla", (torch.bfloat16,))
     if ok is not True:
         return ok
-    if q.shape[-1] != 576 or v_dim != 512:
+    if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512:
         return f"head dims {q.shape[-1]}/{v_dim}: the sparse kernel is built for 576/512 (DeepSeek MLA)"
-    if q.shape[1] not in (64, 128):
-        return f"{q.shape[1]} query heads: the sparse kernel takes 64 or 128 (pad heads first)"
-    if indices.shape[1] % 64:
-        return f"top-k {indices.shape[1]} not a multiple of 64 (kernel block; unverified for mate)"
-    if kv_cache.dtype != torch.bfloat16:
-        return f"kv_cache dtype {kv_cache.dtype}: the prefill kernel takes a bf16 latent cache"
+    if q.shape[1] > 128:
+        return f"{q.shape[1]} query heads: the sparse kernel takes 64 or 128 (fewer are zero-padded)"
+    if kv_cache.dtype != torch.bfloat16 or not kv_cache.is_contiguous():
+        return "kv_cache must be a contiguous bf16 latent cache (read as one flat [slots, 1, 576] tensor)"
     return True
 
 
 def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim):
     kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1])
-    out, _max_logits, lse = _module("mate.flashmla").flash_mla_sparse_fwd(
-        q=q.contiguous(), kv=convert.flat_kv(kv_cache), indices=kv_indices, sm_scale=scale, d_v=v_dim
-    )
-    lse = lse.float() * (0.6931471805599453 if LSE_IS_LOG2 else 1.0)  # ln 2: base-2 -> natural log
-    return convert.empty_rows_to_contract(out.to(q.dtype), lse, kv_indices)
+    # Whole 64-wide top-k blocks (a partial last block is not read) and 64 or 128 heads (zero queries).
+    kv_indices = convert.pad_last_dim(kv_indices, convert.FLASH_MLA_TOPK_BLOCK, value=-1)
+    H = q.shape[1]
+    heads = 64 if H <= 64 else 128
+    q_in = torch.nn.functional.pad(q, (0, 0, 0, heads - H)) if heads != H else q
+    sparse_fwd = _module("mate.flashmla").flash_mla_sparse_fwd
+    out, _max_logits, lse = sparse_fwd(q_in.contiguous(), convert.flat_kv(kv_cache), kv_indices, scale, d_v=v_dim)
+    lse = lse[:, :H].float() * (1.0 if _natural_lse(sparse_fwd) else LN2)
+    return convert.empty_rows_to_contract(out[:, :H].to(q.dtype), lse, kv_indices)
 
 
-# ---- lightning_indexer: mate.deep_gemm.{bf16,fp8}_mqa_logits(q, k, weights, ks, ke) -> logits [T, N]
+# ---- lightning_indexer: mate.deep_gemm.fp8_mqa_logits(q, (kv, kv_scale), weights, ks, ke,
+#      clean_logits=False, max_seqlen_k=0) -> logits [T, N]; mate has no bf16_mqa_logits
 
 
 def _fp8_indexer_enabled() -> bool:
@@ -88,31 +115,27 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
         return ok
     if scale <= 0:
         return "scale must be positive (it is folded into the head weights)"
-    dg = _module("mate.deep_gemm")
-    if not hasattr(dg, "bf16_mqa_logits") and not _fp8_indexer_enabled():
-        return ("mate.deep_gemm has no bf16_mqa_logits; fp8_mqa_logits is lossy (top-k may change), "
-                "enable it with HWLAYER_MUSA_FP8_INDEXER=1")
+    if not _fp8_indexer_enabled():
+        return ("mate scores the indexer in FP8 only (lossy: the top-k may change); "
+                "enable with HWLAYER_MUSA_FP8_INDEXER=1")
     return True
 
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale):
     keys = convert.gather_sequence_keys(k_cache, block_table, seq_lens)
     ks, ke, _ = convert.indexer_key_ranges(cu_seqlens_q, seq_lens)
-    # relu(q.k * scale) = scale * relu(q.k) for scale > 0: fold the scale into the head weights.
-    head_weights = (weights.float() * scale).contiguous()
-    dg = _module("mate.deep_gemm")
-    bf16_logits = getattr(dg, "bf16_mqa_logits", None)
-    if bf16_logits is not None:  # signature as MACA deep_gemm's (unverified for mate)
-        logits = bf16_logits(q.to(torch.bfloat16).contiguous(), keys.to(torch.bfloat16).contiguous(),
-                             head_weights, ks, ke)
-    else:  # DeepGEMM fp8_mqa_logits(q, (kv, kv_scales), weights, cu_seq_len_k_start, cu_seq_len_k_end)
-        k_fp8, k_scale = convert.fp8_quantize_rows(keys)
-        logits = dg.fp8_mqa_logits(q.to(torch.float8_e4m3fn).contiguous(), (k_fp8, k_scale), head_weights, ks, ke)
+    k_fp8, k_scale = convert.fp8_quantize_rows(keys)
+    # q quantised per (token, head) row with its own scale, so no value saturates e4m3; relu is
+    # positively homogeneous (relu(s x) = s relu(x), s > 0), so q's scale and ours fold into the weights.
+    q_fp8, q_scale = convert.fp8_quantize_rows(q.reshape(-1, q.shape[-1]))
+    head_weights = (weights.float() * q_scale.view(q.shape[:2]) * scale).contiguous()
+    logits = _module("mate.deep_gemm").fp8_mqa_logits(q_fp8.view(q.shape).contiguous(), (k_fp8, k_scale),
+                                                      head_weights, ks, ke)
     return convert.topk_positions_from_logits(logits, ks, ke, topk)
 
 
-# ---- grouped_gemm: mate.deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)
-#      (or mate.gemm.ragged_m_moe_gemm_16bit(a, b, m_indices, d, alignment_m=...))
+# ---- grouped_gemm: mate.deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices, alignment_m=128)
+#      (-> mate.gemm.ragged_m_moe_gemm_16bit(a, b, m_indices, d, alignment_m=...))
 
 
 def supports_grouped_gemm(x, w, group_sizes):
@@ -121,37 +144,24 @@ def supports_grouped_gemm(x, w, group_sizes):
         return ok
     if w.dtype != torch.bfloat16 or not w.is_contiguous():
         return "w must be a contiguous bf16 [E, N, K] tensor"
-    if _grouped_gemm_entry() is None:
-        return "this mate has neither deep_gemm.m_grouped_bf16_gemm_nt_contiguous nor gemm.ragged_m_moe_gemm_16bit"
+    if not hasattr(_module("mate.deep_gemm"), "m_grouped_bf16_gemm_nt_contiguous"):
+        return "this mate has no deep_gemm.m_grouped_bf16_gemm_nt_contiguous"
     return True
-
-
-def _grouped_gemm_entry():
-    """The DeepGEMM-named entry if mate.deep_gemm has it, else mate.gemm's ragged-M kernel, which a
-    DeepGEMM-compatibility wrapper over mate calls as ``(a, b, m_indices, d, alignment_m=...)``."""
-    dg, _ = _import("mate.deep_gemm")
-    fn = getattr(dg, "m_grouped_bf16_gemm_nt_contiguous", None) if dg is not None else None
-    if fn is not None:
-        return lambda a, w, d, m_indices, alignment: fn(a, w, d, m_indices)
-    gemm, _ = _import("mate.gemm")
-    ragged = getattr(gemm, "ragged_m_moe_gemm_16bit", None) if gemm is not None else None
-    if ragged is not None:
-        return lambda a, w, d, m_indices, alignment: ragged(a, w, m_indices, d, alignment_m=alignment)
-    return None
 
 
 def grouped_gemm(x, w, group_sizes):
     dg = _module("mate.deep_gemm")
-    alignment_fn = getattr(dg, "get_mk_alignment_for_contiguous_layout", None)
+    alignment_fn = getattr(dg, "get_mk_alignment_for_contiguous_layout", None)  # only mate's DeepGEMM wrapper has it
     alignment = int(alignment_fn()) if alignment_fn is not None else convert.DEFAULT_GROUP_ALIGNMENT
     source_rows, m_indices = convert.contiguous_layout(group_sizes.to(x.device), alignment)
     a = convert.pad_rows(x.contiguous(), source_rows)
     d = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
-    _grouped_gemm_entry()(a, w, d, m_indices, alignment)
+    dg.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_indices, alignment_m=alignment)
     return convert.unpad_rows(d, source_rows)
 
 
-# ---- moe_route: mate.moe_fused_gate(logits, bias, num_expert_group, topk_group, topk, ...) -> (weights, ids)
+# ---- moe_route: mate.moe_fused_gate(input, bias, num_expert_group, topk_group, topk,
+#      num_fused_shared_experts, routed_scaling_factor, renormalize, apply_routed_scaling_factor_on_output)
 
 
 def supports_moe_route(router_logits, correction_bias, top_k, n_group, topk_group, renormalize,
@@ -161,22 +171,23 @@ def supports_moe_route(router_logits, correction_bias, top_k, n_group, topk_grou
         return ok
     if not hasattr(_module("mate"), "moe_fused_gate"):
         return "this mate has no moe_fused_gate"
-    if not renormalize:
-        return "moe_fused_gate always renormalises the top-k weights; renormalize=False goes to the generic path"
-    if correction_bias is None:
-        return "moe_fused_gate needs a correction bias"
     E = router_logits.shape[1]
-    if E & (E - 1) or E // max(n_group, 1) > 32:
-        # GLM-5 (256 experts, n_group=1) lands here: 256 experts in one group exceeds the kernel's
-        # 32-experts-per-group limit (sgl-kernel-style moe_fused_gate constraint, unverified for mate).
-        return f"{E} experts in {n_group} group(s): kernel needs a power-of-two count and <= 32 experts per group"
+    if E % 32:
+        return f"{E} experts: moe_fused_gate needs a multiple of 32 (num_experts % WARP_SIZE == 0)"
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or not 1 <= top_k <= E:
+        return "group arguments outside moe_fused_gate's checks"
+    if routed_scaling_factor == 0:
+        return "moe_fused_gate requires a non-zero routed_scaling_factor"
     return True
 
 
 def moe_route(router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor):
+    logits = router_logits.float().contiguous()
+    # bias is a required tensor of the input's dtype; no correction bias is a zero bias.
+    bias = correction_bias.float().contiguous() if correction_bias is not None else torch.zeros_like(logits[0])
     weights, ids = _module("mate").moe_fused_gate(
-        router_logits.float().contiguous(), correction_bias.float().contiguous(), n_group, topk_group, top_k,
-        num_fused_shared_experts=0, routed_scaling_factor=routed_scaling_factor,
+        logits, bias, n_group, topk_group, top_k,
+        num_fused_shared_experts=0, routed_scaling_factor=routed_scaling_factor, renormalize=renormalize,
         apply_routed_scaling_factor_on_output=True,
     )
     return weights.float(), ids.to(torch.int32)

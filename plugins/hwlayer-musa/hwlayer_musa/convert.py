@@ -11,6 +11,14 @@ from hwlayer.ops import positions_to_slots, token_positions
 # DeepGEMM's M alignment for the contiguous grouped layout (get_mk_alignment_for_contiguous_layout()
 # returns 128 upstream); mate's value is read at run time when it exposes the getter.
 DEFAULT_GROUP_ALIGNMENT = 128
+# FlashMLA's sparse kernels read top-k in whole blocks of 64 (``B_TOPK``); a partial last block is skipped.
+FLASH_MLA_TOPK_BLOCK = 64
+
+
+def pad_last_dim(t: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
+    """``t`` with its last dim padded up to a multiple of ``multiple`` with ``value`` (contiguous)."""
+    pad = -t.shape[-1] % multiple
+    return torch.nn.functional.pad(t, (0, pad), value=value).contiguous() if pad else t
 
 
 # ---- sparse MLA: hwlayer positions in a paged cache -> FlashMLA global kv row indices
@@ -111,7 +119,8 @@ def topk_positions_from_logits(
 
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantisation as DeepGEMM's fp8 mqa logits take keys: ``(x_fp8, scale fp32 [rows])``
-    with ``x ~= x_fp8 * scale``. Lossy (3 mantissa bits): scores near a top-k boundary may flip."""
+    with ``x ~= x_fp8 * scale`` (each row's max maps to 448, so nothing saturates). Lossy (3 mantissa
+    bits): scores near a top-k boundary may flip. Also used per (token, head) for the queries."""
     amax = x.float().abs().amax(dim=-1).clamp(min=1e-12)
     scale = amax / torch.finfo(torch.float8_e4m3fn).max
     return (x.float() / scale[:, None]).to(torch.float8_e4m3fn), scale

@@ -8,6 +8,7 @@ guarded by a ``supports_*`` check; everything else runs hwlayer's generic torch 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
@@ -18,7 +19,8 @@ HWLAYER_HOOKSPEC_VERSION = "1.0"
 
 NAME = "musa"
 MIN_TORCH_MUSA = (2, 7)
-VERIFIED = "written against mate API (per vendor docs), not run on hardware"
+VERIFIED = ("written against MooreThreads/mate 3f58cc3 (2026-05-26); emulated in CI from that API "
+            "(conformance --emulated); not run on hardware")
 INSTALL_HINT = ("install torch_musa >= 2.7 and mate from Moore Threads (MUSA toolkit required); "
                 "check devices with `mthreads-gmi`")
 
@@ -65,7 +67,13 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    register(BACKEND)
+    note = adapters.emulation_note()
+    if note is None:
+        register(BACKEND)
+        return
+    # A test process emulating this backend's libraries on CPU (hwlayer's conformance/emulators).
+    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
+                                 verified=f"{note}; {VERIFIED}"))
 
 
 @hookimpl
