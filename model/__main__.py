@@ -2,6 +2,7 @@
 
     python -m model --model PATH --prompt TEXT [--max-new-tokens N] [--backend X] [--speculative]
     python -m model plan --config PATH [--ep N] [--dtype bf16|fp8]
+        [--dp-attention [--contexts C] [--context-len L] [--device-memory GIB]]
 
 ``plan`` prints the weights each rank holds and the KV-cache bytes per token for a config.json,
 without loading any weights.
@@ -73,6 +74,50 @@ def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> st
     return "\n".join(lines)
 
 
+def dp_attention_report(config_path: str | Path, ep: int, dtype: str = "bf16", contexts: int | None = None,
+                        context_len: int = 200_000, device_gib: float = 141e9 / 2**30) -> str:
+    """KV cache per rank with and without data-parallel attention, and how many ``context_len``-token
+    contexts fit per node of ``ep`` devices with ``device_gib`` each (weights as :func:`plan_report`
+    counts them; activations and workspace not counted)."""
+    from .config import ModelConfig
+    from .loader import expected_tensors
+
+    cfg = ModelConfig.from_json(config_path)
+    if ep < 2 or cfg.n_routed_experts % ep:
+        raise ValueError(f"--dp-attention needs --ep N >= 2 dividing n_routed_experts ({cfg.n_routed_experts}), "
+                         f"got --ep {ep}")
+    contexts = ep if contexts is None else contexts
+    if contexts < 1 or context_len < 1 or device_gib <= 0:
+        raise ValueError(f"--contexts, --context-len and --device-memory must be positive, got {contexts}, "
+                         f"{context_len}, {device_gib:g}")
+    shapes = expected_tensors(cfg, with_mtp=True)
+    expert = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." in n)
+    replicated = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." not in n)
+    weights = (replicated + expert // ep) * {"bf16": 2.0, "fp8": 1.0}[dtype]
+    if dtype == "fp8":
+        weights += sum(4 * -(-s[0] // 128) * -(-s[1] // 128) for s in shapes.values() if len(s) == 2) / ep
+    L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    per_token = 2 * sum(latent + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0) for i in range(L))
+    gib = 1024**3
+    per_context = per_token * context_len
+    own = -(-contexts // ep)
+    free = device_gib * gib - weights
+    fit = max(0, int(free // per_context))
+    return "\n".join([
+        f"data-parallel attention, ep={ep}: {contexts} concurrent {context_len}-token contexts "
+        f"({per_context / gib:.2f} GiB of bf16 KV each)",
+        f"  kv cache per rank with --dp-attention: {own} own context(s) = {own * per_context / gib:.2f} GiB "
+        f"({own * per_context:,} bytes)",
+        f"  kv cache per rank without (replicated): {contexts} contexts = {contexts * per_context / gib:.2f} GiB "
+        f"({contexts * per_context:,} bytes)",
+        f"  per device of {device_gib:.1f} GiB: weights ({dtype}) {weights / gib:.2f} GiB, "
+        f"{max(free, 0) / gib:.2f} GiB left for KV (activations and workspace not counted)",
+        f"  {context_len}-token contexts per node of {ep} devices: {fit * ep} with --dp-attention "
+        f"({fit} per rank), {fit} without",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
@@ -80,11 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=True, help="config.json or checkpoint directory")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel world size")
         p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+        p.add_argument("--dp-attention", action="store_true", help="also: KV per rank with data-parallel attention")
+        p.add_argument("--contexts", type=int, help="concurrent contexts for --dp-attention (default: --ep)")
+        p.add_argument("--context-len", type=int, default=200_000, help="tokens per context (default 200000)")
+        p.add_argument("--device-memory", type=float, default=141e9 / 2**30, metavar="GIB",
+                       help="memory per device in GiB (default 131.3, an H200's 141 GB)")
         args = p.parse_args(argv[1:])
         from .config import ConfigError
 
         try:
+            dp = dp_attention_report(args.config, args.ep, args.dtype, args.contexts, args.context_len,
+                                     args.device_memory) if args.dp_attention else None
             print(plan_report(args.config, args.ep, args.dtype))
+            if dp:
+                print(dp)
         except (ConfigError, ValueError) as exc:
             return _fail(str(exc))
         return 0
