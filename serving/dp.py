@@ -97,7 +97,8 @@ class DPEngine(Engine):
 
     def rank_of(self, seq: Sequence) -> int | None:
         """The rank a sequence lives on, or None while it holds no blocks."""
-        return self.allocator.rank_of(seq.blocks[0]) if seq.blocks else None
+        blocks = seq.blocks  # one read: /metrics calls this off the engine thread, which may replace the list
+        return self.allocator.rank_of(blocks[0]) if blocks else None
 
     def choose_rank(self, need: int) -> int | None:
         """Least loaded rank with ``need`` free blocks: fewest blocks in use, then fewest tokens."""

@@ -172,3 +172,15 @@ def test_rank_metrics_have_a_rank_label(tiny):
         assert f'hwlayer_rank_kv_blocks_total{{rank="{r}"}} {float(PER_RANK)}' in text
     assert [s["running"] for s in engine.rank_stats()] == [2, 1]
     assert f"hwlayer_kv_blocks_used {float(engine.allocator.num_used)}" in text
+
+
+@pytest.mark.parametrize("args", [["--dp-attention"], ["--dp-attention", "--ep", "1"]])
+def test_dp_attention_without_ep_is_one_line_exit_2(args, capsys):
+    from serving.server import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["serve.py: error: --dp-attention needs --ep N with N >= 2 ranks (got --ep 1); launch with "
+                     "torchrun --nproc-per-node N serve.py --ep N --dp-attention"]
