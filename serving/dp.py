@@ -79,7 +79,8 @@ class DPEngine(Engine):
     the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
     distributed step); a test may pass another that takes the same global-block batch.
     Everything else is :class:`serving.engine.Engine`: only where a sequence's blocks come from
-    differs (:meth:`_grow`) and what can fit (:meth:`check_fits`).
+    differs (:meth:`_grow`), which sequence a shortage preempts (:meth:`_preempt`) and what can fit
+    (:meth:`check_fits`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
@@ -94,6 +95,8 @@ class DPEngine(Engine):
                          forward=leader, **kwargs)
         self.world = world
         self.allocator = DPBlockAllocator(world, num_blocks)  # self.cache (rank 0's) holds num_blocks blocks
+        self.preemptions_by_rank = [0] * world
+        self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
 
     def rank_of(self, seq: Sequence) -> int | None:
         """The rank a sequence lives on, or None while it holds no blocks."""
@@ -120,9 +123,23 @@ class DPEngine(Engine):
             if rank is None:
                 return False
         if need > self.allocator.ranks[rank].num_free:
+            self._short_rank = rank
             return False
         seq.blocks += self.allocator.allocate_on(rank, need)
         return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """The scheduler preempts the newest sequence when one cannot grow; only a sequence on the
+        rank that lacks blocks frees any, so the newest one there goes instead (possibly the one
+        that wanted to grow: it comes back on whichever rank then has room)."""
+        short = self._short_rank
+        if short is not None and self.rank_of(seq) != short:
+            same = [s for s in self.running if self.rank_of(s) == short]
+            seq = same[-1] if same else seq
+        rank = self.rank_of(seq)
+        if rank is not None:
+            self.preemptions_by_rank[rank] += 1
+        super()._preempt(seq)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
         why = super().check_fits(prompt_len, max_tokens)
@@ -254,8 +271,8 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
 
 
 def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
-    """Per-rank gauges on rank 0's /metrics, labelled ``rank``: running sequences, KV blocks used
-    and in all, and attention tokens computed (a counter, when the engine runs :class:`DPLeader`)."""
+    """Per-rank series on rank 0's /metrics, labelled ``rank``: running sequences, KV blocks used
+    and in all, preemptions, and attention tokens computed (when the engine runs :class:`DPLeader`)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class RankCollector:
@@ -268,13 +285,16 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
                                       labels=["rank"])
             tokens = CounterMetricFamily("hwlayer_rank_attention_tokens",
                                          "Tokens whose attention this rank computed", labels=["rank"])
+            preempted = CounterMetricFamily("hwlayer_rank_preemptions",
+                                            "Sequences preempted for lack of this rank's KV blocks", labels=["rank"])
             leader = engine.forward if isinstance(engine.forward, DPLeader) else None
             for r, stats in enumerate(engine.rank_stats()):
                 running.add_metric([str(r)], stats["running"])
                 used.add_metric([str(r)], stats["kv_blocks_used"])
                 total.add_metric([str(r)], stats["kv_blocks_total"])
+                preempted.add_metric([str(r)], engine.preemptions_by_rank[r])
                 if leader is not None:
                     tokens.add_metric([str(r)], leader.tokens[r])
-            yield from (running, used, total, tokens)
+            yield from (running, used, total, preempted, tokens)
 
     metrics.registry.register(RankCollector())

@@ -170,6 +170,7 @@ def test_rank_metrics_have_a_rank_label(tiny):
         assert f'hwlayer_rank_num_requests_running{{rank="{r}"}} {float(stats["running"])}' in text
         assert f'hwlayer_rank_kv_blocks_used{{rank="{r}"}} {float(stats["kv_blocks_used"])}' in text
         assert f'hwlayer_rank_kv_blocks_total{{rank="{r}"}} {float(PER_RANK)}' in text
+        assert f'hwlayer_rank_preemptions_total{{rank="{r}"}} 0.0' in text
     assert [s["running"] for s in engine.rank_stats()] == [2, 1]
     assert f"hwlayer_kv_blocks_used {float(engine.allocator.num_used)}" in text
 
@@ -184,3 +185,31 @@ def test_dp_attention_without_ep_is_one_line_exit_2(args, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["serve.py: error: --dp-attention needs --ep N with N >= 2 ranks (got --ep 1); launch with "
                      "torchrun --nproc-per-node N serve.py --ep N --dp-attention"]
+
+
+def test_a_rank_out_of_blocks_preempts_its_own_sequence_not_another_ranks(tiny):
+    model, tokenizer = tiny
+    requests = _requests(tokenizer, 2, max_tokens=12)
+    plain = Engine(model, tokenizer, num_blocks=2 * PER_RANK, block_size=BLOCK, max_num_seqs=8,
+                   max_num_batched_tokens=64, max_model_len=64, eos_token_ids=[])
+    want = run_all(plain, requests)
+
+    engine, _ = dp_engine(tiny, 2)
+    a, b = (engine.submit(p, sp, lambda e: None) for p, sp in requests)
+    engine.step()
+    assert (engine.rank_of(a), engine.rank_of(b)) == (0, 1)
+    hog = engine.allocator.ranks[0].allocate(engine.allocator.ranks[0].num_free)  # rank 0 runs dry
+    for _ in range(40):  # until a must grow on rank 0: it is preempted, not b (the newest, on rank 1)
+        engine.step()
+        if engine.preemptions_by_rank[0]:
+            break
+    assert engine.preemptions_by_rank == [1, 0]
+    assert engine.rank_of(a) in (None, 1) and engine.rank_of(b) == 1
+    for _ in range(200):
+        if a.finished and b.finished:
+            break
+        engine.step()
+    assert engine.preemptions_by_rank == [1, 0]
+    assert [a.output_ids, b.output_ids] == want  # a recomputed its context on rank 1: same tokens
+    engine.allocator.ranks[0].free(hog)
+    assert engine.allocator.num_used == 0
