@@ -24,6 +24,7 @@ rank's logits (padded to the largest sub-batch) to sample on rank 0. Followers r
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 import torch
@@ -32,17 +33,44 @@ import torch.distributed as dist
 from hwlayer import distributed as hd
 
 from . import ep as ep_mod
-from .engine import BlockAllocator, Engine, Sequence
+from .engine import Engine, Sequence
+
+
+class _RankBlocks:
+    """One rank's free list of local block ids ``0 .. n-1``."""
+
+    def __init__(self, n: int) -> None:
+        self.num_blocks = n
+        self._free = collections.deque(range(n))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
 
 
 class DPBlockAllocator:
     """One free list per rank behind one global block-id space: rank ``r`` owns ids
     ``[r * blocks_per_rank, (r + 1) * blocks_per_rank)``. The totals (``num_blocks``, ``num_used``,
-    ``num_free``) are over all ranks, as the engine's metrics read them."""
+    ``num_free``) are over all ranks, as the engine's metrics read them. No prefix caching: a
+    cached block would only serve sequences on its own rank."""
+
+    enable_prefix_caching = False
 
     def __init__(self, world: int, blocks_per_rank: int) -> None:
         self.world, self.blocks_per_rank = world, blocks_per_rank
-        self.ranks = [BlockAllocator(blocks_per_rank) for _ in range(world)]
+        self.ranks = [_RankBlocks(blocks_per_rank) for _ in range(world)]
 
     @property
     def num_blocks(self) -> int:
