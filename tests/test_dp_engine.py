@@ -162,7 +162,7 @@ def test_rank_metrics_have_a_rank_label(tiny):
     metrics.bind(engine, backend="cpu", device="cpu", model_name="tiny", block_size=BLOCK)
     register_rank_metrics(metrics, engine)
     _, tokenizer = tiny
-    for p, sp in _requests(tokenizer, 3, max_tokens=50):
+    for p, sp in _requests(tokenizer, 3, max_tokens=10):
         engine.submit(p, sp, lambda e: None)
     engine.step()
     text = metrics.render()[0].decode()
