@@ -213,3 +213,13 @@ def test_a_rank_out_of_blocks_preempts_its_own_sequence_not_another_ranks(tiny):
     assert [a.output_ids, b.output_ids] == want  # a recomputed its context on rank 1: same tokens
     engine.allocator.ranks[0].free(hog)
     assert engine.allocator.num_used == 0
+
+
+def test_an_idle_ranks_empty_batch_runs_through_the_model(tiny):
+    """A DP rank without sequences runs forward_batch on zero tokens (every op must take T=0)."""
+    model, _ = tiny
+    cache = model.new_cache(2, BLOCK)
+    empty = Batch(input_ids=torch.zeros(0, dtype=torch.int64), cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                  seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32))
+    assert tuple(model.forward_batch(empty, cache).shape) == (0, model.config.vocab_size)
+    assert all(not bool(layer.abs().sum()) for layer in cache.kv)  # nothing written
