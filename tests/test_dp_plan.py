@@ -15,7 +15,7 @@ if not GLM5_CONFIG.is_file():
 @pytest.mark.skipif(not GLM5_CONFIG.is_file(), reason="the GLM-5 reference config.json is not in this checkout")
 def test_glm5_fp8_ep8_kv_per_rank_and_contexts_per_node(capsys):
     assert main(["plan", "--config", str(GLM5_CONFIG), "--ep", "8", "--dtype", "fp8", "--dp-attention",
-                 "--contexts", "8", "--device-memory", "200"]) == 0
+                 "--contexts", "8", "--device-memory", "200GiB"]) == 0
     out = capsys.readouterr().out
     # 111,232 bytes of bf16 cache per token (78 layers + MTP, 704 values each) x 200,000 tokens
     assert "kv cache per rank with --dp-attention: 1 own context(s) = 20.72 GiB (22,246,400,000 bytes)" in out
@@ -31,8 +31,9 @@ def test_bad_dp_plan_input_is_one_line_exit_2(capsys):
     config = str(ensure_default_model() / "config.json")
     for argv, message in [
         (["--ep", "1", "--dp-attention"], "--dp-attention needs --ep N >= 2 dividing n_routed_experts (8), got --ep 1"),
-        (["--ep", "2", "--dp-attention", "--contexts", "0"], "--contexts, --context-len and --device-memory must be "
-                                                             "positive, got 0"),
+        (["--ep", "2", "--dp-attention", "--contexts", "0"], "--contexts and --context-len must be positive, got 0"),
+        (["--ep", "2", "--dp-attention", "--device-memory", "lots"], "--device-memory 'lots': expected a size like "
+                                                                     "141GiB"),
     ]:
         assert main(["plan", "--config", config, *argv]) == 2
         captured = capsys.readouterr()
