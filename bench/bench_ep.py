@@ -11,8 +11,15 @@ median over iterations of the slowest rank's time; variants alternate within eve
 Part 2: greedy generation with a small GLM-5-shaped checkpoint (``model.tiny`` with a larger
 config), EP=1 in one process, EP=2/4 as spawned gloo ranks sharing this machine's cores.
 
+Part 3, serving with and without data-parallel attention: N concurrent greedy streams through the
+serving engine at EP=2 (rank 0 schedules, the other rank follows, exactly the code of ``serve.py
+--ep 2 [--dp-attention]`` minus HTTP): aggregate tokens/s, the attention tokens each rank computes
+per step and the KV blocks each rank holds. On one CPU both ranks share the same cores, so the
+tokens/s say little about a multi-device node; the per-rank work and cache are the point.
+
     PYTHONPATH=. .venv/bin/python bench/bench_ep.py [--worlds 2 4] [--tokens 256] [--hidden 2048]
-        [--experts 64] [--top-k 8] [--dtype bf16] [--iters 20] [--skip-model | --skip-comm] [--json]
+        [--experts 64] [--top-k 8] [--dtype bf16] [--iters 20] [--skip-model] [--skip-comm] [--skip-serve]
+        [--serve-streams 8] [--serve-prompt 32] [--serve-new-tokens 32] [--json]
 """
 
 from __future__ import annotations
@@ -164,6 +171,74 @@ def _model_worker(rank: int, world: int, port: int, ckpt: str, batch: int, promp
                                          "experts_per_rank": m.config.n_routed_experts // world}))
 
 
+def _serve_worker(rank: int, world: int, port: int, ckpt: str, streams: int, prompt_len: int, new_tokens: int,
+                  dp_attention: bool, out: str) -> None:
+    """Rank 0: the serving engine (DP or plain EP) over ``streams`` greedy requests; others: the follower loop."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    _join(rank, world, port)
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+    from serving import dp
+    from serving import ep as ep_mod
+    from serving.engine import Engine, SamplingParams
+
+    m = load_model(ckpt, backend="cpu", ep=world)
+    block_size = 16
+    per_stream = -(-(prompt_len + new_tokens) // block_size)
+    num_blocks = streams * per_stream + 1  # room for every stream on one rank either way
+    if rank != 0:
+        (dp.follower_loop if dp_attention else ep_mod.follower_loop)(m, num_blocks, block_size)
+        return
+    tok = load_tokenizer(ckpt)
+    common = dict(num_blocks=num_blocks, block_size=block_size, max_num_seqs=streams,
+                  max_num_batched_tokens=streams * prompt_len, max_model_len=prompt_len + new_tokens,
+                  eos_token_ids=[])
+    if dp_attention:
+        engine = dp.DPEngine(m, tok, world=world, **common)
+    else:
+        engine = Engine(m, tok, forward=ep_mod.leader_forward(m), **common)
+    forward = engine.forward
+    trace = {"attention_tokens": [], "kv_blocks": []}
+
+    def traced(batch, cache):  # noqa: ANN001, ANN202 - record each step's per-rank work and cache
+        logits = forward(batch, cache)
+        if dp_attention:
+            trace["attention_tokens"].append(list(forward.last_tokens))
+            trace["kv_blocks"].append([s["kv_blocks_used"] for s in engine.rank_stats()])
+        else:  # every rank runs the whole batch on its own copy of the same cache
+            trace["attention_tokens"].append([int(batch.input_ids.numel())] * world)
+            trace["kv_blocks"].append([engine.allocator.num_used] * world)
+        return logits
+
+    engine.forward = traced
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, m.config.vocab_size, (streams, prompt_len), generator=g).tolist()
+
+    def run(max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        seqs = [engine.submit(p, params, lambda e: None) for p in prompts]
+        start = time.perf_counter()
+        while not all(s.finished for s in seqs):
+            engine.step()
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    trace["attention_tokens"].clear()
+    trace["kv_blocks"].clear()
+    seconds = run(new_tokens)
+    ep_mod.shutdown_followers(False)
+    steps = trace["attention_tokens"]
+    decode = steps[1:] or steps
+    Path(out).write_text(json.dumps({
+        "ep": world, "dp_attention": dp_attention, "streams": streams, "prompt": prompt_len,
+        "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": streams * new_tokens / seconds,
+        "steps": len(steps), "prefill_attention_tokens_per_rank": steps[0],
+        "decode_attention_tokens_per_rank_per_step": [sum(s[r] for s in decode) / len(decode) for r in range(world)],
+        "peak_kv_blocks_per_rank": [max(k[r] for k in trace["kv_blocks"]) for r in range(world)],
+        "kv_blocks_per_stream": per_stream,
+    }))
+
+
 def _spawn(fn: Any, world: int, *args: Any, timeout: float = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
@@ -192,11 +267,16 @@ def main() -> int:
     p.add_argument("--model-batch", type=int, default=4)
     p.add_argument("--model-prompt", type=int, default=64)
     p.add_argument("--model-new-tokens", type=int, default=16)
+    p.add_argument("--skip-serve", action="store_true", help="leave out part 3 (serving with/without DP attention)")
+    p.add_argument("--serve-worlds", type=int, nargs="+", default=[2])
+    p.add_argument("--serve-streams", type=int, default=8)
+    p.add_argument("--serve-prompt", type=int, default=32)
+    p.add_argument("--serve-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "comm": [], "model": [],
+        "torch": torch.__version__, "comm": [], "model": [], "serve": [],
     }
     for world in [] if args.skip_comm else args.worlds:
         r = _spawn(_comm_worker, world, args)
@@ -226,6 +306,25 @@ def main() -> int:
                     print(f"model EP={world}: {r['tokens_per_s']:.1f} tokens/s ({args.model_batch} x "
                           f"{args.model_new_tokens} new tokens after {args.model_prompt}-token prompts, "
                           f"{r['seconds']:.2f} s, {r['experts_per_rank']} experts per rank)")
+    if not args.skip_serve:
+        from model.tiny import make_tiny_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = str(make_tiny_checkpoint(Path(tmp) / "ckpt", config_overrides=MODEL_OVERRIDES))
+            for world in args.serve_worlds:
+                for dp_attention in (False, True):
+                    r = _spawn(_serve_worker, world, ckpt, args.serve_streams, args.serve_prompt,
+                               args.serve_new_tokens, dp_attention)
+                    report["serve"].append(r)
+                    if not args.json:
+                        mode = "--dp-attention" if dp_attention else "replicated attention"
+                        per_step = ", ".join(f"{t:g}" for t in r["decode_attention_tokens_per_rank_per_step"])
+                        print(f"serve EP={world} {mode}: {r['tokens_per_s']:.1f} tokens/s aggregate "
+                              f"({r['streams']} streams x {r['new_tokens']} tokens after {r['prompt']}-token prompts, "
+                              f"{r['seconds']:.2f} s, {r['steps']} steps); attention tokens per rank: prefill "
+                              f"{r['prefill_attention_tokens_per_rank']}, per decode step [{per_step}]; "
+                              f"peak KV blocks per rank {r['peak_kv_blocks_per_rank']} "
+                              f"({r['kv_blocks_per_stream']} per stream)")
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

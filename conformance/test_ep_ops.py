@@ -14,6 +14,8 @@ float64 golden single-process, naively, from the full inputs; then it runs the o
 * skewed routing: every token to one rank's experts, a rank that receives nothing, an expert
   with no tokens, a rank with no tokens of its own, no tokens anywhere (exact empty shapes, then a
   real step on the same group that must still be right);
+* uneven row counts, as data-parallel attention produces them (each rank brings its own
+  sequences' tokens): 0 / 37 / 1 / 12 tokens, and one rank with every token while the rest bring none;
 * bad input (ids out of range, experts not divisible by the world size): ``ValueError`` on every
   rank before any collective, naming the argument.
 
@@ -75,6 +77,11 @@ def _routing(world: int, name: str) -> dict[str, Any]:
         tokens[1] = 0
     elif name == "no_tokens_anywhere":
         tokens = [0] * world
+    elif name == "uneven_tokens":  # data-parallel attention: ranks bring their own sequences' tokens
+        tokens = [0, 37, 1, 12][:world]
+    elif name == "one_rank_has_all_tokens":  # every other rank is idle and joins with zero rows
+        tokens = [0] * world
+        tokens[-1] = 29
     elif name == "top1_one_token":
         tokens, k = [1] * world, 1
     return {"E": E, "k": k, "tokens": tokens, "allowed": allowed}
@@ -87,6 +94,8 @@ SCENARIOS = (
     "expert_without_tokens",
     "rank_without_tokens",
     "no_tokens_anywhere",
+    "uneven_tokens",
+    "one_rank_has_all_tokens",
     "top1_one_token",
 )
 

@@ -13,6 +13,7 @@ re-exported here, so ``model.generate`` always names the module), ``loader.py`` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,8 +51,10 @@ def load_model(
 
     ``backend``: hwlayer backend name (None: ``GLM_BACKEND`` or auto-detection). ``dtype``: None
     means float32 on cpu and the config's dtype on accelerators. ``ep > 1``: expert parallelism over
-    an initialised torch.distributed group of that world size; this rank loads only experts
-    ``[r*E/ep, (r+1)*E/ep)``, attention is replicated (every rank runs the same tokens).
+    a torch.distributed group of that world size (under torchrun the default group is created here
+    when it does not exist yet: :func:`hwlayer.distributed.init_distributed`); this rank loads only
+    experts ``[r*E/ep, (r+1)*E/ep)``. Attention weights are on every rank; which tokens a rank runs
+    (all of them, or only its own sequences' with data-parallel attention) is the caller's choice.
     """
     import hwlayer
     from hwlayer.distributed import local_expert_range
@@ -71,8 +74,12 @@ def load_model(
         if cfg.n_routed_experts % ep:
             raise ValueError(f"ep={ep} must divide n_routed_experts ({cfg.n_routed_experts}) in {path / 'config.json'}")
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"ep={ep} needs an initialised torch.distributed default group of world size {ep} "
-                               f"(call torch.distributed.init_process_group first)")
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise RuntimeError(f"ep={ep} needs an initialised torch.distributed default group of world size {ep} "
+                                   f"(launch with torchrun, or call torch.distributed.init_process_group first)")
+            from hwlayer.distributed import init_distributed
+
+            init_distributed(plan)  # under torchrun: join the job (the backend's collective, HWLAYER_DIST_TIMEOUT)
         world = dist.get_world_size(ep_group)
         if world != ep:
             raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")

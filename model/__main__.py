@@ -2,6 +2,7 @@
 
     python -m model --model PATH --prompt TEXT [--max-new-tokens N] [--backend X] [--speculative]
     python -m model plan --config PATH [--ep N] [--dtype bf16|fp8]
+        [--dp-attention [--contexts C] [--context-len L] [--device-memory 141GB]]
 
 ``plan`` prints the weights each rank holds and the KV-cache bytes per token for a config.json,
 without loading any weights.
@@ -10,6 +11,7 @@ without loading any weights.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -73,6 +75,61 @@ def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> st
     return "\n".join(lines)
 
 
+H200_BYTES = 141 * 10**9
+
+
+def _memory_bytes(text: str) -> int:
+    """``--device-memory``: ``141GiB`` / ``141GB`` / ``80G`` -> bytes."""
+    units = {"gib": 1024**3, "g": 1024**3, "gb": 10**9, "tib": 1024**4, "tb": 10**12, "mib": 1024**2}
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*", text)
+    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+        raise ValueError(f"--device-memory {text!r}: expected a size like 141GiB, 141GB or 80G")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def dp_attention_report(config_path: str | Path, ep: int, dtype: str = "bf16", contexts: int | None = None,
+                        context_len: int = 200_000, device_memory: int = H200_BYTES) -> str:
+    """KV cache per rank with and without data-parallel attention, and how many ``context_len``-token
+    contexts fit per node of ``ep`` devices with ``device_memory`` bytes each (weights as
+    :func:`plan_report` counts them; activations and workspace not counted)."""
+    from .config import ModelConfig
+    from .loader import expected_tensors
+
+    cfg = ModelConfig.from_json(config_path)
+    if ep < 2 or cfg.n_routed_experts % ep:
+        raise ValueError(f"--dp-attention needs --ep N >= 2 dividing n_routed_experts ({cfg.n_routed_experts}), "
+                         f"got --ep {ep}")
+    contexts = ep if contexts is None else contexts
+    if contexts < 1 or context_len < 1:
+        raise ValueError(f"--contexts and --context-len must be positive, got {contexts}, {context_len}")
+    shapes = expected_tensors(cfg, with_mtp=True)
+    expert = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." in n)
+    replicated = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." not in n)
+    weights = (replicated + expert // ep) * {"bf16": 2.0, "fp8": 1.0}[dtype]
+    if dtype == "fp8":
+        weights += sum(4 * -(-s[0] // 128) * -(-s[1] // 128) for s in shapes.values() if len(s) == 2) / ep
+    L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    per_token = 2 * sum(latent + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0) for i in range(L))
+    gib = 1024**3
+    per_context = per_token * context_len
+    own = -(-contexts // ep)
+    free = device_memory - weights
+    fit = max(0, int(free // per_context))
+    return "\n".join([
+        f"data-parallel attention, ep={ep}: {contexts} concurrent {context_len}-token contexts "
+        f"({per_context / gib:.2f} GiB of bf16 KV each)",
+        f"  kv cache per rank with --dp-attention: {own} own context(s) = {own * per_context / gib:.2f} GiB "
+        f"({own * per_context:,} bytes)",
+        f"  kv cache per rank without (replicated): {contexts} contexts = {contexts * per_context / gib:.2f} GiB "
+        f"({contexts * per_context:,} bytes)",
+        f"  per device of {device_memory / gib:.1f} GiB: weights ({dtype}) {weights / gib:.2f} GiB, "
+        f"{max(free, 0) / gib:.2f} GiB left for KV (activations and workspace not counted)",
+        f"  {context_len}-token contexts per node of {ep} devices: {fit * ep} with --dp-attention "
+        f"({fit} per rank), {fit} without",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
@@ -80,11 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=True, help="config.json or checkpoint directory")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel world size")
         p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+        p.add_argument("--dp-attention", action="store_true", help="also: KV per rank with data-parallel attention")
+        p.add_argument("--contexts", type=int, help="concurrent contexts for --dp-attention (default: --ep)")
+        p.add_argument("--context-len", type=int, default=200_000, help="tokens per context (default 200000)")
+        p.add_argument("--device-memory", default="141GB",
+                       help="memory per device for --dp-attention, e.g. 141GiB or 80GB (default 141GB, an H200)")
         args = p.parse_args(argv[1:])
         from .config import ConfigError
 
         try:
+            dp = dp_attention_report(args.config, args.ep, args.dtype, args.contexts, args.context_len,
+                                     _memory_bytes(args.device_memory)) if args.dp_attention else None
             print(plan_report(args.config, args.ep, args.dtype))
+            if dp:
+                print(dp)
         except (ConfigError, ValueError) as exc:
             return _fail(str(exc))
         return 0

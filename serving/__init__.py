@@ -5,5 +5,6 @@ and tool-call parsing of generated text, streaming included), :mod:`serving.engi
 batching scheduler over a paged KV cache), :mod:`serving.protocol` (the OpenAI wire format: request
 schemas, error and response bodies), :mod:`serving.api` (the FastAPI app: routes and request
 handling), :mod:`serving.metrics` (Prometheus metrics), :mod:`serving.server` (the command line) and
-:mod:`serving.ep` (expert-parallel serving). ``serve.py`` at the repository root is the entry point.
+:mod:`serving.ep` (expert-parallel serving) with :mod:`serving.dp` (its data-parallel attention mode).
+``serve.py`` at the repository root is the entry point.
 """

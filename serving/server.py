@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env HWLAYER_API_KEY)")
     p.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks; launch with torchrun --nproc-per-node N serve.py --ep N (default 1)")
+    p.add_argument("--dp-attention", action="store_true",
+                   help="with --ep N: each rank runs attention and the KV cache of its own sequences, only the MoE "
+                   "layers exchange tokens; --num-kv-blocks, --max-num-seqs and --max-num-batched-tokens are per rank")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="request body size limit, larger bodies get 413 (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -70,6 +73,9 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    if args.dp_attention and args.ep < 2:
+        fail(f"--dp-attention needs --ep N with N >= 2 ranks (got --ep {args.ep}); launch with torchrun "
+             "--nproc-per-node N serve.py --ep N --dp-attention")
     if args.chat_template is not None and not Path(args.chat_template).expanduser().is_file():
         fail(f"--chat-template {args.chat_template}: no such file; expected a Jinja chat template file")
     if args.api_key is not None and not args.api_key.strip():
@@ -160,18 +166,31 @@ def main(argv: list[str] | None = None) -> int:
         from hwlayer.distributed import RankFailure
 
         try:
-            ep_mod.follower_loop(model, num_blocks, block_size)
+            if args.dp_attention:
+                from . import dp
+
+                dp.follower_loop(model, num_blocks, block_size)
+            else:
+                ep_mod.follower_loop(model, num_blocks, block_size)
         except RankFailure as exc:
             fail(str(exc), status=1)
         return 0
     leader = dist_ctx is not None
 
     metrics = ServingMetrics()
-    engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
-                    eos_token_ids=sorted(eos_ids), metrics=metrics,
-                    forward=ep_mod.leader_forward(model) if leader else None,
-                    on_idle=ep_mod.keepalive if leader else None)
+    if args.dp_attention:  # data-parallel attention: serving/dp.py (rank 0 schedules every rank's sequences)
+        from . import dp
+
+        engine = dp.DPEngine(model, tokenizer, world=args.ep, num_blocks=num_blocks, block_size=block_size,
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics)
+        dp.register_rank_metrics(metrics, engine)
+    else:
+        engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
+                        forward=ep_mod.leader_forward(model) if leader else None,
+                        on_idle=ep_mod.keepalive if leader else None)
     backend = plan.backend.name
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                                  chat_template=chat_template)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
-        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
+        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens"
+        f"{f' per rank, data-parallel attention over {args.ep} ranks' if args.dp_attention else ''} "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
         f"max-model-len {max_model_len}, chat template: {chat_template.source}, at http://{args.host}:{args.port}"))
 

@@ -35,6 +35,11 @@ for name in ("cpu", "triton"):
     logits = score(m, prompts)
     tokens = generate(m, prompts, max_new_tokens=4, stop_at_eos=False)
     result[name] = (logits, [t.tolist() for t in tokens])
+# an idle data-parallel-attention rank runs a batch of zero tokens: every op must take it
+from model import Batch
+empty = Batch(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+              torch.zeros(0, 1, dtype=torch.int32))
+assert tuple(m.forward_batch(empty, m.new_cache(1, 16)).shape) == (0, m.config.vocab_size)
 counts = hwlayer.plan("triton", trace=True).call_counts()
 print(json.dumps({
     "cpu_tokens": result["cpu"][1],

@@ -49,7 +49,9 @@ def ep_dispatch(
 
     Experts are sharded evenly and contiguously: rank ``r`` of the ``W``-rank ``group`` owns
     global experts ``[r * E/W, (r + 1) * E/W)``. ``x``: ``[T, D]``; ``topk_ids``: int
-    ``[T, k]`` global ids. Every rank must call it (collective). Returns
+    ``[T, k]`` global ids. ``T`` is this rank's own and may differ between ranks, zero included
+    (with data-parallel attention each rank brings its own sequences' tokens, an idle one none);
+    ``k`` and ``D`` are the same on every rank. Every rank must call it (collective). Returns
     ``(recv_x [R, D], recv_local_ids int32 [R], handle)``: the rows this rank's experts must
     process, the local expert id (``global - r * E/W``) of each, and a handle for ``ep_combine``.
     Rows arrive grouped by source rank, each source's rows in its token-slot order.
@@ -87,7 +89,7 @@ def ep_combine(y: torch.Tensor, handle: EPHandle, topk_weights: torch.Tensor, gr
     """Expert-parallel combine, the inverse of ``ep_dispatch``.
 
     ``y``: ``[R, D]`` expert outputs for the rows ``ep_dispatch`` delivered, same order,
-    unweighted. Sends them back and returns ``[T, D]`` in ``y.dtype`` with
+    unweighted (``R`` may be zero, as may this rank's ``T``). Sends them back and returns ``[T, D]`` in ``y.dtype`` with
     ``out[t] = sum_slot topk_weights[t, slot] * y_slot``, accumulated in fp32. Collective.
     """
     op = "ep_combine"

@@ -198,7 +198,7 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool)
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
-    x3 = x.reshape(T, -1, D).contiguous()
+    x3 = x.reshape(T, x.shape[1] if x.dim() == 3 else 1, D).contiguous()
     H = x3.shape[1]
     out = torch.empty_like(x3)
     if T and H:

@@ -1,0 +1,328 @@
+"""Data-parallel attention with expert-parallel MoE: every rank serves its own sequences.
+
+    torchrun --nproc-per-node N serve.py --ep N --dp-attention
+
+Plain expert parallelism (:mod:`serving.ep`) runs the whole batch on every rank: attention and the
+paged cache are replicated. Here each sequence lives on one rank: its KV blocks are that rank's, and
+only that rank computes its attention. The MoE layers are where the ranks meet: every rank routes
+its own tokens and the expert all-to-alls (``ep_dispatch`` / ``ep_combine``) exchange them, so a
+rank with nothing to do still joins each MoE layer, with zero rows.
+
+Rank 0 holds the scheduling state of all ranks (:class:`DPEngine`): one block free list per rank,
+the whole running batch, the sampling state. Block ids are global: rank ``r`` owns ids
+``[r * B, (r + 1) * B)`` for ``B`` blocks per rank, so the unchanged scheduler of
+:class:`serving.engine.Engine` builds one batch whose rows name their rank by their blocks. A new
+sequence goes to the least loaded rank (fewest KV blocks in use, then fewest tokens) when its first
+blocks are taken; a preempted one may land elsewhere when it comes back (it recomputes anyway).
+
+Each step (:class:`DPLeader`) rank 0 splits the batch into one sub-batch per rank
+(:func:`split_batch`, block ids made local), broadcasts them, runs its own, and gathers every
+rank's logits (padded to the largest sub-batch) to sample on rank 0. Followers run
+:func:`follower_loop`. Failures are handled as in :mod:`serving.ep`: a collective that fails is a
+:class:`hwlayer.distributed.RankFailure` naming the rank; rank 0 answers 503 and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from hwlayer import distributed as hd
+
+from . import ep as ep_mod
+from .engine import Engine, Sequence
+
+
+class _RankBlocks:
+    """One rank's free list of local block ids ``0 .. n-1``."""
+
+    def __init__(self, n: int) -> None:
+        self.num_blocks = n
+        self._free = collections.deque(range(n))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class DPBlockAllocator:
+    """One free list per rank behind one global block-id space: rank ``r`` owns ids
+    ``[r * blocks_per_rank, (r + 1) * blocks_per_rank)``. The totals (``num_blocks``, ``num_used``,
+    ``num_free``) are over all ranks, as the engine's metrics read them. No prefix caching: a
+    cached block would only serve sequences on its own rank."""
+
+    enable_prefix_caching = False
+
+    def __init__(self, world: int, blocks_per_rank: int) -> None:
+        self.world, self.blocks_per_rank = world, blocks_per_rank
+        self.ranks = [_RankBlocks(blocks_per_rank) for _ in range(world)]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.world * self.blocks_per_rank
+
+    @property
+    def num_free(self) -> int:
+        return sum(a.num_free for a in self.ranks)
+
+    @property
+    def num_used(self) -> int:
+        return sum(a.num_used for a in self.ranks)
+
+    def rank_of(self, block: int) -> int:
+        return block // self.blocks_per_rank
+
+    def allocate_on(self, rank: int, n: int) -> list[int]:
+        base = rank * self.blocks_per_rank
+        return [base + b for b in self.ranks[rank].allocate(n)]
+
+    def allocate(self, n: int) -> list[int]:
+        """Blocks on the rank with the most free ones (callers that know the sequence use :meth:`allocate_on`)."""
+        return self.allocate_on(max(range(self.world), key=lambda r: self.ranks[r].num_free), n)
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.ranks[self.rank_of(b)].free([b % self.blocks_per_rank])
+
+
+class DPEngine(Engine):
+    """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
+
+    ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
+    the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
+    distributed step); a test may pass another that takes the same global-block batch.
+    Everything else is :class:`serving.engine.Engine`: only where a sequence's blocks come from
+    differs (:meth:`_grow`), which sequence a shortage preempts (:meth:`_preempt`) and what can fit
+    (:meth:`check_fits`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
+        if world < 1:
+            raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
+        leader = forward or DPLeader(model, world, num_blocks, block_size)
+        kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
+        super().__init__(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
+                         max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
+                         forward=leader, **kwargs)
+        self.world = world
+        self.allocator = DPBlockAllocator(world, num_blocks)  # self.cache (rank 0's) holds num_blocks blocks
+        self.preemptions_by_rank = [0] * world
+        self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
+
+    def rank_of(self, seq: Sequence) -> int | None:
+        """The rank a sequence lives on, or None while it holds no blocks."""
+        blocks = seq.blocks  # one read: /metrics calls this off the engine thread, which may replace the list
+        return self.allocator.rank_of(blocks[0]) if blocks else None
+
+    def choose_rank(self, need: int) -> int | None:
+        """Least loaded rank with ``need`` free blocks: fewest blocks in use, then fewest tokens."""
+        tokens = [0] * self.world
+        for s in self.running:
+            r = self.rank_of(s)
+            if r is not None:
+                tokens[r] += s.num_tokens
+        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free >= need]
+        return min(fits, key=lambda r: (self.allocator.ranks[r].num_used, tokens[r], r), default=None)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks_needed(num_tokens) - len(seq.blocks)
+        if need <= 0:
+            return True
+        rank = self.rank_of(seq)
+        if rank is None:
+            rank = self.choose_rank(need)
+            if rank is None:
+                return False
+        if need > self.allocator.ranks[rank].num_free:
+            self._short_rank = rank
+            return False
+        seq.blocks += self.allocator.allocate_on(rank, need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """The scheduler preempts the newest sequence when one cannot grow; only a sequence on the
+        rank that lacks blocks frees any, so the newest one there goes instead (possibly the one
+        that wanted to grow: it comes back on whichever rank then has room)."""
+        short = self._short_rank
+        if short is not None and self.rank_of(seq) != short:
+            same = [s for s in self.running if self.rank_of(s) == short]
+            seq = same[-1] if same else seq
+        rank = self.rank_of(seq)
+        if rank is not None:
+            self.preemptions_by_rank[rank] += 1
+        super()._preempt(seq)
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
+        why = super().check_fits(prompt_len, max_tokens)
+        if why:
+            return why
+        total, per_rank = prompt_len + max_tokens, self.allocator.blocks_per_rank
+        if self.blocks_needed(total) > per_rank:
+            return (f"the request needs {self.blocks_needed(total)} KV blocks ({total} tokens) but one rank's cache "
+                    f"has {per_rank} (with --dp-attention a sequence lives on one rank); lower max_tokens or start "
+                    "the server with more --num-kv-blocks")
+        return None
+
+    def rank_stats(self) -> list[dict[str, int]]:
+        """Per rank: running sequences, KV blocks used and in all (read at /metrics scrape time)."""
+        running = [0] * self.world
+        for s in list(self.running):  # a copy: the engine thread may change the list meanwhile
+            r = self.rank_of(s)
+            if r is not None:
+                running[r] += 1
+        return [{"running": running[r], "kv_blocks_used": self.allocator.ranks[r].num_used,
+                 "kv_blocks_total": self.allocator.blocks_per_rank} for r in range(self.world)]
+
+
+def _empty_batch(Batch: Any) -> Any:  # noqa: N803 - the model's Batch class
+    return Batch(input_ids=torch.zeros(0, dtype=torch.int64), cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                 seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32))
+
+
+def split_batch(batch: Any, world: int, blocks_per_rank: int, block_size: int) -> tuple[list[Any], list[list[int]]]:
+    """One sub-batch per rank from a batch with global block ids: ``(sub_batches, rows)``.
+
+    ``rows[r]``: the rows of ``batch`` that rank ``r`` runs, in order; its sub-batch holds their
+    tokens, lengths and block tables with the rank's local block ids. A rank without rows gets an
+    empty batch (zero tokens): it still joins every MoE all-to-all. Host work, once per step.
+    """
+    Batch = type(batch)  # noqa: N806
+    cu = batch.cu_seqlens_q.tolist()
+    lens = batch.seq_lens.tolist()
+    table = batch.block_table
+    ids = batch.input_ids
+    n_blocks = [-(-n // block_size) for n in lens]
+    owner = [int(table[b, 0]) // blocks_per_rank for b in range(len(lens))]
+    subs, rows = [], []
+    for r in range(world):
+        mine = [b for b in range(len(lens)) if owner[b] == r]
+        rows.append(mine)
+        if not mine:
+            subs.append(_empty_batch(Batch))
+            continue
+        local = torch.zeros(len(mine), max(n_blocks[b] for b in mine), dtype=torch.int32)
+        for j, b in enumerate(mine):
+            blocks = table[b, :n_blocks[b]].to(torch.int32)
+            if int(blocks.min()) < r * blocks_per_rank or int(blocks.max()) >= (r + 1) * blocks_per_rank:
+                raise ValueError(f"split_batch: row {b} has blocks {blocks.tolist()} on more than one rank "
+                                 f"(rank {r} owns [{r * blocks_per_rank}, {(r + 1) * blocks_per_rank}))")
+            local[j, :n_blocks[b]] = blocks - r * blocks_per_rank
+        new = [cu[b + 1] - cu[b] for b in mine]
+        cu_r = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        subs.append(Batch(input_ids=torch.cat([ids[cu[b]:cu[b + 1]] for b in mine]), cu_seqlens_q=cu_r,
+                          seq_lens=torch.tensor([lens[b] for b in mine], dtype=torch.int32), block_table=local))
+    return subs, rows
+
+
+def run_step(model: Any, subs: list[Any], cache: Any, rank: int) -> list[torch.Tensor] | None:
+    """Every rank: run its own sub-batch, then gather all ranks' logits to rank 0.
+
+    Returns, on rank 0, each rank's logits ``[rows of that rank, vocab]``; None elsewhere. The
+    logits are padded to the largest sub-batch for one ``gather`` (collective, every rank calls it)."""
+    logits = model.forward_batch(subs[rank], cache)
+    width = max(s.seq_lens.numel() for s in subs)
+    padded = logits.new_zeros(width, logits.shape[1])
+    padded[:logits.shape[0]] = logits
+    gathered = [torch.empty_like(padded) for _ in subs] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    if gathered is None:
+        return None
+    return [g[:s.seq_lens.numel()] for g, s in zip(gathered, subs, strict=True)]
+
+
+class DPLeader:
+    """Rank 0's ``forward`` for :class:`DPEngine`: split, broadcast, run its share, gather logits.
+
+    Keeps, for benchmarks and /metrics, the attention tokens each rank computed (``tokens[r]``,
+    cumulative) and in the last step (``last_tokens``)."""
+
+    def __init__(self, model: Any, world: int, blocks_per_rank: int, block_size: int) -> None:
+        self.model, self.world = model, world
+        self.blocks_per_rank, self.block_size = blocks_per_rank, block_size
+        self.steps = 0
+        self.tokens = [0] * world
+        self.last_tokens = [0] * world
+
+    def __call__(self, batch: Any, cache: Any) -> torch.Tensor:
+        subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
+        self.steps += 1
+        step = self.steps
+        ep_mod._broadcast([("dp_step", subs)], f"serving step {step} (broadcast)")
+        with hd.rank_failure_guard(f"serving step {step} (forward)"):
+            parts = run_step(self.model, subs, cache, 0)
+        self.last_tokens = [int(s.input_ids.numel()) for s in subs]
+        self.tokens = [a + b for a, b in zip(self.tokens, self.last_tokens, strict=True)]
+        out = parts[0].new_empty(batch.seq_lens.numel(), parts[0].shape[1])
+        for r, part in enumerate(parts):
+            if rows[r]:
+                out[torch.tensor(rows[r], device=out.device)] = part
+        return out
+
+
+def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
+    """Ranks > 0: run this rank's share of every step rank 0 broadcasts, until ``shutdown``.
+
+    The cache holds ``num_blocks`` blocks for this rank's own sequences. Raises
+    :class:`hwlayer.distributed.RankFailure` when a collective fails."""
+    cache = model.new_cache(num_blocks, block_size)
+    rank = hd.current().rank
+    while True:
+        message: list = [None]
+        ep_mod._broadcast(message, f"rank {rank} waiting for a step")
+        kind, payload = message[0]
+        if kind == "shutdown":
+            break
+        if kind == "dp_step":
+            with hd.rank_failure_guard(f"rank {rank} forward"):
+                run_step(model, payload, cache, rank)
+        elif kind != "noop":
+            raise RuntimeError(f"rank {rank}: rank 0 sent a {kind!r} step; with --dp-attention every rank must be "
+                               "started with the same flags")
+    hd.shutdown()
+
+
+def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
+    """Per-rank series on rank 0's /metrics, labelled ``rank``: running sequences, KV blocks used
+    and in all, preemptions, and attention tokens computed (when the engine runs :class:`DPLeader`)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class RankCollector:
+        def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
+            running = GaugeMetricFamily("hwlayer_rank_num_requests_running",
+                                        "Sequences in the running batch that live on this rank", labels=["rank"])
+            used = GaugeMetricFamily("hwlayer_rank_kv_blocks_used", "KV blocks of this rank held by its sequences",
+                                     labels=["rank"])
+            total = GaugeMetricFamily("hwlayer_rank_kv_blocks_total", "KV blocks of this rank in all",
+                                      labels=["rank"])
+            tokens = CounterMetricFamily("hwlayer_rank_attention_tokens",
+                                         "Tokens whose attention this rank computed", labels=["rank"])
+            preempted = CounterMetricFamily("hwlayer_rank_preemptions",
+                                            "Sequences preempted for lack of this rank's KV blocks", labels=["rank"])
+            leader = engine.forward if isinstance(engine.forward, DPLeader) else None
+            for r, stats in enumerate(engine.rank_stats()):
+                running.add_metric([str(r)], stats["running"])
+                used.add_metric([str(r)], stats["kv_blocks_used"])
+                total.add_metric([str(r)], stats["kv_blocks_total"])
+                preempted.add_metric([str(r)], engine.preemptions_by_rank[r])
+                if leader is not None:
+                    tokens.add_metric([str(r)], leader.tokens[r])
+            yield from (running, used, total, preempted, tokens)
+
+    metrics.registry.register(RankCollector())
