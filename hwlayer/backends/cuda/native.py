@@ -200,7 +200,8 @@ def fp8_indexer_enabled() -> bool:
 
 
 def deep_gemm_indexer_supports(
-    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float
+    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> bool | str:
     if not fp8_indexer_enabled():
         return "FP8 scoring can change the top-k; opt in with HWLAYER_FP8_INDEXER=1"
@@ -225,6 +226,7 @@ def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def deep_gemm_lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     import deep_gemm  # noqa: PLC0415
 

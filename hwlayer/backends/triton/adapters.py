@@ -223,7 +223,8 @@ def _varlen_ok(op: str, cu_seqlens_q: Any, seq_lens: Any, T: int) -> bool | str:
 
 
 def lightning_indexer_supports(
-    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float
+    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> bool | str:
     if not _is_tensor(q, weights, k_cache, block_table):
         return "non-tensor argument"
@@ -265,6 +266,7 @@ def indexer_scores(
 def lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     # Scoring is the Triton kernel; the selection is torch.topk on the scored tile (a Triton
     # radix-select would save the [T, S] tile; not written yet).
