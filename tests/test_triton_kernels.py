@@ -226,3 +226,187 @@ def test_triton_backend_facts(tp) -> None:
     assert b.name == "triton" and tp.device.type == "cpu"  # no GPU here: the interpreter runs on CPU tensors
     assert "TRITON_INTERPRET=1" in b.verified and "not run on GPU" in b.verified
     assert b.priority < hwlayer.registry().backends["cpu"].priority
+
+
+# --------------------------------------------------------------------------------------------
+# Launch paths: split-K decode vs one-pass prefill attention, the fused MoE
+
+
+@contextlib.contextmanager
+def launched(expected: dict[str, int]):
+    """The block launched exactly these Triton kernel paths (the tier's host-side counter)."""
+    from hwlayer.backends.triton.adapters import LAUNCHES
+
+    before = dict(LAUNCHES)
+    yield
+    moved = {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
+    assert moved == expected, f"expected launch paths {expected}, got {moved}"
+
+
+def _mla_inputs(dtype: torch.dtype, cu: list[int], seq_lens: list[int], K: int, H: int, q_scale: float):
+    torch.manual_seed(3)
+    bs, V, R = 16, 64, 16
+    need = [-(-L // bs) for L in seq_lens]
+    nb = sum(need) + 2
+    perm = torch.randperm(nb)
+    table = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[start : start + n].to(torch.int32)
+        start += n
+    rows = []
+    for b, L in enumerate(seq_lens):
+        n = cu[b + 1] - cu[b]
+        for i in range(n):
+            pos = L - n + i
+            take = min(K, pos + 1)
+            rows.append(torch.randperm(pos + 1)[:take].tolist() + [-1] * (K - take))  # -1 last, as the indexer
+    idx = torch.tensor(rows, dtype=torch.int32)
+    q = (torch.randn(cu[-1], H, V + R) * q_scale).to(dtype)
+    kv = torch.randn(nb, bs, V + R, dtype=dtype)
+    return q, kv, idx, table, torch.tensor(cu, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), V
+
+
+def _mla_close(got, ref, dtype: torch.dtype) -> None:
+    out, lse = got
+    out_ref, lse_ref = ref
+    close(out, out_ref, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_mla_split_k_decode(tp, dtype: torch.dtype) -> None:
+    # Two decode tokens with 256 selected rows each: the keys are split across programs. The second
+    # sequence has 20 positions, so its later splits hold only -1 (partials with lse -inf), and a
+    # row of only -1 must still give out 0 and lse -inf after the merge.
+    q, kv, idx, table, cu, lens, V = _mla_inputs(dtype, [0, 1, 2], [300, 20], 256, 16, 3.0)
+    scale = (q.shape[-1]) ** -0.5
+    with served_by_triton(tp, "sparse_mla_attention", calls=2), launched(
+            {"sparse_mla_split": 2, "sparse_mla_merge": 2}):
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V)
+        empty = torch.full_like(idx, -1)
+        out0, lse0 = tp.sparse_mla_attention(q, kv, empty, table, cu, lens, scale, V)
+    _mla_close(got, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V), dtype)
+    assert bool((out0 == 0).all()) and bool(torch.isinf(lse0).all())
+
+
+def test_sparse_mla_prefill_with_large_logits(tp) -> None:
+    # 24 prefill tokens fill the interpreter's "device" without splitting; logits in the hundreds
+    # overflow fp32 exp() (above ~88) unless the running max is subtracted.
+    q, kv, idx, table, cu, lens, V = _mla_inputs(torch.float32, [0, 16, 24], [16, 90], 72, 5, 8.0)
+    with served_by_triton(tp, "sparse_mla_attention", calls=1), launched({"sparse_mla_prefill": 1}):
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+    assert float(got[1].max()) > 100  # the logits really are large
+    # fp32 logits of a few hundred carry ~1e-4 absolute rounding (summation order differs from the
+    # generic's), hence 1e-3; without the max subtraction the result would be inf/NaN.
+    out_ref, lse_ref = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+    assert bool(torch.isfinite(got[0]).all()) and bool(torch.isfinite(got[1]).all())
+    torch.testing.assert_close(got[0], out_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got[1], lse_ref, rtol=1e-5, atol=1e-3)
+
+
+def test_mla_path_choice_from_host_sizes() -> None:
+    from hwlayer.backends.triton.adapters import mla_head_block, mla_num_splits
+
+    h200 = 132  # SMs
+    # GLM-5-shaped decode, batch 1: 16 heads x 2048 selected rows must spread over the device.
+    assert mla_head_block(16, 512) == 16
+    assert mla_num_splits(1, 16, 2048, 512, h200) == 32
+    assert mla_num_splits(8, 64, 2048, 512, h200) == 9  # 8 tokens x 2 head tiles: 16 programs x 9 splits
+    assert mla_num_splits(1, 16, 100, 512, h200) == 1  # too few keys to split
+    assert mla_num_splits(4096, 16, 2048, 512, h200) == 1  # a prefill fills the device as it is
+    assert mla_num_splits(132, 16, 2048, 512, h200) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_experts_without_permute_round_trip(tp, dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    T, E, k, D, inter = 9, 8, 3, 48, 40
+    x = torch.randn(T, D, dtype=dtype)
+    w13 = (torch.randn(E, 2 * inter, D) * D**-0.5).to(dtype)
+    w2 = (torch.randn(E, D, inter) * inter**-0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    ids[0, 1], ids[4, 0], ids[6] = -1, E, -1  # dropped: another rank's expert, a past-the-end id, a whole token
+    weights = torch.rand(T, k)
+    before = tp.call_counts()
+    with served_by_triton(tp, "fused_experts", calls=1), launched({"fused_moe": 1}):
+        out = tp.fused_experts(x, w13, w2, weights, ids)
+    parts = {key for key, n in tp.call_counts().items() if n != before.get(key, 0) and key[0] != "fused_experts"}
+    assert not parts, f"the fused kernel must not go through the composite's parts: {parts}"
+    ref = hwlayer.plan("cpu").fused_experts(x.float(), w13.float(), w2.float(), weights, ids)
+    assert bool((out[6] == 0).all())
+    torch.testing.assert_close(out.float(), ref, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32
+                                                    else dict(rtol=3e-2, atol=3e-2)))
+
+
+def test_moe_align_block_size_layout() -> None:
+    from hwlayer.backends.triton.adapters import moe_align_block_size
+
+    ids = torch.tensor([[3, 0], [3, -1], [0, 7], [3, 5]], dtype=torch.int32)  # 8 assignments; -1 and 7 dropped
+    sorted_ids, block_expert = moe_align_block_size(ids, 6, 4)
+    numel, bm = ids.numel(), 4
+    assert sorted_ids.numel() == 28  # the host-known bound: 8 + min(8, 6 experts) * 3, in whole blocks
+    blocks = sorted_ids.view(-1, bm).tolist()
+    experts = block_expert.tolist()
+    real = [(e, [j for j in blk if j < numel]) for e, blk in zip(experts, blocks, strict=True) if e < 6]
+    # each expert's assignments, in token order, padded to whole blocks; the dropped ones nowhere
+    assert real == [(0, [1, 4]), (3, [0, 2, 6]), (5, [7])]
+    assert all(e == 6 for e in experts[len(real):])  # blocks past the last expert: no work
+    assert all(j == numel for blk in blocks[len(real):] for j in blk)
+
+
+def test_adapters_are_sync_free(tp, monkeypatch) -> None:
+    """Every adapter (predicate and launch code) runs under FakeTensorMode, where reading a device
+    tensor on the host (``.item()``, ``int(t)``, ``.tolist()``, ``bool(t)``) raises: the host side
+    of the Triton tier never waits for the device. Kernels are replaced by recorders (fake tensors
+    have no data for them); the grids they record must come out of host-known sizes."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from hwlayer.backends.triton import adapters
+
+    grids = []
+
+    class Recorder:
+        def __getattr__(self, name: str):
+            class Launch:
+                def __getitem__(self, grid):
+                    return lambda *args, **kwargs: grids.append((name, grid))
+            return Launch()
+
+    monkeypatch.setattr(adapters, "_kernels", lambda: Recorder())
+    monkeypatch.setenv("HWLAYER_CHECK", "0")  # serving's setting: no value checks
+    mode = FakeTensorMode()
+    real = _mla_inputs(torch.bfloat16, [0, 1, 2], [300, 20], 256, 16, 1.0)
+    q, kv, idx, table, cu, lens, V = (mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in real)
+    qi, wi, ki = (mode.from_tensor(t) for t in (torch.randn(2, 4, 32), torch.randn(2, 4), torch.randn(20, 16, 32)))
+    x, res, w = (mode.from_tensor(t) for t in (torch.randn(2, 64), torch.randn(2, 64), torch.randn(64)))
+    ids, tw = mode.from_tensor(torch.randint(-1, 8, (2, 3), dtype=torch.int32)), mode.from_tensor(torch.rand(2, 3))
+    w13, w2 = mode.from_tensor(torch.randn(8, 64, 64)), mode.from_tensor(torch.randn(8, 64, 32))
+    pos, cos_sin = mode.from_tensor(torch.tensor([5, 9])), mode.from_tensor(torch.randn(400, 32))
+    sizes = mode.from_tensor(torch.tensor([1, 0, 1, 0, 0, 0, 0, 0]))
+    calls = [
+        ("rms_norm", (x, w, 1e-6, res)), ("layer_norm", (x, w, None, 1e-6)),
+        ("rope", (x.view(2, 2, 32), pos, cos_sin, True)),
+        ("kv_cache_write", (mode.from_tensor(torch.zeros(4, 16, 64)), x, pos)),
+        ("lightning_indexer", (qi, wi, ki, table, cu, lens, 16, 0.2, 1, 300)),
+        ("sparse_mla_attention", (q, kv, idx, table, cu, lens, 0.1, V)),  # split-K decode
+        ("sparse_mla_attention", (q[:1].expand(24, -1, -1), kv, idx[:1].expand(24, -1), table[:1],
+                                  mode.from_tensor(torch.tensor([0, 24], dtype=torch.int32)),
+                                  mode.from_tensor(torch.tensor([300], dtype=torch.int32)), 0.1, V)),  # prefill
+        ("moe_route", (x[:, :8].float(), None, 2, 1, 1, True, 1.0)),
+        ("grouped_gemm", (x, w13, sizes)), ("silu_and_mul", (x,)),
+        ("fused_experts", (x, w13, w2, tw, ids)),
+    ]
+    with mode:
+        for op, args in calls:
+            fn, supports = adapters.IMPLEMENTATIONS[op]
+            assert supports(*args) is True, op
+            fn(*args)
+        with pytest.raises(DataDependentOutputException):  # the mode does catch a host read
+            adapters.lightning_indexer(qi, wi, ki, table, cu, lens, 16, 0.2)  # no max_seqlen_k: reads it
+    launched_kernels = [name for name, _ in grids]
+    for name in ("sparse_mla_kernel", "sparse_mla_merge_kernel", "indexer_score_kernel", "fused_moe_gate_up_kernel",
+                 "fused_moe_down_kernel", "moe_sum_kernel", "grouped_gemm_kernel", "kv_cache_write_kernel"):
+        assert name in launched_kernels, name

@@ -7,6 +7,14 @@ reaches the generic implementation and its ``ValueError`` naming the bad argumen
 only launches kernels on input it has already accepted.
 
 ``triton`` and the kernels are imported on first use (see ``kernels.py`` for why).
+
+Sync-free: nothing here reads a device tensor on the host. Launch grids and temporaries are sized
+from shapes and from the host-side sizes the contracts pass (``max_seqlen_k``), or from host-known
+bounds (expert blocks: ``numel + E * (block_m - 1)`` rows; their extra programs return at once).
+Predicates check shapes and dtypes only; checks of values (slots, positions, group sizes in range)
+run only under ``HWLAYER_CHECK=1`` (:func:`hwlayer.ops.layout.value_checks`), where they decline so
+the generic op raises its error. ``tests/test_triton_kernels.py`` runs the adapters under
+FakeTensorMode, where any host read of device data raises.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.layout import FLOAT_DTYPES, INDEX_DTYPES, check_varlen, token_positions
+from hwlayer.ops.layout import FLOAT_DTYPES, INDEX_DTYPES, check_varlen, token_positions, value_checks
 
 # Sizes a single program keeps in registers; larger calls go to the next tier.
 MAX_NORM_DIM = 16384
@@ -172,7 +180,7 @@ def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any) -> bool | 
         return "cache/rows outside the contract"
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in INDEX_DTYPES or slot_mapping.shape[0] != rows.shape[0]:
         return "slot_mapping outside the contract"
-    if slot_mapping.numel() and int(slot_mapping.max()) >= cache.shape[0] * cache.shape[1]:
+    if value_checks() and slot_mapping.numel() and int(slot_mapping.max()) >= cache.shape[0] * cache.shape[1]:
         return "slot out of range"  # the generic op names it
     return _device_ok(cache, rows, slot_mapping)
 
@@ -203,7 +211,8 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool)
         return "cos_sin_cache outside the contract"
     if x.shape[-1] // 2 * (x.shape[1] if x.dim() == 3 else 1) > MAX_NORM_DIM:
         return "heads x rotary dim too large for one program"
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+    if value_checks() and positions.numel() and (
+            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
         return "positions outside the cache"  # the generic path raises torch's index error
     return _device_ok(x, positions, cos_sin_cache)
 
@@ -257,12 +266,16 @@ def lightning_indexer_supports(
 
 def indexer_scores(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """The Triton-scored tile: fp32 ``[T, max(seq_lens)]``, ``-inf`` at non-causal positions."""
+    """The Triton-scored tile: fp32 ``[T, S]``, ``-inf`` at non-causal positions, where ``S`` is
+    ``max_seqlen_k`` (a host int; a captured step passes the cache capacity) capped at what the
+    block table can address. ``None`` reads ``max(seq_lens)`` from the device (outside a forward)."""
     T, Hi, Di = q.shape
-    seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
-    S = int(seq_lens.max()) if seq_lens.numel() else 0
+    seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens, T)
+    if max_seqlen_k is None:
+        max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
+    S = min(int(max_seqlen_k), block_table.shape[1] * k_cache.shape[1])
     scores = torch.empty(T, S, dtype=torch.float32, device=q.device)
     if T and S:
         block_s = 64
@@ -280,9 +293,10 @@ def lightning_indexer(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    # Scoring is the Triton kernel; the selection is torch.topk on the scored tile (a Triton
+    # Scoring is the Triton kernel; the selection is torch.topk on the scored tile, on the device:
+    # sizes come from shapes and max_seqlen_k, so the whole op can sit in a captured graph (a Triton
     # radix-select would save the [T, S] tile; not written yet).
-    scores = indexer_scores(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, scale)
+    scores = indexer_scores(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_k)
     T, S = scores.shape
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     k = min(topk, S)
@@ -306,6 +320,8 @@ def sparse_mla_attention_supports(
         return "indices/block_table dtypes outside the contract"
     if not 0 < v_dim <= Dk:
         return "v_dim outside the contract"
+    if value_checks() and indices.numel() and seq_lens.numel() and int(indices.max()) >= int(seq_lens.max()):
+        return "indices past the longest context"  # the generic op names it
     if v_dim > MAX_LATENT_DIM or Dk - v_dim > MAX_ROPE_DIM:
         return f"latent {v_dim} / rope {Dk - v_dim} above {MAX_LATENT_DIM}/{MAX_ROPE_DIM}"
     ok = _varlen_ok("sparse_mla_attention", cu_seqlens_q, seq_lens, T)
@@ -358,7 +374,7 @@ def sparse_mla_attention(
     T, H, Dk = q.shape
     K = indices.shape[1]
     rope_dim = Dk - v_dim
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
+    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0:
@@ -440,33 +456,38 @@ def grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
         return "x/w outside the contract"
     if group_sizes.dim() != 1 or group_sizes.dtype not in INDEX_DTYPES or group_sizes.shape[0] != w.shape[0]:
         return "group_sizes outside the contract"
-    if int(group_sizes.sum()) != x.shape[0] or bool((group_sizes < 0).any()):
-        return "group_sizes do not partition the rows"
+    if value_checks() and (int(group_sizes.sum()) > x.shape[0] or bool((group_sizes < 0).any())):
+        return "group_sizes do not fit the rows"  # the generic op names it
     return _device_ok(x, w, group_sizes)
 
 
-def _row_tiles(group_sizes: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row tiles that never straddle experts: (expert, first row, end row) per tile, int32."""
+def _row_tiles(group_sizes: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Row tiles that never straddle experts: (expert, first row, end row) per tile, int32, for a
+    fixed number of tiles, ``cdiv(num_rows, block_m) + E`` (a bound known on the host: each expert
+    adds at most one partial tile). Tiles past the last one get expert ``E``. No host read."""
     sizes = group_sizes.long()
+    E = sizes.numel()
+    max_tiles = triton_cdiv(num_rows, block_m) + E
     ends = sizes.cumsum(0)
     starts = ends - sizes
     tiles = (sizes + block_m - 1) // block_m
-    expert = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), tiles)
-    first_tile = (tiles.cumsum(0) - tiles)[expert]
-    within = torch.arange(expert.numel(), device=sizes.device) - first_tile
-    row0 = starts[expert] + within * block_m
-    return expert.to(torch.int32), row0.to(torch.int32), ends[expert].to(torch.int32)
+    tiles_end = tiles.cumsum(0)
+    index = torch.arange(max_tiles, device=sizes.device)
+    expert = torch.searchsorted(tiles_end, index, right=True)  # E past the last tile
+    safe = expert.clamp(max=E - 1)
+    row0 = starts[safe] + (index - (tiles_end - tiles)[safe]) * block_m
+    return expert.to(torch.int32), row0.to(torch.int32), ends[safe].to(torch.int32)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     M, Kdim = x.shape
-    N = w.shape[1]
+    E, N = w.shape[0], w.shape[1]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k = 32, 64, 32
-    expert, row0, row1 = _row_tiles(group_sizes, block_m)
-    if expert.numel() and N:
+    if M and N and E:
+        expert, row0, row1 = _row_tiles(group_sizes, M, block_m)
         _kernels().grouped_gemm_kernel[(expert.numel(), triton_cdiv(N, block_n))](
-            x.contiguous(), w.contiguous(), out, expert, row0, row1, N, Kdim,
+            x.contiguous(), w.contiguous(), out, expert, row0, row1, E, N, Kdim,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, F32_DOT=_f32_dot(x.dtype),
         )
     return out

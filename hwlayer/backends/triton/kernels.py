@@ -72,11 +72,17 @@ def indexer_score_kernel(
 ):
     # score[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s] * scale) for s <= pos(t), else -inf.
     # One program per (token, tile of BLOCK_S positions); all heads at once with one tl.dot.
+    # S may be a static bound (the block table's capacity, so a captured device graph replays at any
+    # context length): tiles past the token's position only write -inf and return, so the cost
+    # follows the real context, not the bound.
     t = tl.program_id(0).to(tl.int64)
     s_tile = tl.program_id(1)
     b = tl.load(seq_idx_ptr + t).to(tl.int64)
     qpos = tl.load(qpos_ptr + t)
     s = s_tile * BLOCK_S + tl.arange(0, BLOCK_S)
+    if s_tile * BLOCK_S > qpos:
+        tl.store(score_ptr + t * S + s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=s < S)
+        return
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     causal = s <= qpos
@@ -191,13 +197,16 @@ def sparse_mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, V, num
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_row0_ptr, tile_row1_ptr, N, Kdim,
+    x_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_row0_ptr, tile_row1_ptr, E, N, Kdim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     # One program per (row tile of one expert, column tile). Tiles never straddle experts, so an
-    # expert with no rows has no tiles and costs nothing. out[rows] = x[rows] @ w[e]^T.
+    # expert with no rows has no tiles and costs nothing. out[rows] = x[rows] @ w[e]^T. The grid is
+    # a host-known bound on the tile count; tiles past the last one carry expert E and return.
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    if e >= E:
+        return
     row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
     row1 = tl.load(tile_row1_ptr + tile).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
