@@ -117,31 +117,44 @@ def decode_step_bytes(m: Any, context: int) -> int:
 # Ours: forward_batch over a paged cache
 
 
+def make_step(m: Any, batch: int, max_len: int, eager: bool) -> tuple[Callable[[Batch, Any], torch.Tensor], str]:
+    """How ours runs a step: :class:`model.runner.ModelRunner` (decode replayed from device graphs
+    where the backend has them; ``eager`` = ``--enforce-eager``), or ``forward_batch`` in a tree
+    without the runner."""
+    try:
+        from model.runner import ModelRunner
+    except ImportError:
+        return m.forward_batch, "forward_batch (no model.runner)"
+    runner = ModelRunner(m, max_num_seqs=batch, max_model_len=max_len, graphs=None if eager else "auto")
+    return runner, f"ModelRunner ({'device graphs' if runner.uses_graphs else 'eager'})"
+
+
 class OursSequences:
     """``batch`` sequences of the same context in one paged cache, each with its own blocks."""
 
-    def __init__(self, m: Any, batch: int, max_len: int) -> None:
+    def __init__(self, m: Any, batch: int, max_len: int, eager: bool = False) -> None:
         self.m, self.batch = m, batch
         per_seq = -(-max_len // BLOCK_SIZE)
         self.cache = m.new_cache(batch * per_seq, BLOCK_SIZE)
         self.table = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq)
         self.lens = [0] * batch
+        self.run, self.how = make_step(m, batch, per_seq * BLOCK_SIZE, eager)
 
     def prefill(self, ids: torch.Tensor, context: int, chunk: int) -> None:
         """Each sequence's first ``context`` tokens, ``chunk`` tokens per forward (one sequence at a time)."""
         for b in range(self.batch):
             for s in range(0, context, chunk):
                 e = min(context, s + chunk)
-                self.m.forward_batch(Batch(ids[b, s:e], torch.tensor([0, e - s], dtype=torch.int32),
-                                           torch.tensor([e], dtype=torch.int32), self.table[b : b + 1]), self.cache)
+                self.run(Batch(ids[b, s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                               torch.tensor([e], dtype=torch.int32), self.table[b : b + 1]), self.cache)
             self.lens[b] = context
 
     def decode_step(self, ids: torch.Tensor) -> torch.Tensor:
         """One new token for every sequence, one forward."""
         new = torch.stack([ids[b, self.lens[b]] for b in range(self.batch)])
         self.lens = [n + 1 for n in self.lens]
-        return self.m.forward_batch(Batch(new, torch.arange(self.batch + 1, dtype=torch.int32),
-                                          torch.tensor(self.lens, dtype=torch.int32), self.table), self.cache)
+        return self.run(Batch(new, torch.arange(self.batch + 1, dtype=torch.int32),
+                              torch.tensor(self.lens, dtype=torch.int32), self.table), self.cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk when building a context")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per figure (median)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--enforce-eager", action="store_true", help="no device graphs for our decode steps")
     ap.add_argument("--profile-table", default=None, help="write the profiler table of one decode step here")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     args = ap.parse_args(argv)
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     # Decode, batch 1.
     res["decode_ms"] = {"ours": {}, "hf": {}}
     for C in args.contexts:
-        seq = OursSequences(ours, 1, C + 2 * args.steps + 4)
+        seq = OursSequences(ours, 1, C + 2 * args.steps + 4, args.enforce_eager)
+        res.setdefault("ours_step", seq.how)
         seq.prefill(ids, C, args.chunk)
         seq.decode_step(ids)  # warm-up (Triton compilation, allocator)
         res["decode_ms"]["ours"][C] = median_ms(lambda: seq.decode_step(ids), args.steps, device)
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Decode, batch 32.
     B, C = args.batch, args.batch_context
-    seq = OursSequences(ours, B, C + 2 * args.steps + 4)
+    seq = OursSequences(ours, B, C + 2 * args.steps + 4, args.enforce_eager)
     seq.prefill(ids, C, args.chunk)
     seq.decode_step(ids)
     ms = median_ms(lambda: seq.decode_step(ids), args.steps, device)
@@ -338,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = 2 if args.tiny else 3
 
     def ours_prefill() -> None:
-        OursSequences(ours, 1, P).prefill(ids, P, P)
+        OursSequences(ours, 1, P, eager=True).prefill(ids, P, P)
 
     ours_prefill()
     ms = median_ms(ours_prefill, runs, device)
@@ -353,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         res["prefill_tok_s"]["hf"] = P / hms * 1e3
         line += f"; transformers {P / hms * 1e3:.0f} tok/s (ours x{hms / ms:.2f})"
     print(line, flush=True)
+    print(f"our steps ran through {res['ours_step']}")
     prof = res["profile_decode_step"]
     print(f"one decode step @{prof['context']}: {prof['kernel_launches']} kernel launches, {prof['syncs']} syncs, "
           f"{prof['device_to_host_copies']} device->host copies, CPU {prof['cpu_ms']:.1f} ms"
