@@ -163,8 +163,7 @@ def sparse_mla_kernel(
 
     has_any = l_i > 0
     out = tl.where(has_any[:, None], acc / tl.where(has_any, l_i, 1.0)[:, None], 0.0)
-    LN2: tl.constexpr = 0.6931471805599453
-    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
     row = (t * H + h) * num_splits + split
     tl.store(out_ptr + row[:, None] * V + dv[None, :], out.to(out_ptr.dtype.element_ty),
              mask=hmask[:, None] & (dv[None, :] < V))
