@@ -7,7 +7,7 @@ ran, from the tier's host-side launch counter, so a path that silently stopped b
 
 * ``sparse_mla_attention``: split-K decode (T=1 or 2 tokens, 128-256 selected rows: the keys are
   split across programs, then merged through their lse) vs one-pass prefill (136 tokens: the
-  (token, head tile) programs alone fill the device, even a 132-SM H200);
+  (token, head tile) programs alone fill the interpreter's stand-in device and a 132-SM H200);
 * ``fused_experts``: the fused expert-block kernels, with no ``moe_permute`` / ``moe_unpermute``
   round trip, for a decode token and for a prefill batch.
 """
@@ -49,13 +49,23 @@ def triton_paths(plan, op: str, expected: dict[str, int], untouched: tuple[str, 
 
 
 ATTENTION_PATH_CASES = {
-    # name: (query counts, context lengths, indices per token, heads, q scale, expected launches)
-    "decode-split-k": ([1], [300], 256, 16, 3.0, {"sparse_mla_split": 1, "sparse_mla_merge": 1}),
+    # name: (query counts, context lengths, indices per token (>= 128: enough to split), heads, q scale)
+    "decode-split-k": ([1], [300], 256, 16, 3.0),
     # the second sequence has 30 positions: its last splits hold only -1 (lse -inf partials)
-    "decode-batch-split-k": ([1, 1], [200, 30], 128, 16, 3.0, {"sparse_mla_split": 1, "sparse_mla_merge": 1}),
+    "decode-batch-split-k": ([1, 1], [200, 30], 128, 16, 3.0),
     # large logits (q x12): the online softmax must subtract its running max
-    "long-prefill": ([100, 36], [100, 300], 136, 2, 12.0, {"sparse_mla_prefill": 1}),
+    "long-prefill": ([100, 36], [100, 300], 136, 2, 12.0),
 }
+SPLIT = {"sparse_mla_split": 1, "sparse_mla_merge": 1}
+ONE_PASS = {"sparse_mla_prefill": 1}
+
+
+def _expected_attention_path(device: torch.device, num_tokens: int) -> dict[str, int]:
+    """The tier's documented rule: split the keys only while the (token, head tile) programs (here
+    one head tile per token: <= 16 heads) do not fill the device, i.e. number fewer than its SMs
+    (8 under the interpreter). 136 tokens fill an H200 (132 SMs), not a B200 (148)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return ONE_PASS if num_tokens >= sms else SPLIT
 
 
 def _indexer_like(gen: torch.Generator, q_lens: list[int], seq_lens: list[int], K: int) -> torch.Tensor:
@@ -74,7 +84,7 @@ def _indexer_like(gen: torch.Generator, q_lens: list[int], seq_lens: list[int], 
 def test_sparse_mla_attention_paths(checker, plan, dtype, device, case):
     ck = checker("sparse_mla_attention", case)
     gen = generator("sparse_mla_attention_paths", case, dtype)
-    q_lens, seq_lens, K, heads, q_scale, launches = ATTENTION_PATH_CASES[case]
+    q_lens, seq_lens, K, heads, q_scale = ATTENTION_PATH_CASES[case]
     batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE)
     T, Dk = batch.num_tokens, LATENT + ROPE_DIM
     q = randn(gen, (T, heads, Dk), ck.dtype, device, scale=q_scale)
@@ -82,7 +92,7 @@ def test_sparse_mla_attention_paths(checker, plan, dtype, device, case):
     indices = _indexer_like(gen, q_lens, seq_lens, K)
     block_table, cu, lens = batch.tensors(device)
 
-    with triton_paths(plan, "sparse_mla_attention", launches):
+    with triton_paths(plan, "sparse_mla_attention", _expected_attention_path(q.device, T)):
         out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)
     ck.shape_dtype("out", out, (T, heads, LATENT), ck.dtype)
     ck.shape_dtype("lse", lse, (T, heads), torch.float32)
