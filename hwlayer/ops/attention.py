@@ -43,10 +43,10 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     # padding row is aimed at the slot the first real row writes, carrying that row's value: equal
     # values written twice to one slot leave what a skip would. With no real row it rewrites slot
     # 0 with slot 0's current value.
-    first = valid.int().argmax()  # the first real row (0 when there is none)
+    first = valid.int().argmax().view(1)  # the first real row (0 when there is none), on the device
     any_valid = valid.any()
-    pad_slot = torch.where(any_valid, slots[first], 0)
-    pad_row = torch.where(any_valid, rows[first], flat[0])
+    pad_slot = torch.where(any_valid, slots.index_select(0, first), 0)
+    pad_row = torch.where(any_valid, rows.index_select(0, first), flat[:1])
     slots = torch.where(valid, slots, pad_slot)
     rows = torch.where(valid.unsqueeze(1), rows, pad_row)
     flat.index_copy_(0, slots, rows)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hwlayer.backend import Backend
+from hwlayer.backend import Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
 from . import native
@@ -22,6 +22,8 @@ from .detect import detect
 HWLAYER_HOOKSPEC_VERSION = "1.0"
 
 NOT_RUN = "not run on hardware (no GPU available to this project)"
+# torch.cuda.CUDAGraph capture of decode steps (model/runner.py); the CUDA-built family shares it
+CUDA_GRAPHS = DeviceGraph("torch.cuda", "CUDAGraph", "written against torch.cuda.CUDAGraph docs, not run on a GPU")
 
 
 def _detector(name: str) -> Callable:
@@ -39,6 +41,7 @@ BACKENDS = (
         priority=50,
         inherits=("triton",),
         verified=f"written against flash_mla, deep_gemm and vLLM _C op APIs; Triton tier; {NOT_RUN}",
+        device_graph=CUDA_GRAPHS,
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
