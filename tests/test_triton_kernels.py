@@ -341,11 +341,12 @@ def test_fused_experts_without_permute_round_trip(tp, dtype: torch.dtype) -> Non
                                                     else dict(rtol=3e-2, atol=3e-2)))
 
 
-def test_moe_align_block_size_layout() -> None:
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_moe_align_block_size_layout(tp, one_launch: bool) -> None:
     from hwlayer.backends.triton.adapters import moe_align_block_size
 
     ids = torch.tensor([[3, 0], [3, -1], [0, 7], [3, 5]], dtype=torch.int32)  # 8 assignments; -1 and 7 dropped
-    sorted_ids, block_expert = moe_align_block_size(ids, 6, 4)
+    sorted_ids, block_expert = moe_align_block_size(ids, 6, 4, use_kernel=one_launch)
     numel, bm = ids.numel(), 4
     assert sorted_ids.numel() == 28  # the host-known bound: 8 + min(8, 6 experts) * 3, in whole blocks
     blocks = sorted_ids.view(-1, bm).tolist()
@@ -355,6 +356,19 @@ def test_moe_align_block_size_layout() -> None:
     assert real == [(0, [1, 4]), (3, [0, 2, 6]), (5, [7])]
     assert all(e == 6 for e in experts[len(real):])  # blocks past the last expert: no work
     assert all(j == numel for blk in blocks[len(real):] for j in blk)
+
+
+def test_moe_align_kernel_matches_the_torch_alignment(tp) -> None:
+    """The one-launch Triton alignment (decode-sized batches) and the torch-op one (large batches)
+    give identical rows and block experts, dropped ids and non-power-of-two expert counts included."""
+    from hwlayer.backends.triton.adapters import moe_align_block_size
+
+    torch.manual_seed(7)
+    for T, k, E, block_m in [(1, 8, 64, 16), (33, 8, 64, 16), (9, 3, 6, 4), (40, 8, 256, 16), (5, 1, 1, 16)]:
+        ids = torch.randint(-1, E + 1, (T, k), dtype=torch.int32)  # -1 and E: dropped
+        got = moe_align_block_size(ids, E, block_m, use_kernel=True)
+        want = moe_align_block_size(ids, E, block_m, use_kernel=False)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (T, k, E, block_m)
 
 
 def test_adapters_are_sync_free(tp, monkeypatch) -> None:
@@ -407,6 +421,46 @@ def test_adapters_are_sync_free(tp, monkeypatch) -> None:
         with pytest.raises(DataDependentOutputException):  # the mode does catch a host read
             adapters.lightning_indexer(qi, wi, ki, table, cu, lens, 16, 0.2)  # no max_seqlen_k: reads it
     launched_kernels = [name for name, _ in grids]
-    for name in ("sparse_mla_kernel", "sparse_mla_merge_kernel", "indexer_score_kernel", "fused_moe_gate_up_kernel",
+    for name in ("sparse_mla_kernel", "sparse_mla_merge_kernel", "indexer_score_kernel", "moe_align_kernel",
+                 "fused_moe_gate_up_kernel",
                  "fused_moe_down_kernel", "moe_sum_kernel", "grouped_gemm_kernel", "kv_cache_write_kernel"):
         assert name in launched_kernels, name
+
+
+def test_model_decode_step_on_the_triton_tier_reads_nothing_on_the_host(tp, monkeypatch) -> None:
+    """The tiny model's decode step and a mixed prefill + decode step on the Triton tier, under
+    FakeTensorMode with the kernels replaced by recorders: the forward, the dispatch predicates and
+    the adapters together never read the device on the host (tests/test_sync_free.py does the same
+    for the generic ops)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hwlayer.backends.triton import adapters
+    from model import Batch, load_model
+    from model.tiny import ensure_default_model
+
+    launched_kernels: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str):
+            class Launch:
+                def __getitem__(self, grid):
+                    return lambda *args, **kwargs: launched_kernels.append(name)
+            return Launch()
+
+    model = load_model(ensure_default_model(), backend="triton", dtype="bf16")
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    cache = model.new_cache(8, 4)
+    table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    model.forward_batch(Batch(torch.arange(1, 13), i32(0, 9, 12), i32(9, 3), table), cache)  # real prefill
+    monkeypatch.setattr(adapters, "_kernels", lambda: Recorder())
+    monkeypatch.setenv("HWLAYER_CHECK", "0")
+    for batch in (Batch(torch.tensor([20, 21]), i32(0, 1, 2), i32(10, 4), table),  # decode
+                  Batch(torch.tensor([20, 30, 31, 32, 33, 34]), i32(0, 1, 6), i32(10, 8), table)):  # mixed
+        ctx = model.context(batch, cache)  # host metadata, built before the forward as the runner does
+        launched_kernels.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            logits = model.forward_context(ctx, cache)
+        assert logits.shape == (2, model.config.vocab_size)
+        for kernel in ("indexer_score_kernel", "sparse_mla_kernel", "fused_moe_gate_up_kernel", "moe_route_kernel",
+                       "kv_cache_write_kernel", "rms_norm_kernel"):
+            assert kernel in launched_kernels, (kernel, sorted(set(launched_kernels)))

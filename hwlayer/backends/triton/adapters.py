@@ -539,8 +539,12 @@ def moe_block_m(num_assignments: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 or interpreting() else 32 if per_expert <= 64 else 64
 
 
+MOE_ALIGN_ONE_PROGRAM = 1024  # assignments up to which the one-launch Triton alignment runs
+MAX_ALIGN_EXPERTS = 512
+
+
 def moe_align_block_size(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert-sorted assignment rows, each expert's rows padded to a multiple of ``block_m``.
 
@@ -550,11 +554,25 @@ def moe_align_block_size(
     for a block past the last expert's rows (its programs return at once). Ids outside
     ``[0, num_experts)`` get no row. All on the device with fixed-size outputs: ``max_rows`` is the
     host-known bound ``numel + min(numel, E) * (block_m - 1)``, so nothing is read back.
+
+    Decode-sized batches (``numel <= MOE_ALIGN_ONE_PROGRAM``) use ``moe_align_kernel``, one launch;
+    larger ones (and ``use_kernel=False``) a dozen torch ops with the same result.
     """
     numel = topk_ids.numel()
     E = num_experts
     device = topk_ids.device
     max_rows = triton_cdiv(numel + min(numel, E) * (block_m - 1), block_m) * block_m
+    if use_kernel is None:
+        use_kernel = numel <= MOE_ALIGN_ONE_PROGRAM and E <= MAX_ALIGN_EXPERTS
+    if use_kernel:
+        sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+        block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
+        if max_rows:
+            _kernels().moe_align_kernel[(1,)](
+                topk_ids.contiguous().view(-1).to(torch.int32), sorted_ids, block_expert, numel, E, max_rows,
+                BLOCK_M=block_m, BLOCK_N=32, BLOCK_E=_p2(E),
+            )
+        return sorted_ids, block_expert
     flat = topk_ids.reshape(-1).long()
     key = torch.where((flat >= 0) & (flat < E), flat, E)  # E: dropped, sorts last
     counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))

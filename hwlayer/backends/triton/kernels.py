@@ -406,3 +406,41 @@ def moe_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, E, D, BLOCK_K: tl.constexpr, 
     y = tl.load(y_ptr + (t * top_k + slot[:, None]) * D + cols[None, :], mask=kept[:, None] & (cols[None, :] < D),
                 other=0.0)
     tl.store(out_ptr + t * D + cols, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def moe_align_kernel(
+    ids_ptr, sorted_ids_ptr, block_expert_ptr, numel, E, max_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # moe_align_block_size in one program (decode-sized batches: the whole alignment is one launch
+    # instead of a dozen torch ops). Pass 1 counts assignments per expert; their padded prefix sum
+    # gives each expert's first row. Pass 2 places assignment j at its expert's first row + the
+    # number of earlier assignments of that expert (stable, like a stable sort). Then each row block
+    # gets its expert (E past the last). Ids outside [0, E) match no expert and get no row.
+    n = tl.arange(0, BLOCK_N)
+    ex = tl.arange(0, BLOCK_E)
+    real = ex < E  # BLOCK_E is E rounded up to a power of two
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for n0 in range(0, numel, BLOCK_N):
+        e = tl.load(ids_ptr + n0 + n, mask=n0 + n < numel, other=-1)
+        counts += tl.sum(((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    running = pad_end - padded  # next free row of each expert
+    for r0 in range(0, max_rows, BLOCK_N):  # every row starts as padding (the sentinel numel)
+        tl.store(sorted_ids_ptr + r0 + n, tl.full([BLOCK_N], 0, tl.int32) + numel, mask=r0 + n < max_rows)
+    tl.debug_barrier()  # the padding fill lands before the placements that overwrite it
+    for n0 in range(0, numel, BLOCK_N):
+        e = tl.load(ids_ptr + n0 + n, mask=n0 + n < numel, other=-1)
+        onehot = ((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32)  # [BLOCK_N, BLOCK_E]
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier assignments of the same expert in this chunk
+        dest = tl.sum(onehot * (running[None, :] + before), axis=1)
+        kept = tl.sum(onehot, axis=1) > 0
+        tl.store(sorted_ids_ptr + dest, (n0 + n).to(tl.int32), mask=kept)
+        running += tl.sum(onehot, axis=0)
+    total_ends = tl.where(real, pad_end, 2147483647)
+    for b0 in range(0, max_rows // BLOCK_M, BLOCK_N):
+        start = (b0 + n) * BLOCK_M
+        expert = tl.sum((total_ends[None, :] <= start[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b0 + n, tl.minimum(expert, E), mask=b0 + n < max_rows // BLOCK_M)
