@@ -212,6 +212,9 @@ def profile_step(step: Callable[[], Any], device: torch.device, table_path: Path
         "syncs": sum(n in SYNC_EVENTS for n in names) - (1 if device.type == "cuda" else 0),  # minus ours above
         "device_to_host_copies": sum("DtoH" in n or "Device -> Host" in n for n in names),
         "aten_ops": sum(n.startswith("aten::") for n in names),
+        # kernels that ran on the device (inside a replayed graph too, where launches count 1 graph)
+        "device_kernels": sum(str(getattr(e, "device_type", "")).endswith("CUDA") and "Memcpy" not in e.name
+                              and "Memset" not in e.name for e in events),
     }
     averages = prof.key_averages()
     out["cpu_ms"] = sum(a.self_cpu_time_total for a in averages) / 1e3
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "backend": backend, "parameters": params, "config": config,
         "plan": {op: e.origin for op, e in ours.plan.entries.items()},
     }
-    print(f"{res['device']}: hwlayer backend {backend}, {params / 1e9:.2f} B parameters", flush=True)
+    print(f"{res['device']}: hwlayer backend {backend}, {params / 1e6:.1f} M parameters", flush=True)
     vocab = config["vocab_size"]
     longest = max(args.contexts + [args.prefill, args.batch_context]) + args.steps + 8
     gen = torch.Generator().manual_seed(0)
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     print(line, flush=True)
     print(f"our steps ran through {res['ours_step']}")
     prof = res["profile_decode_step"]
-    print(f"one decode step @{prof['context']}: {prof['kernel_launches']} kernel launches, {prof['syncs']} syncs, "
+    print(f"one decode step @{prof['context']}: {prof['kernel_launches']} kernel launches "
+          f"({prof['device_kernels']} kernels on the device), {prof['syncs']} syncs, "
           f"{prof['device_to_host_copies']} device->host copies, CPU {prof['cpu_ms']:.1f} ms"
           + (f", device {prof['device_ms']:.2f} ms" if "device_ms" in prof else ""), flush=True)
     if args.json:
