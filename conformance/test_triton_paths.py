@@ -9,7 +9,10 @@ ran, from the tier's host-side launch counter, so a path that silently stopped b
   split across programs, then merged through their lse) vs one-pass prefill (136 tokens: the
   (token, head tile) programs alone fill the interpreter's stand-in device and a 132-SM H200);
 * ``fused_experts``: the fused expert-block kernels, with no ``moe_permute`` / ``moe_unpermute``
-  round trip, for a decode token and for a prefill batch.
+  round trip, for a decode token and for a prefill batch;
+* ``lightning_indexer`` as a captured decode step calls it: host-side ``max_seqlen_q`` / ``max_seqlen_k``
+  with ``max_seqlen_k`` the block table's whole capacity, far past every context (the tiles beyond a
+  token's position must only produce ``-inf``, and the selection stays the top-k of the real context).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from . import golden
 from .cases import generator, paged_batch, randn
 
 LATENT, ROPE_DIM = 32, 8
+INDEX_HEADS, INDEX_DIM = 4, 32
 BLOCK_SIZE = 8
 SCALE = 0.09
 
@@ -124,3 +128,32 @@ def test_fused_experts_paths(checker, plan, dtype, device, case):
         out = ck.fn(x, w13, w2, topk_weights, ids.to(device))
     ck.shape_dtype("out", out, (T, D), ck.dtype)
     ck.close("out", out, golden.fused_experts(x, w13, w2, topk_weights, ids), k=D)
+
+
+INDEXER_BOUND_CASES = {
+    # name: (query counts, context lengths, topk, spare table columns): max_seqlen_k = table capacity
+    "decode-capacity-bound": ([1, 1, 1], [9, 70, 33], 16, 20),
+    "mixed-capacity-bound": ([1, 6], [41, 6], 16, 12),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEXER_BOUND_CASES))
+def test_lightning_indexer_with_static_bounds(checker, dtype, device, case):
+    ck = checker("lightning_indexer", case)
+    gen = generator("lightning_indexer_bounds", case, dtype)
+    q_lens, seq_lens, topk, spare = INDEXER_BOUND_CASES[case]
+    batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE, spare_blocks=spare)
+    # widen the table to every block (as a runner's static table): the bound covers positions no sequence has
+    table = torch.cat([batch.block_table, torch.zeros(len(seq_lens), spare, dtype=torch.int32)], dim=1)
+    T = batch.num_tokens
+    q = randn(gen, (T, INDEX_HEADS, INDEX_DIM), ck.dtype, device)
+    weights = randn(gen, (T, INDEX_HEADS), torch.float32, device, scale=INDEX_HEADS**-0.5)
+    k_cache = randn(gen, (batch.num_blocks, BLOCK_SIZE, INDEX_DIM), ck.dtype, device)
+    _, cu, lens = batch.tensors(device)
+    capacity = table.shape[1] * BLOCK_SIZE
+    assert capacity > 2 * max(seq_lens)
+    out = ck.fn(q, weights, k_cache, table.to(device), cu, lens, topk, INDEX_DIM**-0.5, max(q_lens), capacity)
+    ck.shape_dtype("indices", out, (T, topk), torch.int32)
+    scores = golden.indexer_scores(q, weights, k_cache, batch.block_table, batch.cu_seqlens_q, seq_lens,
+                                   INDEX_DIM**-0.5)
+    ck.topk("indices", out.cpu().tolist(), scores, topk, reduction=INDEX_HEADS * INDEX_DIM)
