@@ -464,3 +464,52 @@ def test_model_decode_step_on_the_triton_tier_reads_nothing_on_the_host(tp, monk
         for kernel in ("indexer_score_kernel", "sparse_mla_kernel", "fused_moe_gate_up_kernel", "moe_route_kernel",
                        "kv_cache_write_kernel", "rms_norm_kernel"):
             assert kernel in launched_kernels, (kernel, sorted(set(launched_kernels)))
+
+
+def test_runner_replays_triton_decode_steps_on_static_buffers(tp) -> None:
+    """model.runner on the Triton tier: decode steps of 3 sequences replay in the 4-row recorded
+    graph (CPU stand-in for a CUDA graph) with the captured step's static sizes (max_seqlen_k = the
+    runner's max_model_len); the padding row writes no cache row (the Triton kv_cache_write skips
+    slot -1) and the real rows match an eager step."""
+    from model import Batch, load_model
+    from model.runner import ModelRunner, RecordedGraph
+    from model.tiny import ensure_default_model
+
+    model = load_model(ensure_default_model(), backend="triton")
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 4, 5], [7] * 13]
+    tables = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 1, 2, 3, 4, 13, 14, 15],
+                           [16, 17, 18, 19, 20, 21, 22, 23]], dtype=torch.int32)  # sequence 1 owns block 0
+
+    def prefilled():
+        cache = model.new_cache(24, 4)
+        lens = [len(p) for p in prompts]
+        cu = torch.tensor([0, 9, 12, 25], dtype=torch.int32)
+        logits = model.forward_batch(Batch(torch.tensor(sum(prompts, [])), cu, torch.tensor(lens, dtype=torch.int32),
+                                           tables), cache)
+        return cache, logits.argmax(-1)
+
+    cache, tokens = prefilled()
+    eager_cache, _ = prefilled()
+    runner = ModelRunner(model, max_num_seqs=4, max_model_len=32, graphs=RecordedGraph)
+    untouched = [None if t is None else t.clone() for t in cache.kv + cache.index_k]
+    runner.capture(cache)  # the ladder 1, 2, 4, each recorded once; the steps below are replays
+    assert all(a is None or torch.equal(a, b) for a, b in zip(untouched, cache.kv + cache.index_k, strict=True))
+    lens = [len(p) for p in prompts]
+    main = model.config.num_hidden_layers
+    for _ in range(2):
+        lens = [n + 1 for n in lens]
+        batch = Batch(tokens.clone(), torch.arange(4, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), tables)
+        before = [None if t is None else t.clone() for t in cache.kv + cache.index_k]
+        layers = model.config.num_hidden_layers
+        moe_layers = sum(model.config.layer_is_moe(i) for i in range(layers))
+        with launched({"sparse_mla_prefill": layers, "fused_moe": moe_layers}):  # the Triton tier served the step
+            logits = runner(batch, cache)
+        eager = model.forward_batch(batch, eager_cache)
+        torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+        written = sorted(int(tables[b, (n - 1) // 4]) * 4 + (n - 1) % 4 for b, n in enumerate(lens))
+        for i, (old, new) in enumerate(zip(before, cache.kv + cache.index_k, strict=True)):
+            if old is not None:
+                changed = (old != new).reshape(-1, old.shape[-1]).any(-1).nonzero().flatten().tolist()
+                assert changed == (written if i % len(cache.kv) < main else []), "a padding row wrote into the cache"
+        tokens = eager.argmax(-1)
+    assert runner.replays == 2 and runner.eager_steps == 0
