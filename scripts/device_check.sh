@@ -3,8 +3,8 @@
 #
 #   OUT=/some/dir scripts/device_check.sh [all|conformance|bench]      # from the repository root
 #
-# Parts (default all; the device tool allows 600 s per command, so a short session can run
-# `conformance` and `bench` as two calls):
+# Parts (default all). Step time limits: conformance part <= 390 s, bench part <= 360 s; the device
+# tool allows 600 s per command, so under it run `conformance` and `bench` as two calls:
 #   conformance: env.txt                      nvidia-smi, torch/triton versions, optional kernel libraries
 #                hwlayer_info.json            `hwlayer info --json` (detection should pick `cuda`)
 #                ops_cuda.json                the cuda dispatch plan (native / inherited:triton / generic per op)
