@@ -96,3 +96,14 @@ def test_a_host_read_in_an_op_fails_the_check(tiny, monkeypatch):
     monkeypatch.setenv("HWLAYER_CHECK", "1")
     with pytest.raises(HOST_READS):
         fake_forward(tiny, ctx, cache)
+
+
+@pytest.mark.parametrize("rows", [12, 5000])  # the gather path (decode) and torch._grouped_mm (prefill)
+def test_grouped_gemm_paths_read_nothing_on_the_host(tiny, rows):
+    from hwlayer import ops
+
+    E, N, K = 4, 64, 64
+    x, w = torch.randn(rows, K, dtype=torch.bfloat16), torch.randn(E, N, K, dtype=torch.bfloat16)
+    sizes = torch.tensor([rows // 4, 0, rows // 2, rows // 8])  # fewer than rows: padding rows at the end
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert ops.grouped_gemm(x, w, sizes).shape == (rows, N)

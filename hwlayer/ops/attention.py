@@ -105,12 +105,16 @@ def lightning_indexer(
     # beyond every query's position (masked), padded query rows are never read back. Query rows
     # go in chunks so one chunk's [B, rows, Hi, keys] temporary stays bounded (long prefills).
     bs = k_cache.shape[1]
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
-    row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
-    q_pad = q.new_zeros((B, max_seqlen_q, Hi, Di), dtype=torch.float32)
-    q_pad[seq_idx, row] = q.float()
-    w_pad = q.new_zeros((B, max_seqlen_q, Hi), dtype=torch.float32)
-    w_pad[seq_idx, row] = weights.float()
+    if max_seqlen_q == 1 and T == B:  # pure decode (known on the host): one row per sequence, no padding
+        seq_idx = row = None
+        q_pad, w_pad = q.float().unsqueeze(1), weights.float().unsqueeze(1)
+    else:
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
+        row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
+        q_pad = q.new_zeros((B, max_seqlen_q, Hi, Di), dtype=torch.float32)
+        q_pad[seq_idx, row] = q.float()
+        w_pad = q.new_zeros((B, max_seqlen_q, Hi), dtype=torch.float32)
+        w_pad[seq_idx, row] = weights.float()
     pos = torch.arange(max_seqlen_k, device=q.device)
     seqs = torch.arange(B, device=q.device)
     keys = k_cache.reshape(-1, Di)[positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)].float()
@@ -128,7 +132,7 @@ def lightning_indexer(
         score.masked_fill_(pos[None, None, :] > rpos[:, :, None], float("-inf"))
         vals, idx = score.topk(k, dim=-1)
         picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
-    out[:, :k] = picked[seq_idx, row]
+    out[:, :k] = picked[:, 0] if seq_idx is None else picked[seq_idx, row]
     return out
 
 

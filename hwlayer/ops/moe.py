@@ -129,17 +129,17 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
         return x.new_zeros(M, N)
     ends = group_sizes.long().cumsum(0)
     padding = torch.arange(M, device=x.device) >= ends[-1:]  # rows past the last group
+    expert = torch.searchsorted(ends, torch.arange(M, device=x.device), right=True).clamp_(max=w.shape[0] - 1)
+    if M * N * x.shape[1] <= _GATHER_BUDGET:
+        # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
+        out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)
+        return out.masked_fill_(padding.unsqueeze(1), 0)
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (N * x.element_size()) % 16 == 0
     if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and aligned:
         # torch >= 2.8: one call with device-side group offsets (CPU kernel: fp32/bf16/fp16; it
         # wants 16-byte aligned row strides). Not used on accelerators, where torch's kernel has
         # narrower requirements (bf16, SM90): vendors register their own grouped GEMM.
         out = torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=ends.to(torch.int32))
-        return out.masked_fill_(padding.unsqueeze(1), 0)
-    expert = torch.searchsorted(ends, torch.arange(M, device=x.device), right=True).clamp_(max=w.shape[0] - 1)
-    if M * N * x.shape[1] <= _GATHER_BUDGET:
-        # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
-        out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)
         return out.masked_fill_(padding.unsqueeze(1), 0)
     # Many rows and no grouped matmul in this torch: one matmul per expert over all rows, the
     # rows of other experts masked out (E x the flops, but no host read of the sizes).
