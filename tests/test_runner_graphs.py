@@ -161,3 +161,16 @@ def test_engine_greedy_outputs_same_with_graphs_and_enforce_eager(tiny):
     assert graph_out == eager_out
     assert [len(o) for o in graph_out] == [4, 7, 10, 13, 16]
     assert eager_runner.replays == 0 and graph_runner.replays > 10 and graph_runner.eager_steps > 0
+
+
+def test_hwlayer_info_shows_each_backends_device_graphs(capsys):
+    from hwlayer import cli
+
+    info = cli._info()
+    graphs = {b["name"]: b["device_graph"] for b in info["backends"]}
+    assert graphs["cuda"] == "torch.cuda.CUDAGraph" and graphs["ascend"] == "torch.npu.NPUGraph"
+    assert graphs["cpu"] is None
+    cli._print_info(info)
+    out = capsys.readouterr().out
+    assert "device graphs: torch.cuda.CUDAGraph (written against torch.cuda.CUDAGraph docs, not run on a GPU)" in out
+    assert "device graphs: none (eager steps)" in out
