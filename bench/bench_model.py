@@ -12,10 +12,18 @@ shared, first layer dense. Measured:
   replicated parts + the 4 routed experts + shared expert, the indexer keys of the whole context,
   the 256 selected latent rows) / measured copy bandwidth.
 
+``--host-overhead``: the decode config's per-step host overhead instead (no transformers): a
+decode step's time minus the time inside aten operators, from a ``torch.profiler`` trace with one
+torch thread (minimum over the traced steps), plus the step's aten op count and its device->host
+reads (``aten::_local_scalar_dense``).
+It uses only ``load_model`` / ``forward_batch``, so it runs unchanged against older revisions
+(``PYTHONPATH=<old checkout> python bench/bench_model.py --host-overhead``).
+
 Transformers at long context is slow on this CPU: its context is built by chunked prefill
 (``--hf-chunk`` tokens per forward through its cache) and its decode is timed over fewer steps.
 
     PYTHONPATH=. .venv/bin/python bench/bench_model.py [--contexts 1024,4096,16384] [--steps 8] [--json]
+    PYTHONPATH=. .venv/bin/python bench/bench_model.py --host-overhead [--contexts 1024,4096] [--steps 16]
 """
 
 from __future__ import annotations
@@ -105,6 +113,53 @@ def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: in
     return out
 
 
+def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+    """Per batch-1 decode step, from a ``torch.profiler`` trace with one torch thread (every op runs
+    on the traced thread): the step's span, the time inside aten ops (the sum of every ``aten::``
+    event's self time) and the host overhead = the difference (Python, the model and op glue,
+    argument checks, dispatch). Minimum over ``steps`` traced steps (a shared machine disturbs some);
+    also aten op calls and device->host reads (``aten::_local_scalar_dense``: ``.item()``,
+    ``int(t)``, ``bool(t)``) per step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.set_num_threads(1)
+    out = {}
+    for C in contexts:
+        bs = 64
+        cache = m.new_cache(-(-(C + 3 * steps + 4) // bs), bs)
+        table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+        for s in range(0, C, chunk):
+            e = min(C, s + chunk)
+            m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                                  torch.tensor([e], dtype=torch.int32), table), cache)
+        pos = [C]
+
+        def step() -> None:
+            pos[0] += 1
+            m.forward_batch(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
+                                  torch.tensor([pos[0]], dtype=torch.int32), table), cache)
+
+        for _ in range(2):
+            step()  # warm-up
+        samples = []
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with record_function("decode_step"):
+                    step()
+            events = prof.key_averages()
+            span = next(e.cpu_time_total for e in events if e.key == "decode_step") / 1e3
+            ops = [e for e in events if e.key.startswith("aten::")]
+            op_ms = sum(e.self_cpu_time_total for e in ops) / 1e3
+            reads = sum(e.count for e in ops if e.key == "aten::_local_scalar_dense")
+            samples.append((span - op_ms, span, op_ms, sum(e.count for e in ops), reads))
+        overhead, span, op_ms, calls, reads = min(samples)
+        out[C] = {"step_ms": span, "op_ms": op_ms, "host_overhead_ms": overhead, "aten_calls": calls,
+                  "host_reads": reads}
+        print(f"decode @{C}: step {span:.2f} ms, inside aten ops {op_ms:.2f} ms, host overhead {overhead:.2f} ms; "
+              f"{calls} aten calls, {reads} device->host reads per step", flush=True)
+    return out
+
+
 def hf_prefill_and_decode(hf, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
     from transformers import DynamicCache
 
@@ -137,9 +192,21 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=2048, help="our chunked-prefill size")
     ap.add_argument("--hf-chunk", type=int, default=1024, help="transformers chunked-prefill size")
+    ap.add_argument("--host-overhead", action="store_true", help="measure per-step host overhead only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.host_overhead:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_model_"))
+        path = make_tiny_checkpoint(tmp / "ckpt", BENCH_CONFIG, seed=0, dtype=torch.bfloat16, std=0.05)
+        ours = load_model(path, backend="cpu", dtype="bf16")
+        ids = torch.randint(20, BENCH_CONFIG["vocab_size"], (max(contexts) + 3 * args.steps + 8,),
+                            generator=torch.Generator().manual_seed(0))
+        res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, "host_overhead": host_overhead(ours, ids, contexts, args.steps, args.chunk)}
+        if args.json:
+            print(json.dumps(res, indent=2, default=str))
+        return
     hf_contexts = [int(c) for c in (args.hf_contexts or args.contexts).split(",")]
 
     from transformers import GlmMoeDsaForCausalLM

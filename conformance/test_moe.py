@@ -64,12 +64,13 @@ def test_moe_permute(checker, dtype, device, case):
     x = randn(generator("moe_permute", case, dtype), (ids.shape[0], 16), ck.dtype, device)
     sizes, order = golden.moe_permute(ids, E)
     x_sorted, group_sizes, got_order = ck.fn(x, ids.to(device), E)
+    rows, kept = ids.numel(), len(order)  # every assignment has a row; the dropped ones come last
     ck.shape_dtype("group_sizes", group_sizes, (E,), torch.int64)
-    ck.shape_dtype("order", got_order, (len(order),), torch.int64)
-    ck.shape_dtype("x_sorted", x_sorted, (len(order), 16), ck.dtype)
+    ck.shape_dtype("order", got_order, (rows,), torch.int64)
+    ck.shape_dtype("x_sorted", x_sorted, (rows, 16), ck.dtype)
     ck.exact("group_sizes", group_sizes, torch.tensor(sizes))
-    ck.exact("order", got_order, torch.tensor(order, dtype=torch.int64))
-    ck.exact("x_sorted", x_sorted, x.cpu()[[a // ids.shape[1] for a in order]])
+    ck.exact("order", got_order, torch.tensor(order + [-1] * (rows - kept), dtype=torch.int64))
+    ck.exact("x_sorted", x_sorted[:kept], x.cpu()[[a // ids.shape[1] for a in order]])
     if case == "dropped-ids":
         ck.time(x, ids.to(device), E)
 
@@ -81,19 +82,23 @@ def test_moe_unpermute(checker, dtype, device, case):
     ids, E = _topk_ids(case)
     T, k = ids.shape
     _, order = golden.moe_permute(ids, E)
-    y = randn(gen, (len(order), 16), ck.dtype, device)
+    # moe_permute's layout: kept rows, then one row per dropped assignment (order -1, any content:
+    # NaN here, which must not reach the output)
+    rows = order + [-1] * (ids.numel() - len(order))
+    y = randn(gen, (len(rows), 16), ck.dtype, device)
+    y[len(order):] = float("nan")
     topk_weights = torch.rand(T, k, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
-    order_t = torch.tensor(order, dtype=torch.int64, device=device)
+    order_t = torch.tensor(rows, dtype=torch.int64, device=device)
     out = ck.fn(y, order_t, topk_weights, T)
     ck.shape_dtype("out", out, (T, 16), ck.dtype)
     tol = ck.tol
     if ck.dtype_name != "fp32":
         # The fp32 weights may be rounded to the dtype before the product (Ascend's
         # npu_moe_token_unpermute takes bf16 probs): u |w| |y| per slot, summed over the slots.
-        per_token = golden.moe_unpermute(y.abs(), order, topk_weights.abs(), T)
+        per_token = golden.moe_unpermute(y[: len(order)].abs(), order, topk_weights.abs(), T)
         extra = UNIT_ROUNDOFF[ck.dtype_name] * float(per_token.max()) if per_token.numel() else 0.0
         tol = Tolerance(tol.atol + extra, tol.rtol, tol.atol_per_k, tol.override_reason)
-    ck.close("out", out, golden.moe_unpermute(y, order, topk_weights, T), k=k, tol=tol)
+    ck.close("out", out, golden.moe_unpermute(y[: len(order)], order, topk_weights, T), k=k, tol=tol)
     if case == "dropped-ids":
         ck.time(y, order_t, topk_weights, T)
 
@@ -103,7 +108,9 @@ GEMM_CASES = {
     "one-group": [0, 0, 7, 0],
     "leading-trailing-empty": [0, 2, 3, 0],
     "no-rows": [0, 0, 0],
+    "padding-rows": [2, 0, 3],  # 4 more rows than the groups hold (moe_permute's dropped rows)
 }
+PADDING_ROWS = {"padding-rows": 4}
 
 
 @pytest.mark.parametrize("case", list(GEMM_CASES))
@@ -112,12 +119,13 @@ def test_grouped_gemm(checker, dtype, device, case):
     gen = generator("grouped_gemm", case, dtype)
     sizes = GEMM_CASES[case]
     K, N = 48, 24
-    x = randn(gen, (sum(sizes), K), ck.dtype, device)
+    M = sum(sizes) + PADDING_ROWS.get(case, 0)
+    x = randn(gen, (M, K), ck.dtype, device)
     w = randn(gen, (len(sizes), N, K), ck.dtype, device, scale=K**-0.5)
     group_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
     out = ck.fn(x, w, group_sizes)
-    ck.shape_dtype("out", out, (sum(sizes), N), ck.dtype)
-    ck.close("out", out, golden.grouped_gemm(x, w, sizes), k=K)
+    ck.shape_dtype("out", out, (M, N), ck.dtype)
+    ck.close("out", out[: sum(sizes)], golden.grouped_gemm(x[: sum(sizes)], w, sizes), k=K)  # padding: unspecified
     if case == "empty-groups":
         ck.time(x, w, group_sizes)
 

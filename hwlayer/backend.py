@@ -19,6 +19,27 @@ def always_available(reason: str = "runs on any machine") -> Callable[[], Availa
 
 
 @dataclass(frozen=True)
+class DeviceGraph:
+    """How a backend captures a step into a device graph and replays it (CUDA graphs, ACL graphs).
+
+    ``module`` is the torch device module that provides the documented capture API, ``graph`` its
+    graph class; the module must offer ``<graph>()``, ``graph(g, pool=...)``,
+    ``graph_pool_handle()``, ``Stream``, ``stream``, ``current_stream`` and ``synchronize`` (as
+    ``torch.cuda`` does, and ``torch.npu`` once torch_npu is imported). The model runner
+    (``model/runner.py``) uses it; the backend declares only that and how, never captures itself.
+    ``verified``: what the capture has run on, stated honestly.
+    """
+
+    module: str  # "torch.cuda"
+    graph: str  # "CUDAGraph"
+    verified: str = "not run on hardware"
+
+    @property
+    def api(self) -> str:
+        return f"{self.module}.{self.graph}"
+
+
+@dataclass(frozen=True)
 class Backend:
     """A backend declaration, passed to ``register`` in ``hwlayer_register_backends``.
 
@@ -37,6 +58,9 @@ class Backend:
         verified: what the backend has actually been run on, stated honestly
             (``"conformance run on ..."`` or ``"written against ... API, not run on hardware"``).
         install_hint: what to do when ``detect`` says unavailable.
+        device_graph: how the backend captures and replays a step (:class:`DeviceGraph`), or None
+            when it cannot (the CPU reference; the model runner then runs every step eagerly).
+            Added in hook specs 1.1.
     """
 
     name: str
@@ -51,6 +75,7 @@ class Backend:
     verified: str = "not run on hardware"
     install_hint: str = ""
     description: str = ""
+    device_graph: DeviceGraph | None = None
 
     def availability(self) -> Availability:
         """Run detection, turning an exception into an 'unavailable' answer with its message."""

@@ -47,6 +47,8 @@ def _info() -> dict[str, Any]:
                 "reason": status.reason,
                 "install_hint": b.install_hint if not status.available else "",
                 "verified": b.verified,
+                "device_graph": b.device_graph.api if b.device_graph else None,
+                "device_graph_verified": b.device_graph.verified if b.device_graph else None,
                 "plugin": reg.backend_plugins[name],
             }
         )
@@ -82,6 +84,8 @@ def _print_info(info: dict[str, Any]) -> None:
         if b["install_hint"]:
             print(f"{indent}install: {b['install_hint']}")
         print(f"{indent}verified: {b['verified']}")
+        graph = f"{b['device_graph']} ({b['device_graph_verified']})" if b["device_graph"] else "none (eager steps)"
+        print(f"{indent}device graphs: {graph}")
     for name, why in info["skipped_plugins"].items():
         print(f"skipped plugin {name}: {why}")
 

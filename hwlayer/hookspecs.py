@@ -13,6 +13,12 @@ written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.0"``. The prom
 MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
 plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
 for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
+
+Changelog:
+
+* 1.1: ``Backend.device_graph`` (optional, default None): how a backend captures and replays a
+  step in a device graph (:class:`hwlayer.backend.DeviceGraph`).
+* 1.0: the first version.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import pluggy
 
 PROJECT_NAME = "hwlayer"
 ENTRY_POINT_GROUP = "hwlayer"
-HOOKSPEC_VERSION = "1.0"
+HOOKSPEC_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwlayer.ops.layout import check_varlen, positions_to_slots, token_positions
+from hwlayer.ops.layout import check_varlen_values
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -29,7 +30,8 @@ NORM_EPS_ATTN = 1e-6  # q_a_layernorm / kv_a_layernorm (transformers' default) a
 
 @dataclass
 class Batch:
-    """Token-major varlen batch (the hwlayer serving layout)."""
+    """Token-major varlen batch (the hwlayer serving layout), in HOST memory (CPU tensors): the
+    scheduler's view of a step. :meth:`GLM5.context` turns it into device tensors once per step."""
 
     input_ids: torch.Tensor  # int64 [T], new tokens of all sequences concatenated
     cu_seqlens_q: torch.Tensor  # int32 [B+1]
@@ -55,14 +57,92 @@ class PagedCache:
 
 @dataclass
 class ForwardContext:
-    """Per-batch derived tensors shared by every layer."""
+    """Per-step device tensors shared by every layer, plus the host-side sizes the ops take.
+
+    Built once per step from :class:`StepMetadata` (host), so no layer ever reads a device tensor
+    on the host: ``max_seqlen_q`` / ``max_seqlen_k`` are Python ints (upper bounds; a captured
+    decode step uses the cache's capacity for ``max_seqlen_k`` so one graph serves every length).
+    """
 
     positions: torch.Tensor  # int64 [T]
-    slot_mapping: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T], -1 = padding row (writes nowhere)
     cu_seqlens_q: torch.Tensor  # int32 [B+1]
     seq_lens: torch.Tensor  # int32 [B]
     block_table: torch.Tensor  # int32 [B, max_blocks]
     cos_sin: torch.Tensor  # fp32 [max_pos, dr]
+    max_seqlen_q: int = 0  # host: most new tokens of any sequence
+    max_seqlen_k: int = 0  # host: longest context (>= any seq_lens entry)
+    input_ids: torch.Tensor | None = None  # int64 [T] (None when the caller feeds its own tokens)
+
+
+@dataclass
+class StepMetadata:
+    """Everything a step needs to know, on the host, built once from what the scheduler knows.
+
+    The scheduler knows each sequence's new-token count, context length and blocks as Python ints;
+    positions and cache slots follow by index arithmetic, done here in numpy (microseconds)
+    instead of on the device, and validated here for free (a device-side check would need a
+    device->host read). :meth:`to_device` then moves it all in ONE copy (vLLM's attention metadata
+    builders and numpy-backed host buffers follow the same idea).
+    """
+
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    cu_seqlens_q: np.ndarray  # int64 [B+1]
+    seq_lens: np.ndarray  # int64 [B]
+    block_table: np.ndarray  # int64 [B, max_blocks]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @classmethod
+    def from_batch(cls, batch: Batch, block_size: int, num_blocks: int, max_positions: int) -> StepMetadata:
+        """Host metadata of ``batch`` (host tensors) for a cache of ``num_blocks`` x ``block_size``;
+        raises ``ValueError`` (one line, ``Batch: ...``) for a batch the model cannot run."""
+        ids = _host(batch.input_ids)
+        cu, lens, table = _host(batch.cu_seqlens_q), _host(batch.seq_lens), _host(batch.block_table)
+        T, B = ids.shape[0], lens.shape[0]
+        if cu.ndim != 1 or lens.ndim != 1 or cu.shape[0] != B + 1:
+            raise ValueError(f"Batch: expected cu_seqlens_q [B+1] and seq_lens [B], got {list(cu.shape)} "
+                             f"and {list(lens.shape)}")
+        check_varlen_values("Batch", cu.tolist(), lens.tolist(), T)
+        q_lens = np.diff(cu)
+        if B and int(q_lens.min()) == 0:
+            raise ValueError(f"Batch: expected >= 1 new token per sequence, got cu_seqlens_q={cu.tolist()}")
+        max_len = int(lens.max()) if B else 0
+        if max_len > max_positions:
+            raise ValueError(f"Batch: context of {max_len} tokens exceeds max_position_embeddings {max_positions}")
+        if table.ndim != 2 or table.shape[0] != B or table.shape[1] * block_size < max_len:
+            raise ValueError(f"Batch: block_table {list(table.shape)} cannot address {max_len} positions "
+                             f"with block_size {block_size}")
+        seq_idx = np.repeat(np.arange(B), q_lens)
+        positions = (lens - q_lens)[seq_idx] + np.arange(T) - cu[seq_idx]
+        slots = table[seq_idx, positions // block_size] * block_size + positions % block_size
+        if T and int(slots.max()) >= num_blocks * block_size:
+            raise ValueError(f"Batch: block_table names block {int(slots.max()) // block_size}, the cache has "
+                             f"{num_blocks} blocks")
+        return cls(ids, positions, slots, cu, lens, table, int(q_lens.max()) if B else 0, max_len)
+
+    def to_device(self, device: torch.device, cos_sin: torch.Tensor) -> ForwardContext:
+        """One host->device copy of the packed int64 metadata (pinned and asynchronous where the
+        device has pinned memory), then views and dtype casts on the device."""
+        T, B = self.input_ids.shape[0], self.seq_lens.shape[0]
+        packed = torch.from_numpy(np.concatenate([self.input_ids, self.positions, self.slot_mapping,
+                                                  self.cu_seqlens_q, self.seq_lens, self.block_table.reshape(-1)]))
+        if device.type != "cpu":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        ids, positions, slots, cu, lens, table = packed.split([T, T, T, B + 1, B, self.block_table.size])
+        return ForwardContext(positions, slots, cu.to(torch.int32), lens.to(torch.int32),
+                              table.view(self.block_table.shape).to(torch.int32), cos_sin,
+                              self.max_seqlen_q, self.max_seqlen_k, ids)
+
+
+def _host(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
+    """int64 numpy view of host data (a device tensor here would cost a sync: Batch is host data)."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().numpy().astype(np.int64, copy=False)
+    return np.asarray(t, dtype=np.int64)
 
 
 class Attention:
@@ -106,7 +186,7 @@ class Attention:
         self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping)
         head_weights = F.linear(x.float(), self.weights_proj) * self.Hi**-0.5  # [T, Hi] fp32
         return self.plan.lightning_indexer(q, head_weights, k_cache, ctx.block_table, ctx.cu_seqlens_q,
-                                           ctx.seq_lens, self.topk, self.Di**-0.5)
+                                           ctx.seq_lens, self.topk, self.Di**-0.5, ctx.max_seqlen_q, ctx.max_seqlen_k)
 
     def __call__(self, x: torch.Tensor, ctx: ForwardContext, cache: PagedCache,
                  prev_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,31 +354,10 @@ class GLM5:
         return sum(per_layer) * elem
 
     def context(self, batch: Batch, cache: PagedCache) -> ForwardContext:
-        """Positions and slots of the new tokens (they are the last ones of each sequence).
-        Built once per step on the host side of the batch; every layer reuses it."""
-        dev = self.device
-        cu = batch.cu_seqlens_q.to(dev, torch.int32)
-        seq_lens = batch.seq_lens.to(dev, torch.int32)
-        block_table = batch.block_table.to(dev, torch.int32)
-        T = batch.input_ids.shape[0]
-        starts, lens = check_varlen("Batch", cu, seq_lens, T)
-        if any(t1 == t0 for t0, t1 in zip(starts[:-1], starts[1:], strict=True)):
-            raise ValueError(f"Batch: expected >= 1 new token per sequence, got cu_seqlens_q={starts}")
-        max_len = max(lens, default=0)
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"Batch: context of {max_len} tokens exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        if block_table.dim() != 2 or block_table.shape[0] != seq_lens.shape[0] or \
-                block_table.shape[1] * cache.block_size < max_len:
-            raise ValueError(f"Batch: block_table {list(block_table.shape)} cannot address {max_len} positions "
-                             f"with block_size {cache.block_size}")
-        seq_idx, positions = token_positions(cu, seq_lens)
-        bs = cache.block_size
-        slots = positions_to_slots(block_table, seq_idx, positions, bs)
-        if T and int(slots.max()) >= cache.num_blocks * bs:
-            raise ValueError(f"Batch: block_table names block {int(slots.max()) // bs}, the cache has "
-                             f"{cache.num_blocks} blocks")
-        return ForwardContext(positions, slots, cu, seq_lens, block_table, self.cos_sin)
+        """The step's device context: host metadata (positions, slots, sizes) built and checked on the
+        host, copied to the device once; every layer reuses it and none reads the device back."""
+        meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks, self.config.max_position_embeddings)
+        return meta.to_device(self.device, self.cos_sin)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
@@ -316,6 +375,11 @@ class GLM5:
     @torch.inference_mode()
     def forward_batch(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
         """fp32 ``[B, vocab]``: logits of each sequence's last new token."""
-        ctx = self.context(batch, cache)
-        h = self.hidden_states(batch.input_ids, ctx, cache)
+        return self.forward_context(self.context(batch, cache), cache)
+
+    @torch.inference_mode()
+    def forward_context(self, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
+        """:meth:`forward_batch` on a built context (``ctx.input_ids`` set): what a model runner
+        captures in a device graph; reads nothing on the host."""
+        h = self.hidden_states(ctx.input_ids, ctx, cache)
         return self.logits(h[ctx.cu_seqlens_q[1:].long() - 1])

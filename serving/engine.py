@@ -141,8 +141,9 @@ class Sequence:
 class Engine:
     """Continuous-batching scheduler and step loop around one model and one paged cache.
 
-    ``forward``: how a built batch is run, default ``model.forward_batch`` (expert parallelism
-    passes one that first broadcasts the batch to the other ranks). ``metrics``: a
+    ``forward``: how a built batch is run, default ``model.forward_batch``; serve.py passes a
+    :class:`model.runner.ModelRunner` (decode steps replayed from device graphs where the backend
+    has them), expert parallelism one that first broadcasts the batch to the other ranks. ``metrics``: a
     :class:`serving.metrics.ServingMetrics` or None.
     """
 

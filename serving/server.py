@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers exchange tokens; --num-kv-blocks, --max-num-seqs and --max-num-batched-tokens are per rank")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="request body size limit, larger bodies get 413 (default 4 MiB)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no device-graph capture of decode steps (default: capture where "
+                   "the backend declares device graphs; `hwlayer info` shows which do)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     leader = dist_ctx is not None
 
     metrics = ServingMetrics()
+    runner = None
     if args.dp_attention:  # data-parallel attention: serving/dp.py (rank 0 schedules every rank's sequences)
         from . import dp
 
@@ -186,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
                              max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics)
         dp.register_rank_metrics(metrics, engine)
     else:
+        if not leader:  # expert parallelism runs eagerly: its all-to-all sizes are read on the host
+            from model.runner import ModelRunner
+
+            runner = ModelRunner(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
+                                 graphs=None if args.enforce_eager else "auto")
         engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
-                        forward=ep_mod.leader_forward(model) if leader else None,
+                        forward=ep_mod.leader_forward(model) if leader else runner,
                         on_idle=ep_mod.keepalive if leader else None)
+    if runner is not None and runner.uses_graphs:
+        runner.capture(engine.cache)  # at startup, so the first requests do not wait for it
+    graph_mode = _graph_mode(runner, plan, args.enforce_eager)
     backend = plan.backend.name
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
@@ -202,7 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens"
         f"{f' per rank, data-parallel attention over {args.ep} ranks' if args.dp_attention else ''} "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
-        f"max-model-len {max_model_len}, chat template: {chat_template.source}, at http://{args.host}:{args.port}"))
+        f"max-model-len {max_model_len}, chat template: {chat_template.source}, decode graphs {graph_mode}, at http://{args.host}:{args.port}"))
+
+
+def _graph_mode(runner: Any, plan: Any, enforce_eager: bool) -> str:
+    """How decode steps run, for the banner."""
+    if runner is not None and runner.uses_graphs:
+        sizes = runner.capture_sizes
+        return f"on ({plan.backend.device_graph.api}, batch sizes {sizes[0]}..{sizes[-1]})"
+    if enforce_eager:
+        return "off (--enforce-eager)"
+    if runner is None:
+        return "off (expert parallelism)"
+    return f"off (backend {plan.backend.name} declares none)"
 
 
 def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, banner: str) -> int:

@@ -33,8 +33,16 @@ def test_check_varlen_rejects_with_one_line(cu, seq_lens, T, message):
     assert str(err.value) == message
 
 
-def test_check_varlen_returns_its_host_copies():
-    assert check_varlen("op", i32(0, 1, 4), i32(7, 3), 4) == ([0, 1, 4], [7, 3])
+def test_check_varlen_reads_values_only_under_hwlayer_check(monkeypatch):
+    """Without HWLAYER_CHECK a forward must not read device data: only shapes and dtypes are checked."""
+    bad = (i32(0, 3), i32(2), 3)  # a context shorter than its query tokens
+    monkeypatch.setenv("HWLAYER_CHECK", "0")
+    assert check_varlen("op", *bad) is None
+    with pytest.raises(ValueError, match="expected shape"):
+        check_varlen("op", i32(0, 3), i32(5, 5), 3)
+    monkeypatch.setenv("HWLAYER_CHECK", "1")
+    with pytest.raises(ValueError, match="seq_lens"):
+        check_varlen("op", *bad)
 
 
 def _attention_args(cu: torch.Tensor, seq_lens: torch.Tensor) -> tuple:

@@ -112,8 +112,8 @@ def test_hookspec_version_1_0_accepted():
 @pytest.mark.parametrize(
     "version, expected",
     [
-        ("2.0", "built for hook specs 2.0, this hwlayer provides 1.0 (compatible: 1.0 to 1.0)"),
-        ("1.9", "built for hook specs 1.9, this hwlayer provides 1.0 (compatible: 1.0 to 1.0)"),
+        ("2.0", "built for hook specs 2.0, this hwlayer provides 1.1 (compatible: 1.0 to 1.1)"),
+        ("1.9", "built for hook specs 1.9, this hwlayer provides 1.1 (compatible: 1.0 to 1.1)"),
         ("garbage", "declares HWLAYER_HOOKSPEC_VERSION='garbage'; expected 'MAJOR.MINOR'"),
     ],
 )

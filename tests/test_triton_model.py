@@ -47,6 +47,7 @@ print(json.dumps({
     "max_logit_diff": max(float((a - b).abs().max()) for a, b in zip(result["cpu"][0], result["triton"][0])),
     "max_logit": max(float(a.abs().max()) for a in result["cpu"][0]),
     "native_ops": sorted({op for (op, origin), n in counts.items() if origin == "native" and n}),
+    "called_ops": sorted({op for (op, origin), n in counts.items() if n}),
 }))
 """
 
@@ -61,7 +62,10 @@ def test_tiny_model_on_triton_matches_cpu() -> None:
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["triton_tokens"] == got["cpu_tokens"]  # greedy tokens identical
     assert got["max_logit_diff"] <= 1e-4 * max(1.0, got["max_logit"])  # fp32 model: kernels agree closely
-    # The model really ran through the Triton kernels, not the generic fallbacks.
-    for op in ("rms_norm", "rope", "lightning_indexer", "sparse_mla_attention", "moe_route", "grouped_gemm",
+    # The model really ran through the Triton kernels, not the generic fallbacks; the routed experts
+    # in the fused kernel, without the permute / grouped GEMM / unpermute round trip.
+    for op in ("rms_norm", "rope", "lightning_indexer", "sparse_mla_attention", "moe_route", "fused_experts",
                "silu_and_mul", "kv_cache_write"):
         assert op in got["native_ops"], got["native_ops"]
+    for op in ("moe_permute", "grouped_gemm", "moe_unpermute"):
+        assert op not in got["called_ops"], got["called_ops"]

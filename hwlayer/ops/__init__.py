@@ -12,7 +12,8 @@ cases) and its body is the generic torch implementation, the default on every de
 * :mod:`.ep` -- ``all_to_all``, ``ep_dispatch``, ``ep_combine`` (expert parallelism)
 * :mod:`.sampling` -- ``sample``
 * :mod:`.layout` -- the validation and index helpers below layouts need (``check_tensor``,
-  ``check_varlen``, ``token_positions``, ``positions_to_slots``, ...), public for adapters
+  ``check_varlen``, ``token_positions``, ``positions_to_slots``, ``value_checks``, ...), public
+  for adapters
 
 :data:`CATALOGUE` lists the ops in a fixed order (``hwlayer ops`` prints them in it). A backend overrides an op by
 registering a function with the same signature through ``hwlayer_register_ops``; it never changes
@@ -34,7 +35,15 @@ Layout conventions shared by all ops (the serving layout):
   within the sequence, int32, ``-1`` meaning "no key".
 
 Generic implementations validate their inputs and raise ``ValueError`` naming the op, the
-argument, what was expected and what was given. Call ops through a dispatch plan
+argument, what was expected and what was given.
+
+No op reads a device tensor on the host to size or validate anything (a device->host read stalls
+the host until the device drains, and cannot be captured in a device graph): sizes come from
+shapes or from host-side arguments (``max_seqlen_q`` / ``max_seqlen_k``, as flash-attn's varlen
+API takes them); outputs whose natural size depends on data (``moe_permute``'s kept rows) have a
+fixed size with the data-dependent part described by device tensors. Checks of values (indices in
+range, monotone ``cu_seqlens_q``) run only under ``HWLAYER_CHECK=1`` (on in the test and
+conformance suites); shape and dtype checks always run. Call ops through a dispatch plan
 (``hwlayer.plan()``), not from this module, unless you want the generic path on purpose.
 """
 
@@ -54,6 +63,7 @@ from .layout import (
     fail,
     positions_to_slots,
     token_positions,
+    value_checks,
 )
 from .moe import fused_experts_factory, grouped_gemm, moe_permute, moe_route, moe_unpermute, silu_and_mul
 from .norms import layer_norm, rms_norm
@@ -131,4 +141,5 @@ __all__ = [
     "silu_and_mul",
     "sparse_mla_attention",
     "token_positions",
+    "value_checks",
 ]

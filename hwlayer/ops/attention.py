@@ -14,6 +14,7 @@ from .layout import (
     fail,
     positions_to_slots,
     token_positions,
+    value_checks,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -32,15 +33,25 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     check_tensor("kv_cache_write", "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, shape=[rows.shape[0]])
     if not cache.is_contiguous():
         fail("kv_cache_write", "cache", "a contiguous tensor", "a strided view")
+    if rows.shape[0] == 0:
+        return
     flat = cache.view(-1, cache.shape[-1])
     slots = slot_mapping.long()
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, rows = slots[valid], rows[valid]
-    if slots.numel() and int(slots.max()) >= flat.shape[0]:
+    if value_checks() and slots.numel() and int(slots.max()) >= flat.shape[0]:
         fail("kv_cache_write", "slot_mapping", f"slots < {flat.shape[0]}", int(slots.max()))
-    flat.index_copy_(0, slots, rows.to(cache.dtype))
-
+    rows = rows.to(cache.dtype)
+    valid = slots >= 0
+    # Skipping the -1 rows by boolean indexing would size a tensor by data (a host sync). Instead a
+    # padding row is aimed at the slot the first real row writes, carrying that row's value: equal
+    # values written twice to one slot leave what a skip would. With no real row it rewrites slot
+    # 0 with slot 0's current value.
+    first = valid.int().argmax().view(1)  # the first real row (0 when there is none), on the device
+    any_valid = valid.any()
+    pad_slot = torch.where(any_valid, slots.index_select(0, first), 0)
+    pad_row = torch.where(any_valid, rows.index_select(0, first), flat[:1])
+    slots = torch.where(valid, slots, pad_slot)
+    rows = torch.where(valid.unsqueeze(1), rows, pad_row)
+    flat.index_copy_(0, slots, rows)
 
 # --------------------------------------------------------------------------------------------
 # DeepSeek Sparse Attention
@@ -55,6 +66,8 @@ def lightning_indexer(
     seq_lens: torch.Tensor,
     topk: int,
     scale: float,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """DSA lightning indexer: the top-``topk`` past positions of every query token.
 
@@ -62,6 +75,11 @@ def lightning_indexer(
     weights (already including ``Hi^-0.5``); ``k_cache``: paged indexer keys
     ``[num_blocks, block_size, Di]`` holding every context position (write new keys first);
     ``block_table``, ``cu_seqlens_q``, ``seq_lens``: see the module doc; ``scale``: ``Di^-0.5``.
+    ``max_seqlen_q`` / ``max_seqlen_k``: host ints, upper bounds of any sequence's new-token
+    count and context length (flash-attn varlen's arguments); they size temporaries and never
+    change the result (a captured decode step passes the cache's capacity as ``max_seqlen_k``).
+    ``None`` reads them from the device (a host sync: callers inside a forward pass them; every
+    implementation must accept them and may ignore them).
 
     ``score[t, s] = sum_h weights[t, h] * relu(q[t, h] . k[s] * scale)`` for the causal positions
     ``s <= pos(t)`` of t's sequence. Returns int32 ``[T, topk]``: positions of the highest scores
@@ -74,78 +92,50 @@ def lightning_indexer(
     check_tensor(op, "weights", weights, ndim=2, shape=[T, Hi])
     check_tensor(op, "k_cache", k_cache, ndim=3, shape=[None, None, Di])
     check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
-    starts, lens = check_varlen(op, cu_seqlens_q, seq_lens, T)
+    check_varlen(op, cu_seqlens_q, seq_lens, T)
     if topk < 1:
         fail(op, "topk", ">= 1", topk)
-    bs = k_cache.shape[1]
-    flat = k_cache.reshape(-1, Di)
+    B = seq_lens.shape[0]
+    if max_seqlen_q is None:  # convenience for callers outside a forward pass: reads the device
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int(seq_lens.max()) if B else 0
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    q_lens = [t1 - t0 for t0, t1 in zip(starts[:-1], starts[1:], strict=True)]
-    if T and max(q_lens) <= 8 and len(lens) * max(lens) * (Di + max(q_lens) * Hi) <= (1 << 25):
-        # Decode (few new tokens per sequence): one batched product over all sequences, keys
-        # padded to the longest context; padding lies beyond every query's position, so it is masked.
-        _indexer_batched(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, q_lens, lens, scale, out)
+    if T == 0 or max_seqlen_k == 0:
         return out
-    for b in range(len(lens)):  # prefill: one iteration per sequence, not per token
-        t0, t1, L = starts[b], starts[b + 1], lens[b]
-        n = t1 - t0
-        if n == 0:
-            continue
-        pos = torch.arange(L, device=q.device)
-        zeros = torch.zeros(L, dtype=torch.long, device=q.device)
-        keys = flat[positions_to_slots(block_table[b : b + 1], zeros, pos, bs)]
-        keys = keys.float()
-        k = min(topk, L)
-        step = chunk_rows(n, Hi * L)
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            qc = q[t0 + c0 : t0 + c1].float()
-            logits = torch.relu(torch.einsum("thd,sd->ths", qc, keys) * scale)
-            score = torch.einsum("ths,th->ts", logits, weights[t0 + c0 : t0 + c1].float())
-            qpos = torch.arange(L - n + c0, L - n + c1, device=q.device)
-            score.masked_fill_(pos[None, :] > qpos[:, None], float("-inf"))
-            vals, idx = score.topk(k, dim=-1)
-            idx = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
-            out[t0 + c0 : t0 + c1, :k] = idx
-    return out
-
-
-def _indexer_batched(
-    q: torch.Tensor,
-    weights: torch.Tensor,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    q_lens: list[int],
-    lens: list[int],
-    scale: float,
-    out: torch.Tensor,
-) -> None:
-    """``lightning_indexer`` for batches with few new tokens per sequence (decode): sequences are
-    padded to ``[B, max new tokens]`` queries and ``[B, max context]`` keys and scored at once."""
-    T, Hi, Di = q.shape
-    B, n_max, L_max = len(lens), max(q_lens), max(lens)
-    if T == B and n_max == 1:  # pure decode: one token per sequence, nothing to pad
-        seq_idx, row = torch.arange(B, device=q.device), torch.zeros(B, dtype=torch.long, device=q.device)
-        qpos = seq_lens.long() - 1
+    # Sequences padded to [B, max_seqlen_q] query rows over [B, max_seqlen_k] keys; padded keys lie
+    # beyond every query's position (masked), padded query rows are never read back. Query rows
+    # go in chunks so one chunk's [B, rows, Hi, keys] temporary stays bounded (long prefills).
+    bs = k_cache.shape[1]
+    if max_seqlen_q == 1 and T == B:  # pure decode (known on the host): one row per sequence, no padding
+        seq_idx = row = None
         q_pad, w_pad = q.float().unsqueeze(1), weights.float().unsqueeze(1)
     else:
-        seq_idx, qpos = token_positions(cu_seqlens_q, seq_lens)
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
         row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
-        q_pad = torch.zeros((B, n_max, Hi, Di), dtype=torch.float32, device=q.device)
+        q_pad = q.new_zeros((B, max_seqlen_q, Hi, Di), dtype=torch.float32)
         q_pad[seq_idx, row] = q.float()
-        w_pad = torch.zeros((B, n_max, Hi), dtype=torch.float32, device=q.device)
+        w_pad = q.new_zeros((B, max_seqlen_q, Hi), dtype=torch.float32)
         w_pad[seq_idx, row] = weights.float()
-    pos = torch.arange(L_max, device=q.device)
+    pos = torch.arange(max_seqlen_k, device=q.device)
     seqs = torch.arange(B, device=q.device)
-    slots = positions_to_slots(block_table, seqs, pos.expand(B, L_max), k_cache.shape[1])
-    keys = k_cache.reshape(-1, Di)[slots].float()  # [B, L_max, Di]
-    logits = torch.relu(torch.einsum("bnhd,bsd->bnhs", q_pad, keys) * scale)
-    score = torch.einsum("bnhs,bnh->bns", logits, w_pad)[seq_idx, row]  # [T, L_max]
-    score.masked_fill_(pos[None, :] > qpos[:, None], float("-inf"))
-    vals, idx = score.topk(min(out.shape[1], L_max), dim=-1)
-    out[:, : idx.shape[1]] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
+    keys = k_cache.reshape(-1, Di)[positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)].float()
+    # query position of padded row r of sequence b: seq_lens[b] - n_b + r (right-aligned causal)
+    n_b = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    first_pos = seq_lens.long() - n_b  # [B]
+    k = min(topk, max_seqlen_k)
+    picked = torch.full((B, max_seqlen_q, k), -1, dtype=torch.int32, device=q.device)
+    step = chunk_rows(max_seqlen_q, B * max_seqlen_k * (Hi + 1))
+    for r0 in range(0, max_seqlen_q, step):
+        r1 = min(max_seqlen_q, r0 + step)
+        logits = torch.relu(torch.einsum("bnhd,bsd->bnhs", q_pad[:, r0:r1], keys) * scale)
+        score = torch.einsum("bnhs,bnh->bns", logits, w_pad[:, r0:r1])  # [B, rows, max_seqlen_k]
+        rpos = first_pos[:, None] + torch.arange(r0, r1, device=q.device)  # [B, rows]
+        score.masked_fill_(pos[None, None, :] > rpos[:, :, None], float("-inf"))
+        vals, idx = score.topk(k, dim=-1)
+        picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
+    out[:, :k] = picked[:, 0] if seq_idx is None else picked[seq_idx, row]
+    return out
 
 
 def sparse_mla_attention(
@@ -179,11 +169,13 @@ def sparse_mla_attention(
     check_tensor(op, "indices", indices, ndim=2, dtypes=INDEX_DTYPES, shape=[T, None])
     check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
     check_varlen(op, cu_seqlens_q, seq_lens, T)
+    if value_checks() and indices.numel() and int(indices.max()) >= int(seq_lens.max()):
+        fail(op, "indices", f"positions < the longest context ({int(seq_lens.max())})", int(indices.max()))
     if not 0 < v_dim <= Dk:
         fail(op, "v_dim", f"0 < v_dim <= {Dk}", v_dim)
     bs = kv_cache.shape[1]
     flat = kv_cache.reshape(-1, Dk)
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
+    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     K = indices.shape[1]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .layout import INDEX_DTYPES, check_tensor, fail
+from .layout import INDEX_DTYPES, check_tensor, fail, value_checks
 from .moe import moe_unpermute
 
 
@@ -67,14 +67,16 @@ def ep_dispatch(
     per_rank = num_experts // world
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    if value_checks() and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         got = f"ids in [{int(flat.min())}, {int(flat.max())}]"
         fail(op, "topk_ids", f"global expert ids in [0, {num_experts})", got)
     dest = flat // per_rank
     order = torch.argsort(dest, stable=True)
-    send_counts = torch.bincount(dest, minlength=world)
+    send_counts = torch.zeros(world, dtype=torch.int64, device=dest.device).scatter_add_(0, dest, torch.ones_like(dest))
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
+    # The one host read EP needs: NCCL/HCCL all-to-all-v take host split sizes (DeepEP's normal
+    # mode reads them too; a fixed-capacity low-latency dispatch would be the graph-capturable form).
     send, recv = send_counts.tolist(), recv_counts.tolist()
     # The small id exchange runs asynchronously under the row exchange: one round trip, not two.
     local_ids = (flat.index_select(0, order) % per_rank).to(torch.int32)

@@ -5,6 +5,7 @@ caches, positions within a sequence). This module holds the one copy of:
 
 * argument validation: :func:`check_tensor`, :func:`check_varlen` and :func:`fail`, which raise
   the one-line ``ValueError`` every op uses ("<op>: argument '<arg>' expected <what>, got <what>");
+  :func:`value_checks` says whether checks that must read device data run (``HWLAYER_CHECK=1``);
 * index arithmetic: :func:`token_positions` (sequence and position of every query token) and
   :func:`positions_to_slots` (position -> flat paged-cache slot);
 * :func:`chunk_rows`, the temporary-size budget of the generic implementations.
@@ -14,12 +15,26 @@ Vendor adapters import these instead of re-deriving them, so a layout rule lives
 
 from __future__ import annotations
 
+import os
 from typing import Any, NoReturn, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def value_checks() -> bool:
+    """Whether validation that reads tensor *values* runs (``HWLAYER_CHECK=1``).
+
+    Shape and dtype checks cost nothing and always run. Checks of values (indices in range,
+    ``cu_seqlens_q`` monotone, slots inside the cache) must copy device data to the host, which
+    stalls the host until the device catches up and cannot happen inside a captured device graph;
+    a forward pass must never do it. So they run only under ``HWLAYER_CHECK=1``: the test and
+    conformance suites turn it on (their conftest), serving leaves it off. Read per call so a test
+    can flip it with ``monkeypatch.setenv``.
+    """
+    return os.environ.get("HWLAYER_CHECK", "") not in ("", "0")
 
 
 def fail(op: str, arg: str, expected: str, got: Any) -> NoReturn:
@@ -53,17 +68,22 @@ def check_tensor(
             fail(op, arg, f"shape {want}", f"{list(t.shape)}")
 
 
-def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> tuple[list[int], list[int]]:
+def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> None:
     """Raise ``ValueError`` unless ``cu_seqlens_q`` / ``seq_lens`` describe a varlen batch of
-    ``num_tokens`` query tokens: integer 1-D ``[B + 1]`` / ``[B]``, ``cu_seqlens_q`` rising from 0
-    to ``num_tokens``, and every context at least as long as its query tokens.
-
-    Returns the host copies it read, ``(cu_seqlens_q, seq_lens)`` as lists, so a caller that needs
-    them on the host does not read the device again.
+    ``num_tokens`` query tokens: integer 1-D ``[B + 1]`` / ``[B]`` (always checked) and, under
+    :func:`value_checks` only, ``cu_seqlens_q`` rising from 0 to ``num_tokens`` with every context
+    at least as long as its query tokens (those read the tensors' values).
     """
     check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, shape=[cu_seqlens_q.shape[0] - 1])
-    starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    if value_checks():
+        check_varlen_values(op, cu_seqlens_q.tolist(), seq_lens.tolist(), num_tokens)
+
+
+def check_varlen_values(op: str, starts: Sequence[int], lens: Sequence[int], num_tokens: int) -> None:
+    """The value half of :func:`check_varlen` on host copies (lists or numpy arrays): a caller that
+    holds the batch on the host (the model's per-step metadata) checks it here for free."""
+    starts, lens = [int(v) for v in starts], [int(v) for v in lens]
     if not starts or starts[-1] != num_tokens:
         got = starts[-1] if starts else "an empty tensor"
         fail(op, "cu_seqlens_q", f"last entry == number of query tokens ({num_tokens})", got)
@@ -74,16 +94,22 @@ def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> 
             fail(op, "cu_seqlens_q", "non-decreasing entries", starts)
         if L < t1 - t0:
             fail(op, "seq_lens", f"seq_lens[{b}] >= its query count {t1 - t0}", L)
-    return starts, lens
 
 
-def token_positions(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence index, position) of every query token of a varlen batch, both int64 ``[T]``."""
+def token_positions(
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position) of every query token of a varlen batch, both int64 ``[T]``.
+
+    Pass ``num_tokens`` (``T``, the query tensor's first dim): without it the output size is read
+    from ``cu_seqlens_q`` on the device, a host sync.
+    """
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    seq_idx = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens)
+    seq_idx = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens,
+                                      output_size=num_tokens)
     start = cu_seqlens_q[:-1].long()
     offset = seq_lens.long() - q_lens - start  # position = token index + offset of its sequence
-    pos = torch.arange(seq_idx.numel(), device=q_lens.device) + offset[seq_idx]
+    pos = torch.arange(seq_idx.shape[0], device=q_lens.device) + offset[seq_idx]
     return seq_idx, pos
 
 

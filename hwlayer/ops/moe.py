@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail
+from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail, value_checks
 
 
 def moe_route(
@@ -63,21 +63,24 @@ def moe_permute(
 
     ``x``: ``[T, D]``; ``topk_ids``: int ``[T, k]``; an id outside ``[0, num_experts)`` (for
     example ``-1``, or an expert owned by another rank after subtracting an offset) is dropped.
-    Returns ``(x_sorted [M, D], group_sizes int64 [num_experts], order int64 [M])`` where ``M`` is
-    the number of kept assignments, rows are sorted by expert (stable in token order), and
-    ``order[j] = t * k + slot`` names the assignment that row ``j`` came from.
+    Returns ``(x_sorted [T*k, D], group_sizes int64 [num_experts], order int64 [T*k])``: every
+    assignment has a row, so the sizes never depend on the data (no host read, graph-capturable).
+    The first ``M = sum(group_sizes)`` rows are the kept assignments sorted by expert (stable in
+    token order) with ``order[j] = t * k + slot`` naming the assignment row ``j`` came from; the
+    remaining rows are the dropped assignments, ``order == -1``, contents unspecified.
     """
     op = "moe_permute"
     check_tensor(op, "x", x, ndim=2)
     check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, shape=[x.shape[0], None])
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.bincount(key, minlength=num_experts + 1)
-    order = torch.argsort(key, stable=True)
-    kept = flat.numel() - int(counts[num_experts])
-    order = order[:kept]
-    return x.index_select(0, order // k), counts[:num_experts], order
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # dropped sort last
+    # counts by scatter-add, not bincount: bincount's output size depends on the largest id
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    perm = torch.argsort(key, stable=True)
+    order = torch.where(key.index_select(0, perm) < num_experts, perm, -1)
+    return x.index_select(0, perm // k), counts[:num_experts], order
 
 
 def moe_unpermute(
@@ -85,20 +88,23 @@ def moe_unpermute(
 ) -> torch.Tensor:
     """Inverse of ``moe_permute`` with the routing weights applied.
 
-    ``y``: ``[M, D]`` expert outputs in permuted order; ``order``: from ``moe_permute``;
-    ``topk_weights``: ``[num_tokens, k]``. Returns ``[num_tokens, D]`` in ``y.dtype`` with
-    ``out[t] = sum over kept slots of topk_weights[t, slot] * y[row]``, accumulated in fp32;
-    tokens with no kept slot get zeros.
+    ``y``: ``[M, D]`` expert outputs in permuted order; ``order``: ``[M]`` from ``moe_permute``
+    (rows with ``order == -1`` are dropped assignments and are ignored, whatever ``y`` holds
+    there, NaN included); ``topk_weights``: ``[num_tokens, k]``. Returns ``[num_tokens, D]`` in
+    ``y.dtype`` with ``out[t] = sum over kept slots of topk_weights[t, slot] * y[row]``,
+    accumulated in fp32; tokens with no kept slot get zeros.
     """
     op = "moe_unpermute"
     check_tensor(op, "y", y, ndim=2)
     check_tensor(op, "order", order, ndim=1, dtypes=INDEX_DTYPES, shape=[y.shape[0]])
     check_tensor(op, "topk_weights", topk_weights, ndim=2, shape=[num_tokens, None])
     k = topk_weights.shape[1]
-    order = order.long()
+    kept = order >= 0
+    order = order.long().clamp(min=0)
     w = topk_weights.reshape(-1).float().index_select(0, order)
+    rows = torch.where(kept.unsqueeze(1), y.float() * w.unsqueeze(1), 0.0)
     out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-    out.index_add_(0, order // k, y.float() * w.unsqueeze(1))
+    out.index_add_(0, order // k, rows)
     return out.to(y.dtype)
 
 
@@ -106,24 +112,45 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     """Per-expert matmul on rows grouped by expert.
 
     ``x``: ``[M, K]`` with rows of expert ``e`` contiguous and experts in order;
-    ``w``: ``[E, N, K]`` (nn.Linear layout, "NT"); ``group_sizes``: int ``[E]`` row counts
-    (sum == M; Ascend wants these as ``group_list_type=1``). Returns ``[M, N]`` in ``x.dtype``:
-    ``out[rows of e] = x[rows of e] @ w[e]^T``. Experts with no rows cost nothing.
+    ``w``: ``[E, N, K]`` (nn.Linear layout, "NT"); ``group_sizes``: int ``[E]`` row counts, on the
+    device, with ``sum <= M`` (Ascend wants these as ``group_list_type=1``): rows past the sum are
+    padding (``moe_permute``'s dropped assignments) and their output rows are unspecified (the
+    generic writes zeros). Returns ``[M, N]`` in ``x.dtype``: ``out[rows of e] = x[rows of e] @
+    w[e]^T``. Experts with no rows cost nothing. Implementations must not need the sizes on the host.
     """
     op = "grouped_gemm"
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "w", w, ndim=3, shape=[None, None, x.shape[1]])
     check_tensor(op, "group_sizes", group_sizes, ndim=1, dtypes=INDEX_DTYPES, shape=[w.shape[0]])
-    sizes = group_sizes.tolist()
-    if sum(sizes) != x.shape[0]:
-        fail(op, "group_sizes", f"counts summing to {x.shape[0]} rows", sum(sizes))
-    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            torch.mm(x[start : start + n], w[e].t().to(x.dtype), out=out[start : start + n])
-            start += n
+    M, N = x.shape[0], w.shape[1]
+    if value_checks() and int(group_sizes.sum()) > M:
+        fail(op, "group_sizes", f"counts summing to at most {M} rows", int(group_sizes.sum()))
+    if M == 0 or w.shape[0] == 0:
+        return x.new_zeros(M, N)
+    ends = group_sizes.long().cumsum(0)
+    padding = torch.arange(M, device=x.device) >= ends[-1:]  # rows past the last group
+    expert = torch.searchsorted(ends, torch.arange(M, device=x.device), right=True).clamp_(max=w.shape[0] - 1)
+    if M * N * x.shape[1] <= _GATHER_BUDGET:
+        # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
+        out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)
+        return out.masked_fill_(padding.unsqueeze(1), 0)
+    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (N * x.element_size()) % 16 == 0
+    if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and aligned:
+        # torch >= 2.8: one call with device-side group offsets (CPU kernel: fp32/bf16/fp16; it
+        # wants 16-byte aligned row strides). Not used on accelerators, where torch's kernel has
+        # narrower requirements (bf16, SM90): vendors register their own grouped GEMM.
+        out = torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=ends.to(torch.int32))
+        return out.masked_fill_(padding.unsqueeze(1), 0)
+    # Many rows and no grouped matmul in this torch: one matmul per expert over all rows, the
+    # rows of other experts masked out (E x the flops, but no host read of the sizes).
+    out = x.new_zeros(M, N)
+    for e in range(w.shape[0]):
+        out = torch.where((expert == e).unsqueeze(1) & ~padding.unsqueeze(1), x @ w[e].t().to(x.dtype), out)
     return out
+
+
+# Elements of the gathered per-row weights [M, N, K] the decode path of grouped_gemm may build.
+_GATHER_BUDGET = 1 << 24
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

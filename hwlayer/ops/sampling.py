@@ -23,7 +23,8 @@ def sample(
     (1 disables; the smallest prefix of the sorted distribution whose mass reaches ``top_p`` is
     kept, at least one token). ``generators[b]``, when given, makes row ``b`` reproducible
     (same generator state, same logits -> same token); ``None`` rows use the default generator.
-    Returns int64 ``[B]``. Draws by the exponential race ``argmax(p / Exp(1))``.
+    Returns int64 ``[B]``. Draws by the exponential race ``argmax(p / Exp(1))``. Reads nothing
+    on the host.
     """
     op = "sample"
     check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
@@ -36,8 +37,8 @@ def sample(
     logits = logits.float()
     greedy_ids = logits.argmax(-1)
     greedy = temperature <= 0
-    if bool(greedy.all()):
-        return greedy_ids
+    # Both answers are computed and picked per row on the device: an "all greedy?" shortcut would
+    # read the device on the host (callers that know it on the host may call argmax themselves).
     scaled = logits / temperature.float().clamp(min=1e-5).unsqueeze(1)
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(V, device=logits.device).unsqueeze(0)

@@ -25,7 +25,7 @@ import importlib.util
 import os
 from typing import Callable
 
-from hwlayer.backend import Availability, Backend
+from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS
@@ -78,6 +78,8 @@ BACKEND = Backend(
               "from them (pytest conformance --emulated), not run on hardware"),
     install_hint=INSTALL_HINT,
     description="Huawei Ascend NPUs through torch_npu",
+    # ACL graphs: torch_npu's torch.npu.NPUGraph / torch.npu.graph (what vllm-ascend captures with)
+    device_graph=DeviceGraph("torch.npu", "NPUGraph", "written against torch_npu's NPUGraph API docs, not run"),
 )
 
 

@@ -115,7 +115,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 
 
 def lightning_indexer_supports(
-    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float
+    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> bool | str:
     if not _on_npu(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
@@ -135,6 +136,7 @@ def lightning_indexer_supports(
 def lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     # The NPU op scores sum_h w_h * relu(q_h . k). Our scale > 0 multiplies every score of a token
     # by the same factor (relu(s x) = s relu(x)), so the top-k is unchanged without it. Weights stay

@@ -31,6 +31,7 @@ BACKEND = Backend(
     reference=True,
     verified="conformance run on x86_64 CPU in CI (make test)",
     description="reference backend: generic torch implementations",
+    device_graph=None,  # nothing to capture on a CPU: the model runner runs every step eagerly
 )
 
 

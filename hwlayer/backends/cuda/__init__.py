@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from hwlayer.backend import Availability, Backend
+from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
 from . import native
@@ -26,6 +26,8 @@ HWLAYER_HOOKSPEC_VERSION = "1.0"
 
 NOT_RUN = "not run on hardware"
 EMULATED = "emulated in CI from those APIs (pytest conformance --emulated)"
+# torch.cuda.CUDAGraph capture of decode steps (model/runner.py); the CUDA-built family shares it
+CUDA_GRAPHS = DeviceGraph("torch.cuda", "CUDAGraph", "written against torch.cuda.CUDAGraph docs, not run on a GPU")
 
 
 def _detector(name: str) -> Callable:
@@ -45,6 +47,7 @@ BACKENDS = (
         verified=("native adapters written against FlashMLA 9241ae3 (2026-04-29), DeepGEMM 54e2261 (2026-06-23) and "
                   f"vLLM's _C schemas, {EMULATED}, not run with those libraries; conformance for cuda and triton run "
                   "on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) without them: Triton tier and generic ops served"),
+        device_graph=CUDA_GRAPHS,
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",

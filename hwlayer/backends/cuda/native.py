@@ -268,7 +268,8 @@ def _bf16_logits() -> Any:
 
 
 def deep_gemm_indexer_supports(
-    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float
+    q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> bool | str:
     if not _cuda_tensors(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
@@ -298,6 +299,7 @@ def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def deep_gemm_lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     import deep_gemm  # noqa: PLC0415
 

@@ -15,10 +15,13 @@ the backend reports itself unavailable and says how to enable it, and if the var
 late it says that instead.
 
 Kernels (``kernels.py``, all ``@triton.jit``): rms_norm (with fused residual), rope (interleaved and
-NeoX), lightning_indexer scoring (selection: ``torch.topk`` on the scored tile),
-sparse_mla_attention (online softmax over gathered latent rows, returns lse), moe_route (sigmoid,
-group limit, top-k by repeated argmax), grouped_gemm, silu_and_mul. Each is registered with a
-``supports`` predicate; what it declines runs the next tier (generic torch at the end).
+NeoX), lightning_indexer scoring (selection: ``torch.topk`` on the scored tile, on the device),
+sparse_mla_attention (online softmax over gathered latent rows, returns lse; split-K decode with an
+lse merge, or one pass for prefill, chosen from host-known sizes), moe_route (sigmoid, group limit,
+top-k by repeated argmax), grouped_gemm, silu_and_mul, and fused_experts (vLLM's fused_moe design:
+expert-aligned row blocks, gate-up GEMM with SwiGLU epilogue, down GEMM with the router weight).
+Each is registered with a ``supports`` predicate; what it declines runs the next tier (generic
+torch at the end). The adapters read nothing on the host (see ``adapters.py``).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def hwlayer_register_backends(register: Callable) -> None:
             detect=_detect,
             visible_devices_env="CUDA_VISIBLE_DEVICES",
             priority=-10,  # below cpu: never auto-selected
-            verified="conformance run under TRITON_INTERPRET=1 on CPU (interpreter), not run on GPU",
+            verified="conformance run under TRITON_INTERPRET=1 on CPU (interpreter); the split-K attention and "
+                     "fused MoE kernels not run on GPU (an earlier kernel set passed conformance on an H200)",
             install_hint=INSTALL_HINT,
             description="portable Triton kernels; the tier the CUDA family inherits",
         )

@@ -72,11 +72,17 @@ def indexer_score_kernel(
 ):
     # score[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s] * scale) for s <= pos(t), else -inf.
     # One program per (token, tile of BLOCK_S positions); all heads at once with one tl.dot.
+    # S may be a static bound (the block table's capacity, so a captured device graph replays at any
+    # context length): tiles past the token's position only write -inf and return, so the cost
+    # follows the real context, not the bound.
     t = tl.program_id(0).to(tl.int64)
     s_tile = tl.program_id(1)
     b = tl.load(seq_idx_ptr + t).to(tl.int64)
     qpos = tl.load(qpos_ptr + t)
     s = s_tile * BLOCK_S + tl.arange(0, BLOCK_S)
+    if s_tile * BLOCK_S > qpos:
+        tl.store(score_ptr + t * S + s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=s < S)
+        return
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     causal = s <= qpos
@@ -97,15 +103,23 @@ def indexer_score_kernel(
 @triton.jit
 def sparse_mla_kernel(
     q_ptr, kv_ptr, idx_ptr, bt_ptr, seq_idx_ptr, out_ptr, lse_ptr,
-    H, Dk, V, R, K, block_size, max_blocks, scale,
+    H, Dk, V, R, K, block_size, max_blocks, scale_log2, keys_per_split, num_splits,
     BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    # Flash-attention style online softmax over the gathered latent rows of one token, for a tile
-    # of heads. A latent row is [c (V columns, also the value), k_pe (R columns)]; the score uses
-    # both parts, the output only c. Invalid indices (-1) are masked to -inf.
+    # Flash-attention style online softmax over gathered latent rows, one program per (token, tile
+    # of heads, split of the token's K indices). A latent row is [c (V columns, also the value),
+    # k_pe (R columns)]; the score uses both parts, the output only c. All heads of the tile share
+    # one gathered row (MQA), so scores are a [BLOCK_H, BLOCK_K] tl.dot (tensor cores for bf16/fp16).
+    # Invalid indices (-1) are masked to -inf. Softmax runs in base 2 (scale_log2 = scale * log2 e),
+    # with the running max subtracted, so large logits never overflow.
+    #
+    # Output row (t, h, split) of out/lse: with num_splits == 1 that is the op's own [T, H, V] / [T, H]
+    # (the prefill path); otherwise fp32 partials [T, H, splits, V] / [T, H, splits] that
+    # sparse_mla_merge_kernel combines through their lse (the split-K decode path).
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
     hmask = h < H
     b = tl.load(seq_idx_ptr + t).to(tl.int64)
     dv = tl.arange(0, BLOCK_V)
@@ -117,9 +131,11 @@ def sparse_mla_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = split * keys_per_split
+    k_end = tl.minimum(k_begin + keys_per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        pos = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=-1).to(tl.int64)
+        pos = tl.load(idx_ptr + t * K + kk, mask=kk < k_end, other=-1).to(tl.int64)
         valid = pos >= 0
         safe = tl.where(valid, pos, 0)
         block = tl.load(bt_ptr + b * max_blocks + safe // block_size, mask=valid, other=0).to(tl.int64)
@@ -133,11 +149,11 @@ def sparse_mla_kernel(
         else:
             c = c.to(q_c.dtype)
             s = tl.dot(q_c, tl.trans(c)) + tl.dot(q_pe, tl.trans(pe.to(q_pe.dtype)))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if F32_DOT:
             acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")
@@ -147,21 +163,49 @@ def sparse_mla_kernel(
 
     has_any = l_i > 0
     out = tl.where(has_any[:, None], acc / tl.where(has_any, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
-    tl.store(out_ptr + (t * H + h[:, None]) * V + dv[None, :], out.to(out_ptr.dtype.element_ty),
+    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
+    row = (t * H + h) * num_splits + split
+    tl.store(out_ptr + row[:, None] * V + dv[None, :], out.to(out_ptr.dtype.element_ty),
              mask=hmask[:, None] & (dv[None, :] < V))
-    tl.store(lse_ptr + t * H + h, lse, mask=hmask)
+    tl.store(lse_ptr + row, lse, mask=hmask)
+
+
+@triton.jit
+def sparse_mla_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, V, num_splits,
+                            BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+    # Flash-decoding combine, one program per (token x head, tile of V columns): the splits' partial
+    # outputs (each normalised over its own keys) weighted by exp(lse_split - lse_total).
+    # A split without a valid key has lse -inf and weight 0; a row with none at all gets out 0, lse -inf.
+    row = tl.program_id(0).to(tl.int64)  # t * H + h
+    dv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < num_splits
+    lse_s = tl.load(part_lse_ptr + row * num_splits + sp, mask=smask, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # 0 for empty splits
+    total = tl.sum(w, axis=0)
+    o = tl.load(part_out_ptr + (row * num_splits + sp[:, None]) * V + dv[None, :],
+                mask=smask[:, None] & (dv[None, :] < V), other=0.0)
+    denom = tl.where(total > 0, total, 1.0)
+    merged = tl.sum(o * w[:, None], axis=0) / denom
+    tl.store(out_ptr + row * V + dv, merged.to(out_ptr.dtype.element_ty), mask=dv < V)
+    if tl.program_id(1) == 0:
+        tl.store(lse_ptr + row, tl.where(total > 0, m_safe + tl.log(denom), float("-inf")))
 
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_row0_ptr, tile_row1_ptr, N, Kdim,
+    x_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_row0_ptr, tile_row1_ptr, E, N, Kdim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     # One program per (row tile of one expert, column tile). Tiles never straddle experts, so an
-    # expert with no rows has no tiles and costs nothing. out[rows] = x[rows] @ w[e]^T.
+    # expert with no rows has no tiles and costs nothing. out[rows] = x[rows] @ w[e]^T. The grid is
+    # a host-known bound on the tile count; tiles past the last one carry expert E and return.
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    if e >= E:
+        return
     row0 = tl.load(tile_row0_ptr + tile).to(tl.int64)
     row1 = tl.load(tile_row1_ptr + tile).to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -271,3 +315,132 @@ def kv_cache_write_kernel(cache_ptr, rows_ptr, slot_ptr, D, BLOCK_D: tl.constexp
     mask = (cols < D) & (slots >= 0)
     row = tl.load(rows_ptr + t * D + cols, mask=mask, other=0.0)
     tl.store(cache_ptr + slot * D + cols, row.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused MoE over expert-sorted token blocks (the design of vLLM's fused_moe: tokens aligned to
+# BLOCK_M rows per expert on the device, one expert per row block, padding rows skipped by mask).
+# sorted_ids[j] = t * top_k + slot of the assignment in row j, or ``numel`` (padding);
+# block_expert[b] = the expert of row block b, or E for a block past the last expert's rows.
+
+
+@triton.jit
+def fused_moe_gate_up_kernel(
+    x_ptr, w13_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, numel, top_k, E, inter, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # h[assignment, cols] = silu(x[token] @ W1[e]^T) * (x[token] @ W3[e]^T) for BLOCK_N columns of inter:
+    # the gate and up tiles of the same columns are accumulated side by side, so SwiGLU is the
+    # epilogue of the GEMM and the [M, 2I] gate-up product never goes to memory.
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= E:
+        return
+    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = ids < numel
+    tok = tl.where(rmask, ids // top_k, 0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < inter
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_gate = w13_ptr + (e * 2 * inter + cols[None, :]) * D
+    w_up = w13_ptr + (e * 2 * inter + inter + cols[None, :]) * D
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D
+        a = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = cmask[None, :] & kmask[:, None]
+        g = tl.load(w_gate + kk[:, None], mask=wmask, other=0.0).to(a.dtype)  # [BLOCK_K, BLOCK_N] = W1[e]^T
+        u = tl.load(w_up + kk[:, None], mask=wmask, other=0.0).to(a.dtype)
+        if F32_DOT:
+            a32 = a.to(tl.float32)
+            acc_g += tl.dot(a32, g.to(tl.float32), input_precision="ieee")
+            acc_u += tl.dot(a32, u.to(tl.float32), input_precision="ieee")
+        else:
+            acc_g += tl.dot(a, g)
+            acc_u += tl.dot(a, u)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + ids[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def fused_moe_down_kernel(
+    h_ptr, w2_ptr, tw_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, numel, E, inter, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # y[assignment, cols] = topk_weight[assignment] * (h[assignment] @ W2[e]^T), fp32.
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= E:
+        return
+    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = ids < numel
+    safe = tl.where(rmask, ids, 0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < inter
+        a = tl.load(h_ptr + safe[:, None] * inter + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w2_ptr + (e * D + cols[None, :]) * inter + kk[:, None], mask=cmask[None, :] & kmask[:, None],
+                    other=0.0).to(a.dtype)  # [BLOCK_K, BLOCK_N] = W2[e]^T
+        if F32_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    weight = tl.load(tw_ptr + safe, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + ids[:, None] * D + cols[None, :], acc * weight[:, None], mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def moe_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, E, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[t] = sum of y over t's kept slots (ids in [0, E)), fp32, stored in out's dtype. Rows of
+    # dropped slots were never written, so they are masked, not read.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    slot = tl.arange(0, BLOCK_K)
+    e = tl.load(ids_ptr + t * top_k + slot, mask=slot < top_k, other=-1)
+    kept = (slot < top_k) & (e >= 0) & (e < E)
+    y = tl.load(y_ptr + (t * top_k + slot[:, None]) * D + cols[None, :], mask=kept[:, None] & (cols[None, :] < D),
+                other=0.0)
+    tl.store(out_ptr + t * D + cols, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def moe_align_kernel(
+    ids_ptr, sorted_ids_ptr, block_expert_ptr, numel, E, max_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # moe_align_block_size in one program (decode-sized batches: the whole alignment is one launch
+    # instead of a dozen torch ops). Pass 1 counts assignments per expert; their padded prefix sum
+    # gives each expert's first row. Pass 2 places assignment j at its expert's first row + the
+    # number of earlier assignments of that expert (stable, like a stable sort). Then each row block
+    # gets its expert (E past the last). Ids outside [0, E) match no expert and get no row.
+    n = tl.arange(0, BLOCK_N)
+    ex = tl.arange(0, BLOCK_E)
+    real = ex < E  # BLOCK_E is E rounded up to a power of two
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for n0 in range(0, numel, BLOCK_N):
+        e = tl.load(ids_ptr + n0 + n, mask=n0 + n < numel, other=-1)
+        counts += tl.sum(((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    running = pad_end - padded  # next free row of each expert
+    for r0 in range(0, max_rows, BLOCK_N):  # every row starts as padding (the sentinel numel)
+        tl.store(sorted_ids_ptr + r0 + n, tl.full([BLOCK_N], 0, tl.int32) + numel, mask=r0 + n < max_rows)
+    tl.debug_barrier()  # the padding fill lands before the placements that overwrite it
+    for n0 in range(0, numel, BLOCK_N):
+        e = tl.load(ids_ptr + n0 + n, mask=n0 + n < numel, other=-1)
+        onehot = ((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32)  # [BLOCK_N, BLOCK_E]
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier assignments of the same expert in this chunk
+        dest = tl.sum(onehot * (running[None, :] + before), axis=1)
+        kept = tl.sum(onehot, axis=1) > 0
+        tl.store(sorted_ids_ptr + dest, (n0 + n).to(tl.int32), mask=kept)
+        running += tl.sum(onehot, axis=0)
+    total_ends = tl.where(real, pad_end, 2147483647)
+    for b0 in range(0, max_rows // BLOCK_M, BLOCK_N):
+        start = (b0 + n) * BLOCK_M
+        expert = tl.sum((total_ends[None, :] <= start[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b0 + n, tl.minimum(expert, E), mask=b0 + n < max_rows // BLOCK_M)

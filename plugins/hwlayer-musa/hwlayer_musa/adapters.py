@@ -109,7 +109,8 @@ def _fp8_indexer_enabled() -> bool:
     return os.environ.get("HWLAYER_MUSA_FP8_INDEXER", "") not in ("", "0")
 
 
-def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale):
+def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                               max_seqlen_q=None, max_seqlen_k=None):
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
@@ -121,7 +122,8 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
     return True
 
 
-def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale):
+def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                      max_seqlen_q=None, max_seqlen_k=None):
     keys = convert.gather_sequence_keys(k_cache, block_table, seq_lens)
     ks, ke, _ = convert.indexer_key_ranges(cu_seqlens_q, seq_lens)
     k_fp8, k_scale = convert.fp8_quantize_rows(keys)

@@ -1,0 +1,230 @@
+"""The model runner: how a step of a batch reaches the device, with decode steps in device graphs.
+
+vLLM's split, kept here: the model (:mod:`model.glm5`) is a plain forward that reads nothing on
+the host; the runner owns what is about running it fast:
+
+* host metadata once per step (:class:`model.glm5.StepMetadata`, numpy, validated on the host);
+* static device buffers for the step inputs (ids, positions, slots, ``cu_seqlens_q``,
+  ``seq_lens``, block table) packed in ONE int64 buffer, filled by ONE host->device copy;
+* decode steps (one new token per sequence) captured once per padded batch size of a ladder
+  (1, 2, 4, 8, 16, 32, 64, ... up to ``max_num_seqs``) and replayed; every other step (prefill,
+  mixed prefill + decode, a batch above the ladder) runs eagerly through ``model.forward_batch``.
+
+A batch of ``B`` decodes runs in the graph of the smallest ladder size ``bs >= B``. The ``bs - B``
+padding rows carry slot ``-1`` (``kv_cache_write`` skips them: they write no cache row), one token
+at position 0, block-table row 0; their logits are computed and dropped. A captured step uses the
+cache's capacity (``max_model_len``) as ``max_seqlen_k``, so one graph serves every context length.
+
+How a backend captures is its declaration (:class:`hwlayer.backend.DeviceGraph`:
+``torch.cuda.CUDAGraph``, ``torch.npu.NPUGraph``); a backend without one (the CPU reference) runs
+eagerly. :class:`RecordedGraph` is the CPU stand-in used by the tests: it records the step closure
+at capture and replays it on the same static buffers, so the plumbing (static buffers, padding,
+copying inputs in, reading outputs out) is exercised without a GPU.
+
+    runner = ModelRunner(model, max_num_seqs=64, max_model_len=4096)        # graphs if the backend has them
+    runner.capture(cache)                                                    # optional: at startup
+    logits = runner(batch, cache)                                            # Engine's ``forward``
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from .glm5 import GLM5, Batch, ForwardContext, PagedCache, StepMetadata
+
+log = logging.getLogger("model.runner")
+
+LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # padded decode batch sizes (vLLM / SGLang style)
+
+
+class StepGraph(Protocol):
+    """One captured step: ``capture(fn)`` records ``fn`` (which reads only static buffers) and
+    returns its output tensor; ``replay()`` reruns it, refreshing that same output tensor."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+    def replay(self) -> None: ...
+
+
+class RecordedGraph:
+    """CPU stand-in for a device graph: keeps the step closure and replays it into the output
+    tensor produced at capture (a device graph's output is likewise a fixed buffer)."""
+
+    def __init__(self) -> None:
+        self._fn: Callable[[], torch.Tensor] | None = None
+        self._out: torch.Tensor | None = None
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self._fn, self._out = fn, fn()
+        return self._out
+
+    def replay(self) -> None:
+        assert self._fn is not None and self._out is not None, "replay before capture"
+        self._out.copy_(self._fn())
+
+
+class TorchDeviceGraph:
+    """A step in a torch device graph: ``torch.cuda.CUDAGraph`` or torch_npu's ``torch.npu.NPUGraph``
+    (same API). Warm-up on a side stream, then capture into a pool shared by all ladder sizes.
+    Written against the torch.cuda graph docs (and torch_npu's NPUGraph docs); not run on a GPU
+    in this project."""
+
+    def __init__(self, module: object, graph_class: str, pool: object) -> None:
+        self.mod, self.pool = module, pool
+        self.graph = getattr(module, graph_class)()
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        mod = self.mod
+        side = mod.Stream()
+        side.wait_stream(mod.current_stream())
+        with mod.stream(side):
+            fn()  # warm-up: lazy initialisation (kernel autotuning, workspaces) happens outside capture
+        mod.current_stream().wait_stream(side)
+        mod.synchronize()
+        with mod.graph(self.graph, pool=self.pool):
+            out = fn()
+        return out
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def graph_maker(model: GLM5) -> Callable[[], StepGraph] | None:
+    """A factory of step graphs for the model's backend, or None when it declares no device graphs."""
+    spec = model.plan.backend.device_graph
+    if spec is None:
+        return None
+    module = importlib.import_module(spec.module)
+    pool = module.graph_pool_handle()
+    return lambda: TorchDeviceGraph(module, spec.graph, pool)
+
+
+class ModelRunner:
+    """Runs steps of ``model``: decode batches replayed from device graphs, everything else eager.
+
+    ``graphs``: ``"auto"`` (default) uses the backend's declared device graphs, eager without;
+    ``None`` (``--enforce-eager``) runs every step eagerly; a callable returning a
+    :class:`StepGraph` (such as :class:`RecordedGraph`) picks the implementation. ``capture_sizes``
+    overrides the ladder (sizes above ``max_num_seqs`` are dropped; ``max_num_seqs`` itself is
+    always included so every admissible decode batch has a graph).
+
+    Call it like ``model.forward_batch``: ``runner(batch, cache) -> fp32 [B, vocab]`` (a fresh
+    tensor: the graph's output buffer is reused by the next replay). Graphs are captured for one
+    cache (their buffers' addresses are baked in): :meth:`capture` at startup, or lazily on the
+    first decode step; a step on another cache runs eagerly.
+    """
+
+    def __init__(self, model: GLM5, *, max_num_seqs: int, max_model_len: int,
+                 graphs: str | Callable[[], StepGraph] | None = "auto",
+                 capture_sizes: tuple[int, ...] | None = None) -> None:
+        if max_num_seqs < 1 or max_model_len < 1:
+            raise ValueError(f"ModelRunner: expected max_num_seqs >= 1 and max_model_len >= 1, got "
+                             f"{max_num_seqs}, {max_model_len}")
+        self.model = model
+        self.max_model_len = max_model_len
+        self.make_graph = graph_maker(model) if graphs == "auto" else graphs
+        if isinstance(self.make_graph, str):
+            raise ValueError(f"ModelRunner: graphs expected 'auto', None or a callable, got {graphs!r}")
+        sizes = sorted({s for s in (capture_sizes or LADDER) if 1 <= s < max_num_seqs} | {max_num_seqs})
+        self.capture_sizes: tuple[int, ...] = tuple(sizes) if self.make_graph is not None else ()
+        self.graphs: dict[int, tuple[StepGraph, torch.Tensor]] = {}  # bs -> (graph, its output buffer)
+        self.graph_cache: PagedCache | None = None
+        self.replays = 0  # steps served by a graph
+        self.eager_steps = 0
+        self._static: torch.Tensor | None = None
+
+    @property
+    def uses_graphs(self) -> bool:
+        return bool(self.capture_sizes)
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
+                                       self.model.config.max_position_embeddings)
+        B = meta.seq_lens.shape[0]
+        bs = self._graph_size(meta, cache)
+        if bs is None:
+            self.eager_steps += 1
+            return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
+        if cache is not self.graph_cache:
+            self.capture(cache)
+        graph, out = self.graphs[bs]
+        self._load(meta)
+        graph.replay()
+        self.replays += 1
+        return out[:B].clone()
+
+    def _graph_size(self, meta: StepMetadata, cache: PagedCache) -> int | None:
+        """The ladder size whose graph runs this step, or None for an eager step."""
+        B = meta.seq_lens.shape[0]
+        if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != 1:
+            return None  # prefill or mixed steps, or nothing captured
+        if self.graph_cache is not None and cache is not self.graph_cache:
+            return None
+        if meta.max_seqlen_k > self.max_model_len or meta.block_table.shape[1] > self._max_blocks(cache):
+            return None  # outside what the static buffers hold
+        return next(s for s in self.capture_sizes if s >= B)
+
+    # ---- static buffers ---------------------------------------------------------------------
+    def _max_blocks(self, cache: PagedCache) -> int:
+        return -(-self.max_model_len // cache.block_size)
+
+    def _layout(self, n: int, W: int) -> list[int]:
+        """Segment sizes of the packed buffer for ``n`` rows: ids, positions, slots, cu, seq_lens, table."""
+        return [n, n, n, n + 1, n, n * W]
+
+    def _views(self, buf: torch.Tensor, bs: int, cache: PagedCache) -> ForwardContext:
+        """The forward context of ladder size ``bs``: views into the static buffer (int64, which
+        the op contracts accept for every index argument)."""
+        n, W = self.capture_sizes[-1], self._max_blocks(cache)
+        ids, positions, slots, cu, lens, table = buf.split(self._layout(n, W))
+        return ForwardContext(positions[:bs], slots[:bs], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
+                              self.model.cos_sin, max_seqlen_q=1, max_seqlen_k=self.max_model_len,
+                              input_ids=ids[:bs])
+
+    def _host_buffer(self, meta: StepMetadata | None, cache: PagedCache) -> torch.Tensor:
+        """The packed host copy of a padded decode step (``meta`` None: all rows padding)."""
+        n, W = self.capture_sizes[-1], self._max_blocks(cache)
+        ids, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        slots = np.full(n, -1, np.int64)  # padding rows write nowhere
+        cu = np.arange(n + 1, dtype=np.int64)  # one token per row, padding rows included
+        lens = np.ones(n, np.int64)  # a padding row: a 1-token context (position 0)
+        table = np.zeros((n, W), np.int64)
+        if meta is not None:
+            B, w = meta.seq_lens.shape[0], meta.block_table.shape[1]
+            ids[:B], positions[:B], slots[:B], lens[:B] = (meta.input_ids, meta.positions, meta.slot_mapping,
+                                                           meta.seq_lens)
+            table[:B, :w] = meta.block_table
+        return torch.from_numpy(np.concatenate([ids, positions, slots, cu, lens, table.reshape(-1)]))
+
+    def _load(self, meta: StepMetadata) -> None:
+        """Copy the step's inputs into the static buffer: one host->device copy (pinned, async)."""
+        host = self._host_buffer(meta, self.graph_cache)
+        if self._static.device.type != "cpu":
+            host = host.pin_memory()
+        self._static.copy_(host, non_blocking=True)
+
+    # ---- capture ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, cache: PagedCache) -> None:
+        """Capture one decode graph per ladder size for ``cache`` (largest first, so the smaller
+        ones reuse its memory pool). The capture runs on all-padding inputs: it writes no cache row."""
+        if not self.capture_sizes:
+            return
+        self.graphs.clear()
+        self.graph_cache = cache
+        n, W = self.capture_sizes[-1], self._max_blocks(cache)
+        self._static = torch.zeros(sum(self._layout(n, W)), dtype=torch.int64, device=self.model.device)
+        self._static.copy_(self._host_buffer(None, cache))
+        for bs in reversed(self.capture_sizes):
+            ctx = self._views(self._static, bs, cache)
+            graph = self.make_graph()
+            out = graph.capture(lambda ctx=ctx: self.model.forward_context(ctx, cache))
+            self.graphs[bs] = (graph, out)
+        log.info("captured decode graphs for batch sizes %s", ", ".join(map(str, self.capture_sizes)))
