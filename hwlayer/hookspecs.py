@@ -9,10 +9,17 @@ under the entry-point group ``hwlayer`` in its package metadata::
 Built-in backends (cpu, triton, cuda family, ascend) register through exactly these hooks.
 
 Versioning: :data:`HOOKSPEC_VERSION` is ``MAJOR.MINOR``. A plugin may declare the version it was
-written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.0"``. The promise: within one
+written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.1"``. The promise: within one
 MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
 plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
 for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
+
+Changelog:
+    1.0 -- ``hwlayer_register_backends``, ``hwlayer_register_ops``.
+    1.1 -- ``Backend.weight_formats`` (the weight formats a backend executes: ``fp8_block``, ``int8``,
+           ``bf16``, ``fp16``, ``fp32``) and the ``quant_linear`` / ``quant_grouped_gemm`` /
+           ``quant_fused_experts`` ops. A field with a default: 1.0 plugins keep working and are
+           treated as running the unquantized formats.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import pluggy
 
 PROJECT_NAME = "hwlayer"
 ENTRY_POINT_GROUP = "hwlayer"
-HOOKSPEC_VERSION = "1.0"
+HOOKSPEC_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

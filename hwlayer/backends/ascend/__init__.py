@@ -27,7 +27,7 @@ from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
 
 INSTALL_HINT = (
     "pip install .[ascend] with the torch-npu release matching your torch (torch-npu X.Y needs torch X.Y), "
@@ -73,6 +73,7 @@ BACKEND = Backend(
     verified="written against torch_npu 2.14 API docs, not run on hardware",
     install_hint=INSTALL_HINT,
     description="Huawei Ascend NPUs through torch_npu",
+    weight_formats=("int8",),  # 910B has int8 cube units, no FP8: W8A8 dynamic (quant.py)
 )
 
 

@@ -32,7 +32,7 @@ from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS, interpreter_problem, interpreting
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
 
 INSTALL_HINT = "pip install .[triton] (or triton>=3.0); on CPU set TRITON_INTERPRET=1 before starting"
 
@@ -80,6 +80,7 @@ def hwlayer_register_backends(register: Callable) -> None:
             verified="conformance run under TRITON_INTERPRET=1 on CPU (interpreter), not run on GPU",
             install_hint=INSTALL_HINT,
             description="portable Triton kernels; the tier the CUDA family inherits",
+            weight_formats=("fp8_block", "int8"),  # quant_kernels.py (fp8 needs sm_89+ on a GPU)
         )
     )
 
