@@ -47,6 +47,7 @@ def _info() -> dict[str, Any]:
                 "reason": status.reason,
                 "install_hint": b.install_hint if not status.available else "",
                 "verified": b.verified,
+                "weight_formats": list(b.native_weight_formats()),
                 "plugin": reg.backend_plugins[name],
             }
         )
@@ -82,6 +83,7 @@ def _print_info(info: dict[str, Any]) -> None:
         if b["install_hint"]:
             print(f"{indent}install: {b['install_hint']}")
         print(f"{indent}verified: {b['verified']}")
+        print(f"{indent}weight formats: {', '.join(b['weight_formats'])}")
     for name, why in info["skipped_plugins"].items():
         print(f"skipped plugin {name}: {why}")
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert-parallel ranks; launch with torchrun --nproc-per-node N serve.py --ep N (default 1)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="request body size limit, larger bodies get 413 (default 4 MiB)")
+    p.add_argument("--weight-format", choices=["fp8_block", "int8", "bf16", "fp16", "fp32"], default=None,
+                   help="weight format kept in memory (default: the checkpoint's when the backend runs it, else the "
+                        "best it runs; an fp8_block checkpoint becomes int8 on a backend without FP8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.tokenizer import load_tokenizer
 
     try:
-        model = load_model(path, backend=plan.backend.name, ep=args.ep)  # ep=1: every expert in this process
+        model = load_model(path, backend=plan.backend.name, ep=args.ep,  # ep=1: every expert in this process
+                           weight_format=args.weight_format)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, KeyError) as exc:
         fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
-        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
+        f"serving {model_name} ({path}) on backend {backend}, weights {model.weight_format}, "
+        f"{num_blocks} KV blocks x {block_size} tokens "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
         f"max-model-len {max_model_len}, at http://{args.host}:{args.port}"))
 
