@@ -39,6 +39,12 @@ FUSED_TOLERANCES = {
     "bf16": Tolerance(atol=3e-2, rtol=3e-2, atol_per_k=5e-4),
     "fp16": Tolerance(atol=4e-3, rtol=4e-3, atol_per_k=6e-5),
 }
+# fp8_block in bf16/fp16: the SwiGLU output is rounded to the dtype (implementations may differ by
+# one ulp there: fused or separate silu and multiply), and requantizing it to e4m3 turns a one-ulp
+# change at a rounding midpoint into a whole e4m3 step (2^-3 relative) of that element, or moves a
+# group's amax. Such flips are legitimate, so the low-precision fused bound is per-K wider; fp32
+# stays tight (there the rounding is the same everywhere).
+FUSED_FP8_LOWP = Tolerance(atol=3e-2, rtol=3e-2, atol_per_k=3e-3)
 
 
 def round_e4m3(v: np.ndarray, truncate: bool = False) -> np.ndarray:

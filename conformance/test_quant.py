@@ -110,7 +110,8 @@ def test_quant_fused_experts(checker, dtype, device, fmt):
     ck.shape_dtype("out", out, (T, D), ck.dtype)
     golden = gq.quant_fused_experts(x.cpu(), (w13.data.cpu(), w13.scale.cpu()), (w2.data.cpu(), w2.scale.cpu()),
                                     fmt, weights, ids)
-    ck.close("out", out, golden, k=D, tol=gq.FUSED_TOLERANCES[dtype])
+    tol = gq.FUSED_FP8_LOWP if fmt == "fp8_block" and dtype != "fp32" else gq.FUSED_TOLERANCES[dtype]
+    ck.close("out", out, golden, k=D, tol=tol)
 
 
 def test_quant_linear_rejects_bad_input(plan, device):

@@ -17,7 +17,8 @@ late it says that instead.
 Kernels (``kernels.py``, all ``@triton.jit``): rms_norm (with fused residual), rope (interleaved and
 NeoX), lightning_indexer scoring (selection: ``torch.topk`` on the scored tile),
 sparse_mla_attention (online softmax over gathered latent rows, returns lse), moe_route (sigmoid,
-group limit, top-k by repeated argmax), grouped_gemm, silu_and_mul. Each is registered with a
+group limit, top-k by repeated argmax), grouped_gemm, silu_and_mul; ``quant_kernels.py``: fp8_block /
+int8 activation quantization and GEMMs for quant_linear / quant_grouped_gemm. Each is registered with a
 ``supports`` predicate; what it declines runs the next tier (generic torch at the end).
 """
 
@@ -31,6 +32,7 @@ from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS, interpreter_problem, interpreting
+from .quant_adapters import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
 HWLAYER_HOOKSPEC_VERSION = "1.1"
 
@@ -87,5 +89,5 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in IMPLEMENTATIONS.items():
+    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
         register(op, fn, backend="triton", supports=supports)
