@@ -12,6 +12,8 @@ PA_BSND caches) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + 
 expert GEMMs (the ``fused_experts`` composite picks them up). Expert-parallel dispatch/combine use the
 generic ``all_to_all_single`` over hccl: ``npu_moe_distribute_dispatch_v2`` delivers rows grouped by
 expert with its own combine metadata, not the source-rank order the ``ep_dispatch`` contract fixes.
+INT8 W8A8 (``quant.py``): npu_dynamic_quant + npu_quant_matmul / npu_grouped_matmul with per-token
+scales for quant_linear / quant_grouped_gemm.
 
 Written against the torch-npu 2.14 API documentation; not run on Ascend hardware.
 """
@@ -26,6 +28,7 @@ from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS
+from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
 HWLAYER_HOOKSPEC_VERSION = "1.1"
 
@@ -84,5 +87,5 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in IMPLEMENTATIONS.items():
+    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
         register(op, fn, backend="ascend", supports=supports)
