@@ -90,7 +90,8 @@ def test_quant_grouped_gemm(checker, dtype, device, fmt):
     tol = gq.TOLERANCES[dtype]
     golden = gq.quant_grouped_gemm(x, qw.data, qw.scale, fmt, sizes)
     ck.close("out", out, golden, k=K, tol=tol)
-    _mutants_fail(lambda a, w: gq.quant_grouped_gemm(x, qw.data, qw.scale, fmt, sizes, a, w), fmt, golden, tol, K, dtype)
+    _mutants_fail(lambda a, w: gq.quant_grouped_gemm(x, qw.data, qw.scale, fmt, sizes, a, w),
+                  fmt, golden, tol, K, dtype)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -252,3 +252,18 @@ def test_plan_cli_formats_and_device_memory(capsys):
     assert info.value.code == 2
     assert main(["plan", "--config", path, "--device-memory", "lots"]) == 2
     assert "--device-memory 'lots'" in capsys.readouterr().err
+
+
+def test_expert_parallel_rank_loads_its_quantized_experts_as_planned(ckpts):
+    from hwlayer.distributed import local_expert_range
+
+    cfg = ModelConfig.from_json(ckpts["fp8_block"])
+    for fmt in FORMATS:  # fp8_block kept as stored; int8 requantized from it
+        state, _ = load_state(ckpts["fp8_block"], cfg, torch.float32,
+                              expert_range=local_expert_range(1, 2, cfg.n_routed_experts), weight_format=fmt)
+        w13 = state["model.layers.1.mlp.experts.w13"]
+        assert w13.format == fmt and w13.shape[0] == cfg.n_routed_experts // 2
+        held = sum(v.nbytes if isinstance(v, QuantizedWeight) else v.numel() * v.element_size()
+                   for v in state.values())
+        planned = planned_weight_bytes(cfg, fmt, torch.float32, ep=2)
+        assert held == planned["replicated"] + planned["experts"], fmt
