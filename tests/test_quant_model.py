@@ -267,3 +267,29 @@ def test_expert_parallel_rank_loads_its_quantized_experts_as_planned(ckpts):
                    for v in state.values())
         planned = planned_weight_bytes(cfg, fmt, torch.float32, ep=2)
         assert held == planned["replicated"] + planned["experts"], fmt
+
+
+def test_hwlayer_info_lists_weight_formats(capsys):
+    from hwlayer.cli import main
+
+    assert main(["info", "--json"]) == 0
+    backends = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
+    assert backends["cpu"]["weight_formats"] == ["fp8_block", "int8", "bf16", "fp16", "fp32"]
+    assert backends["ascend"]["weight_formats"] == ["int8", "bf16", "fp16", "fp32"]  # the 910B has no FP8
+    assert main(["info"]) == 0
+    assert "weight formats: int8, bf16, fp16, fp32" in capsys.readouterr().out
+
+
+def test_conversion_is_tensor_by_tensor(ckpts, monkeypatch):
+    """fp8 -> int8 at load quantizes one checkpoint tensor at a time (never a stack or the model)."""
+    import model.loader as loader
+    from model.loader import expected_tensors
+
+    seen = []
+    real = loader.quantize_weight
+    monkeypatch.setattr(loader, "quantize_weight", lambda w, fmt: seen.append(w.numel()) or real(w, fmt))
+    cfg = ModelConfig.from_json(ckpts["fp8_block"])
+    load_state(ckpts["fp8_block"], cfg, torch.float32, weight_format="int8")
+    largest = max(int(torch.Size(s).numel()) for s in expected_tensors(cfg).values())
+    assert seen and max(seen) <= largest
+    assert len(seen) == sum(1 for n in expected_tensors(cfg) if loader.quantized_in_checkpoint(cfg, n))
