@@ -293,3 +293,19 @@ def test_conversion_is_tensor_by_tensor(ckpts, monkeypatch):
     largest = max(int(torch.Size(s).numel()) for s in expected_tensors(cfg).values())
     assert seen and max(seen) <= largest
     assert len(seen) == sum(1 for n in expected_tensors(cfg) if loader.quantized_in_checkpoint(cfg, n))
+
+
+def test_generic_quant_ops_read_nothing_on_the_host():
+    """Under FakeTensorMode a device->host read (.tolist(), int(t), bool(t)) raises: the generic
+    quant_linear / quant_grouped_gemm (padding rows included) size everything from shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hwlayer.ops import quant as Q
+
+    weights = [quantize_weight(torch.randn(3, 96, 200) * 0.05, f) for f in FORMATS]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x, sizes = torch.randn(9, 200), mode.from_tensor(torch.tensor([4, 0, 3]))  # 2 padding rows
+        for qw in weights:
+            fake = QuantizedWeight(qw.format, mode.from_tensor(qw.data), mode.from_tensor(qw.scale))
+            assert Q.quant_grouped_gemm(x, fake, sizes).shape == (9, 96)
+            assert Q.quant_linear(x, fake[0]).shape == (9, 96)

@@ -78,13 +78,15 @@ def int8_act_quant_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert, tile_row0, tile_row1, N, K, KB, NB,
+def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert, tile_row0, tile_row1, E, N, K, KB, NB,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """Grid (row tiles, ceil(N/BLOCK_N)). ``a`` e4m3 [M, K] + ``as`` fp32 [M, KB]; ``b`` e4m3 [E, N, K] +
     ``bs`` fp32 [E, NB, KB]; a tile's rows [row0, row1) all belong to expert ``tile_expert``."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert + pid_t).to(tl.int64)
+    if e >= E:  # a spare tile (the tile count is a host-side bound)
+        return
     row0 = tl.load(tile_row0 + pid_t)
     row1 = tl.load(tile_row1 + pid_t)
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -109,13 +111,15 @@ def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert, tile
 
 
 @triton.jit
-def int8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert, tile_row0, tile_row1, N, K,
+def int8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert, tile_row0, tile_row1, E, N, K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (row tiles, ceil(N/BLOCK_N)). ``a`` int8 [M, K] + ``as`` fp32 [M]; ``b`` int8 [E, N, K] +
     ``bs`` fp32 [E, N]. int32 accumulation (exact), scaled once: ``acc * as[m] * bs[n]``."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert + pid_t).to(tl.int64)
+    if e >= E:  # a spare tile (the tile count is a host-side bound)
+        return
     row0 = tl.load(tile_row0 + pid_t)
     row1 = tl.load(tile_row1 + pid_t)
     offs_m = row0 + tl.arange(0, BLOCK_M)
