@@ -311,3 +311,22 @@ def test_generic_quant_ops_read_nothing_on_the_host(monkeypatch):
             fake = QuantizedWeight(qw.format, mode.from_tensor(qw.data), mode.from_tensor(qw.scale))
             assert Q.quant_grouped_gemm(x, fake, sizes).shape == (9, 96)
             assert Q.quant_linear(x, fake[0]).shape == (9, 96)
+
+
+def test_fp8_gate_and_up_off_the_block_grid_run_as_two_weights(tmp_path):
+    """A dense MLP whose gate rows (160) do not end on a 128-row scale block cannot be one fp8 [2I, D]
+    weight: it keeps gate and up apart and runs two quant_linear calls, same numbers as fused."""
+    ck = make_tiny_checkpoint(tmp_path / "odd", QUANT_TINY_OVERRIDES | {"intermediate_size": 160},
+                              weight_format="fp8_block")
+    m = load_model(ck, backend="cpu")
+    dense = m.layers[0].mlp
+    assert isinstance(dense.gate_up, tuple) and all(w.format == "fp8_block" for w in dense.gate_up)
+    x = torch.randn(3, m.config.hidden_size)
+    gate, up = (dequantize_weight(w) for w in dense.gate_up)
+    import hwlayer.ops.quant as Q
+
+    h = m.plan.silu_and_mul(torch.cat([Q.quant_linear(x, dense.gate_up[0]), Q.quant_linear(x, dense.gate_up[1])], -1))
+    assert torch.equal(dense(x), Q.quant_linear(h, dense.down))
+    assert gate.shape == up.shape == (160, m.config.hidden_size)
+    planned = planned_weight_bytes(m.config, "fp8_block", torch.float32)
+    assert resident_weight_bytes(m) == planned["replicated"] + planned["experts"]
