@@ -61,6 +61,11 @@ class Backend:
         device_graph: how the backend captures and replays a step (:class:`DeviceGraph`), or None
             when it cannot (the CPU reference; the model runner then runs every step eagerly).
             Added in hook specs 1.1.
+        weight_formats: the weight formats it executes (hook specs 1.1): a tuple of names from
+            :data:`hwlayer.ops.quant.WEIGHT_FORMATS`, or a function returning one (called lazily,
+            e.g. to read the device's compute capability). The default, for 1.0 plugins, is the
+            unquantized formats only; the model loader converts a quantized checkpoint to what the
+            backend declares (see :meth:`native_weight_formats`).
     """
 
     name: str
@@ -76,6 +81,8 @@ class Backend:
     install_hint: str = ""
     description: str = ""
     device_graph: DeviceGraph | None = None
+    weight_formats: tuple[str, ...] | Callable[[], tuple[str, ...]] = field(
+        default=("bf16", "fp16", "fp32"), compare=False)
 
     def availability(self) -> Availability:
         """Run detection, turning an exception into an 'unavailable' answer with its message."""
@@ -88,6 +95,20 @@ class Backend:
         if isinstance(result, tuple) and len(result) == 2:
             return Availability(bool(result[0]), str(result[1]))
         return Availability(bool(result), "")
+
+    def native_weight_formats(self) -> tuple[str, ...]:
+        """The formats this backend runs (resolving a callable declaration; one that raises, or names
+        an unknown format, counts as the unquantized formats only -- never a crash)."""
+        from .ops.quant import UNQUANTIZED_FORMATS, WEIGHT_FORMATS
+
+        declared = self.weight_formats
+        try:
+            formats = tuple(declared() if callable(declared) else declared)
+        except Exception:  # detection-like: must never take the process down
+            formats = ()
+        if any(f not in WEIGHT_FORMATS for f in formats):
+            formats = ()
+        return tuple(dict.fromkeys(formats + tuple(UNQUANTIZED_FORMATS)))
 
     def visible_devices(self) -> str | None:
         return os.environ.get(self.visible_devices_env) if self.visible_devices_env else None

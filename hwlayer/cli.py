@@ -49,6 +49,7 @@ def _info() -> dict[str, Any]:
                 "verified": b.verified,
                 "device_graph": b.device_graph.api if b.device_graph else None,
                 "device_graph_verified": b.device_graph.verified if b.device_graph else None,
+                "weight_formats": list(b.native_weight_formats()),
                 "plugin": reg.backend_plugins[name],
             }
         )
@@ -86,6 +87,7 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"{indent}verified: {b['verified']}")
         graph = f"{b['device_graph']} ({b['device_graph_verified']})" if b["device_graph"] else "none (eager steps)"
         print(f"{indent}device graphs: {graph}")
+        print(f"{indent}weight formats: {', '.join(b['weight_formats'])}")
     for name, why in info["skipped_plugins"].items():
         print(f"skipped plugin {name}: {why}")
 

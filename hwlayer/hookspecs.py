@@ -9,16 +9,19 @@ under the entry-point group ``hwlayer`` in its package metadata::
 Built-in backends (cpu, triton, cuda family, ascend) register through exactly these hooks.
 
 Versioning: :data:`HOOKSPEC_VERSION` is ``MAJOR.MINOR``. A plugin may declare the version it was
-written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.0"``. The promise: within one
+written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.1"``. The promise: within one
 MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
 plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
 for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
 
 Changelog:
 
-* 1.1: ``Backend.device_graph`` (optional, default None): how a backend captures and replays a
-  step in a device graph (:class:`hwlayer.backend.DeviceGraph`).
-* 1.0: the first version.
+* 1.1: two optional ``Backend`` fields with defaults, so 1.0 plugins keep working:
+  ``device_graph`` (default None): how a backend captures and replays a step in a device graph
+  (:class:`hwlayer.backend.DeviceGraph`); ``weight_formats`` (default the unquantized formats): the
+  weight formats it executes (``fp8_block``, ``int8``, ``bf16``, ``fp16``, ``fp32``). New ops:
+  ``quant_linear`` / ``quant_grouped_gemm`` / ``quant_fused_experts``.
+* 1.0: ``hwlayer_register_backends``, ``hwlayer_register_ops``; the first version.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from hwlayer.ops.quant import UNQUANTIZED_FORMATS
+
 from .config import ConfigError, ModelConfig
 from .glm5 import GLM5, Batch, PagedCache
-from .loader import CheckpointError, load_state
+from .loader import CheckpointError, load_state, resolve_weight_format
 
 __all__ = ["GLM5", "Batch", "CheckpointError", "ConfigError", "ModelConfig", "PagedCache", "load_model",
            "parse_dtype"]
@@ -46,6 +48,7 @@ def load_model(
     ep: int = 1,
     ep_group=None,  # noqa: ANN001 - a torch.distributed ProcessGroup (default: the default group)
     progress: bool | None = None,
+    weight_format: str | None = None,
 ) -> GLM5:
     """Load a glm_moe_dsa checkpoint directory onto a hwlayer backend.
 
@@ -55,6 +58,9 @@ def load_model(
     when it does not exist yet: :func:`hwlayer.distributed.init_distributed`); this rank loads only
     experts ``[r*E/ep, (r+1)*E/ep)``. Attention weights are on every rank; which tokens a rank runs
     (all of them, or only its own sequences' with data-parallel attention) is the caller's choice.
+    ``weight_format``: ``fp8_block`` | ``int8`` | ``bf16`` | ``fp16`` | ``fp32`` or None (the
+    checkpoint's format when the backend runs it, else the best it runs; see
+    :func:`model.loader.resolve_weight_format`); one the backend cannot run is a ValueError.
     """
     import hwlayer
     from hwlayer.distributed import local_expert_range
@@ -64,7 +70,10 @@ def load_model(
     plan = hwlayer.plan(backend)
     if dtype is None:
         dtype = torch.float32 if plan.device.type == "cpu" else cfg.dtype
+    if dtype is None and weight_format in UNQUANTIZED_FORMATS:
+        dtype = UNQUANTIZED_FORMATS[weight_format]
     dtype = parse_dtype(dtype)
+    weight_format = resolve_weight_format(cfg, plan.backend, weight_format, dtype)
     expert_range = None
     if not isinstance(ep, int) or ep < 1:
         raise ValueError(f"ep: expected an integer >= 1, got {ep!r}")
@@ -84,7 +93,8 @@ def load_model(
         if world != ep:
             raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")
         expert_range = local_expert_range(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
-    state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress)
+    state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress, weight_format)
     model = GLM5(cfg, state, plan, dtype, has_mtp, ep=ep, ep_group=ep_group)
     model.path = path
+    model.weight_format = weight_format
     return model

@@ -1,11 +1,13 @@
 """Command line.
 
     python -m model --model PATH --prompt TEXT [--max-new-tokens N] [--backend X] [--speculative]
-    python -m model plan --config PATH [--ep N] [--dtype bf16|fp8]
-        [--dp-attention [--contexts C] [--context-len L] [--device-memory 141GB]]
+    python -m model --model PATH --prompt TEXT --weight-format int8
+    python -m model plan --config PATH [--ep N] [--weight-format F] [--device-memory 141GiB]
+        [--dp-attention [--contexts C] [--context-len L]]
 
-``plan`` prints the weights each rank holds and the KV-cache bytes per token for a config.json,
-without loading any weights.
+``plan`` prints the weights each rank holds (in the chosen weight format, by the loader's rules)
+and the KV-cache bytes per token for a config.json, without loading any weights, and with
+``--device-memory`` whether they fit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from hwlayer.ops.quant import WEIGHT_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,40 +33,59 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> str:
-    """Weights per rank and paged-cache bytes per token for a glm_moe_dsa config.json."""
+def parse_memory(text: str) -> int:
+    """``141GiB`` / ``64GB`` / ``80G`` / ``1024MiB`` / plain bytes -> bytes."""
+    units = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+             "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+        raise ValueError(f"--device-memory {text!r}: expected a size like 141GiB, 64GB or 80G")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16", weight_format: str | None = None,
+                device_memory: int | None = None) -> str:
+    """Weights per rank and paged-cache bytes per token for a glm_moe_dsa config.json.
+
+    ``weight_format`` (default: ``bf16``, or ``fp8_block`` for the legacy ``dtype="fp8"``): the
+    bytes come from :func:`model.loader.planned_weight_bytes`, the same rules the loader follows
+    (a test checks planned == resident on a tiny checkpoint). ``device_memory``: say whether the
+    rank's weights fit and how many tokens of KV cache the rest holds.
+    """
+    from hwlayer.ops.quant import UNQUANTIZED_FORMATS, check_format
+
     from .config import ModelConfig
-    from .loader import expected_tensors
+    from .loader import expected_tensors, planned_weight_bytes
 
     cfg = ModelConfig.from_json(config_path)
     if ep < 1 or cfg.n_routed_experts % ep:
         raise ValueError(f"--ep {ep} must be >= 1 and divide n_routed_experts ({cfg.n_routed_experts})")
-    weight_bytes = {"bf16": 2.0, "fp8": 1.0}[dtype]
-    cache_bytes = 2  # the latent and indexer caches are kept in bf16 in both cases
-    shapes = expected_tensors(cfg, with_mtp=True)
+    fmt = check_format(weight_format or {"bf16": "bf16", "fp8": "fp8_block"}[dtype], "--weight-format")
+    float_dtype = UNQUANTIZED_FORMATS[fmt] if fmt in UNQUANTIZED_FORMATS else torch.bfloat16
+    planned = planned_weight_bytes(cfg, fmt, float_dtype, ep)
+    weight_bytes = planned["replicated"] + planned["experts"]
+    cache_bytes = 2  # the latent and indexer caches are kept in bf16 in every format
     expert = replicated = 0
-    for name, shape in shapes.items():
+    for name, shape in expected_tensors(cfg, with_mtp=True).items():
         n = int(torch.Size(shape).numel())
         if ".mlp.experts." in name:
             expert += n
         else:
             replicated += n
     per_rank = replicated + expert // ep
-    fp8_extra = 0.0
-    if dtype == "fp8":  # fp32 block scales, one per 128x128 block of every 2-D matrix
-        fp8_extra = sum(4 * -(-s[0] // 128) * -(-s[1] // 128) for n, s in shapes.items() if len(s) == 2) / ep
     L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     per_layer = [latent + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0) for i in range(L + n_mtp)]
     gib = 1024**3
+    scale_note = f" (incl. {fmt.removesuffix('_block')} scales {planned['scales'] / gib:.3f} GiB)" \
+        if planned["scales"] else ""
     lines = [
         f"config: {config_path} ({L} layers + {n_mtp} MTP, {cfg.n_routed_experts} routed experts, "
         f"top-{cfg.num_experts_per_tok}, index_topk {cfg.index_topk})",
         f"parameters: {replicated + expert:,} total ({expert:,} in routed experts, {replicated:,} replicated)",
-        f"weights per rank (ep={ep}, {dtype}): {per_rank:,} parameters = "
-        f"{(per_rank * weight_bytes + fp8_extra) / gib:.2f} GiB "
-        f"(replicated {replicated * weight_bytes / gib:.2f} GiB + experts {expert // ep * weight_bytes / gib:.2f} GiB"
-        f"{f' + fp8 scales {fp8_extra / gib:.3f} GiB' if fp8_extra else ''})",
+        f"weights per rank (ep={ep}, {fmt}): {per_rank:,} parameters = {weight_bytes / gib:.2f} GiB "
+        f"(replicated {planned['replicated'] / gib:.2f} GiB + experts {planned['experts'] / gib:.2f} GiB)"
+        + scale_note,
         f"kv cache per token per full layer: {cfg.kv_lora_rank} latent + {cfg.qk_rope_head_dim} rope + "
         f"{cfg.index_head_dim} indexer key = {latent + cfg.index_head_dim} values "
         f"= {(latent + cfg.index_head_dim) * cache_bytes} bytes (bf16)",
@@ -72,28 +95,30 @@ def plan_report(config_path: str | Path, ep: int = 1, dtype: str = "bf16") -> st
         f"kv cache for one {cfg.max_position_embeddings}-token context: "
         f"{sum(per_layer) * cache_bytes * cfg.max_position_embeddings / gib:.2f} GiB (replicated on every EP rank)",
     ]
+    if device_memory is not None:
+        left = device_memory - weight_bytes
+        if left > 0:
+            tokens = left // (sum(per_layer) * cache_bytes)
+            lines.append(f"device memory {device_memory / gib:.1f} GiB: weights FIT, {left / gib:.2f} GiB left for "
+                         f"KV cache and activations (at most {tokens:,} tokens of KV cache)")
+        else:
+            lines.append(f"device memory {device_memory / gib:.1f} GiB: weights DO NOT FIT "
+                         f"({weight_bytes / gib:.2f} GiB per rank; raise --ep or use a smaller --weight-format)")
     return "\n".join(lines)
 
 
 H200_BYTES = 141 * 10**9
 
 
-def _memory_bytes(text: str) -> int:
-    """``--device-memory``: ``141GiB`` / ``141GB`` / ``80G`` -> bytes."""
-    units = {"gib": 1024**3, "g": 1024**3, "gb": 10**9, "tib": 1024**4, "tb": 10**12, "mib": 1024**2}
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*", text)
-    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
-        raise ValueError(f"--device-memory {text!r}: expected a size like 141GiB, 141GB or 80G")
-    return int(float(m.group(1)) * units[m.group(2).lower()])
-
-
-def dp_attention_report(config_path: str | Path, ep: int, dtype: str = "bf16", contexts: int | None = None,
+def dp_attention_report(config_path: str | Path, ep: int, weight_format: str = "bf16", contexts: int | None = None,
                         context_len: int = 200_000, device_memory: int = H200_BYTES) -> str:
     """KV cache per rank with and without data-parallel attention, and how many ``context_len``-token
     contexts fit per node of ``ep`` devices with ``device_memory`` bytes each (weights as
-    :func:`plan_report` counts them; activations and workspace not counted)."""
+    :func:`plan_report` counts them: the loader's own rules; activations and workspace not counted)."""
+    from hwlayer.ops.quant import UNQUANTIZED_FORMATS, check_format
+
     from .config import ModelConfig
-    from .loader import expected_tensors
+    from .loader import planned_weight_bytes
 
     cfg = ModelConfig.from_json(config_path)
     if ep < 2 or cfg.n_routed_experts % ep:
@@ -102,12 +127,9 @@ def dp_attention_report(config_path: str | Path, ep: int, dtype: str = "bf16", c
     contexts = ep if contexts is None else contexts
     if contexts < 1 or context_len < 1:
         raise ValueError(f"--contexts and --context-len must be positive, got {contexts}, {context_len}")
-    shapes = expected_tensors(cfg, with_mtp=True)
-    expert = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." in n)
-    replicated = sum(int(torch.Size(s).numel()) for n, s in shapes.items() if ".mlp.experts." not in n)
-    weights = (replicated + expert // ep) * {"bf16": 2.0, "fp8": 1.0}[dtype]
-    if dtype == "fp8":
-        weights += sum(4 * -(-s[0] // 128) * -(-s[1] // 128) for s in shapes.values() if len(s) == 2) / ep
+    fmt = check_format(weight_format, "--weight-format")
+    planned = planned_weight_bytes(cfg, fmt, UNQUANTIZED_FORMATS.get(fmt, torch.bfloat16), ep)
+    weights = planned["replicated"] + planned["experts"]
     L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     per_token = 2 * sum(latent + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0) for i in range(L))
@@ -123,7 +145,7 @@ def dp_attention_report(config_path: str | Path, ep: int, dtype: str = "bf16", c
         f"({own * per_context:,} bytes)",
         f"  kv cache per rank without (replicated): {contexts} contexts = {contexts * per_context / gib:.2f} GiB "
         f"({contexts * per_context:,} bytes)",
-        f"  per device of {device_memory / gib:.1f} GiB: weights ({dtype}) {weights / gib:.2f} GiB, "
+        f"  per device of {device_memory / gib:.1f} GiB: weights ({fmt}) {weights / gib:.2f} GiB, "
         f"{max(free, 0) / gib:.2f} GiB left for KV (activations and workspace not counted)",
         f"  {context_len}-token contexts per node of {ep} devices: {fit * ep} with --dp-attention "
         f"({fit} per rank), {fit} without",
@@ -136,19 +158,24 @@ def main(argv: list[str] | None = None) -> int:
         p = _Parser(prog="python -m model plan", description="weights per rank and KV bytes per token")
         p.add_argument("--config", required=True, help="config.json or checkpoint directory")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel world size")
-        p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+        p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+                       help="legacy: fp8 = --weight-format fp8_block")
+        p.add_argument("--weight-format", choices=list(WEIGHT_FORMATS), default=None,
+                       help="weight format the ranks hold (default: bf16, or fp8_block with --dtype fp8)")
+        p.add_argument("--device-memory", default=None,
+                       help="device memory per rank, e.g. 141GiB: say what fits (--dp-attention: default 141GB, H200)")
         p.add_argument("--dp-attention", action="store_true", help="also: KV per rank with data-parallel attention")
         p.add_argument("--contexts", type=int, help="concurrent contexts for --dp-attention (default: --ep)")
         p.add_argument("--context-len", type=int, default=200_000, help="tokens per context (default 200000)")
-        p.add_argument("--device-memory", default="141GB",
-                       help="memory per device for --dp-attention, e.g. 141GiB or 80GB (default 141GB, an H200)")
         args = p.parse_args(argv[1:])
         from .config import ConfigError
 
         try:
-            dp = dp_attention_report(args.config, args.ep, args.dtype, args.contexts, args.context_len,
-                                     _memory_bytes(args.device_memory)) if args.dp_attention else None
-            print(plan_report(args.config, args.ep, args.dtype))
+            memory = parse_memory(args.device_memory) if args.device_memory is not None else None
+            fmt = args.weight_format or {"bf16": "bf16", "fp8": "fp8_block"}[args.dtype]
+            dp = dp_attention_report(args.config, args.ep, fmt, args.contexts, args.context_len,
+                                     memory or H200_BYTES) if args.dp_attention else None
+            print(plan_report(args.config, args.ep, args.dtype, args.weight_format, memory))
             if dp:
                 print(dp)
         except (ConfigError, ValueError) as exc:
@@ -162,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, help="hwlayer backend (default: GLM_BACKEND or auto)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on cpu)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP layer")
+    p.add_argument("--weight-format", choices=list(WEIGHT_FORMATS), default=None,
+                   help="weights kept as fp8_block | int8 | bf16 | fp16 | fp32 (default: the checkpoint's format "
+                        "when the backend runs it, else the best it runs)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
         return _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -174,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenizer import load_tokenizer
 
     try:
-        model = load_model(args.model, backend=args.backend, dtype=args.dtype)
+        model = load_model(args.model, backend=args.backend, dtype=args.dtype, weight_format=args.weight_format)
         tok = load_tokenizer(args.model)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, hwlayer.BackendError) as exc:
         return _fail(str(exc))

@@ -38,6 +38,54 @@ class RopeConfig:
     truncate: bool = True
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """A checkpoint's ``quantization_config``: the weight format it stores and what it left unquantized.
+
+    ``quant_method`` ``"fp8"`` (``fmt`` e4m3, ``weight_block_size`` [128, 128], dynamic activations:
+    the DeepSeek-V3 / GLM-5-FP8 layout, ``*.weight_scale_inv``) -> ``fp8_block``; ``"w8a8_int8"``
+    (SGLang's per-channel INT8 layout, ``*.weight_scale`` ``[N, 1]``, dynamic per-token activations)
+    -> ``int8``. ``modules_to_not_convert`` (HF) / ``ignored_layers`` (vLLM): module-name substrings
+    whose weights the checkpoint keeps unquantized and the loader never quantizes.
+    """
+
+    method: str
+    weight_format: str
+    not_convert: tuple[str, ...] = ()
+
+    def converts(self, module: str) -> bool:
+        return not any(m and m in module for m in self.not_convert)
+
+
+_QUANT_METHODS = {"fp8": "fp8_block", "w8a8_int8": "int8"}
+
+
+def _parse_quant(raw: dict[str, Any], src: str) -> QuantConfig | None:
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return None
+    where = "quantization_config"
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{src}: field '{where}' expected an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method not in _QUANT_METHODS:
+        raise ConfigError(f"{src}: field '{where}.quant_method' expected one of {', '.join(_QUANT_METHODS)}, "
+                          f"got {method!r}")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"{src}: field '{where}.activation_scheme' expected 'dynamic', "
+                          f"got {qc.get('activation_scheme')!r}")
+    if method == "fp8":
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"{src}: field '{where}.fmt' expected 'e4m3', got {qc.get('fmt')!r}")
+        if list(qc.get("weight_block_size") or [128, 128]) != [128, 128]:
+            raise ConfigError(f"{src}: field '{where}.weight_block_size' expected [128, 128], "
+                              f"got {qc.get('weight_block_size')!r}")
+    skip = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
+    if not all(isinstance(m, str) for m in skip):
+        raise ConfigError(f"{src}: field '{where}.modules_to_not_convert' expected a list of strings, got {skip!r}")
+    return QuantConfig(method, _QUANT_METHODS[method], tuple(skip))
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -72,6 +120,7 @@ class ModelConfig:
     bos_token_id: int | None
     dtype: torch.dtype
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    quant: QuantConfig | None = None  # the checkpoint's quantization_config, None when unquantized
 
     @property
     def qk_head_dim(self) -> int:
@@ -267,6 +316,7 @@ def _parse(raw: dict[str, Any], src: str) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         dtype=_DTYPES[dtype_name],
         raw=raw,
+        quant=_parse_quant(raw, src),
     )
 
 

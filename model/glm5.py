@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hwlayer.ops.layout import check_varlen_values
+from hwlayer.ops.quant import QuantizedWeight, concat_rows, linear
 
 from .config import ModelConfig, rope_inv_freq
 
@@ -180,8 +181,8 @@ class Attention:
 
     def indexer(self, x: torch.Tensor, cq: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q = self.rope_first(F.linear(cq, self.wq_b).view(T, self.Hi, self.Di), ctx)
-        k = self.plan.layer_norm(F.linear(x, self.wk), self.k_norm_w, self.k_norm_b, NORM_EPS_ATTN)
+        q = self.rope_first(linear(self.plan, cq, self.wq_b).view(T, self.Hi, self.Di), ctx)
+        k = self.plan.layer_norm(linear(self.plan, x, self.wk), self.k_norm_w, self.k_norm_b, NORM_EPS_ATTN)
         k = self.rope_first(k, ctx)
         self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping)
         head_weights = F.linear(x.float(), self.weights_proj) * self.Hi**-0.5  # [T, Hi] fp32
@@ -191,12 +192,12 @@ class Attention:
     def __call__(self, x: torch.Tensor, ctx: ForwardContext, cache: PagedCache,
                  prev_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         T, plan = x.shape[0], self.plan
-        cq = plan.rms_norm(F.linear(x, self.q_a_proj), self.q_a_norm, NORM_EPS_ATTN)
-        q = F.linear(cq, self.q_b_proj).view(T, self.H, self.dn + self.dr)
+        cq = plan.rms_norm(linear(plan, x, self.q_a_proj), self.q_a_norm, NORM_EPS_ATTN)
+        q = linear(plan, cq, self.q_b_proj).view(T, self.H, self.dn + self.dr)
         q_nope, q_pe = q[..., : self.dn], q[..., self.dn :]
         q_pe = plan.rope(q_pe, ctx.positions, ctx.cos_sin, True)
 
-        ckv = F.linear(x, self.kv_a_proj)
+        ckv = linear(plan, x, self.kv_a_proj)
         c = plan.rms_norm(ckv[:, : self.dl], self.kv_a_norm, NORM_EPS_ATTN)
         k_pe = plan.rope(ckv[:, self.dl :], ctx.positions, ctx.cos_sin, True)
         kv_cache = cache.kv[self.layer_idx]
@@ -214,7 +215,7 @@ class Attention:
         o_latent, _ = plan.sparse_mla_attention(q_latent, kv_cache, indices, ctx.block_table, ctx.cu_seqlens_q,
                                                 ctx.seq_lens, self.scale, self.dl)  # [T, H, dl]
         o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv).reshape(T, self.H * self.dv)
-        return F.linear(o, self.o_proj), indices
+        return linear(plan, o, self.o_proj), indices
 
 
 class DenseMLP:
@@ -222,11 +223,16 @@ class DenseMLP:
 
     def __init__(self, plan, w: dict[str, torch.Tensor], p: str) -> None:  # noqa: ANN001
         self.plan = plan
-        self.gate_up = torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]], dim=0)
+        # One [2I, D] weight; a quantized pair whose scale blocks do not line up stays two weights.
+        self.gate_up = concat_rows(w[p + "gate_proj.weight"], w[p + "up_proj.weight"])
         self.down = w[p + "down_proj.weight"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.plan.silu_and_mul(F.linear(x, self.gate_up)), self.down)
+        if isinstance(self.gate_up, tuple):
+            gate_up = torch.cat([linear(self.plan, x, self.gate_up[0]), linear(self.plan, x, self.gate_up[1])], -1)
+        else:
+            gate_up = linear(self.plan, x, self.gate_up)
+        return linear(self.plan, self.plan.silu_and_mul(gate_up), self.down)
 
 
 class MoE:
@@ -250,12 +256,14 @@ class MoE:
         router_logits = F.linear(x.float(), self.gate)
         weights, ids = plan.moe_route(router_logits, self.bias, cfg.num_experts_per_tok, cfg.n_group,
                                       cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        # Quantized expert stacks (QuantizedWeight) take the quantized composite, same arguments.
+        experts = plan.quant_fused_experts if isinstance(self.w13, QuantizedWeight) else plan.fused_experts
         if self.ep == 1:
-            y = plan.fused_experts(x, self.w13, self.w2, weights, ids)
+            y = experts(x, self.w13, self.w2, weights, ids)
         else:
             recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, cfg.n_routed_experts, self.ep_group)
             ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=x.device)
-            y_local = plan.fused_experts(recv_x, self.w13, self.w2, ones, recv_ids.view(-1, 1))
+            y_local = experts(recv_x, self.w13, self.w2, ones, recv_ids.view(-1, 1))
             y = plan.ep_combine(y_local, handle, weights, self.ep_group)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -306,7 +314,7 @@ class MTPLayer:
         e = torch.where(ctx.positions[:, None] == 0, 0.0, e).to(e.dtype)  # position 0 has no previous token (vLLM)
         e = self.plan.rms_norm(e, self.enorm, self.eps)
         h = self.plan.rms_norm(hidden, self.hnorm, self.eps)
-        u = F.linear(torch.cat([e, h], dim=-1), self.eh_proj)
+        u = linear(self.plan, torch.cat([e, h], dim=-1), self.eh_proj)
         x, residual, _ = self.layer(u, None, ctx, cache, None)
         x, _ = self.plan.rms_norm(x, self.head_norm, self.eps, residual)
         return F.linear(x, self.lm_head).float()

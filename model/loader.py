@@ -5,8 +5,13 @@
   only when it is needed, so a rank loads only what it owns;
 * every name, shape and dtype is checked against the config BEFORE any tensor is read, so a bad
   checkpoint fails with one line naming the file and tensor and nothing half-loaded is returned;
-* FP8 block-scaled weights (``float8_e4m3fn`` + ``weight_scale_inv``, 128x128 blocks) are
-  dequantised on load;
+* quantized weights (``fp8_block``: ``float8_e4m3fn`` + ``weight_scale_inv``, 128x128 blocks;
+  ``int8``: ``int8`` + ``weight_scale`` ``[N, 1]``) are kept quantized for the linear layers and
+  experts when the chosen weight format is theirs, converted tensor by tensor otherwise (fp8 ->
+  int8 per channel; a float checkpoint quantized at load), dequantized where the model does not
+  run them through ``quant_linear`` (``kv_b_proj``: absorbed into the attention) or when the
+  format is unquantized. Never a full float copy of the model: one tensor at a time.
+  :func:`resolve_weight_format` picks the format; :func:`planned_weight_bytes` predicts the bytes;
 * per-expert tensors are stacked into ``w13 [E_local, 2I, D]`` (gate rows then up rows) and
   ``w2 [E_local, D, I]`` for ``plan.fused_experts``.
 """
@@ -19,16 +24,135 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from hwlayer.ops.quant import (
+    FP8_BLOCK,
+    QUANTIZED_FORMATS,
+    UNQUANTIZED_FORMATS,
+    WEIGHT_FORMATS,
+    QuantizedWeight,
+    quantize_weight,
+)
+
 from .config import ModelConfig
 
-FP8_BLOCK = 128
-_SUPPORTED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn}
+_SUPPORTED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
+              "I8": torch.int8}
+# Weights the model multiplies through ``hwlayer.ops.quant.linear`` / ``quant_fused_experts``: the
+# ones a quantized format keeps quantized. Not here, so kept as floats: embeddings, lm_head, norms,
+# the router (``mlp.gate``), the indexer's ``weights_proj`` and ``kv_b_proj`` (absorbed into
+# attention through einsum, dequantized at load).
+LINEAR_SUFFIXES = ("q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "o_proj.weight",
+                   "indexer.wq_b.weight", "indexer.wk.weight", "gate_proj.weight", "up_proj.weight",
+                   "down_proj.weight", "eh_proj.weight")
+# Where each stored format keeps its scales.
+SCALE_SUFFIX = {"fp8_block": "_scale_inv", "int8": "_scale"}
 # Kept in fp32 whatever the model dtype (transformers' _keep_in_fp32_modules): router and indexer weights.
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias", "indexer.weights_proj.weight")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: one line naming the file and the tensor."""
+
+
+def is_linear_weight(name: str) -> bool:
+    return name.endswith(LINEAR_SUFFIXES)
+
+
+def module_of(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def checkpoint_format(cfg: ModelConfig) -> str | None:
+    """The quantized format the checkpoint declares (``quantization_config``), None when unquantized."""
+    return cfg.quant.weight_format if cfg.quant is not None else None
+
+
+def resolve_weight_format(cfg: ModelConfig, backend, requested: str | None, dtype: torch.dtype) -> str:  # noqa: ANN001
+    """The weight format to load: ``requested`` if the backend runs it (else ValueError, one line);
+    None: the checkpoint's own format when the backend runs it, else the best quantized format the
+    backend runs (fp8_block before int8), else unquantized -- returned as ``dtype``'s name."""
+    native = backend.native_weight_formats()
+    float_name = {v: k for k, v in UNQUANTIZED_FORMATS.items()}[dtype]
+    if requested is not None:
+        if requested not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format: expected one of {', '.join(WEIGHT_FORMATS)}, got {requested!r}")
+        if requested not in native:
+            raise ValueError(f"weight format {requested!r} is not run by backend {backend.name!r} "
+                             f"(it runs: {', '.join(native)})")
+        if requested in UNQUANTIZED_FORMATS and UNQUANTIZED_FORMATS[requested] != dtype:
+            raise ValueError(f"weight format {requested!r} contradicts dtype {float_name!r}")
+        return requested
+    stored = checkpoint_format(cfg)
+    if stored is None:
+        return float_name
+    if stored in native:
+        return stored
+    return next((f for f in QUANTIZED_FORMATS if f in native), float_name)
+
+
+def quantized_in_checkpoint(cfg: ModelConfig, name: str) -> bool:
+    """Whether a quantized checkpoint stores ``name`` quantized (linear weights its config converts)."""
+    return cfg.quant is not None and is_linear_weight(name) and cfg.quant.converts(module_of(name))
+
+
+def planned_weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, ep: int = 1,
+                         with_mtp: bool = True) -> dict[str, int]:
+    """Bytes of weights one rank keeps resident, as :func:`load_state` + the model hold them.
+
+    Returns ``{"replicated": ..., "experts": ..., "scales": ...}`` (scales included in the two
+    others, reported apart). Quantized: the linear weights the checkpoint stores quantized (all of
+    them for a float checkpoint quantized at load); floats in ``dtype``; router and indexer
+    ``weights_proj`` in fp32.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    quantizing = weight_format in QUANTIZED_FORMATS
+    out = {"replicated": 0, "experts": 0, "scales": 0}
+    for name, shape in expected_tensors(cfg, with_mtp=with_mtp).items():
+        n = int(torch.Size(shape).numel())
+        quantized = quantizing and is_linear_weight(name) and (cfg.quant is None or quantized_in_checkpoint(cfg, name))
+        if quantized:
+            N, K = shape
+            scales = 4 * (-(-N // FP8_BLOCK) * -(-K // FP8_BLOCK) if weight_format == "fp8_block" else N)
+            b = n + scales
+        else:
+            scales, b = 0, n * (4 if name.endswith(_FP32_SUFFIXES) else elem)
+        if ".mlp.experts." in name:
+            out["experts"] += b
+            out["scales"] += scales // ep
+        else:
+            out["replicated"] += b
+            out["scales"] += scales
+    out["experts"] //= ep
+    return out
+
+
+def resident_weight_bytes(obj) -> int:  # noqa: ANN001 - a GLM5 model (or any object holding weights)
+    """Bytes of the distinct tensor storages reachable from ``obj``'s attributes (QuantizedWeight
+    data and scales included), skipping the RoPE table: what the loaded weights really occupy."""
+    seen: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def walk(o) -> None:  # noqa: ANN001
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif isinstance(o, QuantizedWeight):
+            walk(o.data)
+            walk(o.scale)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif hasattr(o, "__dict__") and id(o) not in visited and type(o).__module__.startswith("model"):
+            visited.add(id(o))
+            for k, v in vars(o).items():
+                if k not in ("cos_sin", "plan", "config", "ep_group"):
+                    walk(v)
+
+    walk(obj)
+    return sum(seen.values())
 
 
 def expected_tensors(cfg: ModelConfig, with_mtp: bool = True) -> dict[str, tuple[int, ...]]:
@@ -126,17 +250,30 @@ def _open(file: Path):  # noqa: ANN202 - safetensors handle
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
+def _stored_quantized(name: str, t: torch.Tensor, scale: torch.Tensor, file: Path, scale_file: Path) -> QuantizedWeight:
+    """A checkpoint tensor and its scales as a :class:`QuantizedWeight`, the scale shape checked."""
+    N, K = t.shape
+    if t.dtype == torch.float8_e4m3fn:
+        fmt, want = "fp8_block", (-(-N // FP8_BLOCK), -(-K // FP8_BLOCK))
+        what = f"one scale per {FP8_BLOCK}x{FP8_BLOCK} block"
+    else:
+        fmt, want = "int8", (N, 1)
+        what = "one scale per output channel"
+        if tuple(scale.shape) == (N,):
+            scale = scale.view(N, 1)
+    sname = name + SCALE_SUFFIX[fmt]
+    if tuple(scale.shape) != want:
+        raise CheckpointError(f"{scale_file}: tensor {sname!r} has shape {list(scale.shape)}, expected "
+                              f"{list(want)} ({what} of {name!r} {[N, K]})")
+    if not scale.dtype.is_floating_point:
+        raise CheckpointError(f"{scale_file}: tensor {sname!r} has dtype {scale.dtype}, expected float32")
+    scale = scale.float()
+    return QuantizedWeight(fmt, t, scale.view(N) if fmt == "int8" else scale.contiguous())
+
+
 def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, name: str, file: Path) -> torch.Tensor:
-    """``w_fp8 [N, K]`` times one fp32 scale per 128x128 block -> fp32."""
-    N, K = w.shape
-    nb, kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
-    if tuple(scale_inv.shape) != (nb, kb):
-        raise CheckpointError(
-            f"{file}: tensor {name}_scale_inv has shape {list(scale_inv.shape)}, expected [{nb}, {kb}] "
-            f"(one scale per {FP8_BLOCK}x{FP8_BLOCK} block)"
-        )
-    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
-    return w.float() * s
+    """``w_fp8 [N, K]`` times one fp32 scale per 128x128 block -> fp32 (kept for callers of the old API)."""
+    return _stored_quantized(name, w, scale_inv, file, file).dequantize(torch.float32)
 
 
 def load_state(
@@ -146,13 +283,20 @@ def load_state(
     device: torch.device | str = "cpu",
     expert_range: range | None = None,
     progress: bool | None = None,
-) -> tuple[dict[str, torch.Tensor], bool]:
+    weight_format: str | None = None,
+) -> tuple[dict[str, torch.Tensor | QuantizedWeight], bool]:
     """Load the tensors this process owns. Returns ``(state, has_mtp)``.
 
     ``state`` uses HF names, except each MoE layer's experts appear as ``...mlp.experts.w13``
     ``[E_local, 2I, D]`` and ``...mlp.experts.w2`` ``[E_local, D, I]`` (the experts in
     ``expert_range``, default all; an EP rank passes ``hwlayer.distributed.local_expert_range``).
     Router and indexer-weight tensors stay fp32.
+
+    ``weight_format`` (see :func:`resolve_weight_format`; None = unquantized in ``dtype``): with
+    ``fp8_block`` / ``int8`` the linear weights (:data:`LINEAR_SUFFIXES`) are
+    :class:`~hwlayer.ops.quant.QuantizedWeight` -- as stored when the checkpoint stores that format,
+    converted one tensor at a time otherwise. A quantized checkpoint's float linear weights
+    (``modules_to_not_convert``) stay floats; a float checkpoint is quantized entirely.
     """
     path = Path(path)
     files = checkpoint_files(path)
@@ -161,6 +305,13 @@ def load_state(
     if experts.step != 1 or not 0 <= experts.start <= experts.stop <= E:
         raise ValueError(f"expert_range: expected a contiguous range within [0, {E}), got {experts}")
     lo, hi = experts.start, experts.stop
+    target = weight_format if weight_format in QUANTIZED_FORMATS else None
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format: expected one of {', '.join(WEIGHT_FORMATS)}, got {weight_format!r}")
+    if target == "fp8_block" and cfg.n_routed_experts and cfg.moe_intermediate_size % FP8_BLOCK:
+        raise ValueError(f"weight format 'fp8_block': moe_intermediate_size {cfg.moe_intermediate_size} is not a "
+                         f"multiple of the {FP8_BLOCK}-row block, so gate and up rows cannot share one expert stack "
+                         f"(use int8)")
 
     want = expected_tensors(cfg, with_mtp=False)
     mtp = {k: v for k, v in expected_tensors(cfg, with_mtp=True).items() if k not in want}
@@ -170,7 +321,7 @@ def load_state(
     optional = _optional_mtp_tensors(cfg) if has_mtp else {}
 
     # ---- validate names, shapes, dtypes from the headers only (nothing is read yet) ----
-    scales = {n for n in files if n.endswith("_scale_inv")}
+    scales = {n for n in files if n.endswith(("_scale_inv", "_scale"))}
     missing = [n for n in want if n not in files]
     if missing:
         index = path / "model.safetensors.index.json"
@@ -196,6 +347,7 @@ def load_state(
 
     names = [n for n in want if owned(n)] + [n for n in optional if n in files]
     shapes = want | optional
+    stored_scale: dict[str, str] = {}  # quantized tensor -> its scale tensor's name
     total_bytes = 0
     for name in names:
         f = files[name]
@@ -211,48 +363,90 @@ def load_state(
         if st_dtype not in _SUPPORTED:
             raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {st_dtype} "
                                   f"(expected one of {', '.join(_SUPPORTED)})")
-        if st_dtype == "F8_E4M3" and name + "_scale_inv" not in files:
-            raise CheckpointError(f"{f}: fp8 tensor {name!r} has no {name + '_scale_inv'!r} block scales")
+        if st_dtype in ("F8_E4M3", "I8"):
+            fmt = "fp8_block" if st_dtype == "F8_E4M3" else "int8"
+            sname = name + SCALE_SUFFIX[fmt]
+            if sname not in files:
+                raise CheckpointError(f"{f}: {fmt.removesuffix('_block')} tensor {name!r} has no {sname!r} scales")
+            if len(shape) != 2:
+                raise CheckpointError(f"{f}: {fmt} tensor {name!r} has shape {list(shape)}, expected a 2-D weight")
+            stored_scale[name] = sname
         total_bytes += torch.Size(shape).numel() * torch.empty((), dtype=_SUPPORTED[st_dtype]).element_size()
 
     # ---- read, convert, stack ----
     show = progress if progress is not None else total_bytes > (1 << 30)
     from tqdm import tqdm
 
-    state: dict[str, torch.Tensor] = {}
-    stacks: dict[str, torch.Tensor] = {}
+    def convert(name: str, t: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+        """One tensor into its resident form (at most this tensor's fp32 copy exists meanwhile)."""
+        quantize = target is not None and is_linear_weight(name) and (
+            isinstance(t, QuantizedWeight) or (cfg.quant is None or quantized_in_checkpoint(cfg, name)))
+        if isinstance(t, QuantizedWeight):
+            if quantize and t.format == target:
+                return t.to(device)
+            t = t.dequantize(torch.float32)
+        if quantize:
+            return quantize_weight(t.to(device), target)
+        return t.to(device=device, dtype=torch.float32 if name.endswith(_FP32_SUFFIXES) else dtype)
+
+    state: dict[str, torch.Tensor | QuantizedWeight] = {}
+    stacks: dict[str, torch.Tensor | QuantizedWeight] = {}
+
+    def stack_for(key: str, rows: int, cols: int,
+                  like: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+        if key not in stacks:
+            n = hi - lo
+            if isinstance(like, QuantizedWeight):
+                srows = rows if like.format == "int8" else -(-rows // FP8_BLOCK)
+                sshape = (n, srows) if like.format == "int8" else (n, srows, like.scale.shape[-1])
+                stacks[key] = QuantizedWeight(like.format, torch.empty(n, rows, cols, dtype=like.data.dtype,
+                                                                       device=device),
+                                              torch.empty(sshape, dtype=torch.float32, device=device))
+            else:
+                stacks[key] = torch.empty(n, rows, cols, dtype=like.dtype, device=device)
+        return stacks[key]
+
+    def put(dst: torch.Tensor | QuantizedWeight, e: int, rows: slice, t: torch.Tensor | QuantizedWeight,
+            name: str) -> None:
+        if isinstance(dst, QuantizedWeight) != isinstance(t, QuantizedWeight):
+            raise CheckpointError(f"{files[name]}: expert tensor {name!r} is stored "
+                                  f"{'un' if isinstance(dst, QuantizedWeight) else ''}quantized, unlike the other "
+                                  f"experts of its layer")
+        if isinstance(dst, QuantizedWeight):
+            dst.data[e, rows] = t.data
+            if dst.format == "int8":
+                dst.scale[e, rows] = t.scale
+            else:  # gate/up row blocks: I % 128 == 0 was checked above
+                start = (rows.start or 0) // FP8_BLOCK
+                dst.scale[e, start : start + t.scale.shape[0]] = t.scale
+        else:
+            dst[e, rows] = t
+
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show)
     for name in names:
         f = files[name]
         try:
             t = handle(f).get_tensor(name)
-            if t.dtype == torch.float8_e4m3fn:
-                t = _dequant_fp8(t, handle(files[name + "_scale_inv"]).get_tensor(name + "_scale_inv"), name, f)
+            nbytes = t.numel() * t.element_size()
+            if name in stored_scale:
+                sname = stored_scale[name]
+                t = _stored_quantized(name, t, handle(files[sname]).get_tensor(sname), f, files[sname])
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"{f}: cannot read tensor {name!r} (truncated or corrupt file?): {exc}") from None
-        bar.update(t.numel() * t.element_size())
-        target = torch.float32 if name.endswith(_FP32_SUFFIXES) else dtype
-        t = t.to(device=device, dtype=target)
+        bar.update(nbytes)
+        t = convert(name, t)
         if ".mlp.experts." in name:
             prefix, rest = name.split(".mlp.experts.")
             e, proj = rest.split(".")[0], rest.split(".")[1]
             e_local = int(e) - lo
+            Im, D = cfg.moe_intermediate_size, cfg.hidden_size
             if proj in ("gate_proj", "up_proj"):
-                key = prefix + ".mlp.experts.w13"
-                if key not in stacks:
-                    stacks[key] = torch.empty(hi - lo, 2 * cfg.moe_intermediate_size, cfg.hidden_size,
-                                              dtype=dtype, device=device)
-                half = slice(0, cfg.moe_intermediate_size) if proj == "gate_proj" else slice(
-                    cfg.moe_intermediate_size, None)
-                stacks[key][e_local, half] = t
+                dst = stack_for(prefix + ".mlp.experts.w13", 2 * Im, D, t)
+                put(dst, e_local, slice(0, Im) if proj == "gate_proj" else slice(Im, 2 * Im), t, name)
             else:
-                key = prefix + ".mlp.experts.w2"
-                if key not in stacks:
-                    stacks[key] = torch.empty(hi - lo, cfg.hidden_size, cfg.moe_intermediate_size,
-                                              dtype=dtype, device=device)
-                stacks[key][e_local] = t
+                put(stack_for(prefix + ".mlp.experts.w2", D, Im, t), e_local, slice(0, D), t, name)
         else:
             state[name] = t
     bar.close()

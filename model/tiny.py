@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .chat_template import GLM_CHAT_TEMPLATE
 from .config import ModelConfig
-from .loader import FP8_BLOCK, expected_tensors
+from .loader import FP8_BLOCK, SCALE_SUFFIX, expected_tensors, is_linear_weight, module_of
 
 DEFAULT_MODEL_NAME = "glm5-tiny-random"
 SPECIAL_TOKENS = [
@@ -114,9 +114,46 @@ def _init_tensors(cfg: ModelConfig, seed: int, std: float) -> dict[str, torch.Te
     return out
 
 
+# The tiny model for quantized tests: fp8_block expert stacks need I a multiple of the 128-row scale
+# block (gate and up rows share one [2I, D] stack; GLM-5: I = 2048), and the linear weights must
+# outweigh the float embeddings / lm_head / norms as in the real model (tiny: 0.53x (fp8) and
+# 0.55x (int8) of the bf16 bytes; GLM-5: about 0.5x).
+QUANT_TINY_OVERRIDES: dict[str, Any] = {"moe_intermediate_size": 128, "hidden_size": 128, "n_routed_experts": 16}
+# The checkpoint's quantization_config per format (the keys the real checkpoints use).
+QUANT_CONFIGS: dict[str, dict[str, Any]] = {
+    "fp8_block": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                  "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+    "int8": {"quant_method": "w8a8_int8", "activation_scheme": "dynamic"},
+}
+
+
+def quantize_checkpoint(tensors: dict[str, torch.Tensor], weight_format: str,
+                        not_convert: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Quantize a float checkpoint's linear weights and ``kv_b_proj`` the way the published
+    checkpoints store them: ``fp8_block`` -> e4m3 + ``weight_scale_inv`` per 128x128 block;
+    ``int8`` -> int8 + ``weight_scale`` ``[N, 1]``. Modules matching ``not_convert`` stay float."""
+    from hwlayer.ops.quant import quantize_weight
+
+    out = {}
+    for name, t in tensors.items():
+        module = module_of(name)
+        if (is_linear_weight(name) or name.endswith("kv_b_proj.weight")) and not any(m in module for m in not_convert):
+            q = quantize_weight(t, weight_format)
+            out[name] = q.data
+            out[name + SCALE_SUFFIX[weight_format]] = q.scale if weight_format == "fp8_block" else q.scale[:, None]
+        else:
+            out[name] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def make_tiny_checkpoint(path: str | Path, config_overrides: dict[str, Any] | None = None, seed: int = 0,
-                         dtype: torch.dtype = torch.float32, std: float = 0.08) -> Path:
-    """Write a deterministic tiny glm_moe_dsa checkpoint into ``path`` (created; files overwritten)."""
+                         dtype: torch.dtype = torch.float32, std: float = 0.08, weight_format: str | None = None,
+                         not_convert: tuple[str, ...] = ()) -> Path:
+    """Write a deterministic tiny glm_moe_dsa checkpoint into ``path`` (created; files overwritten).
+
+    ``weight_format`` ``"fp8_block"`` / ``"int8"``: the same random weights, quantized (see
+    :func:`quantize_checkpoint`) with a matching ``quantization_config`` in config.json, its
+    ``modules_to_not_convert`` = ``not_convert``. fp8_block needs :data:`QUANT_TINY_OVERRIDES`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = dict(TINY_CONFIG) | dict(config_overrides or {})
@@ -129,6 +166,12 @@ def make_tiny_checkpoint(path: str | Path, config_overrides: dict[str, Any] | No
     if cfg.vocab_size < tok.get_vocab_size():
         raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.get_vocab_size()}")
     tensors = {k: v.to(dtype) for k, v in _init_tensors(cfg, seed, std).items()}
+    if weight_format is not None:
+        if weight_format not in QUANT_CONFIGS:
+            raise ValueError(f"weight_format: expected one of {', '.join(QUANT_CONFIGS)}, got {weight_format!r}")
+        tensors = quantize_checkpoint(tensors, weight_format, not_convert)
+        raw["quantization_config"] = QUANT_CONFIGS[weight_format] | (
+            {"modules_to_not_convert": list(not_convert)} if not_convert else {})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     tok.save(str(path / "tokenizer.json"))

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly: no device-graph capture of decode steps (default: capture where "
                    "the backend declares device graphs; `hwlayer info` shows which do)")
+    p.add_argument("--weight-format", choices=["fp8_block", "int8", "bf16", "fp16", "fp32"], default=None,
+                   help="weight format kept in memory (default: the checkpoint's when the backend runs it, else the "
+                        "best it runs; an fp8_block checkpoint becomes int8 on a backend without FP8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.tokenizer import load_tokenizer
 
     try:
-        model = load_model(path, backend=plan.backend.name, ep=args.ep)  # ep=1: every expert in this process
+        model = load_model(path, backend=plan.backend.name, ep=args.ep,  # ep=1: every expert in this process
+                           weight_format=args.weight_format)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, KeyError) as exc:
         fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
@@ -211,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                                  chat_template=chat_template)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
-        f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens"
+        f"serving {model_name} ({path}) on backend {backend}, weights {model.weight_format}, "
+        f"{num_blocks} KV blocks x {block_size} tokens"
         f"{f' per rank, data-parallel attention over {args.ep} ranks' if args.dp_attention else ''} "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
-        f"max-model-len {max_model_len}, chat template: {chat_template.source}, decode graphs {graph_mode}, at http://{args.host}:{args.port}"))
+        f"max-model-len {max_model_len}, chat template: {chat_template.source}, decode graphs {graph_mode}, "
+        f"at http://{args.host}:{args.port}"))
 
 
 def _graph_mode(runner: Any, plan: Any, enforce_eager: bool) -> str:

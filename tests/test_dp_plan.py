@@ -20,8 +20,8 @@ def test_glm5_fp8_ep8_kv_per_rank_and_contexts_per_node(capsys):
     # 111,232 bytes of bf16 cache per token (78 layers + MTP, 704 values each) x 200,000 tokens
     assert "kv cache per rank with --dp-attention: 1 own context(s) = 20.72 GiB (22,246,400,000 bytes)" in out
     assert "kv cache per rank without (replicated): 8 contexts = 165.75 GiB (177,971,200,000 bytes)" in out
-    assert "weights (fp8) 103.61 GiB, 96.39 GiB left for KV" in out
-    # 96.39 GiB / 20.72 GiB = 4 contexts per rank: 8 ranks hold 32 with DP attention, 4 replicated
+    assert "weights (fp8_block) 106.85 GiB, 93.15 GiB left for KV" in out
+    # 93.15 GiB / 20.72 GiB = 4 contexts per rank: 8 ranks hold 32 with DP attention, 4 replicated
     assert "200000-token contexts per node of 8 devices: 32 with --dp-attention (4 per rank), 4 without" in out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import hwlayer
-from hwlayer import Backend, hookimpl
+from hwlayer import Backend, hookimpl, hookspecs
 from hwlayer.registry import BUILTIN_PLUGINS, HwlayerPluginWarning, PluginError, load_registry
 
 
@@ -104,6 +104,9 @@ def test_unknown_op_and_duplicate_backend_are_skipped():
 # Hook-spec versions
 
 
+V = hookspecs.HOOKSPEC_VERSION
+
+
 def test_hookspec_version_1_0_accepted():
     reg = load_registry(extra_plugins=(make_plugin("v10", ("v10bk",), version="1.0"),))
     assert "v10" in reg.plugins and "v10bk" in reg.backends
@@ -112,8 +115,8 @@ def test_hookspec_version_1_0_accepted():
 @pytest.mark.parametrize(
     "version, expected",
     [
-        ("2.0", "built for hook specs 2.0, this hwlayer provides 1.1 (compatible: 1.0 to 1.1)"),
-        ("1.9", "built for hook specs 1.9, this hwlayer provides 1.1 (compatible: 1.0 to 1.1)"),
+        ("2.0", f"built for hook specs 2.0, this hwlayer provides {V} (compatible: 1.0 to {V})"),
+        ("1.9", f"built for hook specs 1.9, this hwlayer provides {V} (compatible: 1.0 to {V})"),
         ("garbage", "declares HWLAYER_HOOKSPEC_VERSION='garbage'; expected 'MAJOR.MINOR'"),
     ],
 )

@@ -11,6 +11,9 @@ cases) and its body is the generic torch implementation, the default on every de
   ``silu_and_mul``, and the composite ``fused_experts``
 * :mod:`.ep` -- ``all_to_all``, ``ep_dispatch``, ``ep_combine`` (expert parallelism)
 * :mod:`.sampling` -- ``sample``
+* :mod:`.quant` -- ``quant_linear``, ``quant_grouped_gemm`` and the composite ``quant_fused_experts``
+  (weights kept in ``fp8_block`` / ``int8``: :class:`~.quant.QuantizedWeight`, the formats, and the
+  activation quantization each contract fixes)
 * :mod:`.layout` -- the validation and index helpers below layouts need (``check_tensor``,
   ``check_varlen``, ``token_positions``, ``positions_to_slots``, ``value_checks``, ...), public
   for adapters
@@ -67,6 +70,7 @@ from .layout import (
 )
 from .moe import fused_experts_factory, grouped_gemm, moe_permute, moe_route, moe_unpermute, silu_and_mul
 from .norms import layer_norm, rms_norm
+from .quant import QuantizedWeight, quant_fused_experts_factory, quant_grouped_gemm, quant_linear
 from .rotary import rope
 from .sampling import sample
 
@@ -107,6 +111,9 @@ CATALOGUE: dict[str, OpSpec] = {
         OpSpec("ep_dispatch", ep_dispatch),
         OpSpec("ep_combine", ep_combine),
         OpSpec("sample", sample),
+        OpSpec("quant_linear", quant_linear),
+        OpSpec("quant_grouped_gemm", quant_grouped_gemm),
+        OpSpec("quant_fused_experts", quant_fused_experts_factory, composite=True),
     )
 }
 
@@ -119,6 +126,7 @@ __all__ = [
     "OP_NAMES",
     "EPHandle",
     "OpSpec",
+    "QuantizedWeight",
     "all_to_all",
     "check_tensor",
     "check_varlen",
@@ -135,6 +143,9 @@ __all__ = [
     "moe_route",
     "moe_unpermute",
     "positions_to_slots",
+    "quant_fused_experts_factory",
+    "quant_grouped_gemm",
+    "quant_linear",
     "rms_norm",
     "rope",
     "sample",

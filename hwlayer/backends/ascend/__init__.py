@@ -12,6 +12,8 @@ PA_BSND caches) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + 
 expert GEMMs (the ``fused_experts`` composite picks them up). Expert-parallel dispatch/combine use the
 generic ``all_to_all_single`` over hccl: ``npu_moe_distribute_dispatch_v2`` delivers rows grouped by
 expert with its own combine metadata, not the source-rank order the ``ep_dispatch`` contract fixes.
+INT8 W8A8 (``quant.py``): npu_dynamic_quant + npu_quant_matmul / npu_grouped_matmul with per-token
+scales for quant_linear / quant_grouped_gemm.
 
 Written against the torch-npu 2.14 API documentation (Ascend/op-plugin docs @517f2e7d0f20,
 2026-08-21); emulated in CI from those docs (``pytest conformance --backend ascend --emulated``,
@@ -30,8 +32,9 @@ from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS
 from .device import emulation_note
+from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
 
 INSTALL_HINT = (
     "pip install .[ascend] with the torch-npu release matching your torch (torch-npu X.Y needs torch X.Y), "
@@ -80,6 +83,7 @@ BACKEND = Backend(
     description="Huawei Ascend NPUs through torch_npu",
     # ACL graphs: torch_npu's torch.npu.NPUGraph / torch.npu.graph (what vllm-ascend captures with)
     device_graph=DeviceGraph("torch.npu", "NPUGraph", "written against torch_npu's NPUGraph API docs, not run"),
+    weight_formats=("int8",),  # 910B has int8 cube units, no FP8: W8A8 dynamic (quant.py)
 )
 
 
@@ -95,5 +99,5 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in IMPLEMENTATIONS.items():
+    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
         register(op, fn, backend="ascend", supports=supports)

@@ -12,7 +12,7 @@ from typing import Callable
 from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
 
 
 def _detect() -> Availability:
@@ -32,6 +32,8 @@ BACKEND = Backend(
     verified="conformance run on x86_64 CPU in CI (make test)",
     description="reference backend: generic torch implementations",
     device_graph=None,  # nothing to capture on a CPU: the model runner runs every step eagerly
+    # Every format through the generic ops: weights stay quantized, dequantized per call (slow, exact).
+    weight_formats=("fp8_block", "int8", "bf16", "fp16", "fp32"),
 )
 
 

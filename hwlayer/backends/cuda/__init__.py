@@ -22,7 +22,16 @@ from hwlayer.hookspecs import hookimpl
 from . import native
 from .detect import detect
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
+
+
+def _nvidia_weight_formats() -> tuple[str, ...]:
+    """FP8 tensor cores from compute capability 8.9 (Ada, Hopper); INT8 tensor cores before that."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9):
+        return ("fp8_block", "int8")
+    return ("int8",)
 
 NOT_RUN = "not run on hardware"
 EMULATED = "emulated in CI from those APIs (pytest conformance --emulated)"
@@ -51,6 +60,7 @@ BACKENDS = (
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
+        weight_formats=_nvidia_weight_formats,
     ),
     Backend(
         name="hygon",
@@ -66,6 +76,7 @@ BACKENDS = (
         install_hint="install Hygon's DTK (ROCm) build of torch and lightop from the Hygon developer "
         "channel; hy-smi must be on PATH",
         description="Hygon DCU (ROCm/HIP build of torch)",
+        weight_formats=("int8",),  # DCU int8 dot units; no FP8 documented (Triton tier int8 GEMM)
     ),
     Backend(
         name="metax",
@@ -81,6 +92,7 @@ BACKENDS = (
         install_hint="install MetaX's MACA build of torch and mcoplib (plus MACA flash_mla / deep_gemm) "
         "from the MetaX channel",
         description="MetaX GPUs (MACA build of torch)",
+        weight_formats=("int8",),  # C500 int8 tensor cores; no FP8 documented (Triton tier int8 GEMM)
     ),
     Backend(
         name="iluvatar",
@@ -94,6 +106,7 @@ BACKENDS = (
         verified=f"Triton tier and generic only; collective nccl unverified; {NOT_RUN}",
         install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
         description="Iluvatar CoreX GPUs (no native adapters yet: Triton tier, generic)",
+        weight_formats=("int8",),  # int8 through the Triton tier; no FP8 documented
     ),
     Backend(
         name="kunlunxin",
@@ -107,6 +120,7 @@ BACKENDS = (
         verified=f"generic torch only; collective and visible-devices variable unverified; {NOT_RUN}",
         install_hint="install torch_xmlir and xtorch_ops / kunlun_ops from the Kunlunxin channel",
         description="Kunlunxin XPUs through torch_xmlir (generic ops)",
+        weight_formats=("int8",),  # generic ops only: int8 kept in memory, dequantized per call
     ),
 )
 

@@ -20,8 +20,9 @@ sparse_mla_attention (online softmax over gathered latent rows, returns lse; spl
 lse merge, or one pass for prefill, chosen from host-known sizes), moe_route (sigmoid, group limit,
 top-k by repeated argmax), grouped_gemm, silu_and_mul, and fused_experts (vLLM's fused_moe design:
 expert-aligned row blocks, gate-up GEMM with SwiGLU epilogue, down GEMM with the router weight).
-Each is registered with a ``supports`` predicate; what it declines runs the next tier (generic
-torch at the end). The adapters read nothing on the host (see ``adapters.py``).
+``quant_kernels.py``: fp8_block / int8 activation quantization and GEMMs for quant_linear /
+quant_grouped_gemm. Each is registered with a ``supports`` predicate; what it declines runs the next
+tier (generic torch at the end). The adapters read nothing on the host (see ``adapters.py``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
 from .adapters import IMPLEMENTATIONS, interpreter_problem, interpreting
+from .quant_adapters import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.1"
 
 INSTALL_HINT = "pip install .[triton] (or triton>=3.0); on CPU set TRITON_INTERPRET=1 before starting"
 
@@ -84,11 +86,12 @@ def hwlayer_register_backends(register: Callable) -> None:
                      "fused MoE kernels not run on GPU (an earlier kernel set passed conformance on an H200)",
             install_hint=INSTALL_HINT,
             description="portable Triton kernels; the tier the CUDA family inherits",
+            weight_formats=("fp8_block", "int8"),  # quant_kernels.py (fp8 needs sm_89+ on a GPU)
         )
     )
 
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in IMPLEMENTATIONS.items():
+    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
         register(op, fn, backend="triton", supports=supports)
