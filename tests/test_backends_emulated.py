@@ -250,18 +250,24 @@ def test_ascend_sfa_rejects_return_softmax_lse_with_a_paged_cache():
 def test_ascend_moe_and_norm_adapters(emulate):
     plan = emulate("ascend")
     gen = torch.Generator().manual_seed(2)
-    # moe_permute through npu_moe_init_routing_v2 (dropped ids included), unpermute through
-    # npu_moe_token_unpermute (bf16, every assignment kept)
+    # moe_permute through npu_moe_init_routing_v2 (dropped ids included): the contract's T*k layout,
+    # kept rows first, dropped rows last with order -1 (their x rows may hold anything)
     ids = torch.randint(0, 8, (10, 3), generator=gen, dtype=torch.int32)
     ids[2, 1], ids[5, 0] = -1, 9
     x = torch.randn(10, 16, generator=gen).bfloat16()
-    got, want = plan.moe_permute(x, ids, 8), ops.moe_permute(x, ids, 8)
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
+    (gx, gsizes, gorder), (wx, wsizes, worder) = plan.moe_permute(x, ids, 8), ops.moe_permute(x, ids, 8)
+    assert torch.equal(gsizes, wsizes) and torch.equal(gorder, worder) and int((gorder == -1).sum()) == 2
+    assert gx.shape == wx.shape and torch.equal(gx[:28], wx[:28])
+    # unpermute through npu_moe_token_unpermute (bf16): every assignment kept, and with the two dropped
+    # rows holding NaN, which must not reach the output
+    w = torch.rand(10, 3, generator=gen)
+    y = torch.randn(30, 16, generator=gen).bfloat16()
+    y[28:] = float("nan")
+    torch.testing.assert_close(plan.moe_unpermute(y, gorder, w, 10).float(),
+                               ops.moe_unpermute(y, worder, w, 10).float(), atol=2e-2, rtol=2e-2)
     ids = torch.randint(0, 8, (10, 3), generator=gen, dtype=torch.int32)
     _, _, order = ops.moe_permute(x, ids, 8)
     y = torch.randn(30, 16, generator=gen).bfloat16()
-    w = torch.rand(10, 3, generator=gen)
     torch.testing.assert_close(plan.moe_unpermute(y, order, w, 10).float(), ops.moe_unpermute(y, order, w, 10).float(),
                                atol=2e-2, rtol=2e-2)
     assert served_natively(plan, "moe_permute") and served_natively(plan, "moe_unpermute")

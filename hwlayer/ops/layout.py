@@ -8,6 +8,8 @@ caches, positions within a sequence). This module holds the one copy of:
   :func:`value_checks` says whether checks that must read device data run (``HWLAYER_CHECK=1``);
 * index arithmetic: :func:`token_positions` (sequence and position of every query token) and
   :func:`positions_to_slots` (position -> flat paged-cache slot);
+* :func:`groups_covering_rows`, for vendor grouped GEMMs that want group counts summing to exactly
+  the row count (``grouped_gemm`` allows padding rows past the sum);
 * :func:`chunk_rows`, the temporary-size budget of the generic implementations.
 
 Vendor adapters import these instead of re-deriving them, so a layout rule lives in one place.
@@ -127,3 +129,13 @@ def positions_to_slots(
 def chunk_rows(n_rows: int, per_row_elems: int, budget: int = 1 << 25) -> int:
     """Rows per chunk so that one chunk's temporary stays near ``budget`` elements."""
     return max(1, min(n_rows, budget // max(1, per_row_elems)))
+
+
+def groups_covering_rows(group_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Group counts (int64) summing to exactly ``num_rows``: the padding rows past ``sum(group_sizes)``
+    (which ``grouped_gemm``'s contract allows, output unspecified) join the last group. For vendor
+    kernels that require the counts to cover every row; device arithmetic only, nothing read back."""
+    sizes = group_sizes.long().clone()
+    if sizes.numel():
+        sizes[-1] += num_rows - sizes.sum()
+    return sizes

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from hwlayer.ops.layout import groups_covering_rows
+
 from . import convert
 from .device import device_type
 
@@ -266,7 +268,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     weight = convert.nt_weights_as_kn_view(w.to(x.dtype).contiguous())
     out = _npu().npu_grouped_matmul(
         [x.contiguous()], [weight],
-        group_list=convert.counts_to_cumulative(group_sizes), split_item=2, group_type=0, group_list_type=0,
+        # the op wants the last cumulative end == rows: padding rows join the last group (output unspecified)
+        group_list=convert.counts_to_cumulative(groups_covering_rows(group_sizes, x.shape[0])),
+        split_item=2, group_type=0, group_list_type=0,
     )
     return out[0]
 
@@ -312,8 +316,12 @@ def moe_permute(
         active_expert_range=[0, num_experts],
         row_idx_type=1,  # scatter index: sorted row j came from flat assignment row_idx[j] = our `order`
     )
-    kept = int(counts.sum())  # rows past it are uninitialised; the generic op reads this count too
-    return expanded_x[:kept], counts.long(), row_idx[:kept].long()
+    # The contract's layout (sync-free): all T*k rows, the kept ones first; rows past the kept count are
+    # uninitialised in both outputs, so their order entries become -1 (their x rows may hold anything).
+    kept = counts.sum()
+    rows = torch.arange(row_idx.shape[0], device=row_idx.device)
+    order = torch.where(rows < kept, row_idx.long(), torch.full_like(rows, -1))
+    return expanded_x, counts.long(), order
 
 
 def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: int) -> bool | str:
@@ -324,7 +332,7 @@ def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: in
     if y.dtype != torch.bfloat16:
         return "npu_moe_token_unpermute takes bfloat16 tokens only"
     if num_tokens < 1 or y.shape[0] != num_tokens * topk_weights.shape[1] or order.shape[0] != y.shape[0]:
-        return "npu_moe_token_unpermute needs every assignment kept (no dropped ids)"
+        return "npu_moe_token_unpermute needs one row per assignment (moe_permute's T*k layout)"
     if topk_weights.shape[1] > 512 or y.shape[0] >= 16777215:
         return "npu_moe_token_unpermute takes topK <= 512 and fewer than 16777215 rows"
     return True
@@ -332,8 +340,19 @@ def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: in
 
 def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
     # Row j goes back to flat assignment order[j] (Megatron's sorted_indices), then each token's topK
-    # rows are weighted by probs and summed. probs are bf16 per the doc.
-    return _npu().npu_moe_token_unpermute(y, order.long(), probs=topk_weights.to(torch.bfloat16))
+    # rows are weighted by probs and summed; probs are bf16 per the doc. The op wants a full permutation:
+    # the dropped rows (order -1, always last) are zeroed and sent to the assignments no kept row names,
+    # found on the device (no host read): a stable sort puts the unnamed flat indices first, in order.
+    order = order.long()
+    n = order.shape[0]
+    kept = order >= 0
+    named = torch.zeros(n + 1, dtype=torch.int32, device=order.device)
+    named.scatter_(0, torch.where(kept, order, n), torch.ones_like(order, dtype=torch.int32))
+    unnamed = torch.argsort(named[:n], stable=True)  # flat indices no kept row names, ascending, first
+    slot = (torch.arange(n, device=order.device) - kept.sum()).clamp(min=0)
+    perm = torch.where(kept, order, unnamed[slot])
+    y = torch.where(kept.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return _npu().npu_moe_token_unpermute(y, perm, probs=topk_weights.to(torch.bfloat16))
 
 
 IMPLEMENTATIONS = {

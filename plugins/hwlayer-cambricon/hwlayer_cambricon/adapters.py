@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 
+from hwlayer.ops.layout import groups_covering_rows
+
 from . import convert
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -169,4 +171,6 @@ def supports_grouped_gemm(x, w, group_sizes) -> bool | str:
 def grouped_gemm(x, w, group_sizes):
     # w is [E, N, K] (nn.Linear layout) = "(experts, n, k)" with trans_b=True. max_in_group_list is
     # "Maximum possible value in group_list": the row count bounds it without reading the counts.
-    return tmo().group_gemm(x, w, convert.group_counts(group_sizes), None, None, None, None, x.shape[0])
+    # group_gemm wants counts covering every row: grouped_gemm's padding rows join the last group.
+    counts = convert.group_counts(groups_covering_rows(group_sizes, x.shape[0]))
+    return tmo().group_gemm(x, w, counts, None, None, None, None, x.shape[0])

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from hwlayer.ops.layout import groups_covering_rows
+
 from . import convert
 
 LN2 = 0.6931471805599453
@@ -155,7 +157,9 @@ def grouped_gemm(x, w, group_sizes):
     dg = _module("mate.deep_gemm")
     alignment_fn = getattr(dg, "get_mk_alignment_for_contiguous_layout", None)  # only mate's DeepGEMM wrapper has it
     alignment = int(alignment_fn()) if alignment_fn is not None else convert.DEFAULT_GROUP_ALIGNMENT
-    source_rows, m_indices = convert.contiguous_layout(group_sizes.to(x.device), alignment)
+    # grouped_gemm's padding rows (past sum(group_sizes)) join the last group: every row is laid out
+    source_rows, m_indices = convert.contiguous_layout(groups_covering_rows(group_sizes.to(x.device), x.shape[0]),
+                                                       alignment)
     a = convert.pad_rows(x.contiguous(), source_rows)
     d = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
     dg.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_indices, alignment_m=alignment)
