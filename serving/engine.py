@@ -31,11 +31,31 @@ from typing import Any, Callable
 
 import torch
 
+from .sampling import TokenLogprob, apply_logit_bias, apply_min_p, apply_penalties, ban_tokens, logprobs_of
+from .structured import GrammarSpec, apply_bitmask, fill_bitmask
+
 log = logging.getLogger("serving.engine")
+
+# GLM markup the reasoning and tool-call parsers read: kept in the text when special tokens are skipped
+# (GLM's own tokenizer does not mark them special; the other added tokens, e.g. <sop>, are dropped).
+MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                 "</arg_value>")
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that ``skip_special_tokens`` drops from the text: the tokenizer's special added tokens but GLM markup."""
+    decoder = getattr(tokenizer, "get_added_tokens_decoder", None)
+    if decoder is None:
+        return set()
+    return {i for i, tok in decoder().items() if tok.special and tok.content not in MARKUP_TOKENS}
 
 
 @dataclass
 class SamplingParams:
+    """One sequence's generation parameters (the API maps OpenAI/vLLM fields here; see serving/sampling.py
+    for the processors). ``skip_special_tokens`` defaults to False at this level (the engine's text is the
+    raw decode); the HTTP API defaults it to True as OpenAI and vLLM do."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -44,6 +64,23 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    skip_special_tokens: bool = False
+    include_stop_str_in_output: bool = False
+    stop_after_token_ids: list[int] = field(default_factory=list)  # end generation, keeping the token's text
+    structured: GrammarSpec | None = None  # grammar-constrained decoding (serving/structured.py)
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether any logits processor (serving/sampling.py) applies."""
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or (self.min_p > 0 and self.temperature > 0))
 
 
 @dataclass
@@ -56,6 +93,7 @@ class EngineEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token generated since the last event, when asked for
 
 
 class BlockAllocator:
@@ -126,6 +164,9 @@ class Sequence:
         self.sent = 0  # characters of ``text`` already handed to the consumer
         self.finished = False
         self.counted_prompt = False
+        self.matcher = params.structured.new_matcher() if params.structured is not None else None
+        self.grammar_active = params.structured is not None and params.structured.start_after is None
+        self.pending_logprobs: list[TokenLogprob] = []
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
 
@@ -162,6 +203,7 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
+        self.special_ids = special_token_ids(tokenizer)
         self.forward = forward or model.forward_batch
         self.metrics = metrics
         self.on_idle = on_idle  # called on the engine thread every idle_interval seconds without work
@@ -385,20 +427,57 @@ class Engine:
         params = [s.params for s in ready]
         generators = [s.generator for s in ready]
         device = logits.device
-        token_ids = self.model.plan.sample(
+        raw = logits
+        logits = self._process_logits(logits, ready)
+        chosen = self.model.plan.sample(
             logits,
             torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators if any(g is not None for g in generators) else None,
-        ).tolist()
+        )
+        token_ids = chosen.tolist()
+        logprobs: dict[int, TokenLogprob] = {}
+        rows = [b for b, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            found = logprobs_of(raw, rows, chosen, token_ids, [params[b].logprobs for b in rows])
+            logprobs = dict(zip(rows, found, strict=True))
         now = time.monotonic()
-        for seq, token in zip(ready, token_ids, strict=True):
-            self._append_token(seq, int(token), now)
+        for b, (seq, token) in enumerate(zip(ready, token_ids, strict=True)):
+            self._append_token(seq, int(token), now, logprobs.get(b))
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+    def _stop_ids(self, p: SamplingParams) -> set[int]:
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+    def _process_logits(self, logits: torch.Tensor, ready: list[Sequence]) -> torch.Tensor:
+        """``logits`` after the processors the ready sequences ask for (a new tensor; the raw one is kept for
+        logprobs), or ``logits`` itself when none applies."""
+        params = [s.params for s in ready]
+        grammar_rows = [b for b, s in enumerate(ready) if s.matcher is not None and s.grammar_active]
+        if not grammar_rows and not any(p.needs_processing for p in params):
+            return logits
+        logits = logits.clone()
+        if any(p.logit_bias for p in params):
+            apply_logit_bias(logits, [p.logit_bias for p in params])
+        ban_tokens(logits, [sorted(self._stop_ids(s.params)) if len(s.output_ids) < s.params.min_tokens else []
+                            for s in ready])
+        rows = [b for b, p in enumerate(params)
+                if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
+        apply_penalties(logits, rows, [ready[b].prompt_ids for b in rows], [ready[b].output_ids for b in rows],
+                        [params[b].presence_penalty for b in rows], [params[b].frequency_penalty for b in rows],
+                        [params[b].repetition_penalty for b in rows])
+        if grammar_rows:
+            bitmask = fill_bitmask([ready[b].matcher for b in grammar_rows], logits.shape[1])
+            apply_bitmask(logits, torch.tensor(grammar_rows, device=logits.device), bitmask)
+        rows = [b for b, p in enumerate(params) if p.min_p > 0 and p.temperature > 0]
+        apply_min_p(logits, rows, [params[b].min_p for b in rows], [params[b].temperature for b in rows])
+        return logits
+
+    def _append_token(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
         if self.metrics:
             self.metrics.generation_tokens.inc()
             if seq.last_token_time is None:
@@ -406,17 +485,28 @@ class Engine:
             else:
                 self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
+        if seq.matcher is not None:
+            if seq.grammar_active:
+                seq.matcher.consume_token(token)
+            elif token == p.structured.start_after:
+                seq.grammar_active = True
         reason = None
-        if token in (set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)):
+        if token in self._stop_ids(p):
             reason = "stop"  # the stop token itself is not part of the text
         else:
-            seq.text += seq.detok.add(token)
-            if p.stop:
+            if not (p.skip_special_tokens and token in self.special_ids):
+                seq.text += seq.detok.add(token)
+            if token in p.stop_after_token_ids:
+                reason = "stop"
+            elif p.stop and len(seq.output_ids) >= p.min_tokens:
                 start = max(0, seq.sent - max(len(s) for s in p.stop))
-                hits = [at for s in p.stop if (at := seq.text.find(s, start)) >= 0]
+                hits = [(at, at + len(s)) for s in p.stop if (at := seq.text.find(s, start)) >= 0]
                 if hits:
-                    seq.text = seq.text[:min(hits)]
+                    at, end = min(hits)
+                    seq.text = seq.text[:end if p.include_stop_str_in_output else at]
                     reason = "stop"
+        if reason is None and seq.grammar_active and seq.matcher.is_stopped():
+            reason = "stop"  # the grammar is complete: nothing but its end may follow
         if reason is None and len(seq.output_ids) >= p.max_tokens:
             reason = "length"
         if reason is None and seq.num_tokens >= self.max_model_len:
@@ -428,9 +518,16 @@ class Engine:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         upto = max(seq.sent, len(seq.text) - hold)
         event = EngineEvent(text=seq.text[seq.sent:upto], prompt_tokens=len(seq.prompt_ids),
-                            completion_tokens=len(seq.output_ids))
+                            completion_tokens=len(seq.output_ids), logprobs=self._take_logprobs(seq))
         seq.sent = upto
         self._emit(seq, event)
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        if seq.params.logprobs is None:
+            return None
+        taken, seq.pending_logprobs = seq.pending_logprobs, []
+        return taken
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished:
@@ -441,7 +538,8 @@ class Engine:
         self.allocator.free(seq.blocks)
         seq.blocks = []
         event = EngineEvent(text=seq.text[seq.sent:], finished=True, finish_reason=reason,
-                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error)
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error,
+                            logprobs=self._take_logprobs(seq))
         seq.sent = len(seq.text)
         if self.metrics:
             self.metrics.finished.labels(reason=reason).inc()

@@ -18,6 +18,11 @@ from typing import Any, NoReturn
 
 DEFAULT_MODEL_NAME = "glm5-tiny-random"
 PROG = "serve.py"
+# --dtype values (vLLM's spellings) -> load_model's dtype (None: its default)
+DTYPES = {"auto": None, "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "half": "float16"}
+# The parsers serving/parsers.py implements, by vLLM's names: GLM-4.5 / 4.7 / 5 share one format.
+GLM_PARSERS = ("glm45", "glm47")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -38,7 +43,22 @@ def fail(message: str, status: int = 2) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog=PROG, description="OpenAI-compatible GLM-5 server on any hwlayer backend "
                        "(GLM_BACKEND=name selects one; default: auto-detect).")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="checkpoint directory, as vLLM's `vllm serve MODEL` (same as --model)")
     p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
+    p.add_argument("--tokenizer", help="directory holding tokenizer.json (or the file itself); default: the model's")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weight and activation dtype (default auto: float32 on cpu, the config's on accelerators)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the default sampling generator: requests without a seed become reproducible "
+                        "across server runs of the same request sequence (default: random)")
+    p.add_argument("--allowed-origins", default="",
+                   help="CORS: comma-separated origins (or a JSON list) browsers may call from, '*' for any; "
+                        "default none (no cross-origin access)")
+    p.add_argument("--tool-call-parser", default="glm47", choices=sorted(GLM_PARSERS),
+                   help="tool-call format (vLLM names; default glm47; both are GLM's <tool_call> format)")
+    p.add_argument("--reasoning-parser", default="glm45", choices=sorted(GLM_PARSERS),
+                   help="reasoning format (vLLM names; default glm45: <think>...</think>)")
     p.add_argument("--served-model-name", help="model name clients send (default: glm5-tiny-random or the dir name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
@@ -69,6 +89,31 @@ def check_flags(args: argparse.Namespace) -> None:
             fail(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
     if args.api_key is not None and not args.api_key.strip():
         fail("--api-key (or HWLAYER_API_KEY) is empty; give a key or leave it unset")
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            fail(f"MODEL {args.model_tag} and --model {args.model} disagree; give one of them")
+        args.model = args.model_tag
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        fail(f"--seed {args.seed}: expected an integer in [0, 2**63)")
+    args.allowed_origins = parse_origins(args.allowed_origins)
+
+
+def parse_origins(value: str) -> list[str]:
+    """``--allowed-origins``: ``a,b``, ``*`` or a JSON list (vLLM's form) -> a list of origins."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            origins = json.loads(value)
+        except json.JSONDecodeError as exc:
+            fail(f"--allowed-origins {value}: not a JSON list ({exc.msg})")
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            fail(f"--allowed-origins {value}: expected a JSON list of strings")
+    else:
+        origins = [o.strip() for o in value.split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            fail(f"--allowed-origins: {origin!r} is not an origin; expected e.g. http://localhost:3000 or *")
+    return origins
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
@@ -117,11 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     from model import load_model
     from model.tokenizer import load_tokenizer
 
+    tokenizer_path = Path(args.tokenizer).expanduser() if args.tokenizer else path
     try:
-        model = load_model(path, backend=plan.backend.name, ep=args.ep)  # ep=1: every expert in this process
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load the tokenizer from {tokenizer_path}: {exc}")
+    try:  # ep=1: every expert in this process
+        model = load_model(path, backend=plan.backend.name, ep=args.ep, dtype=DTYPES[args.dtype])
     except (OSError, ValueError, KeyError) as exc:
         fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)  # the generator of requests that bring no seed
 
     max_pos = int(config.get("max_position_embeddings", 4096))
     max_model_len = args.max_model_len or min(max_pos, 4096)
@@ -165,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
-                                 device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                                 device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                                 allowed_origins=args.allowed_origins)
     app = create_app(engine, tokenizer, server_config, metrics)
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
@@ -177,8 +231,14 @@ def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, 
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the banner only once the port is bound (a failed bind exits inside startup)
+                print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=5))
     exit_status = {"code": 0}
 
     def on_fatal(message: str) -> None:
@@ -190,7 +250,6 @@ def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, 
         threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
 
     engine.on_fatal = on_fatal
-    print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
     server.run()
     if dist_ctx is not None:
         from hwlayer.distributed import RankFailure
