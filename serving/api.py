@@ -10,11 +10,15 @@ Layout, top to bottom:
 * :class:`ServerConfig` and :class:`ServerState`: what every handler shares, kept on
   ``app.state.server`` and handed to a handler by the ``State`` dependency.
 * Dependencies: :func:`require_api_key` (every ``/v1`` route) and :func:`require_live_engine`.
-* Request helpers: body reading and parsing, prompt rendering and tokenizing, sampling parameters.
-* Engine plumbing: submit a request, relay its events, answer streamed (SSE) or whole (:func:`respond`).
-* Routes: ``router`` (open: ``/health``, ``/metrics``) and ``v1`` (``/v1``, behind the API key).
-* :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers and the
-  engine's lifespan, wrapped in the request counter.
+* Request helpers: body reading and parsing (size limit, bad Unicode, deep JSON), prompt rendering and
+  tokenizing (refused by a character bound before tokenizing, long texts on a worker thread), sampling
+  parameters, structured output (``response_format``, ``tool_choice``).
+* Engine plumbing: submit a response's sequences (``n`` per prompt, batched prompts), relay their
+  ``(choice, event)`` pairs, answer streamed (SSE) or whole (:func:`respond`).
+* Routes: ``router`` (open: ``/health``, ``/metrics``, ``/version``), ``tokens`` (``/tokenize``,
+  ``/detokenize``) and ``v1`` (``/v1``), the last two behind the API key.
+* :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers (a catch-all
+  turns any bug into a JSON 500), CORS and the engine's lifespan, wrapped in the request counter.
 
 A new endpoint is one handler on ``router`` or ``v1`` (taking ``request: Request, state: State``);
 it is counted in ``hwlayer_requests_total`` under its own path. A new request parameter is a field on

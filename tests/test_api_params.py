@@ -192,7 +192,8 @@ def test_chat_logprobs_and_completion_logprobs(client):
                                     extra_body={"skip_special_tokens": False})
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
-    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0  # {text: logprob}: texts may collide
+    # top_logprobs maps text to logprob: two tokens with the same text (partial UTF-8) collide
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
     streamed = [c.choices[0].logprobs for c in client.completions.create(
         model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2, stream=True,
         extra_body={"skip_special_tokens": False}) if c.choices and c.choices[0].logprobs]
