@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert-parallel ranks; launch with torchrun --nproc-per-node N serve.py --ep N (default 1)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="request body size limit, larger bodies get 413 (default 4 MiB)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of full blocks whose tokens (and all tokens before them) were computed before: "
+                        "shared prompt prefixes and multi-turn history are not recomputed (default on; "
+                        "--no-enable-prefix-caching turns it off)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: stop admitting (503), let in-flight requests finish for at most this "
+                        "many seconds, end the rest with finish_reason 'abort', exit 0 (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -87,6 +96,8 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             fail(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+    if not 0 <= args.shutdown_timeout <= 24 * 3600:
+        fail(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds in [0, 86400]")
     if args.api_key is not None and not args.api_key.strip():
         fail("--api-key (or HWLAYER_API_KEY) is empty; give a key or leave it unset")
     if args.model_tag is not None:
@@ -213,18 +224,55 @@ def main(argv: list[str] | None = None) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
                     eos_token_ids=sorted(eos_ids), metrics=metrics,
                     forward=ep_mod.leader_forward(model) if leader else None,
-                    on_idle=ep_mod.keepalive if leader else None)
+                    on_idle=ep_mod.keepalive if leader else None, enable_prefix_caching=args.enable_prefix_caching)
     backend = plan.backend.name
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                                  allowed_origins=args.allowed_origins)
-    app = create_app(engine, tokenizer, server_config, metrics)
+    app = DrainGate(create_app(engine, tokenizer, server_config, metrics))
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, {num_blocks} KV blocks x {block_size} tokens "
         f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
         f"max-model-len {max_model_len}, at http://{args.host}:{args.port}"))
+
+
+class DrainGate:
+    """ASGI wrapper that counts HTTP requests in flight (a stream counts until its last byte) and, once
+    ``draining`` is set (on SIGTERM), answers every new request 503 in the OpenAI error shape."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.draining = False
+        self.in_flight = 0  # touched on the event loop only; other threads just read it
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.draining:
+            body = json.dumps({"error": {"message": "the server is shutting down; retry on another instance",
+                                         "type": "server_error", "param": None, "code": "shutting_down"}}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def wait_idle(self, engine: Any, timeout: float) -> bool:
+        """Wait (on a non-event-loop thread) until no request is in flight and the engine has no work."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or engine.has_work():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, banner: str) -> int:
@@ -237,14 +285,34 @@ def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, 
             if self.started:  # the banner only once the port is bound (a failed bind exits inside startup)
                 print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # The first SIGTERM/SIGINT drains (uvicorn's own handling would close the listener and cut
+            # streams after its grace period, then re-raise the signal: no exit status 0); a second one
+            # while draining exits at once, as uvicorn does.
+            if not app.draining and not self.should_exit:
+                app.draining = True
+                threading.Thread(target=drain, name="drain", daemon=True).start()
+            elif self.should_exit or app.draining:
+                self.should_exit = self.force_exit = True
+
+    def drain() -> None:
+        log = logging.getLogger("serving.server")
+        log.info("draining: new requests get 503; %d in flight get up to %.0f s (--shutdown-timeout)",
+                 app.in_flight, args.shutdown_timeout)
+        if not app.wait_idle(engine, args.shutdown_timeout):
+            log.warning("--shutdown-timeout %.0f s passed: ending %d requests with finish_reason 'abort'",
+                        args.shutdown_timeout, app.in_flight)
+            engine.abort_all(f"server shutting down: the request was ended after --shutdown-timeout "
+                             f"{args.shutdown_timeout:g} s")
+            app.wait_idle(engine, 5.0)  # the final events reach their clients
+        server.should_exit = True
+
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                    timeout_graceful_shutdown=5))
     exit_status = {"code": 0}
 
     def on_fatal(message: str) -> None:
         # A rank died: answer 503 for a moment (health and new requests), then exit non-zero.
-        import threading
-
         report(message)
         exit_status["code"] = 1
         threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
