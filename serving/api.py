@@ -176,6 +176,8 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
+        if isinstance(key, str) and lone_surrogate_at(key):
+            return path or "body"  # the key itself cannot be named in a UTF-8 message
         where = lone_surrogate_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path
                                   else str(key))
         if where:

@@ -104,6 +104,8 @@ def test_lone_surrogates_and_deep_json_are_400(server):
     assert_openai_error(r, 400, "prompt", "invalid_encoding")
     r = post("/tokenize", b'{"prompt": "\\ud800"}')
     assert_openai_error(r, 400, "prompt", "invalid_encoding")
+    r = post("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "\\ud800": 1}')
+    assert_openai_error(r, 400, "body", "invalid_encoding")
     pair = post("/v1/completions", b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}')  # a valid pair is fine
     assert pair.status_code == 200, pair.text
     r = post("/v1/chat/completions", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}")

@@ -22,6 +22,8 @@ from server_process import ServerProcess
 from model.generate import score
 from serving.engine import Engine, SamplingParams
 
+pytestmark = pytest.mark.slow  # several seconds each: model steps in process, or a real server
+
 # ---- engine level --------------------------------------------------------------------------------
 
 
@@ -154,7 +156,6 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 CHAT = [{"role": "user", "content": "Count to ten."}]
 
 
-@pytest.mark.slow
 def test_n_choices_usage_and_streaming(client):
     out = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, temperature=1.0, seed=5, n=3)
     assert [c.index for c in out.choices] == [0, 1, 2]
@@ -176,7 +177,6 @@ def test_n_choices_usage_and_streaming(client):
     assert texts[0] == texts[1] and set(finishes) == {0, 1} and all(finishes.values())
 
 
-@pytest.mark.slow
 def test_chat_logprobs_and_completion_logprobs(client):
     chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
                                           top_logprobs=3, extra_body=NO_THINK)
@@ -200,7 +200,6 @@ def test_chat_logprobs_and_completion_logprobs(client):
     assert [t for s in streamed for t in s.tokens] == lp.tokens
 
 
-@pytest.mark.slow
 def test_logit_bias_penalties_min_p_min_tokens_reach_the_engine(client, server):
     kwargs = dict(model=MODEL, prompt="The", max_tokens=8, temperature=0)
     plain = client.completions.create(**kwargs)
@@ -220,7 +219,6 @@ def test_logit_bias_penalties_min_p_min_tokens_reach_the_engine(client, server):
     assert token_300 not in held.choices[0].text
 
 
-@pytest.mark.slow
 def test_skip_special_tokens_default_and_include_stop_str(client, server):
     for name in ("<sop>", "</tool_response>"):
         token = httpx.post(server.url + "/tokenize", json={"prompt": name}).json()["tokens"]
@@ -238,7 +236,6 @@ def test_skip_special_tokens_default_and_include_stop_str(client, server):
     assert cut.choices[0].text == text[:text.index(stop) + 2] and cut.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.slow
 def test_echo_batched_prompts_and_best_of(client, server):
     kwargs = dict(model=MODEL, max_tokens=5, temperature=0)
     a = client.completions.create(prompt="Alpha", **kwargs).choices[0].text
@@ -260,7 +257,6 @@ def test_echo_batched_prompts_and_best_of(client, server):
         assert err.value.body["param"] in bad
 
 
-@pytest.mark.slow
 def test_parallel_tool_calls_false_stops_after_the_first_call(client, server):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     end = httpx.post(server.url + "/tokenize", json={"prompt": "</tool_call>"}).json()["tokens"]
@@ -271,7 +267,6 @@ def test_parallel_tool_calls_false_stops_after_the_first_call(client, server):
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.slow
 def test_unknown_parameter_is_named(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "top_a": 0.1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_a"
