@@ -561,9 +561,11 @@ class Engine:
                 self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         if seq.matcher is not None:
-            if seq.grammar_active:
-                seq.matcher.consume_token(token)
-            elif token == p.structured.start_after:
+            if seq.grammar_active and not seq.matcher.consume_token(token):
+                # only a grammar the engine cannot follow gets here (e.g. min_tokens banning the only way out)
+                self._finish(seq, "error", error=f"structured output: {' '.join(seq.matcher.get_error().split())}")
+                return
+            if not seq.grammar_active and token == p.structured.start_after:
                 seq.grammar_active = True
         reason = None
         if token in self._stop_ids(p):

@@ -82,6 +82,28 @@ def test_grammar_compiler_rejects_bad_schemas_and_reports_a_missing_engine(monke
         GrammarCompiler(tokenizer, tokenizer.get_vocab_size(), [0]).json_schema(None)
 
 
+def test_a_token_outside_the_grammar_ends_the_request_with_an_error():
+    import time
+
+    from model import load_model
+    from model.tiny import ensure_default_model
+    from model.tokenizer import load_tokenizer
+    from serving.engine import Engine, SamplingParams
+    from serving.structured import GrammarCompiler
+
+    path = ensure_default_model()
+    tokenizer = load_tokenizer(path)
+    engine = Engine(load_model(path, backend="cpu"), tokenizer, num_blocks=8, block_size=16, max_num_seqs=2,
+                    max_num_batched_tokens=32, max_model_len=128, eos_token_ids=[0])
+    spec = GrammarCompiler(tokenizer, 512, [0]).json_schema(None)
+    events = []
+    seq = engine.submit([5, 6, 7], SamplingParams(max_tokens=8, structured=spec), events.append)
+    engine._take_inbox()
+    engine._append_token(seq, tokenizer.token_to_id("a"), time.monotonic())  # JSON must open with "{"
+    assert events[-1].finished and events[-1].finish_reason == "error"
+    assert events[-1].error.startswith("structured output:")
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
