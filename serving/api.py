@@ -185,8 +185,11 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
     return None
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object, read up to ``max_bytes`` (413 beyond), 400 naming what is wrong with it."""
+_INLINE_BODY_BYTES = 256 * 1024  # larger bodies are decoded and validated on a worker thread
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, read up to ``max_bytes`` (413 beyond)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise APIError(413, f"request body is {length} bytes; the limit is {max_bytes}", None, "request_too_large")
@@ -196,14 +199,18 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the {max_bytes}-byte limit", None, "request_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> dict:
+    """The body as a JSON object; 400 naming what is wrong with it (encoding, syntax, depth, surrogates)."""
     try:
-        text = b"".join(chunks).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", None, "invalid_encoding") \
             from None
-    del chunks
     try:
-        data = json.loads(text) if len(text) < 256 * 1024 else await asyncio.to_thread(json.loads, text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                        None, "invalid_json") from None
@@ -218,16 +225,26 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     return data
 
 
-async def parse_request(request: Request, state: ServerState, schema: type[BaseModel]) -> Any:
-    """The body validated against ``schema`` (unknown fields are a 400 naming the field)."""
-    data = await read_json(request, state.config.max_body_bytes)
+def decode_request(raw: bytes, schema: type[BaseModel]) -> Any:
+    data = decode_json(raw)
     try:
-        req = schema.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         message, param = validation_message(exc)
         raise APIError(400, message, param, "invalid_value") from None
     except RecursionError:
         raise APIError(400, "request body nests JSON too deeply", None, "invalid_json") from None
+
+
+async def parse_request(request: Request, state: ServerState, schema: type[BaseModel]) -> Any:
+    """The body validated against ``schema`` (unknown fields are a 400 naming the field). A large body is
+    decoded and validated on a worker thread: the event loop keeps answering (e.g. /health)."""
+    raw = await read_body(request, state.config.max_body_bytes)
+    if len(raw) < _INLINE_BODY_BYTES:
+        req = decode_request(raw, schema)
+    else:
+        req = await asyncio.to_thread(decode_request, raw, schema)
+    del raw
     check_model(state, getattr(req, "model", None))
     return req
 
@@ -281,14 +298,19 @@ def render_prompt(messages: list[dict], tools: list[dict] | None, thinking: bool
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
 
 
+def check_chars(state: ServerState, chars: int, param: str) -> None:
+    """400 when ``chars`` characters are more than any ``max_model_len``-token text can hold."""
+    max_len = state.config.max_model_len
+    if chars > max_len * state.max_token_chars:
+        raise APIError(400, f"the prompt is {chars} characters: more than {max_len} tokens (this model's maximum "
+                       f"context length) at any tokenization; shorten it", param, "context_length_exceeded")
+
+
 async def encode(state: ServerState, text: str, param: str = "prompt") -> list[int]:
     """Token ids of ``text``. A text longer than any ``max_model_len``-token text can be is refused before
     tokenizing (the cheap bound: characters / the longest token); long texts are tokenized on a worker
     thread, two at a time, so the event loop keeps serving and memory stays bounded."""
-    max_len = state.config.max_model_len
-    if len(text) > max_len * state.max_token_chars:
-        raise APIError(400, f"the prompt is {len(text)} characters: more than {max_len} tokens (this model's maximum "
-                       f"context length) at any tokenization; shorten it", param, "context_length_exceeded")
+    check_chars(state, len(text), param)
     tokenize = lambda: state.tokenizer.encode(text, add_special_tokens=False).ids
     try:
         if len(text) < _TOKENIZE_INLINE_CHARS:
@@ -432,7 +454,14 @@ async def compile_grammar(state: ServerState, schema: dict | None, param: str,
 
 
 def include_usage(req: SamplingFields) -> bool:
-    return bool((req.stream_options or {}).get("include_usage"))
+    options = req.stream_options or {}
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise APIError(400, f"stream_options.{unknown[0]}: unknown option; only include_usage is supported",
+                       "stream_options", "invalid_value")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options", "invalid_value")
+    return bool(options.get("include_usage"))
 
 
 def per_choice(params: SamplingParams, i: int) -> SamplingParams:
@@ -546,8 +575,11 @@ async def respond(request: Request, state: ServerState, jobs: list[Job], body: C
         texts[index].append(event.text)
         logprobs[index] += event.logprobs or []
         last[index] = event
-    if len(last) < len(jobs) or any(e.finish_reason == "abort" for e in last.values()):
+    if len(last) < len(jobs) or any(e.finish_reason == "abort" and not e.error for e in last.values()):
         return Response(status_code=499)  # the client left; nobody reads this
+    ended = [e for e in last.values() if e.finish_reason == "abort"]  # by the server: shutdown drain timed out
+    if ended:
+        return JSONResponse(engine_error(ended[0]), status_code=503)
     failed = [e for e in last.values() if e.finish_reason == "error"]
     if failed:
         return JSONResponse(engine_error(failed[0]), status_code=503 if engine.fatal_error else 500)
@@ -625,6 +657,8 @@ async def models(state: State) -> JSONResponse:
 async def chat_completions(request: Request, state: State) -> Response:
     req: ChatCompletionRequest = await parse_request(request, state, ChatCompletionRequest)
     check_messages(req.messages)
+    # the text of the messages alone may already be too long: refused before rendering it
+    check_chars(state, sum(len(m["content"]) for m in req.messages if isinstance(m.get("content"), str)), "messages")
     thinking, clear_thinking = thinking_switches(req)
     tools, forced, schema = forced_tool_choice(req)
     constrained, format_schema = response_format_schema(req.response_format)

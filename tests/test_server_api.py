@@ -266,6 +266,7 @@ BAD_CHAT = [
       "tools": [{"type": "function", "function": {"name": "get_weather"}}]}, "tool_choice"),
     ({"best_of": 2}, "best_of"),  # a completions-only field: unknown to chat
     ({"frobnicate": True}, "frobnicate"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant"}]}, "messages[1].content"),
