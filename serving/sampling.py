@@ -80,8 +80,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], prompts: list[list[in
         return counts[:, :V]
 
     out_counts = counts_of(outputs)
-    rep = torch.tensor(repetition, dtype=torch.float32, device=device).unsqueeze(1)
-    if bool((rep != 1.0).any()):
+    if any(r != 1.0 for r in repetition):  # decided on the host: no device read
+        rep = torch.tensor(repetition, dtype=torch.float32, device=device).unsqueeze(1)
         seen = (counts_of(prompts) > 0) | (out_counts > 0)
         penalised = torch.where(sub > 0, sub / rep, sub * rep)
         sub = torch.where(seen, penalised, sub)
