@@ -10,21 +10,23 @@ import pytest
 
 pytest.importorskip("model")
 
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, scrape_metrics  # noqa: E402
 
 
 def stream(url, max_tokens, started, out):
     """One streaming completion; appends ``(finish_reason of the last chunk, saw [DONE])`` to ``out``."""
     body = {"model": "glm5-tiny-random", "prompt": "Tell me a long story about blocks.", "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True}
-    finish, done = None, False
+    finish, done, started_once = None, False, False
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    started.release()
+                    if finish is None and not started_once:
+                        started_once = True
+                        started.release()
                     choices = json.loads(line[6:]).get("choices") or [{}]
                     finish = choices[0].get("finish_reason") or finish
     except httpx.HTTPError as exc:
@@ -59,10 +61,19 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests():
 
 def test_sigterm_aborts_what_outlives_the_shutdown_timeout_with_a_final_chunk():
     with ServerProcess(["--shutdown-timeout", "1"]) as server:
-        threads, results = run_streams(server, 4, 3500)
+        whole = []
+        body = {"model": "glm5-tiny-random", "prompt": "Go on.", "max_tokens": 2000, "ignore_eos": True}
+        plain = threading.Thread(target=lambda: whole.append(
+            httpx.post(server.url + "/v1/completions", json=body, timeout=120)))
+        plain.start()
+        threads, results = run_streams(server, 4, 2000)
+        for _ in range(600):  # the non-streaming request is in the batch too (5 x 2000 tokens fit the cache)
+            if scrape_metrics(server.url)["hwlayer_num_requests_running"] == 5:
+                break
         server.proc.send_signal(signal.SIGTERM)
-        for t in threads:
+        for t in [*threads, plain]:
             t.join(120)
         assert server.proc.wait(60) == 0, server.output()[-2000:]
-        assert "ending 4 requests with finish_reason 'abort'" in server.output()
+        assert "ending 5 requests with finish_reason 'abort'" in server.output()
     assert results == [("abort", True)] * 4
+    assert whole[0].status_code == 503 and "--shutdown-timeout" in whole[0].json()["error"]["message"]
