@@ -86,6 +86,7 @@ def generate(engine, prompts, max_tokens=8):
     return [s.output_ids for s in seqs]
 
 
+@pytest.mark.slow
 def test_multi_turn_reuses_turn_one_and_matches_no_cache(tiny):
     system = list(range(20, 43))  # 23 tokens shared by every conversation
     turn1 = [system + [7, 8, 9], system + [10, 11]]
@@ -118,6 +119,7 @@ def test_fully_cached_prompt_still_computes_its_last_token(tiny):
     assert engine.num_computed_tokens - before == BS + 8 - 1
 
 
+@pytest.mark.slow
 def test_concurrent_sequences_share_cached_blocks(tiny):
     from serving.engine import SamplingParams
 
@@ -136,6 +138,7 @@ def test_concurrent_sequences_share_cached_blocks(tiny):
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+@pytest.mark.slow
 def test_eviction_under_a_small_cache_keeps_results_exact(tiny):
     prompts = [[100 + i] + list(range(30, 30 + 11 + 3 * i)) for i in range(5)]
     engine = make_engine(tiny, num_blocks=10)
@@ -163,6 +166,7 @@ def chat_twice(url):
     return answers, scrape_metrics(url)
 
 
+@pytest.mark.slow
 def test_server_prefix_cache_metrics_and_flag():
     from server_process import ServerProcess
 

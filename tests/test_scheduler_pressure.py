@@ -10,6 +10,7 @@ import random
 import pytest
 
 pytest.importorskip("model")
+pytestmark = pytest.mark.slow  # hundreds of model steps
 
 from serving.engine import Engine, SamplingParams  # noqa: E402
 

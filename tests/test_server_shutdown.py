@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 pytest.importorskip("model")
+pytestmark = pytest.mark.slow  # real server processes
 
 from server_process import ServerProcess, scrape_metrics  # noqa: E402
 
