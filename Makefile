@@ -12,17 +12,24 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# What serving needs: the runtime dependencies and the structured-output grammar engine (no test tools,
+# no triton: `make serve` on a fresh machine stays a few hundred MB beside torch).
+$(VENV)/.runtime: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[structured]'
+	touch $@
+
+# Everything `make test` needs on top: the dev extra and the out-of-tree vendor plugins.
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	# The Cambricon and Moore Threads backends are out-of-tree plugins, installed as a vendor's
 	# package would be (entry points); they report "unavailable" until their vendor stack is present.
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e plugins/hwlayer-cambricon -e plugins/hwlayer-musa
 	touch $@
 
-serve: venv
+serve: $(VENV)/.runtime
 	$(PY) serve.py $(SERVE_ARGS)
 
 # The full run CI uses. Triton's interpreter must be switched on before triton is first imported, so

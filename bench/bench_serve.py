@@ -1,4 +1,6 @@
-"""Serving throughput and latency of serve.py at 1, 4 and 16 concurrent streams.
+"""Serving benchmarks of serve.py: throughput by concurrency, KV pressure, multi-turn prefix caching.
+
+``--scenario throughput`` (default): throughput and latency at 1, 4 and 16 concurrent streams.
 
 Starts a real ``serve.py`` subprocess (default model unless ``--server-args`` says otherwise) or uses
 ``--url``, then for each concurrency level runs that many streaming ``/v1/completions`` requests at
@@ -9,6 +11,21 @@ once (greedy, ``ignore_eos`` so every request generates exactly ``--max-tokens``
 
     .venv/bin/python bench/bench_serve.py                       # default: --concurrency 1 4 16
     .venv/bin/python bench/bench_serve.py --url http://127.0.0.1:8000 --max-tokens 128
+
+``--scenario kv-pressure``: ``--requests`` long requests (``--prompt-items`` list items, about 18 tokens
+each with the tiny tokenizer: 84 -> ~1500 tokens; ``--max-tokens`` 600, ``ignore_eos``) whose KV together
+exceeds the cache, all at once, against the same requests one after another (the peer). Reports both
+wall times, their ratio, preemptions and tokens the engine computed (recomputation shows there).
+
+    .venv/bin/python bench/bench_serve.py --scenario kv-pressure --requests 12
+    .venv/bin/python bench/bench_serve.py --scenario kv-pressure --requests 6 --server-args "--num-kv-blocks 100"
+
+``--scenario multi-turn``: ``--conversations`` chats of ``--turns`` turns, each turn resending the whole
+conversation (a long system prompt, every earlier question and answer) plus a new question, on a server
+with prefix caching and one with ``--no-enable-prefix-caching`` (the peer): time to first token per turn
+and the prefix-cache hit rate from ``/metrics``.
+
+    .venv/bin/python bench/bench_serve.py --scenario multi-turn
 """
 
 from __future__ import annotations
@@ -16,8 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,16 +105,138 @@ async def level(url: str, model: str, prompt: str, concurrency: int, max_tokens:
             "step_ms": 1e3 * (step_s1 - step_s0) / steps, "forward_ms": 1e3 * (forward_s1 - forward_s0) / steps}
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+def long_prompt(tag: str, items: int) -> str:
+    """A distinct prompt (``tag`` first, so no two share a cached block) of about 18 tokens per item."""
+    return f"{tag}: summarise this list. " + " ".join(f"item{tag}_{k} costs {k * 7 % 100} dollars;"
+                                                      for k in range(items))
+
+
+async def one_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    sent = time.perf_counter()
+    response = await client.post(url + "/v1/completions", json=body)
+    response.raise_for_status()
+    return {"seconds": time.perf_counter() - sent, **response.json()["usage"]}
+
+
+def kv_pressure(url: str, model: str, args: argparse.Namespace) -> dict:
+    """The same kind of requests one after another (the peer), then all at once."""
+    async def run(tag: str, concurrent: bool) -> dict:
+        prompts = [long_prompt(f"{tag}{i}", args.prompt_items) for i in range(args.requests)]
+        before = {name: metric(url, name) for name in ("hwlayer_preemptions_total", "hwlayer_prompt_tokens_total")}
+        async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=args.requests + 4)) as client:
+            start = time.perf_counter()
+            if concurrent:
+                results = await asyncio.gather(*(one_completion(client, url, model, p, args.max_tokens)
+                                                 for p in prompts))
+            else:
+                results = [await one_completion(client, url, model, p, args.max_tokens) for p in prompts]
+            wall = time.perf_counter() - start
+        return {"wall_s": wall, "finished": sum(r["completion_tokens"] == args.max_tokens for r in results),
+                "prompt_tokens": [r["prompt_tokens"] for r in results],
+                "latency_s": sorted(r["seconds"] for r in results),
+                "preemptions": metric(url, "hwlayer_preemptions_total") - before["hwlayer_preemptions_total"]}
+
+    async def warm_up() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            await one_completion(client, url, model, "warm up", 8)
+
+    asyncio.run(warm_up())
+    sequential = asyncio.run(run("S", concurrent=False))
+    concurrent = asyncio.run(run("C", concurrent=True))
+    block = int(metric(url, "hwlayer_kv_blocks_total"))
+    info = httpx.get(url + "/metrics", timeout=30).text
+    block_size = int(info.split('kv_block_size="')[1].split('"')[0]) if 'kv_block_size="' in info else 0
+    need = sum(-(-(p + args.max_tokens) // block_size) for p in concurrent["prompt_tokens"]) if block_size else 0
+    return {"requests": args.requests, "max_tokens": args.max_tokens, "kv_blocks": block, "kv_block_size": block_size,
+            "kv_blocks_needed_all": need, "sequential": sequential, "concurrent": concurrent,
+            "ratio": concurrent["wall_s"] / sequential["wall_s"]}
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> tuple:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "chat_template_kwargs": {"enable_thinking": False}}
+    sent, ttft, text = time.perf_counter(), None, []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                piece = choice["delta"].get("content") or choice["delta"].get("reasoning_content") or ""
+                if piece:
+                    ttft = ttft or time.perf_counter() - sent
+                    text.append(piece)
+    return ttft, "".join(text)
+
+
+def multi_turn(args: argparse.Namespace, extra: list[str]) -> dict:
+    """TTFT per turn and prefix-cache hit rate, with prefix caching and without (the peer)."""
+    system = "You are an agent working in a large code base. " + long_prompt("system", args.prompt_items)
+    out = {}
+    for label, flags in (("caching", []), ("no caching", ["--no-enable-prefix-caching"])):
+        with ServerProcess([*extra, *flags]) as server:
+            url = server.url
+            model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+            async def run() -> list[list[float]]:
+                ttfts = [[] for _ in range(args.turns)]
+                async with httpx.AsyncClient(timeout=600) as client:
+                    await chat_turn(client, url, model, [{"role": "user", "content": "warm up"}], 4)
+                    for c in range(args.conversations):
+                        messages = [{"role": "system", "content": system}]
+                        for turn in range(args.turns):
+                            messages.append({"role": "user", "content": f"Conversation {c}, step {turn}: what next?"})
+                            ttft, answer = await chat_turn(client, url, model, messages, args.max_tokens)
+                            ttfts[turn].append(ttft)
+                            messages.append({"role": "assistant", "content": answer})
+                return ttfts
+
+            ttfts = asyncio.run(run())
+            out[label] = {"ttft_ms_per_turn": [1e3 * statistics.median(t) for t in ttfts],
+                          "hit_rate": metric(url, "hwlayer_prefix_cache_hit_rate"),
+                          "prompt_tokens": metric(url, "hwlayer_prompt_tokens_total"),
+                          "hits": metric(url, "hwlayer_prefix_cache_hits_total")}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="an already running server (default: start serve.py here)")
+    ap.add_argument("--scenario", default="throughput", choices=["throughput", "kv-pressure", "multi-turn"])
+    ap.add_argument("--url", help="an already running server (default: start serve.py here; not for multi-turn)")
     ap.add_argument("--server-args", default="", help="extra serve.py flags when starting one")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, help="tokens per request (default 128; kv-pressure 600; multi-turn 32)")
+    ap.add_argument("--requests", type=int, default=12, help="kv-pressure: requests (default 12)")
+    ap.add_argument("--prompt-items", type=int, default=84,
+                    help="kv-pressure / multi-turn: list items in each long prompt (84: ~1500 tiny-tokenizer tokens)")
+    ap.add_argument("--conversations", type=int, default=3, help="multi-turn: conversations (default 3)")
+    ap.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median by throughput is reported")
     ap.add_argument("--prompt", default="Explain continuous batching in one paragraph. " * 4)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
+    if args.max_tokens is None:
+        args.max_tokens = {"throughput": 128, "kv-pressure": 600, "multi-turn": 32}[args.scenario]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.scenario == "multi-turn":
+        result = multi_turn(args, shlex.split(args.server_args))
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"multi-turn: {args.conversations} conversations x {args.turns} turns, system prompt of "
+              f"{args.prompt_items} items, {args.max_tokens} tokens per answer; {machine}")
+        print(f"{'server':>12} {'hit rate':>9} " + " ".join(f"{'TTFT t' + str(t + 1):>10}" for t in range(args.turns)))
+        for label, r in result.items():
+            print(f"{label:>12} {r['hit_rate']:>9.2f} " + " ".join(f"{v:>8.0f}ms" for v in r["ttft_ms_per_turn"]))
+        return 0
 
     server = None
     url = args.url
@@ -105,6 +246,22 @@ def main() -> int:
     try:
         info = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
         model = info["id"]
+        if args.scenario == "kv-pressure":
+            result = kv_pressure(url, model, args)
+            if args.json:
+                print(json.dumps(result, indent=2))
+                return 0
+            seq, con = result["sequential"], result["concurrent"]
+            print(f"kv-pressure: {args.requests} requests, prompts {min(con['prompt_tokens'])}-"
+                  f"{max(con['prompt_tokens'])} tokens + {args.max_tokens} (ignore_eos); they need "
+                  f"{result['kv_blocks_needed_all']} KV blocks together, the cache has {result['kv_blocks']} x "
+                  f"{result['kv_block_size']}; {machine}")
+            for label, r in (("sequential", seq), ("concurrent", con)):
+                print(f"{label:>11}: {r['wall_s']:7.1f} s, {r['finished']}/{args.requests} finished, "
+                      f"{r['preemptions']:.0f} preemptions, latency min/median/max {r['latency_s'][0]:.1f} / "
+                      f"{statistics.median(r['latency_s']):.1f} / {r['latency_s'][-1]:.1f} s")
+            print(f"concurrent / sequential wall time: {result['ratio']:.2f}")
+            return 0
         asyncio.run(level(url, model, args.prompt, 2, 8))  # warm-up: first-call allocations, thread pools
         rows = []
         for c in args.concurrency:  # shared machines are noisy: report each level's median run

@@ -10,11 +10,15 @@ Layout, top to bottom:
 * :class:`ServerConfig` and :class:`ServerState`: what every handler shares, kept on
   ``app.state.server`` and handed to a handler by the ``State`` dependency.
 * Dependencies: :func:`require_api_key` (every ``/v1`` route) and :func:`require_live_engine`.
-* Request helpers: body reading and parsing, prompt rendering and tokenizing, sampling parameters.
-* Engine plumbing: submit a request, relay its events, answer streamed (SSE) or whole (:func:`respond`).
-* Routes: ``router`` (open: ``/health``, ``/metrics``) and ``v1`` (``/v1``, behind the API key).
-* :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers and the
-  engine's lifespan, wrapped in the request counter.
+* Request helpers: body reading and parsing (size limit, bad Unicode, deep JSON), prompt rendering and
+  tokenizing (refused by a character bound before tokenizing, long texts on a worker thread), sampling
+  parameters, structured output (``response_format``, ``tool_choice``).
+* Engine plumbing: submit a response's sequences (``n`` per prompt, batched prompts), relay their
+  ``(choice, event)`` pairs, answer streamed (SSE) or whole (:func:`respond`).
+* Routes: ``router`` (open: ``/health``, ``/metrics``, ``/version``), ``tokens`` (``/tokenize``,
+  ``/detokenize``) and ``v1`` (``/v1``), the last two behind the API key.
+* :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers (a catch-all
+  turns any bug into a JSON 500), CORS and the engine's lifespan, wrapped in the request counter.
 
 A new endpoint is one handler on ``router`` or ``v1`` (taking ``request: Request, state: State``);
 it is counted in ``hwlayer_requests_total`` under its own path. A new request parameter is a field on
@@ -27,14 +31,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,13 +56,24 @@ from .protocol import (
     ChatResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    ForcedTools,
     SamplingFields,
+    TokenizeRequest,
     engine_error,
     error_response,
+    usage_of,
     validation_message,
 )
+from .sampling import TokenLogprob
+from .structured import GrammarCompiler, GrammarSpec, StructuredOutputError
+
+log = logging.getLogger("serving.api")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_CHOICES = 128  # prompts x n in one request
+_TOKENIZE_INLINE_CHARS = 20_000  # longer texts are tokenized on a worker thread
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 # ---- server state ----------------------------------------------------------------------------
 
@@ -69,6 +87,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)  # serving/chat.py: which one renders
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no cross-origin browser access
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -78,13 +97,13 @@ class EventRelay:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pending: list[tuple[asyncio.Queue, EngineEvent]] = []
+        self.pending: list[tuple[asyncio.Queue, Any]] = []
         self.lock = threading.Lock()
         self.scheduled = False
 
-    def push(self, queue: asyncio.Queue, event: EngineEvent) -> None:
+    def push(self, queue: asyncio.Queue, item: Any) -> None:
         with self.lock:
-            self.pending.append((queue, event))
+            self.pending.append((queue, item))
             if self.scheduled:
                 return
             self.scheduled = True
@@ -93,8 +112,8 @@ class EventRelay:
     def _deliver(self) -> None:
         with self.lock:
             items, self.pending, self.scheduled = self.pending, [], False
-        for queue, event in items:
-            queue.put_nowait(event)
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 @dataclass
@@ -106,6 +125,16 @@ class ServerState:
     config: ServerConfig
     metrics: ServingMetrics
     relay: EventRelay | None = None  # made by the lifespan, on the loop that serves the requests
+    vocab_size: int = 0  # the logits' width: token ids are checked against it
+    max_token_chars: int = 1  # the longest token's text: a prompt longer than max_model_len x this cannot fit
+    grammars: GrammarCompiler | None = None
+    tokenize_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+
+    def token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 async def server_state(request: Request) -> ServerState:
@@ -138,8 +167,30 @@ async def require_live_engine(state: State) -> None:
 # ---- request helpers -------------------------------------------------------------------------
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object, read up to ``max_bytes`` (413 beyond), 400 naming what is wrong with it."""
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (``"\ud800"`` escapes), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and lone_surrogate_at(key):
+            return path or "body"  # the key itself cannot be named in a UTF-8 message
+        where = lone_surrogate_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path
+                                  else str(key))
+        if where:
+            return where
+    return None
+
+
+_INLINE_BODY_BYTES = 256 * 1024  # larger bodies are decoded and validated on a worker thread
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, read up to ``max_bytes`` (413 beyond)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise APIError(413, f"request body is {length} bytes; the limit is {max_bytes}", None, "request_too_large")
@@ -149,8 +200,13 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the {max_bytes}-byte limit", None, "request_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(raw: bytes) -> dict:
+    """The body as a JSON object; 400 naming what is wrong with it (encoding, syntax, depth, surrogates)."""
     try:
-        text = b"".join(chunks).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", None, "invalid_encoding") \
             from None
@@ -159,75 +215,134 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     except json.JSONDecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                        None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body nests JSON too deeply; expected an OpenAI request object", None,
+                       "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
+    if _SURROGATE_ESCAPE.search(text) and (where := lone_surrogate_at(data)):
+        raise APIError(400, f"{where}: contains a lone UTF-16 surrogate escape (e.g. \\ud800); expected valid "
+                       "Unicode text", where, "invalid_encoding")
     return data
 
 
-async def parse_request(request: Request, state: ServerState, schema: type[BaseModel]) -> Any:
-    """The body validated against ``schema``; fields this server does not support are a 400 here."""
-    data = await read_json(request, state.config.max_body_bytes)
+def decode_request(raw: bytes, schema: type[BaseModel]) -> Any:
+    data = decode_json(raw)
     try:
-        req = schema.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         message, param = validation_message(exc)
         raise APIError(400, message, param, "invalid_value") from None
-    served = state.config.model_name
-    if req.model is not None and req.model != served:
-        raise APIError(400, f"model {req.model!r} is not served here; available: {served!r}", "model",
-                       "model_not_found")
-    if req.n != 1:
-        raise APIError(400, f"n={req.n} is not supported; only n=1", "n", "invalid_value")
-    if req.logprobs not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported by this server", "logprobs", "unsupported")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported; only "
-                       "'text' (no constrained decoding here)", "response_format", "unsupported")
+    except RecursionError:
+        raise APIError(400, "request body nests JSON too deeply", None, "invalid_json") from None
+
+
+async def parse_request(request: Request, state: ServerState, schema: type[BaseModel]) -> Any:
+    """The body validated against ``schema`` (unknown fields are a 400 naming the field). A large body is
+    decoded and validated on a worker thread: the event loop keeps answering (e.g. /health)."""
+    raw = await read_body(request, state.config.max_body_bytes)
+    if len(raw) < _INLINE_BODY_BYTES:
+        req = decode_request(raw, schema)
+    else:
+        req = await asyncio.to_thread(decode_request, raw, schema)
+    del raw
+    check_model(state, getattr(req, "model", None))
     return req
 
 
-def render_prompt(state: ServerState, req: ChatCompletionRequest) -> str:
+def check_model(state: ServerState, model: str | None) -> None:
+    served = state.config.model_name
+    if model is not None and model != served:
+        raise APIError(404, f"the model {model!r} does not exist here; this server serves {served!r}", "model",
+                       "model_not_found")
+
+
+def check_messages(messages: list[dict]) -> None:
+    """Content is required (non-null) on system, developer, user and tool messages, and on assistant messages
+    without tool calls, as OpenAI requires."""
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if message.get("content") is not None:
+            continue
+        if role == "assistant" and (message.get("tool_calls") or message.get("reasoning_content")):
+            continue
+        if role in ("system", "developer", "user", "tool", "assistant"):
+            got = "null" if "content" in message else "missing"
+            raise APIError(400, f"messages[{i}].content: a {role} message needs content"
+                           f"{' or tool_calls' if role == 'assistant' else ''}, got {got}",
+                           f"messages[{i}].content", "invalid_value")
+
+
+def render_prompt(state: ServerState, req: Any, add_generation_prompt: bool = True) -> str:
     """The chat prompt text from the server's template (serving/chat.py) and the request's template
     variables (thinking switches); a request the template cannot render is a 400 naming it."""
     try:
-        kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, req.thinking)
-        return state.config.chat_template.render(req.messages, req.tools, kwargs)
+        kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, getattr(req, "thinking", None))
+        return state.config.chat_template.render(req.messages, req.tools, kwargs, add_generation_prompt)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
 
 
-async def encode(tokenizer: Any, text: str) -> list[int]:
-    if len(text) < 20_000:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    # a long prompt takes a while to tokenize: not on the event loop
-    return (await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)).ids
+def check_chars(state: ServerState, chars: int, param: str) -> None:
+    """400 when ``chars`` characters are more than any ``max_model_len``-token text can hold."""
+    max_len = state.config.max_model_len
+    if chars > max_len * state.max_token_chars:
+        raise APIError(400, f"the prompt is {chars} characters: more than {max_len} tokens (this model's maximum "
+                       f"context length) at any tokenization; shorten it", param, "context_length_exceeded")
 
 
-async def completion_prompt_ids(tokenizer: Any, prompt: str | list[int] | list[str]) -> list[int]:
-    """A completion prompt (text, one-element list of text, or token ids) as checked token ids."""
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one", "prompt",
-                           "invalid_value")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-        return await encode(tokenizer, prompt)
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if not prompt or any(not 0 <= t < vocab for t in prompt):
-        raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, {vocab})", "prompt",
-                       "invalid_value")
-    return list(prompt)
+async def encode(state: ServerState, text: str, param: str = "prompt") -> list[int]:
+    """Token ids of ``text``. A text longer than any ``max_model_len``-token text can be is refused before
+    tokenizing (the cheap bound: characters / the longest token); long texts are tokenized on a worker
+    thread, two at a time, so the event loop keeps serving and memory stays bounded."""
+    check_chars(state, len(text), param)
+    tokenize = lambda: state.tokenizer.encode(text, add_special_tokens=False).ids
+    try:
+        if len(text) < _TOKENIZE_INLINE_CHARS:
+            return tokenize()
+        async with state.tokenize_slots:
+            return await asyncio.to_thread(tokenize)
+    except (TypeError, ValueError, UnicodeError) as exc:
+        raise APIError(400, f"{param}: cannot be tokenized ({type(exc).__name__}); expected valid Unicode text",
+                       param, "invalid_value") from None
 
 
-def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+def check_token_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
+    if any(not 0 <= t < state.vocab_size for t in ids):
+        bad = next(t for t in ids if not 0 <= t < state.vocab_size)
+        raise APIError(400, f"{param}: token id {bad} is out of range; expected ids in [0, {state.vocab_size})",
+                       param, "invalid_value")
+    return list(ids)
+
+
+async def completion_prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str | None]]:
+    """A completion ``prompt`` (text, token ids, or a batch of either) as ``[(token ids, text or None)]``."""
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if not batch or batch == [[]]:
+        raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
+    out = []
+    for i, item in enumerate(batch):
+        param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise APIError(400, f"{param} must not be empty", param, "invalid_value")
+            out.append((await encode(state, item, param), item))
+        else:
+            if not item:
+                raise APIError(400, f"{param} must not be empty", param, "invalid_value")
+            out.append((check_token_ids(state, item, param), None))
+    return out
+
+
+def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, max_tokens: int | None,
+                    param: str = "messages", logprobs: int | None = None,
+                    structured: GrammarSpec | None = None) -> SamplingParams:
     """The engine's parameters for ``req``: the place a new request parameter reaches the engine.
     ``max_tokens`` None: up to the context limit."""
     max_model_len = state.config.max_model_len
     if prompt_len >= max_model_len:
         raise APIError(400, f"the prompt is {prompt_len} tokens; this model's maximum context length is "
-                       f"{max_model_len} (including at least one generated token)", "messages",
+                       f"{max_model_len} (including at least one generated token)", param,
                        "context_length_exceeded")
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
@@ -237,99 +352,234 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, ma
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise APIError(400, "stop strings must be non-empty", "stop", "invalid_value")
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                          top_p=1.0 if req.top_p is None else req.top_p,
-                          top_k=0 if req.top_k is None else req.top_k, seed=req.seed, stop=stop,
-                          stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos)
+    if req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens",
+                       "invalid_value")
+    bias = None
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            if not key.isdigit() or not 0 <= int(key) < state.vocab_size:
+                raise APIError(400, f"logit_bias: key {key[:20]!r} is not a token id in [0, {state.vocab_size})",
+                               "logit_bias", "invalid_value")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias[{key}]: {value} is outside [-100, 100]", "logit_bias",
+                               "invalid_value")
+            bias[int(key)] = float(value)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if req.top_k is None else req.top_k,
+        min_p=req.min_p or 0.0, seed=req.seed, stop=stop,
+        stop_token_ids=check_token_ids(state, req.stop_token_ids or [], "stop_token_ids"), ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty, logit_bias=bias,
+        min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output, structured=structured)
+
+
+def response_format_schema(response_format: dict | None) -> tuple[bool, dict | None]:
+    """``(constrained, JSON schema or None for any object)`` from ``response_format``."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema: expected a JSON schema object",
+                           "response_format", "invalid_value")
+        return True, spec["schema"]
+    raise APIError(400, f"response_format.type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                   "response_format", "invalid_value")
+
+
+def forced_tool_choice(req: ChatCompletionRequest) -> tuple[list[dict] | None, ForcedTools | None, dict | None]:
+    """``(tools for the prompt, forced tool calls or None, their JSON schema)`` from tools / tool_choice."""
+    choice, tools = req.tool_choice, req.tools
+    if choice is None or choice == "auto":
+        return tools, None, None
+    if choice == "none":
+        return None, None, None
+    functions = {}
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}",
+                           f"tools[{i}]", "invalid_value")
+        params = fn.get("parameters") or {"type": "object"}
+        functions[fn["name"]] = params if isinstance(params, dict) else {"type": "object"}
+    if choice == "required":
+        if not functions:
+            raise APIError(400, "tool_choice 'required' needs at least one tool in tools", "tool_choice",
+                           "invalid_value")
+        item = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": params},
+                           "required": ["name", "parameters"], "additionalProperties": False}
+                          for name, params in functions.items()]}
+        schema = {"type": "array", "items": item, "minItems": 1}
+        if req.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return tools, ForcedTools(None), schema
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools "
+                           f"(available: {sorted(functions)})", "tool_choice", "invalid_value")
+        return tools, ForcedTools(name), functions[name]
+    raise APIError(400, f"tool_choice {json.dumps(choice)[:60]}: expected 'none', 'auto', 'required' or "
+                   "{'type': 'function', 'function': {'name': ...}}", "tool_choice", "invalid_value")
+
+
+async def compile_grammar(state: ServerState, schema: dict | None, param: str,
+                          start_after: int | None) -> GrammarSpec:
+    try:
+        return await asyncio.to_thread(state.grammars.json_schema, schema, start_after)
+    except StructuredOutputError as exc:
+        raise APIError(400, f"{param}: {exc}", param, "invalid_value") from None
 
 
 def include_usage(req: SamplingFields) -> bool:
-    return bool((req.stream_options or {}).get("include_usage"))
+    options = req.stream_options or {}
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise APIError(400, f"stream_options.{unknown[0]}: unknown option; only include_usage is supported",
+                       "stream_options", "invalid_value")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options", "invalid_value")
+    return bool(options.get("include_usage"))
+
+
+def per_choice(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice ``i``'s parameters: a seeded request seeds its choices ``seed + i`` (reproducible, not identical)."""
+    if i == 0 or params.seed is None:
+        return params if i == 0 else replace(params)
+    return replace(params, seed=(params.seed + i) % 2**63)
 
 # ---- engine plumbing -------------------------------------------------------------------------
 
 
-def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
-    """Queue the request in the engine; its events arrive on the returned asyncio queue."""
-    queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+@dataclass
+class Job:
+    """One sequence of a response: choice ``len(jobs so far)``, generated from prompt ``prompt_index``."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_index: int = 0
+
+
+def submit(state: ServerState, jobs: list[Job], request_id: str) -> tuple[asyncio.Queue, list[str]]:
+    """Queue the jobs in the engine; their ``(choice index, event)`` pairs arrive on the returned queue."""
+    queue: asyncio.Queue[tuple[int, EngineEvent]] = asyncio.Queue()
     push = state.relay.push
+    ids = [request_id if len(jobs) == 1 else f"{request_id}-{i}" for i in range(len(jobs))]
     try:
-        state.engine.submit(prompt_ids, params, lambda event: push(queue, event), request_id)
+        for i, job in enumerate(jobs):
+            state.engine.submit(job.prompt_ids, job.params, lambda event, i=i: push(queue, (i, event)), ids[i])
     except RuntimeError as exc:
+        for request in ids:
+            state.engine.abort(request)
         raise APIError(503, f"engine stopped: {exc}", None, "engine_dead", "server_error") from None
-    return queue
+    return queue, ids
 
 
-async def watch_disconnect(request: Request, engine: Engine, request_id: str) -> None:
+async def watch_disconnect(request: Request, engine: Engine, request_ids: list[str]) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.5)
-    engine.abort(request_id)
+    for request_id in request_ids:
+        engine.abort(request_id)
 
 
-async def collect(request: Request, engine: Engine, queue: asyncio.Queue, request_id: str,
-                  watch: bool = False) -> AsyncIterator[EngineEvent]:
-    """Events of one request, those that queued up while the consumer was busy merged into one.
+async def collect(request: Request, engine: Engine, queue: asyncio.Queue, request_ids: list[str],
+                  watch: bool = False) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """``(choice, event)`` pairs until every choice finished; a choice's events that queued up while the
+    consumer was busy are merged into one.
 
     A streaming response is cancelled by Starlette when its client leaves; ``watch`` polls for
-    that otherwise (non-streaming). Either way the request is aborted in the engine."""
-    watcher = asyncio.create_task(watch_disconnect(request, engine, request_id)) if watch else None
-    finished = False
+    that otherwise (non-streaming). Either way the unfinished requests are aborted in the engine."""
+    watcher = asyncio.create_task(watch_disconnect(request, engine, request_ids)) if watch else None
+    pending = set(range(len(request_ids)))
     try:
-        while not finished:
-            event = await queue.get()
-            while not event.finished and not queue.empty():
-                later = queue.get_nowait()
-                later.text = event.text + later.text
-                event = later
-            finished = event.finished
-            yield event
+        while pending:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            merged: dict[int, EngineEvent] = {}
+            for index, event in items:
+                if index in merged:
+                    earlier = merged.pop(index)
+                    event.text = earlier.text + event.text
+                    if earlier.logprobs is not None:
+                        event.logprobs = earlier.logprobs + (event.logprobs or [])
+                merged[index] = event
+            for index, event in merged.items():
+                if event.finished:
+                    pending.discard(index)
+                yield index, event
     finally:
         if watcher is not None:
             watcher.cancel()
-        if not finished:
-            engine.abort(request_id)
+        for index in pending:
+            engine.abort(request_ids[index])
 
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def respond(request: Request, state: ServerState, prompt_ids: list[int], params: SamplingParams,
-                  body: ChatResponse | CompletionResponse, stream: bool) -> Response:
-    """Run the request in the engine and answer with ``body``'s chunks as server-sent events, or
-    with its whole body once generation ends."""
-    engine, request_id = state.engine, body.request_id
-    queue = submit(state, prompt_ids, params, request_id)
+def total_usage(jobs: list[Job], last: dict[int, EngineEvent]) -> dict:
+    prompts = {job.prompt_index: len(job.prompt_ids) for job in jobs}  # a prompt counts once, whatever n is
+    return usage_of(sum(prompts.values()), sum(event.completion_tokens for event in last.values()))
+
+
+async def respond(request: Request, state: ServerState, jobs: list[Job], body: ChatResponse | CompletionResponse,
+                  stream: bool) -> Response:
+    """Run the jobs in the engine and answer with ``body``'s chunks as server-sent events, or with its
+    whole body once every choice ended."""
+    engine = state.engine
+    queue, request_ids = submit(state, jobs, body.request_id)
+    last: dict[int, EngineEvent] = {}
     if stream:
         async def events() -> AsyncIterator[str]:
             for item in body.opening():
                 yield sse(item)
-            async for event in collect(request, engine, queue, request_id):
-                for item in body.chunks(event):
+            async for index, event in collect(request, engine, queue, request_ids):
+                if event.finished:
+                    last[index] = event
+                for item in body.chunks(index, event):
                     yield sse(item)
+            if body.include_usage:
+                yield sse(body.usage_chunk(total_usage(jobs, last)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    text, last = [], None
-    async for event in collect(request, engine, queue, request_id, watch=True):
-        text.append(event.text)
-        last = event
-    if last is None or last.finish_reason == "abort":
+    texts: dict[int, list[str]] = {i: [] for i in range(len(jobs))}
+    logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(jobs))}
+    async for index, event in collect(request, engine, queue, request_ids, watch=True):
+        texts[index].append(event.text)
+        logprobs[index] += event.logprobs or []
+        last[index] = event
+    if len(last) < len(jobs) or any(e.finish_reason == "abort" and not e.error for e in last.values()):
         return Response(status_code=499)  # the client left; nobody reads this
-    if last.finish_reason == "error":
-        return JSONResponse(engine_error(last), status_code=503 if engine.fatal_error else 500)
-    return JSONResponse(body.whole("".join(text), last))
+    ended = [e for e in last.values() if e.finish_reason == "abort"]  # by the server: shutdown drain timed out
+    if ended:
+        return JSONResponse(engine_error(ended[0]), status_code=503)
+    failed = [e for e in last.values() if e.finish_reason == "error"]
+    if failed:
+        return JSONResponse(engine_error(failed[0]), status_code=503 if engine.fatal_error else 500)
+    results = [("".join(texts[i]), last[i], logprobs[i]) for i in range(len(jobs))]
+    return JSONResponse(body.whole(results, total_usage(jobs, last)))
 
 # ---- routes ----------------------------------------------------------------------------------
 
 
 router = APIRouter()  # open: probes and scrapers carry no API key
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+tokens = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's /tokenize and /detokenize (no /v1)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(state: State) -> Response:
     if state.engine.fatal_error:
         return error_response(503, f"engine stopped: {state.engine.fatal_error}", None, "engine_dead",
@@ -341,6 +591,39 @@ async def health(state: State) -> Response:
 async def prometheus_metrics(state: State) -> Response:
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    try:
+        from importlib.metadata import version as dist_version
+
+        number = dist_version("hwlayer")
+    except Exception:  # a source checkout that was never installed
+        number = "unknown"
+    return JSONResponse({"version": number})
+
+
+@tokens.post("/tokenize")
+async def tokenize(request: Request, state: State) -> JSONResponse:
+    req: TokenizeRequest = await parse_request(request, state, TokenizeRequest)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "send exactly one of 'prompt' (text) and 'messages' (a chat)", "prompt", "invalid_value")
+    if req.messages is not None:
+        check_messages(req.messages)
+        text = render_prompt(state, req, req.add_generation_prompt)
+        param = "messages"
+    else:
+        text, param = req.prompt, "prompt"
+    ids = await encode(state, text, param)
+    return JSONResponse({"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids})
+
+
+@tokens.post("/detokenize")
+async def detokenize(request: Request, state: State) -> JSONResponse:
+    req: DetokenizeRequest = await parse_request(request, state, DetokenizeRequest)
+    ids = check_token_ids(state, req.tokens, "tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(ids, skip_special_tokens=False)})
 
 
 @v1.get("/models")
@@ -355,23 +638,69 @@ async def models(state: State) -> JSONResponse:
 @v1.post("/chat/completions", dependencies=[Depends(require_live_engine)])
 async def chat_completions(request: Request, state: State) -> Response:
     req: ChatCompletionRequest = await parse_request(request, state, ChatCompletionRequest)
-    prompt = render_prompt(state, req)
-    tools = req.tools if req.tool_choice != "none" else None  # "none": tools stay in the prompt (vLLM)
-    prompt_ids = await encode(state.tokenizer, prompt)
+    check_messages(req.messages)
+    # the text of the messages alone may already be too long: refused before rendering it
+    check_chars(state, sum(len(m["content"]) for m in req.messages if isinstance(m.get("content"), str)), "messages")
+    _, forced, schema = forced_tool_choice(req)
+    constrained, format_schema = response_format_schema(req.response_format)
+    if constrained and forced is not None:
+        raise APIError(400, "response_format cannot be combined with tool_choice 'required' or a named function "
+                       "(both constrain the output)", "response_format", "invalid_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    prompt = render_prompt(state, req)  # tools stay in the prompt with tool_choice "none" (vLLM)
+    thinking = prompt_opens_thinking(prompt)
+    prompt_ids = await encode(state, prompt, "messages")
+    structured = None
+    if constrained or forced is not None:
+        # with thinking on the reasoning is free text: the grammar starts after </think>
+        structured = await compile_grammar(state, format_schema if constrained else schema,
+                                           "response_format" if constrained else "tool_choice",
+                                           state.token_id("</think>") if thinking else None)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(state, req, len(prompt_ids), max_tokens)
-    parser = GLMOutputParser(prompt_opens_thinking(prompt), tools, stream=req.stream)
-    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, parser, include_usage(req))
-    return await respond(request, state, prompt_ids, params, body, req.stream)
+    params = sampling_params(state, req, len(prompt_ids), max_tokens, "messages",
+                             (req.top_logprobs or 0) if req.logprobs else None, structured)
+    tools = req.tools if req.tool_choice != "none" else None  # what the parser looks for
+    call_end = state.token_id("</tool_call>")
+    if tools and forced is None and req.parallel_tool_calls is False and call_end is not None:
+        params.stop_after_token_ids = [call_end]  # one call at most: stop when the first one closes
+    jobs = [Job(prompt_ids, per_choice(params, i)) for i in range(req.n)]
+    parsers = [GLMOutputParser(thinking, None if forced else tools, stream=req.stream) for _ in jobs]
+    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, parsers, include_usage(req),
+                        state.token_text if req.logprobs else None, forced)
+    return await respond(request, state, jobs, body, req.stream)
 
 
 @v1.post("/completions", dependencies=[Depends(require_live_engine)])
 async def completions(request: Request, state: State) -> Response:
     req: CompletionRequest = await parse_request(request, state, CompletionRequest)
-    prompt_ids = await completion_prompt_ids(state.tokenizer, req.prompt)
-    params = sampling_params(state, req, len(prompt_ids), req.max_tokens if req.max_tokens is not None else 16)
-    body = CompletionResponse("cmpl-" + uuid.uuid4().hex, state.config.model_name, include_usage(req))
-    return await respond(request, state, prompt_ids, params, body, req.stream)
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported: GLM-5 has no fill-in-the-middle prompt format", "suffix",
+                       "unsupported")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of={req.best_of}: only best_of equal to n is supported (no server-side ranking "
+                       "of candidates)", "best_of", "unsupported")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server does not compute",
+                       "echo", "unsupported")
+    constrained, schema = response_format_schema(req.response_format)
+    prompts = await completion_prompts(state, req.prompt)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices exceeds {MAX_CHOICES}", "prompt",
+                       "invalid_value")
+    structured = await compile_grammar(state, schema, "response_format", None) if constrained else None
+    jobs, echo = [], []
+    max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    for index, (ids, text) in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+        params = sampling_params(state, req, len(ids), max_tokens, param, req.logprobs, structured)
+        for i in range(req.n):
+            jobs.append(Job(ids, per_choice(params, i), index))
+            echo.append((text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
+                        if req.echo else "")
+    body = CompletionResponse("cmpl-" + uuid.uuid4().hex, state.config.model_name, echo, include_usage(req),
+                              state.token_text if req.logprobs is not None else None)
+    return await respond(request, state, jobs, body, req.stream)
 
 # ---- the app ---------------------------------------------------------------------------------
 
@@ -383,6 +712,13 @@ async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The catch-all: a bug answers a JSON 500 in the OpenAI shape (and is logged), never a plain-text one."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log", None,
+                          "internal_error", "server_error")
 
 
 @asynccontextmanager
@@ -420,13 +756,32 @@ class _CountRequests:
             self.metrics.requests.labels(endpoint=route, status=str(status["code"])).inc()
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token stands for (byte-level vocabularies: bytes, at least the characters)."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab(with_added_tokens=True)))
+    except (AttributeError, TypeError, ValueError):
+        return 64
+
+
 def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: ServingMetrics) -> Any:
-    """The ASGI app serving ``engine``. The engine thread is started/stopped with the app's lifespan."""
-    app = FastAPI(title="hwlayer GLM-5 server", lifespan=lifespan)
-    app.state.server = ServerState(engine, tokenizer, config, metrics)
+    """The ASGI app serving ``engine``. The engine thread is started/stopped with the app's lifespan.
+
+    No /docs or /redoc page: FastAPI's pull their scripts from a CDN (blank offline); /openapi.json stays."""
+    app = FastAPI(title="hwlayer GLM-5 server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    vocab_size = int(getattr(getattr(engine.model, "config", None), "vocab_size", 0) or
+                     tokenizer.get_vocab_size(with_added_tokens=True))
+    app.state.server = ServerState(engine, tokenizer, config, metrics, vocab_size=vocab_size,
+                                   max_token_chars=longest_token_chars(tokenizer),
+                                   grammars=GrammarCompiler(tokenizer, vocab_size, sorted(engine.eos_token_ids)))
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    # Always answer preflights: an allowed origin gets the CORS headers, any other a 400 (not a 405).
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials=False)
     app.include_router(router)
+    app.include_router(tokens)
     app.include_router(v1)
-    counted = {route.path for routes in (router.routes, v1.routes) for route in routes}
+    counted = {route.path for routes in (router.routes, tokens.routes, v1.routes) for route in routes}
     return _CountRequests(app, metrics, counted)

@@ -99,6 +99,20 @@ class DPBlockAllocator:
         for b in blocks:
             self.ranks[self.rank_of(b)].free([b % self.blocks_per_rank])
 
+    # The engine's BlockManager interface with prefix caching off (nothing is ever cached here).
+    def count_free(self, blocks: list[int]) -> int:
+        return 0
+
+    def acquire(self, blocks: list[int]) -> None:
+        if blocks:
+            raise RuntimeError("DPBlockAllocator: no prefix caching across data-parallel ranks")
+
+    def record_lookup(self, queried: int, hit: int) -> None:
+        pass
+
+    num_cached = 0
+    hit_rate = 0.0
+
 
 class DPEngine(Engine):
     """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
@@ -125,20 +139,21 @@ class DPEngine(Engine):
         self.allocator = DPBlockAllocator(world, num_blocks)  # self.cache (rank 0's) holds num_blocks blocks
         self.preemptions_by_rank = [0] * world
         self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
+        self._admit_rank: int | None = None  # the rank _admit chose for the sequence it is admitting
 
     def rank_of(self, seq: Sequence) -> int | None:
         """The rank a sequence lives on, or None while it holds no blocks."""
         blocks = seq.blocks  # one read: /metrics calls this off the engine thread, which may replace the list
         return self.allocator.rank_of(blocks[0]) if blocks else None
 
-    def choose_rank(self, need: int) -> int | None:
+    def choose_rank(self, need: int, among: list[int] | None = None) -> int | None:
         """Least loaded rank with ``need`` free blocks: fewest blocks in use, then fewest tokens."""
         tokens = [0] * self.world
         for s in self.running:
             r = self.rank_of(s)
             if r is not None:
                 tokens[r] += s.num_tokens
-        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free >= need]
+        fits = [r for r in (range(self.world) if among is None else among) if self.allocator.ranks[r].num_free >= need]
         return min(fits, key=lambda r: (self.allocator.ranks[r].num_used, tokens[r], r), default=None)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -147,7 +162,7 @@ class DPEngine(Engine):
             return True
         rank = self.rank_of(seq)
         if rank is None:
-            rank = self.choose_rank(need)
+            rank = self._admit_rank if self._admit_rank is not None else self.choose_rank(need)
             if rank is None:
                 return False
         if need > self.allocator.ranks[rank].num_free:
@@ -156,11 +171,39 @@ class DPEngine(Engine):
         seq.blocks += self.allocator.allocate_on(rank, need)
         return True
 
+    def _admit(self, seq: Sequence, budget: int, reserved: int) -> int | None:
+        """Admission with the blocks to finish reserved per rank: the least loaded rank whose free blocks
+        cover this sequence's and its running sequences' needs, or None (it keeps waiting)."""
+        need = self.blocks_needed(self._final_len(seq))
+        held = [0] * self.world
+        for s in self.running:
+            r = self.rank_of(s)
+            if r is not None:
+                held[r] += self._blocks_to_finish(s)
+        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free - held[r] >= need]
+        if not fits:
+            return None
+        self._admit_rank = self.choose_rank(0, among=fits)
+        try:
+            return super()._admit(seq, budget, 0)  # the global check passes: one rank alone has room
+        finally:
+            self._admit_rank = None
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow ``seq``, preempting the newest running sequences of its own rank while its blocks are short."""
+        rank = self.rank_of(seq)
+        while not self._grow(seq, num_tokens):
+            victim = [s for s in self.running if self.rank_of(s) == rank][-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
         """The scheduler preempts the newest sequence when one cannot grow; only a sequence on the
         rank that lacks blocks frees any, so the newest one there goes instead (possibly the one
         that wanted to grow: it comes back on whichever rank then has room)."""
-        short = self._short_rank
+        short = None
         if short is not None and self.rank_of(seq) != short:
             same = [s for s in self.running if self.rank_of(s) == short]
             seq = same[-1] if same else seq

@@ -6,13 +6,25 @@ for each decoding sequence plus prefill chunks, under a token budget (chunked pr
 (``plan.sample``), and hands each request its new text. Requests join and leave the batch at any
 step.
 
-KV blocks: a sequence holds ``ceil(tokens in cache / block_size)`` blocks, taken as it grows and
-returned when it finishes, errors or is cancelled. A waiting request is admitted only when the
-blocks for its first chunk are free (otherwise it waits in the queue); when a running sequence
-cannot grow, the most recently admitted one is preempted: its blocks are freed and it goes back to
-the front of the queue to recompute its context later (its output so far and its sampling
-generator are kept, so the result is the same). A request whose prompt + max_tokens could never fit
-the whole cache is refused before it is queued (:meth:`Engine.check_fits`).
+KV blocks (:class:`serving.block_manager.BlockManager`): a sequence holds ``ceil(tokens in cache /
+block_size)`` blocks, taken as it grows and returned when it finishes, errors or is cancelled. With
+prefix caching, a full computed block is registered under a hash of its tokens and its prefix; an
+admitted sequence starts from the longest cached run of its leading full blocks (shared, reference
+counted) and computes the rest, at least its last token (whose logits it needs).
+
+Scheduling guarantees progress under KV pressure (no thrash):
+
+* Admission reserves: the head of the queue (first come, first served) is admitted only when the
+  free blocks cover every block it will need to finish (prompt + max_tokens, less its cached prefix)
+  on top of the blocks every running sequence may still take to finish. So the running batch can
+  always run to completion, and a request never takes blocks that a running one will need.
+* Running sequences are stepped oldest first. Should one still be unable to grow (only when the
+  reservation was bypassed), the newest other running sequence is preempted (blocks freed, it goes
+  back to the front of the queue and recomputes later, output and generator kept); no request is
+  admitted in a step that preempted, and a preempted one comes back only under the reservation rule.
+
+A request whose prompt + max_tokens could never fit the whole cache is refused before it is queued
+(:meth:`Engine.check_fits`).
 
 Threading: :meth:`Engine.submit` and :meth:`Engine.abort` may be called from any thread; all
 sequence state is touched only by the engine thread (:meth:`Engine.start`), which runs the model.
@@ -31,11 +43,32 @@ from typing import Any, Callable
 
 import torch
 
+from .block_manager import BlockManager
+from .sampling import TokenLogprob, apply_logit_bias, apply_min_p, apply_penalties, ban_tokens, logprobs_of
+from .structured import GrammarSpec, apply_bitmask, fill_bitmask
+
 log = logging.getLogger("serving.engine")
+
+# GLM markup the reasoning and tool-call parsers read: kept in the text when special tokens are skipped
+# (GLM's own tokenizer does not mark them special; the other added tokens, e.g. <sop>, are dropped).
+MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                 "</arg_value>")
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that ``skip_special_tokens`` drops from the text: the tokenizer's special added tokens but GLM markup."""
+    decoder = getattr(tokenizer, "get_added_tokens_decoder", None)
+    if decoder is None:
+        return set()
+    return {i for i, tok in decoder().items() if tok.special and tok.content not in MARKUP_TOKENS}
 
 
 @dataclass
 class SamplingParams:
+    """One sequence's generation parameters (the API maps OpenAI/vLLM fields here; see serving/sampling.py
+    for the processors). ``skip_special_tokens`` defaults to False at this level (the engine's text is the
+    raw decode); the HTTP API defaults it to True as OpenAI and vLLM do."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -44,6 +77,23 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    skip_special_tokens: bool = False
+    include_stop_str_in_output: bool = False
+    stop_after_token_ids: list[int] = field(default_factory=list)  # end generation, keeping the token's text
+    structured: GrammarSpec | None = None  # grammar-constrained decoding (serving/structured.py)
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether any logits processor (serving/sampling.py) applies."""
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or (self.min_p > 0 and self.temperature > 0))
 
 
 @dataclass
@@ -56,30 +106,7 @@ class EngineEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-
-
-class BlockAllocator:
-    """Free list of physical KV block ids ``0 .. num_blocks-1``."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = collections.deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+    logprobs: list[TokenLogprob] | None = None  # one per token generated since the last event, when asked for
 
 
 class IncrementalDetokenizer:
@@ -121,11 +148,17 @@ class Sequence:
             self.generator.manual_seed(params.seed)
         self.blocks: list[int] = []
         self.num_computed = 0  # tokens whose KV is in the cache
+        self.block_hashes: list[bytes] = []  # prefix-cache hash chain of the full blocks of ``tokens``
+        self.num_registered = 0  # leading blocks registered in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.detok = IncrementalDetokenizer(tokenizer)
         self.text = ""  # output text so far (cut at a stop string)
         self.sent = 0  # characters of ``text`` already handed to the consumer
         self.finished = False
         self.counted_prompt = False
+        self.matcher = params.structured.new_matcher() if params.structured is not None else None
+        self.grammar_active = params.structured is not None and params.structured.start_after is None
+        self.pending_logprobs: list[TokenLogprob] = []
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
 
@@ -150,7 +183,8 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: list[int],
                  forward: Callable[[Any, Any], torch.Tensor] | None = None, metrics: Any = None,
-                 on_idle: Callable[[], None] | None = None, idle_interval: float = 10.0) -> None:
+                 on_idle: Callable[[], None] | None = None, idle_interval: float = 10.0,
+                 enable_prefix_caching: bool = True) -> None:
         from model import Batch  # the model package defines the batch layout
 
         self._Batch = Batch
@@ -158,11 +192,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.cache = model.new_cache(num_blocks, block_size)
         self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
+        self.special_ids = special_token_ids(tokenizer)
         self.forward = forward or model.forward_batch
         self.metrics = metrics
         self.on_idle = on_idle  # called on the engine thread every idle_interval seconds without work
@@ -173,6 +208,7 @@ class Engine:
         self.running: list[Sequence] = []
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
+        self._abort_all: str | None = None  # set by abort_all(): the error every request is finished with
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -180,6 +216,7 @@ class Engine:
         self.on_fatal: Callable[[str], None] | None = None
         self.steps = 0
         self.num_preemptions = 0
+        self.num_computed_tokens = 0  # tokens run through the model: recomputation shows up here
 
     # ---- thread-safe API --------------------------------------------------------------------
     def blocks_needed(self, num_tokens: int) -> int:
@@ -213,6 +250,13 @@ class Engine:
             self._aborts.add(request_id)
             self._cond.notify()
 
+    def abort_all(self, message: str = "server shutting down") -> None:
+        """Finish every queued and running request now (reason ``abort``, ``message`` as the error): the
+        end of a drain that ran out of time. Requests submitted later are served as usual."""
+        with self._cond:
+            self._abort_all = message
+            self._cond.notify()
+
     @property
     def started(self) -> bool:
         return self._thread is not None
@@ -237,7 +281,7 @@ class Engine:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self.waiting or self.running)
+        return bool(self._inbox or self._aborts or self._abort_all or self.waiting or self.running)
 
     # ---- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -272,7 +316,12 @@ class Engine:
         with self._cond:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
+            abort_all, self._abort_all = self._abort_all, None
         self.waiting.extend(inbox)
+        if abort_all:
+            for seq in list(self.running) + list(self.waiting):
+                self._finish(seq, "abort", error=abort_all)
+            self.waiting.clear()
         if aborts:
             for seq in [s for s in self.waiting if s.request_id in aborts]:
                 self.waiting.remove(seq)
@@ -280,12 +329,23 @@ class Engine:
             for seq in [s for s in self.running if s.request_id in aborts]:
                 self._finish(seq, "abort")
 
+    # ---- scheduling (engine thread) ---------------------------------------------------------
+    def _final_len(self, seq: Sequence) -> int:
+        """Tokens in the cache when ``seq`` finishes at the latest (its last sampled token is never run)."""
+        return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len) - 1
+
+    def _blocks_to_finish(self, seq: Sequence) -> int:
+        """Blocks ``seq`` may still take before it finishes: what admission keeps in reserve for it."""
+        return max(0, self.blocks_needed(self._final_len(seq)) - len(seq.blocks))
+
     def _preempt(self, seq: Sequence) -> None:
-        """Give back a running sequence's blocks; it recomputes its context when readmitted."""
+        """Give back a running sequence's blocks; it recomputes its context when readmitted (blocks that
+        stayed in the prefix cache are taken back instead)."""
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
         seq.blocks = []
         seq.num_computed = 0
+        seq.num_registered = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         if self.metrics:
@@ -299,37 +359,92 @@ class Engine:
             seq.blocks += self.allocator.allocate(need)
         return True
 
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow running ``seq`` to ``num_tokens``, preempting the newest running sequences while blocks are
+        short. False when ``seq`` itself was the newest left and had to go."""
+        while not self._grow(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for ``seq``'s leading full blocks; the last token is always left to compute."""
+        if not self.allocator.enable_prefix_caching:
+            return []
+        tokens = seq.tokens
+        self.allocator.hash_blocks(tokens, seq.block_hashes)
+        return self.allocator.match(seq.block_hashes, (len(tokens) - 1) // self.block_size)
+
+    def _admit(self, seq: Sequence, budget: int, reserved: int) -> int | None:
+        """Admit the head of the queue when the free blocks cover everything it needs to finish on top of
+        ``reserved`` (the running sequences' needs): its first chunk's size, or None (it keeps waiting)."""
+        hits = self._cached_prefix(seq)
+        need = self.blocks_needed(self._final_len(seq)) - len(hits)
+        if self.allocator.num_free - self.allocator.count_free(hits) < need + reserved:
+            return None
+        self.allocator.acquire(hits)
+        seq.blocks = list(hits)
+        seq.num_registered = len(hits)
+        seq.num_computed = len(hits) * self.block_size
+        if not seq.counted_prompt:  # first admission: count the prompt and its prefix-cache lookup
+            seq.counted_prompt = True
+            seq.num_cached_tokens = min(seq.num_computed, len(seq.prompt_ids))
+            self.allocator.record_lookup(len(seq.prompt_ids), seq.num_cached_tokens)
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+                if self.allocator.enable_prefix_caching:
+                    self.metrics.prefix_cache_queries.inc(len(seq.prompt_ids))
+                    self.metrics.prefix_cache_hits.inc(seq.num_cached_tokens)
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        if not self._grow(seq, seq.num_computed + n):  # cannot happen: need >= the first chunk's blocks
+            raise RuntimeError(f"KV accounting: {seq.request_id} admitted without blocks for its first chunk")
+        return n
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer ``seq``'s newly completed full blocks to the prefix cache."""
+        full = seq.num_computed // self.block_size
+        if not self.allocator.enable_prefix_caching or full <= seq.num_registered:
+            return
+        self.allocator.hash_blocks(seq.tokens, seq.block_hashes)
+        for i in range(seq.num_registered, full):
+            self.allocator.register(seq.blocks[i], seq.block_hashes[i])
+        seq.num_registered = full
+
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """Pick this step's (sequence, number of new tokens) pairs."""
+        """Pick this step's (sequence, number of new tokens) pairs (the policy: see the module docstring)."""
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        preemptions = self.num_preemptions
         # Running sequences first, oldest first: decodes (1 token) and unfinished prefills.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._grow(seq, seq.num_computed + n):
-                self._preempt(self.running[-1])  # the newest; possibly seq itself
-                if seq not in self.running:
-                    break
-            if seq not in self.running:
-                break
+            if not self._make_room(seq, seq.num_computed + n):
+                break  # seq was the newest: nothing after it
             scheduled.append((seq, n))
             budget -= n
             i += 1
-        # Then admit from the queue while the budget, the batch size and free blocks allow.
+        if self.num_preemptions > preemptions:
+            return scheduled  # never readmit in the step that evicted
+        # Then admit from the head of the queue while the budget, the batch size and the reservation allow.
+        reserved = sum(self._blocks_to_finish(seq) for seq in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
-                break  # head of the queue waits for blocks to come back
+            if self.blocks_needed(self._final_len(seq)) > self.allocator.num_blocks:  # only when check_fits was skipped
+                self.waiting.popleft()
+                self._finish(seq, "error", error=self.check_fits(len(seq.prompt_ids), seq.params.max_tokens))
+                continue
+            n = self._admit(seq, budget, reserved)
+            if n is None:
+                break  # the head waits for blocks to come back (first come, first served)
             self.waiting.popleft()
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
-            if self.metrics and not seq.counted_prompt:
-                seq.counted_prompt = True
-                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+            reserved += self._blocks_to_finish(seq)
         return scheduled
 
     def build_batch(self, scheduled: list[tuple[Sequence, int]]) -> Any:
@@ -373,6 +488,8 @@ class Engine:
         rows, ready = [], []
         for b, (seq, n) in enumerate(scheduled):
             seq.num_computed += n
+            self.num_computed_tokens += n
+            self._register_full_blocks(seq)
             if seq.num_computed == seq.num_tokens:  # context complete: this row's logits predict a token
                 rows.append(b)
                 ready.append(seq)
@@ -386,20 +503,57 @@ class Engine:
         params = [s.params for s in ready]
         generators = [s.generator for s in ready]
         device = logits.device
-        token_ids = self.model.plan.sample(
+        raw = logits
+        logits = self._process_logits(logits, ready)
+        chosen = self.model.plan.sample(
             logits,
             torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators if any(g is not None for g in generators) else None,
-        ).tolist()
+        )
+        token_ids = chosen.tolist()
+        logprobs: dict[int, TokenLogprob] = {}
+        rows = [b for b, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            found = logprobs_of(raw, rows, chosen, token_ids, [params[b].logprobs for b in rows])
+            logprobs = dict(zip(rows, found, strict=True))
         now = time.monotonic()
-        for seq, token in zip(ready, token_ids, strict=True):
-            self._append_token(seq, int(token), now)
+        for b, (seq, token) in enumerate(zip(ready, token_ids, strict=True)):
+            self._append_token(seq, int(token), now, logprobs.get(b))
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+    def _stop_ids(self, p: SamplingParams) -> set[int]:
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+    def _process_logits(self, logits: torch.Tensor, ready: list[Sequence]) -> torch.Tensor:
+        """``logits`` after the processors the ready sequences ask for (a new tensor; the raw one is kept for
+        logprobs), or ``logits`` itself when none applies."""
+        params = [s.params for s in ready]
+        grammar_rows = [b for b, s in enumerate(ready) if s.matcher is not None and s.grammar_active]
+        if not grammar_rows and not any(p.needs_processing for p in params):
+            return logits
+        logits = logits.clone()
+        if any(p.logit_bias for p in params):
+            apply_logit_bias(logits, [p.logit_bias for p in params])
+        ban_tokens(logits, [sorted(self._stop_ids(s.params)) if len(s.output_ids) < s.params.min_tokens else []
+                            for s in ready])
+        rows = [b for b, p in enumerate(params)
+                if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0]
+        apply_penalties(logits, rows, [ready[b].prompt_ids for b in rows], [ready[b].output_ids for b in rows],
+                        [params[b].presence_penalty for b in rows], [params[b].frequency_penalty for b in rows],
+                        [params[b].repetition_penalty for b in rows])
+        if grammar_rows:
+            bitmask = fill_bitmask([ready[b].matcher for b in grammar_rows], logits.shape[1])
+            apply_bitmask(logits, torch.tensor(grammar_rows, device=logits.device), bitmask)
+        rows = [b for b, p in enumerate(params) if p.min_p > 0 and p.temperature > 0]
+        apply_min_p(logits, rows, [params[b].min_p for b in rows], [params[b].temperature for b in rows])
+        return logits
+
+    def _append_token(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
         if self.metrics:
             self.metrics.generation_tokens.inc()
             if seq.last_token_time is None:
@@ -407,17 +561,30 @@ class Engine:
             else:
                 self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
+        if seq.matcher is not None:
+            if seq.grammar_active and not seq.matcher.consume_token(token):
+                # only a grammar the engine cannot follow gets here (e.g. min_tokens banning the only way out)
+                self._finish(seq, "error", error=f"structured output: {' '.join(seq.matcher.get_error().split())}")
+                return
+            if not seq.grammar_active and token == p.structured.start_after:
+                seq.grammar_active = True
         reason = None
-        if token in (set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)):
+        if token in self._stop_ids(p):
             reason = "stop"  # the stop token itself is not part of the text
         else:
-            seq.text += seq.detok.add(token)
-            if p.stop:
+            if not (p.skip_special_tokens and token in self.special_ids):
+                seq.text += seq.detok.add(token)
+            if token in p.stop_after_token_ids:
+                reason = "stop"
+            elif p.stop and len(seq.output_ids) >= p.min_tokens:
                 start = max(0, seq.sent - max(len(s) for s in p.stop))
-                hits = [at for s in p.stop if (at := seq.text.find(s, start)) >= 0]
+                hits = [(at, at + len(s)) for s in p.stop if (at := seq.text.find(s, start)) >= 0]
                 if hits:
-                    seq.text = seq.text[:min(hits)]
+                    at, end = min(hits)
+                    seq.text = seq.text[:end if p.include_stop_str_in_output else at]
                     reason = "stop"
+        if reason is None and seq.grammar_active and seq.matcher.is_stopped():
+            reason = "stop"  # the grammar is complete: nothing but its end may follow
         if reason is None and len(seq.output_ids) >= p.max_tokens:
             reason = "length"
         if reason is None and seq.num_tokens >= self.max_model_len:
@@ -429,9 +596,16 @@ class Engine:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         upto = max(seq.sent, len(seq.text) - hold)
         event = EngineEvent(text=seq.text[seq.sent:upto], prompt_tokens=len(seq.prompt_ids),
-                            completion_tokens=len(seq.output_ids))
+                            completion_tokens=len(seq.output_ids), logprobs=self._take_logprobs(seq))
         seq.sent = upto
         self._emit(seq, event)
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        if seq.params.logprobs is None:
+            return None
+        taken, seq.pending_logprobs = seq.pending_logprobs, []
+        return taken
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished:
@@ -442,7 +616,8 @@ class Engine:
         self.allocator.free(seq.blocks)
         seq.blocks = []
         event = EngineEvent(text=seq.text[seq.sent:], finished=True, finish_reason=reason,
-                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error)
+                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error,
+                            logprobs=self._take_logprobs(seq))
         seq.sent = len(seq.text)
         if self.metrics:
             self.metrics.finished.labels(reason=reason).inc()

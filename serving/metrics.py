@@ -21,6 +21,12 @@ class ServingMetrics:
         self.generation_tokens = Counter("hwlayer_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("hwlayer_request_finished", "Requests finished, by reason", ["reason"], registry=r)
         self.preemptions = Counter("hwlayer_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
+        self.prefix_cache_queries = Counter("hwlayer_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter("hwlayer_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                         registry=r)
+        self.prefix_cache_hit_rate = Gauge("hwlayer_prefix_cache_hit_rate",
+                                           "Prefix-cache hits / queries (prompt tokens) since start", registry=r)
         self.ttft = Histogram("hwlayer_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("hwlayer_inter_token_latency_seconds", "Time between a request's tokens",
@@ -35,6 +41,8 @@ class ServingMetrics:
         self.kv_used = Gauge("hwlayer_kv_blocks_used", "KV cache blocks held by sequences", registry=r)
         self.kv_free = Gauge("hwlayer_kv_blocks_free", "KV cache blocks free", registry=r)
         self.kv_total = Gauge("hwlayer_kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.kv_cached = Gauge("hwlayer_kv_blocks_cached", "KV cache blocks registered in the prefix cache "
+                               "(held or free)", registry=r)
 
     def bind(self, engine: Any, backend: str, device: str, model_name: str, block_size: int) -> None:
         """Read the engine's queue, batch and cache state whenever /metrics is scraped."""
@@ -43,6 +51,8 @@ class ServingMetrics:
         self.kv_used.set_function(lambda: engine.allocator.num_used)
         self.kv_free.set_function(lambda: engine.allocator.num_free)
         self.kv_total.set_function(lambda: engine.allocator.num_blocks)
+        self.kv_cached.set_function(lambda: engine.allocator.num_cached)
+        self.prefix_cache_hit_rate.set_function(lambda: engine.allocator.hit_rate)
         self.info.info({"backend": backend, "device": device, "model": model_name, "kv_block_size": str(block_size)})
 
     def render(self) -> tuple[bytes, str]:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import EngineEvent
-from .parsers import GLMOutputParser
+from .parsers import GLMOutputParser, ToolCall
+from .sampling import TokenLogprob
 
 # ---- errors --------------------------------------------------------------------------------------
 
@@ -44,40 +46,75 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 # ---- request schemas -------------------------------------------------------------------------
 
 class SamplingFields(BaseModel):
-    # strict: "5" is not a number and 1 is not a bool; unknown OpenAI fields are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "5" is not a number and 1 is not a bool. Unknown fields are a 400 naming the field (OpenAI's
+    # behaviour; vLLM only logs them): a parameter this server does not know is never silently ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=64)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    response_format: dict[str, Any] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # OpenAI bookkeeping fields with no effect on generation, accepted as OpenAI does
     user: str | None = None
-    # Accepted so that asking for them is a clear 400, not a silently ignored field.
-    logprobs: bool | int | None = None
-    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # Z.ai API style: {"type": "enabled"|"disabled", "clear_thinking": bool}
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
-    echo: Literal[False] = False
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion ``prompt`` or chat ``messages`` (rendered with the generation prompt)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str]:
@@ -91,14 +128,23 @@ def validation_message(exc: ValidationError) -> tuple[str, str]:
     shown = json.dumps(got)[:60] if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     if errors[0]["type"] == "missing":
         return f"{param}: field required", param
+    if errors[0]["type"] == "extra_forbidden":
+        return (f"{param}: unknown parameter; this server does not implement it (docs/serving.md lists the "
+                "parameters)"), param
     return f"{param}: {' or '.join(reasons)} (got {shown})", param
 
 
 # ---- response bodies -----------------------------------------------------------------------------
+#
+# A response has one choice per generated sequence (``n`` per prompt; completions may batch prompts);
+# engine events arrive tagged with their choice's index. ``usage`` counts each prompt once.
 
-def usage(event: EngineEvent) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+TokenText = Callable[[int], str]  # one token id's text, for logprobs
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def engine_error(event: EngineEvent) -> dict:
@@ -106,97 +152,179 @@ def engine_error(event: EngineEvent) -> dict:
                       "code": "engine_error"}}
 
 
+def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict:
+    def one(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: TokenText, offset: int) -> dict:
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+@dataclass
+class ForcedTools:
+    """``tool_choice`` "required" or a named function: the output is JSON constrained by a grammar (vLLM's
+    design), turned into tool calls here. Named: the arguments object; required: a list of
+    ``{"name", "parameters"}``."""
+
+    name: str | None  # None: "required"
+
+    def calls(self, content: str) -> list[ToolCall] | None:
+        try:
+            value = json.loads(content)
+        except json.JSONDecodeError:
+            return None  # cut short (length): reported as content
+        if self.name is not None:
+            return [ToolCall(self.name, json.dumps(value, ensure_ascii=False))]
+        return [ToolCall(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False)) for c in value]
+
+
+class _ChatChoice:
+    def __init__(self, parser: GLMOutputParser) -> None:
+        self.parser = parser
+        self.num_tool_calls = 0
+        self.held = ""  # forced tool calls: the JSON content, converted when the choice ends
+
+
 class ChatResponse:
     """OpenAI chat.completion / chat.completion.chunk bodies of one request, from engine events:
     reasoning and content separated, tool calls parsed, finish_reason ``tool_calls`` when any."""
 
-    def __init__(self, request_id: str, model: str, parser: GLMOutputParser, include_usage: bool = False) -> None:
-        self.request_id, self.model, self.parser, self.include_usage = request_id, model, parser, include_usage
+    def __init__(self, request_id: str, model: str, parsers: list[GLMOutputParser], include_usage: bool = False,
+                 token_text: TokenText | None = None, forced: ForcedTools | None = None) -> None:
+        self.request_id, self.model, self.include_usage = request_id, model, include_usage
+        self.choices = [_ChatChoice(p) for p in parsers]
+        self.token_text, self.forced = token_text, forced  # token_text: logprobs asked for
         self.created = int(time.time())
-        self.num_tool_calls = 0
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
-    def _finish_reason(self, engine_reason: str | None) -> str | None:
-        return "tool_calls" if self.num_tool_calls and engine_reason == "stop" else engine_reason
-
-    def first_chunk(self) -> dict:
-        return self._chunk({"role": "assistant", "content": ""})
+    def _finish_reason(self, choice: _ChatChoice, engine_reason: str | None) -> str | None:
+        return "tool_calls" if choice.num_tool_calls and engine_reason == "stop" else engine_reason
 
     def opening(self) -> list[dict]:
-        """What a stream sends before any token: the assistant role."""
-        return [self.first_chunk()]
+        """What a stream sends before any token: the assistant role, per choice."""
+        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(len(self.choices))]
 
-    def chunks(self, event: EngineEvent) -> list[dict]:
-        """The stream chunks for one engine event (the last one also ends the choice)."""
-        parsed = self.parser.feed(event.text)
+    def chunks(self, index: int, event: EngineEvent) -> list[dict]:
+        """The stream chunks for one engine event of choice ``index`` (the last one also ends the choice)."""
+        choice = self.choices[index]
+        parsed = choice.parser.feed(event.text)
         if event.finished:
-            parsed.extend(self.parser.finish())
+            parsed.extend(choice.parser.finish())
+        logprobs = chat_logprobs(event.logprobs or [], self.token_text) if self.token_text else None
         out = []
         if parsed.reasoning:
-            out.append(self._chunk({"reasoning_content": parsed.reasoning}))
-        if parsed.content:
-            out.append(self._chunk({"content": parsed.content}))
-        # tool calls stream as pieces: name first, then arguments (serving/parsers.py)
-        out.extend(self._chunk({"tool_calls": [d.to_openai()]}) for d in parsed.tool_calls)
-        self.num_tool_calls = self.parser.num_tool_calls
+            out.append(self._chunk(index, {"reasoning_content": parsed.reasoning}, logprobs=logprobs))
+            logprobs = None
+        if parsed.content and self.forced is not None:
+            choice.held += parsed.content
+        elif parsed.content:
+            out.append(self._chunk(index, {"content": parsed.content}, logprobs=logprobs))
+            logprobs = None
+        # tool calls the model writes stream as pieces: name first, then arguments (serving/parsers.py)
+        out.extend(self._chunk(index, {"tool_calls": [d.to_openai()]}) for d in parsed.tool_calls)
+        if self.forced is None:
+            choice.num_tool_calls = choice.parser.num_tool_calls
+        elif event.finished and choice.held:  # forced calls: the grammar's JSON, whole at the end
+            calls = self.forced.calls(choice.held)
+            if calls is None:
+                out.append(self._chunk(index, {"content": choice.held}))
+            else:
+                delta = [{"index": choice.num_tool_calls + i, **c.to_openai()} for i, c in enumerate(calls)]
+                choice.num_tool_calls += len(delta)
+                out.append(self._chunk(index, {"tool_calls": delta}))
+            choice.held = ""
+        if logprobs and logprobs["content"]:
+            out.append(self._chunk(index, {}, logprobs=logprobs))
         if event.finished:
             if event.finish_reason == "error":
                 out.append(engine_error(event))
                 return out
-            out.append(self._chunk({}, self._finish_reason(event.finish_reason)))
-            if self.include_usage:
-                out.append({"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "choices": [], "usage": usage(event)})
+            out.append(self._chunk(index, {}, self._finish_reason(choice, event.finish_reason)))
         return out
 
-    def whole(self, text: str, last: EngineEvent) -> dict:
-        """The non-streaming body for the complete generated ``text``."""
-        parsed = self.parser.feed(text)
-        parsed.extend(self.parser.finish())
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None,
-                                   "reasoning_content": parsed.reasoning or None}
-        calls = parsed.calls()
-        if calls:
-            message["tool_calls"] = [c.to_openai() for c in calls]
-            self.num_tool_calls = len(calls)
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage}
+
+    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict) -> dict:
+        """The non-streaming body: per choice, the complete text, its last event and its logprobs."""
+        choices = []
+        for index, (text, last, logprobs) in enumerate(results):
+            choice = self.choices[index]
+            parsed = choice.parser.feed(text)
+            parsed.extend(choice.parser.finish())
+            calls = parsed.calls()
+            content = parsed.content
+            if self.forced is not None and content:
+                calls = self.forced.calls(content)
+                content = "" if calls else content
+            message: dict[str, Any] = {"role": "assistant", "content": content or None,
+                                       "reasoning_content": parsed.reasoning or None}
+            if calls:
+                message["tool_calls"] = [c.to_openai() for c in calls]
+                choice.num_tool_calls = len(calls)
+            choices.append({"index": index, "message": message,
+                            "logprobs": chat_logprobs(logprobs, self.token_text) if self.token_text else None,
+                            "finish_reason": self._finish_reason(choice, last.finish_reason)})
         return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": self._finish_reason(last.finish_reason)}],
-                "usage": usage(last)}
+                "choices": choices, "usage": usage}
 
 
 class CompletionResponse:
-    """OpenAI text_completion bodies of one request, from engine events."""
+    """OpenAI text_completion bodies of one request, from engine events. ``echo[i]``: the prompt text
+    choice ``i`` starts with (``echo``), else empty."""
 
-    def __init__(self, request_id: str, model: str, include_usage: bool = False) -> None:
+    def __init__(self, request_id: str, model: str, echo: list[str], include_usage: bool = False,
+                 token_text: TokenText | None = None) -> None:
         self.request_id, self.model, self.include_usage = request_id, model, include_usage
+        self.echo, self.token_text = list(echo), token_text
+        self.offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
         self.created = int(time.time())
 
-    def _body(self, text: str, finish_reason: str | None = None) -> dict:
+    def _body(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunks(self, event: EngineEvent) -> list[dict]:
-        """The stream chunks for one engine event (the last one also ends the choice)."""
-        if event.finished and event.finish_reason == "error":
-            return [engine_error(event)]
-        out = []
-        if event.text or event.finished:
-            out.append(self._body(event.text, event.finish_reason if event.finished else None))
-        if event.finished and self.include_usage:
-            out.append({"id": self.request_id, "object": "text_completion", "created": self.created,
-                        "model": self.model, "choices": [], "usage": usage(event)})
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+        if self.token_text is None:
+            return None
+        out = completion_logprobs(entries, self.token_text, self.offsets[index])
+        self.offsets[index] += sum(len(t) for t in out["tokens"])
         return out
 
-    def whole(self, text: str, last: EngineEvent) -> dict:
-        """The non-streaming body for the complete generated ``text``."""
-        body = self._body(text, last.finish_reason)
-        body["usage"] = usage(last)
-        return body
+    def opening(self) -> list[dict]:
+        return [self._body(i, text) for i, text in enumerate(self.echo) if text]
+
+    def chunks(self, index: int, event: EngineEvent) -> list[dict]:
+        """The stream chunks for one engine event of choice ``index`` (the last one also ends the choice)."""
+        if event.finished and event.finish_reason == "error":
+            return [engine_error(event)]
+        if event.text or event.finished or event.logprobs:
+            return [self._body(index, event.text, event.finish_reason if event.finished else None,
+                               self._logprobs(index, event.logprobs or []))]
+        return []
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"id": self.request_id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage}
+
+    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict) -> dict:
+        choices = [{"index": i, "text": self.echo[i] + text, "logprobs": self._logprobs(i, logprobs),
+                    "finish_reason": last.finish_reason} for i, (text, last, logprobs) in enumerate(results)]
+        return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}

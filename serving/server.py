@@ -13,11 +13,18 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 DEFAULT_MODEL_NAME = "glm5-tiny-random"
 PROG = "serve.py"
+# --dtype values (vLLM's spellings) -> load_model's dtype (None: its default)
+DTYPES = {"auto": None, "float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "half": "float16"}
+# The parsers serving/parsers.py implements, by vLLM's names: GLM-4.5 / 4.7 / 5 share one format.
+GLM_PARSERS = ("glm45", "glm47")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -38,7 +45,22 @@ def fail(message: str, status: int = 2) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog=PROG, description="OpenAI-compatible GLM-5 server on any hwlayer backend "
                        "(GLM_BACKEND=name selects one; default: auto-detect).")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="checkpoint directory, as vLLM's `vllm serve MODEL` (same as --model)")
     p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
+    p.add_argument("--tokenizer", help="directory holding tokenizer.json (or the file itself); default: the model's")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                   help="weight and activation dtype (default auto: float32 on cpu, the config's on accelerators)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the default sampling generator: requests without a seed become reproducible "
+                        "across server runs of the same request sequence (default: random)")
+    p.add_argument("--allowed-origins", default="",
+                   help="CORS: comma-separated origins (or a JSON list) browsers may call from, '*' for any; "
+                        "default none (no cross-origin access)")
+    p.add_argument("--tool-call-parser", default="glm47", choices=sorted(GLM_PARSERS),
+                   help="tool-call format (vLLM names; default glm47; both are GLM's <tool_call> format)")
+    p.add_argument("--reasoning-parser", default="glm45", choices=sorted(GLM_PARSERS),
+                   help="reasoning format (vLLM names; default glm45: <think>...</think>)")
     p.add_argument("--served-model-name", help="model name clients send (default: glm5-tiny-random or the dir name)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template file (default: the checkpoint's own; the built-in GLM-5 renderer when "
@@ -67,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-format", choices=["fp8_block", "int8", "bf16", "fp16", "fp32"], default=None,
                    help="weight format kept in memory (default: the checkpoint's when the backend runs it, else the "
                         "best it runs; an fp8_block checkpoint becomes int8 on a backend without FP8)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of full blocks whose tokens (and all tokens before them) were computed before: "
+                        "shared prompt prefixes and multi-turn history are not recomputed (default on; "
+                        "--no-enable-prefix-caching turns it off)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: stop admitting (503), let in-flight requests finish for at most this "
+                        "many seconds, end the rest with finish_reason 'abort', exit 0 (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -84,8 +113,35 @@ def check_flags(args: argparse.Namespace) -> None:
              "--nproc-per-node N serve.py --ep N --dp-attention")
     if args.chat_template is not None and not Path(args.chat_template).expanduser().is_file():
         fail(f"--chat-template {args.chat_template}: no such file; expected a Jinja chat template file")
+    if not 0 <= args.shutdown_timeout <= 24 * 3600:
+        fail(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds in [0, 86400]")
     if args.api_key is not None and not args.api_key.strip():
         fail("--api-key (or HWLAYER_API_KEY) is empty; give a key or leave it unset")
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            fail(f"MODEL {args.model_tag} and --model {args.model} disagree; give one of them")
+        args.model = args.model_tag
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        fail(f"--seed {args.seed}: expected an integer in [0, 2**63)")
+    args.allowed_origins = parse_origins(args.allowed_origins)
+
+
+def parse_origins(value: str) -> list[str]:
+    """``--allowed-origins``: ``a,b``, ``*`` or a JSON list (vLLM's form) -> a list of origins."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            origins = json.loads(value)
+        except json.JSONDecodeError as exc:
+            fail(f"--allowed-origins {value}: not a JSON list ({exc.msg})")
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            fail(f"--allowed-origins {value}: expected a JSON list of strings")
+    else:
+        origins = [o.strip() for o in value.split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            fail(f"--allowed-origins: {origin!r} is not an origin; expected e.g. http://localhost:3000 or *")
+    return origins
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
@@ -140,12 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     from model import load_model
     from model.tokenizer import load_tokenizer
 
+    tokenizer_path = Path(args.tokenizer).expanduser() if args.tokenizer else path
     try:
-        model = load_model(path, backend=plan.backend.name, ep=args.ep,  # ep=1: every expert in this process
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load the tokenizer from {tokenizer_path}: {exc}")
+    try:  # ep=1: every expert in this process
+        model = load_model(path, backend=plan.backend.name, ep=args.ep, dtype=DTYPES[args.dtype],
                            weight_format=args.weight_format)
-        tokenizer = load_tokenizer(path)
     except (OSError, ValueError, KeyError) as exc:
         fail(f"cannot load the model from {path}: {type(exc).__name__}: {exc}")
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)  # the generator of requests that bring no seed
 
     max_pos = int(config.get("max_position_embeddings", 4096))
     max_model_len = args.max_model_len or min(max_pos, 4096)
@@ -203,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
                         forward=ep_mod.leader_forward(model) if leader else runner,
-                        on_idle=ep_mod.keepalive if leader else None)
+                        on_idle=ep_mod.keepalive if leader else None,
+                        enable_prefix_caching=args.enable_prefix_caching)
     if runner is not None and runner.uses_graphs:
         runner.capture(engine.cache)  # at startup, so the first requests do not wait for it
     graph_mode = _graph_mode(runner, plan, args.enforce_eager)
@@ -212,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                  block_size=block_size)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                                 chat_template=chat_template)
-    app = create_app(engine, tokenizer, server_config, metrics)
+                                 chat_template=chat_template, allowed_origins=args.allowed_origins)
+    app = DrainGate(create_app(engine, tokenizer, server_config, metrics))
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, weights {model.weight_format}, "
         f"{num_blocks} KV blocks x {block_size} tokens"
@@ -235,24 +300,86 @@ def _graph_mode(runner: Any, plan: Any, enforce_eager: bool) -> str:
     return f"off (backend {plan.backend.name} declares none)"
 
 
+class DrainGate:
+    """ASGI wrapper that counts HTTP requests in flight (a stream counts until its last byte) and, once
+    ``draining`` is set (on SIGTERM), answers every new request 503 in the OpenAI error shape."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.draining = False
+        self.in_flight = 0  # touched on the event loop only; other threads just read it
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.draining:
+            body = json.dumps({"error": {"message": "the server is shutting down; retry on another instance",
+                                         "type": "server_error", "param": None, "code": "shutting_down"}}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def wait_idle(self, engine: Any, timeout: float) -> bool:
+        """Wait (on a non-event-loop thread) until no request is in flight and the engine has no work."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or engine.has_work():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
 def run_uvicorn(app: Any, engine: Any, args: argparse.Namespace, dist_ctx: Any, banner: str) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the banner only once the port is bound (a failed bind exits inside startup)
+                print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # The first SIGTERM/SIGINT drains (uvicorn's own handling would close the listener and cut
+            # streams after its grace period, then re-raise the signal: no exit status 0); a second one
+            # while draining exits at once, as uvicorn does.
+            if not app.draining and not self.should_exit:
+                app.draining = True
+                threading.Thread(target=drain, name="drain", daemon=True).start()
+            elif self.should_exit or app.draining:
+                self.should_exit = self.force_exit = True
+
+    def drain() -> None:
+        log = logging.getLogger("serving.server")
+        log.info("draining: new requests get 503; %d in flight get up to %.0f s (--shutdown-timeout)",
+                 app.in_flight, args.shutdown_timeout)
+        if not app.wait_idle(engine, args.shutdown_timeout):
+            log.warning("--shutdown-timeout %.0f s passed: ending %d requests with finish_reason 'abort'",
+                        args.shutdown_timeout, app.in_flight)
+            engine.abort_all(f"server shutting down: the request was ended after --shutdown-timeout "
+                             f"{args.shutdown_timeout:g} s")
+            app.wait_idle(engine, 5.0)  # the final events reach their clients
+        server.should_exit = True
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=5))
     exit_status = {"code": 0}
 
     def on_fatal(message: str) -> None:
         # A rank died: answer 503 for a moment (health and new requests), then exit non-zero.
-        import threading
-
         report(message)
         exit_status["code"] = 1
         threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
 
     engine.on_fatal = on_fatal
-    print(f"{PROG}: {banner}", file=sys.stderr, flush=True)
     server.run()
     if dist_ctx is not None:
         from hwlayer.distributed import RankFailure

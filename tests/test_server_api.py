@@ -245,10 +245,31 @@ BAD_CHAT = [
     ({"temperature": 7}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"stop": 5}, "stop"),
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-    ({"model": "gpt-4"}, "model"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"presence_penalty": 5}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_tokens": 5}, "min_tokens"),  # more than max_tokens (4)
+    ({"logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"stop_token_ids": [-5]}, "stop_token_ids"),
+    ({"stop_token_ids": [10**12]}, "stop_token_ids"),
+    ({"tool_choice": "bogus"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}},
+      "tools": [{"type": "function", "function": {"name": "get_weather"}}]}, "tool_choice"),
+    ({"best_of": 2}, "best_of"),  # a completions-only field: unknown to chat
+    ({"frobnicate": True}, "frobnicate"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant"}]}, "messages[1].content"),
     ({"stream": "yes"}, "stream"),
     ({"chat_template_kwargs": {"enable_thinking": "no"}}, "enable_thinking"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, "messages"),
@@ -265,6 +286,12 @@ def test_bad_requests_get_400_with_the_field_named_and_server_stays_healthy(serv
         assert err["type"] == "invalid_request_error" and "\n" not in err["message"] and err["message"]
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [10**9]}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    for field, value in (("suffix", "end"), ("best_of", 3)):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", field: value}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user",
+                   "content": "hi"}]}, headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * (5 * 1024 * 1024)}, headers=AUTH)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.get(server.url + "/v1/nothing", headers=AUTH)

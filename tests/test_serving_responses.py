@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from serving.engine import EngineEvent
 from serving.parsers import GLMOutputParser
-from serving.protocol import ChatResponse, CompletionResponse
+from serving.protocol import ChatResponse, CompletionResponse, usage_of
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
@@ -29,8 +29,9 @@ def events(text: str, pieces: int, finish_reason: str = "stop") -> list[EngineEv
 
 def test_streamed_chunks_are_openai_chunks_with_reasoning_content_and_tool_calls():
     for pieces in (1, 3, 7, len(GENERATED)):
-        response = ChatResponse("chatcmpl-x", "glm5-tiny-random", GLMOutputParser(True, TOOLS), include_usage=True)
-        chunks = [response.first_chunk()] + [c for e in events(GENERATED, pieces) for c in response.chunks(e)]
+        response = ChatResponse("chatcmpl-x", "glm5-tiny-random", [GLMOutputParser(True, TOOLS)], include_usage=True)
+        chunks = response.opening() + [c for e in events(GENERATED, pieces) for c in response.chunks(0, e)]
+        chunks.append(response.usage_chunk(usage_of(10, pieces)))  # serving.api.respond adds it at the end
         parsed = [ChatCompletionChunk.model_validate(c) for c in chunks]
         reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in parsed if c.choices)
         content = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
@@ -49,9 +50,9 @@ def test_streamed_chunks_are_openai_chunks_with_reasoning_content_and_tool_calls
 
 
 def test_whole_response_is_an_openai_chat_completion():
-    response = ChatResponse("chatcmpl-y", "glm5-tiny-random", GLMOutputParser(True, TOOLS, stream=False))
+    response = ChatResponse("chatcmpl-y", "glm5-tiny-random", [GLMOutputParser(True, TOOLS, stream=False)])
     last = EngineEvent(finished=True, finish_reason="stop", prompt_tokens=10, completion_tokens=30)
-    body = ChatCompletion.model_validate(response.whole(GENERATED, last))
+    body = ChatCompletion.model_validate(response.whole([(GENERATED, last, [])], usage_of(10, 30)))
     choice = body.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == "Let me check."
@@ -61,25 +62,27 @@ def test_whole_response_is_an_openai_chat_completion():
 
 
 def test_length_stop_keeps_length_and_unclosed_call_is_content():
-    response = ChatResponse("chatcmpl-z", "m", GLMOutputParser(False, TOOLS, stream=False))
+    response = ChatResponse("chatcmpl-z", "m", [GLMOutputParser(False, TOOLS, stream=False)])
     last = EngineEvent(finished=True, finish_reason="length", prompt_tokens=3, completion_tokens=5)
-    body = ChatCompletion.model_validate(response.whole("ok <tool_call>get_weather<arg_key>ci", last))
+    body = ChatCompletion.model_validate(response.whole([("ok <tool_call>get_weather<arg_key>ci", last, [])],
+                                                        usage_of(3, 5)))
     assert body.choices[0].finish_reason == "length"
     assert body.choices[0].message.content == "ok <tool_call>get_weather<arg_key>ci"
     assert not body.choices[0].message.tool_calls
 
 
 def test_engine_error_ends_the_stream_with_an_error_object():
-    response = ChatResponse("chatcmpl-e", "m", GLMOutputParser(True))
-    out = response.chunks(EngineEvent(text="", finished=True, finish_reason="error", error="model step failed: X"))
+    response = ChatResponse("chatcmpl-e", "m", [GLMOutputParser(True)])
+    out = response.chunks(0, EngineEvent(text="", finished=True, finish_reason="error", error="model step failed: X"))
     assert out[-1]["error"]["message"] == "model step failed: X" and out[-1]["error"]["type"] == "server_error"
 
 
 def test_completion_stream_and_whole_body_are_openai_completions():
     text = "Once upon a time"
     for pieces in (1, 4, len(text)):
-        response = CompletionResponse("cmpl-x", "m", include_usage=True)
-        chunks = response.opening() + [c for e in events(text, pieces, "length") for c in response.chunks(e)]
+        response = CompletionResponse("cmpl-x", "m", [""], include_usage=True)
+        chunks = response.opening() + [c for e in events(text, pieces, "length") for c in response.chunks(0, e)]
+        chunks.append(response.usage_chunk(usage_of(4, pieces)))
         # openai's Completion type has no null finish_reason (the client does not validate stream chunks)
         parsed = [Completion.model_validate(c) if not c["choices"] or c["choices"][0]["finish_reason"]
                   else Completion.model_construct(**c) for c in chunks]
@@ -88,14 +91,14 @@ def test_completion_stream_and_whole_body_are_openai_completions():
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * (pieces - 1) + ["length"]
         assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == pieces
     last = EngineEvent(finished=True, finish_reason="stop", prompt_tokens=4, completion_tokens=6)
-    body = Completion.model_validate(CompletionResponse("cmpl-y", "m").whole(text, last))
+    body = Completion.model_validate(CompletionResponse("cmpl-y", "m", [""]).whole([(text, last, [])], usage_of(4, 6)))
     assert body.choices[0].text == text and body.choices[0].finish_reason == "stop"
     assert body.usage.total_tokens == 10
 
 
 def test_completion_engine_error_is_the_only_chunk_of_the_last_event():
-    response = CompletionResponse("cmpl-e", "m", include_usage=True)
-    out = response.chunks(EngineEvent(text="x", finished=True, finish_reason="error", error="model step failed: X"))
+    response = CompletionResponse("cmpl-e", "m", [""], include_usage=True)
+    out = response.chunks(0, EngineEvent(text="x", finished=True, finish_reason="error", error="model step failed: X"))
     assert out == [{"error": {"message": "model step failed: X", "type": "server_error", "param": None,
                               "code": "engine_error"}}]
 
@@ -106,9 +109,9 @@ def test_the_openai_sdk_assembles_the_streamed_tool_calls():
     from openai.lib.streaming.chat import ChatCompletionStreamState
 
     text = GENERATED + "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"
-    response = ChatResponse("chatcmpl-s", "m", GLMOutputParser(True, TOOLS))
+    response = ChatResponse("chatcmpl-s", "m", [GLMOutputParser(True, TOOLS)])
     state = ChatCompletionStreamState()
-    for chunk in [response.first_chunk()] + [c for e in events(text, len(text)) for c in response.chunks(e)]:
+    for chunk in response.opening() + [c for e in events(text, len(text)) for c in response.chunks(0, e)]:
         state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
     choice = state.get_final_completion().choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
