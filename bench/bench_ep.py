@@ -200,7 +200,7 @@ def _serve_worker(rank: int, world: int, port: int, ckpt: str, streams: int, pro
     forward = engine.forward
     trace = {"attention_tokens": [], "kv_blocks": []}
 
-    def traced(batch, cache):  # noqa: ANN001, ANN202 - record each step's per-rank work and cache
+    def traced(batch, cache):
         logits = forward(batch, cache)
         if dp_attention:
             trace["attention_tokens"].append(list(forward.last_tokens))

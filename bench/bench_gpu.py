@@ -41,8 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import Batch, load_model  # noqa: E402
-from model.tiny import make_tiny_checkpoint  # noqa: E402
+from model import Batch, load_model
+from model.tiny import make_tiny_checkpoint
 
 # The checkpoint of issue 11 (transformers GlmMoeDsaConfig with these arguments, its defaults elsewhere).
 GLM5_SHAPED = {

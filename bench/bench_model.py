@@ -68,7 +68,7 @@ def copy_bandwidth_gbs() -> float:
     return src.numel() * 4 / (best / 1e3) / 1e9
 
 
-def decode_bytes(m, context: int) -> int:  # noqa: ANN001
+def decode_bytes(m, context: int) -> int:
     """Bytes one batch-1 decode step reads (lower bound: every weight it multiplies, once)."""
     cfg, elem = m.config, torch.empty((), dtype=m.dtype).element_size()
     total = m.embed.shape[1] * elem + m.lm_head.numel() * elem + m.norm.numel() * elem
@@ -91,7 +91,7 @@ def decode_bytes(m, context: int) -> int:  # noqa: ANN001
     return total
 
 
-def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:
     out = {}
     for C in contexts:
         bs = 64
@@ -113,7 +113,7 @@ def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: in
     return out
 
 
-def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:
     """Per batch-1 decode step, from a ``torch.profiler`` trace with one torch thread (every op runs
     on the traced thread): the step's span, the time inside aten ops (the sum of every ``aten::``
     event's self time) and the host overhead = the difference (Python, the model and op glue,
@@ -160,7 +160,7 @@ def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: 
     return out
 
 
-def hf_prefill_and_decode(hf, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:  # noqa: ANN001
+def hf_prefill_and_decode(hf, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:
     from transformers import DynamicCache
 
     out = {}

@@ -94,7 +94,7 @@ def _shifted_logits(ck, q: torch.Tensor, kv_cache: torch.Tensor, shift: float):
     ``lse`` by that much; the tolerance gets that term (x2 for an exp2-based softmax's
     ``log2(e)`` factor) on top of the op's entry.
     """
-    grid = lambda t: (golden._f64(t) * 16).round().clamp(-254, 254) / 16  # noqa: E731
+    grid = lambda t: (golden._f64(t) * 16).round().clamp(-254, 254) / 16
     kv = grid(kv_cache)
     kv[..., 0] = 4.0
     qq = grid(q)

@@ -46,7 +46,7 @@ def load_model(
     backend: str | None = None,
     dtype: str | torch.dtype | None = None,
     ep: int = 1,
-    ep_group=None,  # noqa: ANN001 - a torch.distributed ProcessGroup (default: the default group)
+    ep_group=None,
     progress: bool | None = None,
     weight_format: str | None = None,
 ) -> GLM5:

@@ -221,7 +221,7 @@ class Attention:
 class DenseMLP:
     """SwiGLU: down(silu(gate x) * up x), gate and up fused into one [2I, D] matmul."""
 
-    def __init__(self, plan, w: dict[str, torch.Tensor], p: str) -> None:  # noqa: ANN001
+    def __init__(self, plan, w: dict[str, torch.Tensor], p: str) -> None:
         self.plan = plan
         # One [2I, D] weight; a quantized pair whose scale blocks do not line up stays two weights.
         self.gate_up = concat_rows(w[p + "gate_proj.weight"], w[p + "up_proj.weight"])
@@ -331,8 +331,8 @@ def rope_cos_sin_cache(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
 class GLM5:
     """The model: embedding -> decoder layers -> norm -> untied lm_head (+ optional MTP draft head)."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], plan, dtype: torch.dtype,  # noqa: ANN001
-                 has_mtp: bool, ep: int = 1, ep_group=None) -> None:  # noqa: ANN001
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], plan, dtype: torch.dtype,
+                 has_mtp: bool, ep: int = 1, ep_group=None) -> None:
         self.config, self.plan, self.dtype = cfg, plan, dtype
         self.device = plan.device
         self.ep, self.ep_group = ep, ep_group

@@ -67,7 +67,7 @@ def checkpoint_format(cfg: ModelConfig) -> str | None:
     return cfg.quant.weight_format if cfg.quant is not None else None
 
 
-def resolve_weight_format(cfg: ModelConfig, backend, requested: str | None, dtype: torch.dtype) -> str:  # noqa: ANN001
+def resolve_weight_format(cfg: ModelConfig, backend, requested: str | None, dtype: torch.dtype) -> str:
     """The weight format to load: ``requested`` if the backend runs it (else ValueError, one line);
     None: the checkpoint's own format when the backend runs it, else the best quantized format the
     backend runs (fp8_block before int8), else unquantized -- returned as ``dtype``'s name."""
@@ -126,13 +126,13 @@ def planned_weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtyp
     return out
 
 
-def resident_weight_bytes(obj) -> int:  # noqa: ANN001 - a GLM5 model (or any object holding weights)
+def resident_weight_bytes(obj) -> int:
     """Bytes of the distinct tensor storages reachable from ``obj``'s attributes (QuantizedWeight
     data and scales included), skipping the RoPE table: what the loaded weights really occupy."""
     seen: dict[int, int] = {}
     visited: set[int] = set()
 
-    def walk(o) -> None:  # noqa: ANN001
+    def walk(o) -> None:
         if isinstance(o, torch.Tensor):
             st = o.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
@@ -243,7 +243,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _open(file: Path):  # noqa: ANN202 - safetensors handle
+def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a bad header / short file
@@ -334,7 +334,7 @@ def load_state(
                               f"checkpoint for this config.json)")
     handles: dict[Path, object] = {}
 
-    def handle(f: Path):  # noqa: ANN202
+    def handle(f: Path):
         if f not in handles:
             handles[f] = _open(f)
         return handles[f]

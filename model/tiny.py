@@ -86,7 +86,7 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000. Questions? Answers! The user asks and t
 """
 
 
-def build_tokenizer(vocab_size: int = TINY_VOCAB):  # noqa: ANN201 - tokenizers.Tokenizer
+def build_tokenizer(vocab_size: int = TINY_VOCAB):
     """A deterministic byte-level BPE: the 256 byte symbols, GLM special tokens and merges learnt
     from a fixed corpus, ``vocab_size`` entries in all."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -234,7 +234,7 @@ class DPEngine(Engine):
                  "kv_blocks_total": self.allocator.blocks_per_rank} for r in range(self.world)]
 
 
-def _empty_batch(Batch: Any) -> Any:  # noqa: N803 - the model's Batch class
+def _empty_batch(Batch: Any) -> Any:
     return Batch(input_ids=torch.zeros(0, dtype=torch.int64), cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
                  seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32))
 
@@ -246,7 +246,7 @@ def split_batch(batch: Any, world: int, blocks_per_rank: int, block_size: int) -
     tokens, lengths and block tables with the rank's local block ids. A rank without rows gets an
     empty batch (zero tokens): it still joins every MoE all-to-all. Host work, once per step.
     """
-    Batch = type(batch)  # noqa: N806
+    Batch = type(batch)
     cu = batch.cu_seqlens_q.tolist()
     lens = batch.seq_lens.tolist()
     table = batch.block_table
@@ -347,7 +347,7 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class RankCollector:
-        def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
+        def collect(self):
             running = GaugeMetricFamily("hwlayer_rank_num_requests_running",
                                         "Sequences in the running batch that live on this rank", labels=["rank"])
             used = GaugeMetricFamily("hwlayer_rank_kv_blocks_used", "KV blocks of this rank held by its sequences",

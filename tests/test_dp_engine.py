@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("model")
 
-from model import Batch  # noqa: E402
-from serving.dp import DPEngine, register_rank_metrics, split_batch  # noqa: E402
-from serving.engine import Engine, SamplingParams  # noqa: E402
-from serving.metrics import ServingMetrics  # noqa: E402
+from model import Batch
+from serving.dp import DPEngine, register_rank_metrics, split_batch
+from serving.engine import Engine, SamplingParams
+from serving.metrics import ServingMetrics
 
 BLOCK, PER_RANK = 4, 16
 

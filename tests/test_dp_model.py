@@ -44,7 +44,7 @@ def _engine_kwargs() -> dict:
     return dict(block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, eos_token_ids=[])
 
 
-def _run(engine, prompts: list[list[int]]) -> list[list[int]]:  # noqa: ANN001
+def _run(engine, prompts: list[list[int]]) -> list[list[int]]:
     from serving.engine import SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(checkpoint: Path):  # noqa: ANN201
+def single(checkpoint: Path):
     from model import load_model
     from model.tokenizer import load_tokenizer
     from serving.engine import Engine
@@ -90,7 +90,7 @@ def _job(world: int, checkpoint: Path, out_dir: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_dp_attention_matches_single_process(world: int, checkpoint: Path, single, tmp_path: Path) -> None:  # noqa: ANN001
+def test_dp_attention_matches_single_process(world: int, checkpoint: Path, single, tmp_path: Path) -> None:
     m, want = single
     code, out = _job(world, checkpoint, tmp_path)
     assert code == 0, out
@@ -142,15 +142,15 @@ def _worker(checkpoint: str, out_dir: str) -> int:
     trace: dict = {"forward_tokens": [], "dispatch_rows": [], "caches": []}
     forward, dispatch, new_cache = m.forward_batch, m.plan.ep_dispatch, m.new_cache
 
-    def traced_forward(batch, cache):  # noqa: ANN001, ANN202
+    def traced_forward(batch, cache):
         trace["forward_tokens"].append(int(batch.input_ids.numel()))
         return forward(batch, cache)
 
-    def traced_dispatch(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def traced_dispatch(x, *args, **kwargs):
         trace["dispatch_rows"].append(int(x.shape[0]))
         return dispatch(x, *args, **kwargs)
 
-    def traced_cache(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def traced_cache(*args, **kwargs):
         trace["caches"].append(new_cache(*args, **kwargs))
         return trace["caches"][-1]
 
@@ -161,7 +161,7 @@ def _worker(checkpoint: str, out_dir: str) -> int:
         leader = engine.forward
         steps, tokens_per_step, blocks = [], [], [set() for _ in range(world)]
 
-        def recorded(batch, cache):  # noqa: ANN001, ANN202
+        def recorded(batch, cache):
             logits = leader(batch, cache)
             steps.append((dict(vars(batch)), logits.clone()))  # plain tensors: torch.load(weights_only)
             tokens_per_step.append(list(leader.last_tokens))
@@ -191,10 +191,10 @@ def _worker(checkpoint: str, out_dir: str) -> int:
 class _Owners:
     """The engine, noting each sequence's rank after its first step (for the test's bookkeeping)."""
 
-    def __init__(self, engine, owners: list[int]) -> None:  # noqa: ANN001
+    def __init__(self, engine, owners: list[int]) -> None:
         self.engine, self.owners, self.seqs = engine, owners, []
 
-    def submit(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def submit(self, *args, **kwargs):
         self.seqs.append(self.engine.submit(*args, **kwargs))
         return self.seqs[-1]
 

@@ -60,7 +60,7 @@ def reference(checkpoint: Path) -> dict:
     }
 
 
-def _moe_layers(m) -> list:  # noqa: ANN001
+def _moe_layers(m) -> list:
     return [layer.mlp for layer in m.layers if hasattr(layer.mlp, "w13")]
 
 
@@ -163,14 +163,14 @@ def test_bad_ep_config_fails_before_loading_weights(checkpoint: Path, tmp_path: 
 # The worker (run by torchrun)
 
 
-def _inject_fault(plan, rank: int, fault: str, fail_rank: int, fail_call: int) -> None:  # noqa: ANN001
+def _inject_fault(plan, rank: int, fault: str, fail_rank: int, fail_call: int) -> None:
     """Make ``fail_rank`` exit or hang inside its ``fail_call``-th ep_dispatch (this process's plan only)."""
     if rank != fail_rank or fault not in ("exit", "hang"):
         return
     real = plan.ep_dispatch
     calls = {"n": 0}
 
-    def ep_dispatch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def ep_dispatch(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == fail_call:
             if fault == "exit":

@@ -448,7 +448,7 @@ def test_model_decode_step_on_the_triton_tier_reads_nothing_on_the_host(tp, monk
             return Launch()
 
     model = load_model(ensure_default_model(), backend="triton", dtype="bf16")
-    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
     cache = model.new_cache(8, 4)
     table = torch.arange(8, dtype=torch.int32).view(2, 4)
     model.forward_batch(Batch(torch.arange(1, 13), i32(0, 9, 12), i32(9, 3), table), cache)  # real prefill

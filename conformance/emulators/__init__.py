@@ -80,7 +80,7 @@ ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
     """Module name -> function filling that module, for one emulated backend."""
-    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, vllm_c  # noqa: PLC0415
+    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, vllm_c
 
     table: dict[str, dict[str, Callable[[types.ModuleType], None]]] = {
         "ascend": {"torch_npu": torch_npu.install},

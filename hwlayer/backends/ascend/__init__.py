@@ -57,7 +57,7 @@ def _detect() -> Availability:
     import torch
 
     try:
-        import torch_npu  # noqa: F401 - registers torch.npu
+        import torch_npu
     except Exception as exc:
         return Availability(False, f"import torch_npu failed: {type(exc).__name__}: {exc}")
     npu_version = getattr(torch_npu, "__version__", "?")

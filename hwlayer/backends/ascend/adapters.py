@@ -22,7 +22,7 @@ from .device import device_type
 
 
 def _npu() -> Any:
-    import torch_npu  # noqa: PLC0415 - lazy: only on an Ascend machine (or under the test emulation)
+    import torch_npu
 
     return torch_npu
 

@@ -28,7 +28,7 @@ from hwlayer.ops.quant import QuantizedWeight
 
 
 def _npu() -> Any:
-    import torch_npu  # noqa: PLC0415 - lazy: only on an Ascend machine
+    import torch_npu
 
     return torch_npu
 

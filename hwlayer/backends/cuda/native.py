@@ -152,7 +152,7 @@ def lightop_rms_norm_supports(x: Any, weight: Any, eps: float, residual: Any = N
 def lightop_rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    from lightop import norm  # noqa: PLC0415
+    from lightop import norm
 
     if residual is None:
         return norm.rmsnorm_forward_autograd(x.contiguous(), weight.contiguous(), eps, False)  # (x, w, eps, training)
@@ -215,7 +215,7 @@ def flash_mla_sparse_supports(
         return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
     if not importable("flash_mla"):
         return "flash_mla is not importable"
-    from flash_mla import flash_mla_sparse_fwd  # noqa: PLC0415
+    from flash_mla import flash_mla_sparse_fwd
 
     if flash_mla_padded_heads(q.shape[1], flash_mla_natural_lse(flash_mla_sparse_fwd), q.device) is None:
         return f"FlashMLA sparse prefill takes exactly 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
@@ -226,7 +226,7 @@ def flash_mla_sparse_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_mla import flash_mla_sparse_fwd  # noqa: PLC0415
+    from flash_mla import flash_mla_sparse_fwd
 
     T, H, Dk = q.shape
     slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1])
@@ -301,7 +301,7 @@ def deep_gemm_lightning_indexer(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    import deep_gemm  # noqa: PLC0415
+    import deep_gemm
 
     T = q.shape[0]
     bs = k_cache.shape[1]

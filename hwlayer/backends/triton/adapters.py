@@ -66,7 +66,7 @@ def triton_importable() -> bool:
 
 
 def _kernels() -> Any:
-    from . import kernels  # noqa: PLC0415 - lazy on purpose: TRITON_INTERPRET is read at import
+    from . import kernels
 
     return kernels
 

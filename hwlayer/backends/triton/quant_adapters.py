@@ -23,7 +23,7 @@ BLOCK_M, BLOCK_N, INT8_BLOCK_K, ACT_BLOCK = 32, 64, 64, 256
 
 
 def _qk() -> Any:
-    from . import quant_kernels  # noqa: PLC0415 - lazy: TRITON_INTERPRET is read at import
+    from . import quant_kernels
 
     return quant_kernels
 

@@ -27,7 +27,7 @@ INSTALL_HINT = ("install torch_musa >= 2.7 and mate from Moore Threads (MUSA too
 
 def detect() -> Availability:
     try:
-        import torch_musa  # noqa: F401  (registers torch.musa)
+        import torch_musa
     except Exception as exc:
         return Availability(False, f"torch_musa is not importable ({type(exc).__name__}: {exc})")
     import importlib.metadata
