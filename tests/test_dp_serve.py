@@ -98,7 +98,8 @@ def test_dp2_spreads_requests_answers_like_one_process_and_a_dead_rank_gives_503
     for prompt in PROMPTS:
         events = []
         engine.submit(tokenizer.encode(prompt, add_special_tokens=False).ids,
-                      SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True), events.append)
+                      SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                                     skip_special_tokens=True), events.append)  # the server's default
         while not (events and events[-1].finished):
             engine.step()
         expected.append("".join(e.text for e in events))
