@@ -104,3 +104,20 @@ def scrape_metrics(url: str, headers: dict | None = None) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+def start_ranks(cache: Path, http_port: int, serve_args: Sequence[str], world: int = 2) -> list[subprocess.Popen]:
+    """``serve.py`` ranks started by hand (not torchrun, so a test can watch rank 0's own exit status): the
+    environment torchrun would give each rank, the tiny model cached in ``cache``, short collective
+    timeouts, one torch thread per rank."""
+    master_port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "HWLAYER_CACHE": str(cache), "GLM_BACKEND": "cpu", "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "HWLAYER_DIST_TIMEOUT": "60",
+               "HWLAYER_DIST_PROBE_TIMEOUT": "5", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "serve.py"), "--port", str(http_port), *serve_args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs

@@ -11,17 +11,16 @@ covered by tests/test_dp_model.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from server_process import REPO, free_port, wait_healthy
+import server_process
+from server_process import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow  # a DP+EP server as two processes
 
@@ -38,18 +37,9 @@ def checkpoint(tmp_path_factory):
 
 
 def start_ranks(cache: Path, http_port: int, world: int = 2) -> list[subprocess.Popen]:
-    master_port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "HWLAYER_CACHE": str(cache), "GLM_BACKEND": "cpu", "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "HWLAYER_DIST_TIMEOUT": "60",
-               "HWLAYER_DIST_PROBE_TIMEOUT": "5", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "serve.py"), "--ep", str(world), "--dp-attention", "--port", str(http_port),
-             "--max-model-len", "256", "--num-kv-blocks", "16", "--kv-block-size", "16", "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    args = ["--ep", str(world), "--dp-attention", "--max-model-len", "256", "--num-kv-blocks", "16",
+            "--kv-block-size", "16", "--log-level", "warning"]
+    return server_process.start_ranks(cache, http_port, args, world)
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int, first: threading.Event, out: dict) -> None:

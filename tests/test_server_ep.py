@@ -8,15 +8,14 @@ MASTER_PORT in the environment), without the elastic agent, so the test sees eac
 status: with torchrun the agent tears the job down when a rank dies, which can beat rank 0's answer.
 """
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from server_process import REPO, free_port, wait_healthy
+import server_process
+from server_process import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow  # an EP server under torchrun
 
@@ -30,18 +29,8 @@ def checkpoint(tmp_path_factory):
 
 
 def start_ranks(cache: Path, http_port: int, world: int = 2) -> list[subprocess.Popen]:
-    master_port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "HWLAYER_CACHE": str(cache), "GLM_BACKEND": "cpu", "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "HWLAYER_DIST_TIMEOUT": "60",
-               "HWLAYER_DIST_PROBE_TIMEOUT": "5", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "serve.py"), "--ep", str(world), "--port", str(http_port),
-             "--max-model-len", "256", "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    args = ["--ep", str(world), "--max-model-len", "256", "--log-level", "warning"]
+    return server_process.start_ranks(cache, http_port, args, world)
 
 
 def test_ep2_serves_greedy_tokens_and_a_dead_rank_gives_503_and_exit_1(checkpoint):
