@@ -22,6 +22,9 @@ from .config import ModelConfig
 from .loader import FP8_BLOCK, SCALE_SUFFIX, expected_tensors, is_linear_weight, module_of
 
 DEFAULT_MODEL_NAME = "glm5-tiny-random"
+# Bump when what make_tiny_checkpoint writes changes (template, tokenizer, config): cached copies are rebuilt.
+DEFAULT_MODEL_REVISION = "2"
+REVISION_FILE = ".hwlayer-revision"
 SPECIAL_TOKENS = [
     "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
     "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
@@ -212,12 +215,21 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     temp dir, then renamed into place, so a concurrent or interrupted creation never leaves half a model)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    stamp = target / REVISION_FILE
+    if (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == DEFAULT_MODEL_REVISION:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # written by an older hwlayer (another chat template, tokenizer or config): replace it
+        stale = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-stale-", dir=target.parent))
+        try:
+            os.rename(target, stale / "old")
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
     try:
         make_tiny_checkpoint(tmp)
+        (tmp / REVISION_FILE).write_text(DEFAULT_MODEL_REVISION)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -344,3 +344,19 @@ def test_speculative_cli_without_mtp_exits_2_one_line(capsys, tmp_path):
     rc, _, err = _main(capsys, "--model", str(path), "--prompt", "hi", "--backend", "cpu", "--speculative")
     assert rc == 2
     assert "speculative decoding needs an MTP layer" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_default_model_written_by_an_older_hwlayer_is_rebuilt(tmp_path):
+    """A cached glm5-tiny-random without this revision's stamp (an older template, tokenizer or config) is
+    replaced, not served; a current one is reused as is."""
+    from model.tiny import DEFAULT_MODEL_REVISION, REVISION_FILE, ensure_default_model
+
+    path = ensure_default_model(cache_dir=tmp_path)
+    (path / REVISION_FILE).unlink()
+    (path / "left-by-old-version").write_text("x")
+    again = ensure_default_model(cache_dir=tmp_path)
+    assert again == path and (path / REVISION_FILE).read_text() == DEFAULT_MODEL_REVISION
+    assert not (path / "left-by-old-version").exists()
+    (path / "kept").write_text("x")
+    assert ensure_default_model(cache_dir=tmp_path) == path and (path / "kept").exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
