@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail, value_checks
+from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail, fp32_scalar, value_checks
 
 
 def moe_route(
@@ -52,8 +52,8 @@ def moe_route(
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+        weights = weights / (weights.sum(-1, keepdim=True) + fp32_scalar(1e-20))
+    return weights * fp32_scalar(routed_scaling_factor), ids.to(torch.int32)
 
 
 def moe_permute(

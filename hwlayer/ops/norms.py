@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import FLOAT_DTYPES, check_tensor
+from .layout import FLOAT_DTYPES, check_tensor, fp32_scalar
 
 
 def rms_norm(
@@ -25,7 +25,10 @@ def rms_norm(
         check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,), shape=list(x.shape))
         x = x + residual
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    # A bf16 weight times an fp32 tensor promotes to fp32 exactly (no separate .float() copy).
+    # mean as sum / D (what torch.mean computes, without its extra cast op), eps as a 0-d fp32 tensor
+    ms = (xf * xf).sum(-1, keepdim=True) / fp32_scalar(x.shape[-1])
+    y = xf * torch.rsqrt(ms + fp32_scalar(eps)) * weight
     return (y.to(x.dtype), x) if residual is not None else y.to(x.dtype)
 
 
