@@ -120,7 +120,8 @@ def lightning_indexer(
         w_pad[seq_idx, row] = weights.float()
     pos = torch.arange(max_seqlen_k, device=q.device)
     seqs = torch.arange(B, device=q.device)
-    keys = k_cache.reshape(-1, Di)[positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)].float()
+    key_slots = positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)
+    keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
     keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]
     # query position of padded row r of sequence b: seq_lens[b] - n_b + r (right-aligned causal)
     first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
@@ -133,8 +134,8 @@ def lightning_indexer(
         # [B, n*Hi, Di] @ [B, Di, keys]: one batched matmul per chunk, then the head-weighted sum as another
         logits = torch.bmm(q_pad[:, r0:r1].reshape(B, n * Hi, Di), keys_t).mul_(fp32_scalar(scale)).relu_()
         score = torch.bmm(w_pad[:, r0:r1].reshape(B * n, 1, Hi), logits.view(B * n, Hi, -1)).view(B, n, -1)
-        rpos = first_pos[:, None] + torch.arange(r0, r1, device=q.device)  # [B, rows]
-        score.masked_fill_(pos[None, None, :] > rpos[:, :, None], float("-inf"))
+        rpos = first_pos.unsqueeze(1) + torch.arange(r0, r1, device=q.device)  # [B, rows]
+        score.masked_fill_(pos > rpos.unsqueeze(2), float("-inf"))  # keys past the query's position
         vals, idx = score.topk(k, dim=-1)
         picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals.isneginf(), -1)
     out[:, :k] = picked[:, 0] if seq_idx is None else picked[seq_idx, row]
@@ -195,7 +196,8 @@ def sparse_mla_attention(
 def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, block_table: torch.Tensor,
                      seq_idx: torch.Tensor, bs: int, scale: float, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_attention`` for a chunk of query rows: ``(out [t, H, v_dim] in q.dtype, lse fp32 [t, H])``."""
-    kv = flat[positions_to_slots(block_table, seq_idx, idx, bs)].float()  # [t, K, Dk]
+    slots = positions_to_slots(block_table, seq_idx, idx, bs)
+    kv = flat.index_select(0, slots.view(-1)).view(*idx.shape, flat.shape[1]).float()  # [t, K, Dk]
     s = torch.bmm(q.float(), kv.transpose(1, 2)).mul_(fp32_scalar(scale))  # [t, H, K]
     s.masked_fill_((idx < 0).unsqueeze(1), float("-inf"))
     m = torch.logsumexp(s, dim=-1)  # [t, H]

@@ -56,19 +56,26 @@ def check_tensor(
 ) -> None:
     """Raise ``ValueError`` unless ``t`` is a tensor with the given rank, dtype and sizes
     (``None`` in ``shape`` means any size). Public so vendor adapters can reuse it."""
+    # Runs several times per op call, so it is written for speed: plain loops, no generators.
     if not isinstance(t, torch.Tensor):
         fail(op, arg, "a torch.Tensor", type(t).__name__)
     if ndim is not None:
-        ok = t.dim() in ndim if isinstance(ndim, tuple) else t.dim() == ndim
-        if not ok:
+        if not (t.dim() in ndim if isinstance(ndim, tuple) else t.dim() == ndim):
             fail(op, arg, f"{ndim}-D tensor", f"shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
         fail(op, arg, f"dtype {names}", str(t.dtype).removeprefix("torch."))
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, t.shape, strict=False)):
+        got = t.shape
+        ok = len(got) == len(shape)
+        if ok:
+            for s, g in zip(shape, got, strict=True):
+                if s is not None and s != g:
+                    ok = False
+                    break
+        if not ok:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            fail(op, arg, f"shape {want}", f"{list(t.shape)}")
+            fail(op, arg, f"shape {want}", f"{list(got)}")
 
 
 def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> None:
@@ -114,7 +121,7 @@ def token_positions(
     t = torch.arange(num_tokens, device=cu_seqlens_q.device)
     seq_idx = torch.searchsorted(cu_seqlens_q[1:], t.to(cu_seqlens_q.dtype), right=True)
     offset = seq_lens - cu_seqlens_q.diff() - cu_seqlens_q[:-1]  # position = token index + offset of its sequence
-    pos = t + offset[seq_idx]
+    pos = t + offset.index_select(0, seq_idx)
     return seq_idx, pos
 
 
@@ -124,8 +131,9 @@ def positions_to_slots(
     """Map positions (any shape, aligned with ``seq_idx`` on dim 0) to flat cache slots (int64).
     Negative positions map to the slot of position 0 of their sequence; callers mask them."""
     p = positions.long().clamp(min=0)
-    rows = seq_idx.view(-1, *([1] * (p.dim() - 1)))  # broadcasts against p in the gather
-    blocks = block_table[rows, p // block_size]  # the table's own dtype; the add below is in int64
+    # index_select + gather rather than block_table[rows, cols]: same values, a fraction of the
+    # Python cost of advanced indexing. The table keeps its dtype; the add below is in int64.
+    blocks = block_table.index_select(0, seq_idx).gather(1, (p // block_size).view(p.shape[0], -1)).view(p.shape)
     return (p % block_size).add_(blocks, alpha=block_size)
 
 

@@ -128,8 +128,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     if M == 0 or w.shape[0] == 0:
         return x.new_zeros(M, N)
     ends = group_sizes.long().cumsum(0)
-    padding = torch.arange(M, device=x.device) >= ends[-1:]  # rows past the last group
-    expert = torch.searchsorted(ends, torch.arange(M, device=x.device), right=True).clamp_(max=w.shape[0] - 1)
+    rows = torch.arange(M, device=x.device)
+    padding = rows >= ends[-1:]  # rows past the last group
+    expert = torch.searchsorted(ends, rows, right=True).clamp_(max=w.shape[0] - 1)
     if M * N * x.shape[1] <= _GATHER_BUDGET:
         # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
         out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)

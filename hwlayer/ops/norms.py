@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import FLOAT_DTYPES, check_tensor, fp32_scalar
+from .layout import FLOAT_DTYPES, check_tensor
 
 
 def rms_norm(
@@ -24,12 +24,10 @@ def rms_norm(
     if residual is not None:
         check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,), shape=list(x.shape))
         x = x + residual
-    xf = x.float()
-    # A bf16 weight times an fp32 tensor promotes to fp32 exactly (no separate .float() copy).
-    # mean as sum / D (what torch.mean computes, without its extra cast op), eps as a 0-d fp32 tensor
-    ms = (xf * xf).sum(-1, keepdim=True) / fp32_scalar(x.shape[-1])
-    y = xf * torch.rsqrt(ms + fp32_scalar(eps)) * weight
-    return (y.to(x.dtype), x) if residual is not None else y.to(x.dtype)
+    # torch's rms_norm on the fp32 copy is x * rsqrt(mean(x^2) + eps) in one call; the weight is
+    # applied here (promoted to fp32) so the one rounding to x.dtype comes last on every torch version.
+    y = (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight).to(x.dtype)
+    return (y, x) if residual is not None else y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
