@@ -133,7 +133,9 @@ def positions_to_slots(
     p = positions.long().clamp(min=0)
     # index_select + gather rather than block_table[rows, cols]: same values, a fraction of the
     # Python cost of advanced indexing. The table keeps its dtype; the add below is in int64.
-    blocks = block_table.index_select(0, seq_idx).gather(1, (p // block_size).view(p.shape[0], -1)).view(p.shape)
+    cols = p // block_size
+    cols = cols.unsqueeze(1) if p.dim() == 1 else cols.flatten(1)  # [rows, n], also for 0 rows
+    blocks = block_table.index_select(0, seq_idx).gather(1, cols).view(p.shape)
     return (p % block_size).add_(blocks, alpha=block_size)
 
 

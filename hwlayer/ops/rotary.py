@@ -23,21 +23,17 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
     check_tensor("rope", "cos_sin_cache", cos_sin_cache, ndim=2, shape=[None, D])
     if D % 2:
         fail("rope", "x", "an even last dim", D)
-    cs = cos_sin_cache.index_select(0, positions)  # index_select takes int32 or int64 indices
+    cs = cos_sin_cache.index_select(0, positions).float()  # index_select takes int32 or int64 indices
+    cos, sin = cs[:, : D // 2], cs[:, D // 2 :]
+    if x.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     xf = x.float()
+    # Real arithmetic on purpose: a complex multiply would be fewer ops but rounds differently
+    # (fused multiply-adds), which moves near-tie routing / top-k decisions downstream.
     if interleaved:
-        # GPT-J pairs as complex numbers: (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin),
-        # one complex multiply instead of slicing, four multiplies and a stack (fewer ops per call).
-        rot = torch.complex(cs[:, : D // 2].float(), cs[:, D // 2 :].float())
-        if x.dim() == 3:
-            rot = rot.unsqueeze(1)
-        pairs = torch.view_as_complex(xf.contiguous().view(*x.shape[:-1], D // 2, 2))
-        out = torch.view_as_real(pairs * rot).flatten(-2)
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
-        cs = cs.float()
-        cos, sin = cs[:, : D // 2], cs[:, D // 2 :]
-        if x.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
