@@ -98,7 +98,7 @@ def decode_step_bytes(m: Any, context: int) -> int:
     for layer in m.layers:
         a = layer.attn
         total += sum(t.numel() * t.element_size() for t in (a.q_a_proj, a.q_b_proj, a.kv_a_proj, a.o_proj, a.w_uk,
-                                                             a.w_uv))
+                                                             a.w_uv_t))
         if a.has_indexer:
             total += sum(t.numel() * t.element_size() for t in (a.wq_b, a.wk, a.weights_proj))
             total += context * cfg.index_head_dim * elem

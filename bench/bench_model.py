@@ -74,7 +74,7 @@ def decode_bytes(m, context: int) -> int:
     total = m.embed.shape[1] * elem + m.lm_head.numel() * elem + m.norm.numel() * elem
     for layer in m.layers:
         a = layer.attn
-        for t in (a.q_a_proj, a.q_b_proj, a.kv_a_proj, a.o_proj, a.w_uk, a.w_uv):
+        for t in (a.q_a_proj, a.q_b_proj, a.kv_a_proj, a.o_proj, a.w_uk, a.w_uv_t):
             total += t.numel() * t.element_size()
         if a.has_indexer:
             total += sum(t.numel() * t.element_size() for t in (a.wq_b, a.wk, a.weights_proj))

@@ -141,8 +141,8 @@ class StepMetadata:
 
 def _host(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
     """int64 numpy view of host data (a device tensor here would cost a sync: Batch is host data)."""
-    if isinstance(t, torch.Tensor):
-        return t.detach().cpu().numpy().astype(np.int64, copy=False)
+    if isinstance(t, torch.Tensor):  # integer data: never requires grad, so no detach
+        return (t if t.device.type == "cpu" else t.cpu()).numpy().astype(np.int64, copy=False)
     return np.asarray(t, dtype=np.int64)
 
 
@@ -163,8 +163,8 @@ class Attention:
         self.o_proj = w[p + "o_proj.weight"]
         # Absorption: kv_b_proj [H*(dn+dv), dl] split into W_uk [H, dn, dl] and W_uv [H, dv, dl].
         kv_b = w[p + "kv_b_proj.weight"].view(self.H, self.dn + self.dv, self.dl)
-        self.w_uk = kv_b[:, : self.dn].contiguous()
-        self.w_uv = kv_b[:, self.dn :].contiguous()
+        self.w_uk = kv_b[:, : self.dn].contiguous()  # [H, dn, dl]
+        self.w_uv_t = kv_b[:, self.dn :].transpose(1, 2).contiguous()  # [H, dl, dv]: laid out for the bmm
         self.has_indexer = cfg.layer_has_indexer(layer_idx)
         if self.has_indexer:
             ip = p + "indexer."
@@ -174,16 +174,15 @@ class Attention:
             self.k_norm_w, self.k_norm_b = w[ip + "k_norm.weight"], w[ip + "k_norm.bias"]
             self.weights_proj = w[ip + "weights_proj.weight"]  # fp32, as transformers keeps it
 
-    def rope_first(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Indexer RoPE: interleaved rotation of the FIRST dr dims, the rest pass through."""
-        rot = self.plan.rope(x[..., : self.dr], ctx.positions, ctx.cos_sin, True)
-        return torch.cat([rot, x[..., self.dr :]], dim=-1)
-
     def indexer(self, x: torch.Tensor, cq: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q = self.rope_first(linear(self.plan, cq, self.wq_b).view(T, self.Hi, self.Di), ctx)
+        q = linear(self.plan, cq, self.wq_b).view(T, self.Hi, self.Di)
         k = self.plan.layer_norm(linear(self.plan, x, self.wk), self.k_norm_w, self.k_norm_b, NORM_EPS_ATTN)
-        k = self.rope_first(k, ctx)
+        # Indexer RoPE: interleaved rotation of the FIRST dr dims, the rest pass through; the key
+        # rides along as head Hi so one rope call serves queries and key.
+        qk = torch.cat([q, k.unsqueeze(1)], dim=1)  # [T, Hi + 1, Di]
+        qk[..., : self.dr] = self.plan.rope(qk[..., : self.dr], ctx.positions, ctx.cos_sin, True)
+        q, k = qk[:, : self.Hi], qk[:, self.Hi]
         self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping)
         head_weights = F.linear(x.float(), self.weights_proj) * self.Hi**-0.5  # [T, Hi] fp32
         return self.plan.lightning_indexer(q, head_weights, k_cache, ctx.block_table, ctx.cu_seqlens_q,
@@ -194,12 +193,12 @@ class Attention:
         T, plan = x.shape[0], self.plan
         cq = plan.rms_norm(linear(plan, x, self.q_a_proj), self.q_a_norm, NORM_EPS_ATTN)
         q = linear(plan, cq, self.q_b_proj).view(T, self.H, self.dn + self.dr)
-        q_nope, q_pe = q[..., : self.dn], q[..., self.dn :]
-        q_pe = plan.rope(q_pe, ctx.positions, ctx.cos_sin, True)
-
         ckv = linear(plan, x, self.kv_a_proj)
         c = plan.rms_norm(ckv[:, : self.dl], self.kv_a_norm, NORM_EPS_ATTN)
-        k_pe = plan.rope(ckv[:, self.dl :], ctx.positions, ctx.cos_sin, True)
+        # One rope call for the query heads and the key (as head H): same positions, same rotation.
+        pe = plan.rope(torch.cat([q[..., self.dn :], ckv[:, None, self.dl :]], dim=1), ctx.positions, ctx.cos_sin,
+                       True)  # [T, H + 1, dr]
+        q_nope, q_pe, k_pe = q[..., : self.dn], pe[:, : self.H], pe[:, self.H]
         kv_cache = cache.kv[self.layer_idx]
         plan.kv_cache_write(kv_cache, torch.cat([c, k_pe], dim=-1), ctx.slot_mapping)
 
@@ -210,11 +209,11 @@ class Attention:
             indices = prev_indices
 
         # Absorbed MLA: score_t = (q~ . c_t + q_pe . k_pe_t) * scale over one latent MQA head.
-        q_absorbed = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, dl]
+        q_absorbed = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, dl], per head
         q_latent = torch.cat([q_absorbed, q_pe], dim=-1)  # [T, H, dl + dr]
         o_latent, _ = plan.sparse_mla_attention(q_latent, kv_cache, indices, ctx.block_table, ctx.cu_seqlens_q,
                                                 ctx.seq_lens, self.scale, self.dl)  # [T, H, dl]
-        o = torch.einsum("thc,hvc->thv", o_latent, self.w_uv).reshape(T, self.H * self.dv)
+        o = torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).reshape(T, self.H * self.dv)
         return linear(plan, o, self.o_proj), indices
 
 

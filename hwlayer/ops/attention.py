@@ -12,6 +12,7 @@ from .layout import (
     check_varlen,
     chunk_rows,
     fail,
+    fp32_scalar,
     positions_to_slots,
     token_positions,
     value_checks,
@@ -42,14 +43,14 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     rows = rows.to(cache.dtype)
     valid = slots >= 0
     # Skipping the -1 rows by boolean indexing would size a tensor by data (a host sync). Instead a
-    # padding row is aimed at the slot the first real row writes, carrying that row's value: equal
-    # values written twice to one slot leave what a skip would. With no real row it rewrites slot
-    # 0 with slot 0's current value.
-    first = valid.int().argmax().view(1)  # the first real row (0 when there is none), on the device
-    any_valid = valid.any()
-    pad_slot = torch.where(any_valid, slots.index_select(0, first), 0)
+    # padding row is aimed at the slot a real row writes (the row with the largest slot: any real
+    # slot beats -1), carrying that row's value: equal values written twice to one slot leave what
+    # a skip would. With no real row it rewrites slot 0 with slot 0's current value.
+    first = slots.argmax().view(1)  # a real row when there is one, on the device
+    first_slot = slots.index_select(0, first)
+    any_valid = first_slot >= 0
     pad_row = torch.where(any_valid, rows.index_select(0, first), flat[:1])
-    slots = torch.where(valid, slots, pad_slot)
+    slots = torch.where(valid, slots, first_slot.clamp(min=0))
     rows = torch.where(valid.unsqueeze(1), rows, pad_row)
     flat.index_copy_(0, slots, rows)
 
@@ -112,28 +113,31 @@ def lightning_indexer(
         q_pad, w_pad = q.float().unsqueeze(1), weights.float().unsqueeze(1)
     else:
         seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
-        row = torch.arange(T, device=q.device) - cu_seqlens_q.long()[seq_idx]  # token's place in its sequence
+        row = torch.arange(T, device=q.device) - cu_seqlens_q[seq_idx]  # token's place in its sequence
         q_pad = q.new_zeros((B, max_seqlen_q, Hi, Di), dtype=torch.float32)
         q_pad[seq_idx, row] = q.float()
         w_pad = q.new_zeros((B, max_seqlen_q, Hi), dtype=torch.float32)
         w_pad[seq_idx, row] = weights.float()
     pos = torch.arange(max_seqlen_k, device=q.device)
     seqs = torch.arange(B, device=q.device)
-    keys = k_cache.reshape(-1, Di)[positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)].float()
+    key_slots = positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)
+    keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
+    keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]
     # query position of padded row r of sequence b: seq_lens[b] - n_b + r (right-aligned causal)
-    n_b = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    first_pos = seq_lens.long() - n_b  # [B]
+    first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
     k = min(topk, max_seqlen_k)
     picked = torch.full((B, max_seqlen_q, k), -1, dtype=torch.int32, device=q.device)
     step = chunk_rows(max_seqlen_q, B * max_seqlen_k * (Hi + 1))
     for r0 in range(0, max_seqlen_q, step):
         r1 = min(max_seqlen_q, r0 + step)
-        logits = torch.relu(torch.einsum("bnhd,bsd->bnhs", q_pad[:, r0:r1], keys) * scale)
-        score = torch.einsum("bnhs,bnh->bns", logits, w_pad[:, r0:r1])  # [B, rows, max_seqlen_k]
-        rpos = first_pos[:, None] + torch.arange(r0, r1, device=q.device)  # [B, rows]
-        score.masked_fill_(pos[None, None, :] > rpos[:, :, None], float("-inf"))
+        n = r1 - r0
+        # [B, n*Hi, Di] @ [B, Di, keys]: one batched matmul per chunk, then the head-weighted sum as another
+        logits = torch.bmm(q_pad[:, r0:r1].reshape(B, n * Hi, Di), keys_t).mul_(fp32_scalar(scale)).relu_()
+        score = torch.bmm(w_pad[:, r0:r1].reshape(B * n, 1, Hi), logits.view(B * n, Hi, -1)).view(B, n, -1)
+        rpos = first_pos.unsqueeze(1) + torch.arange(r0, r1, device=q.device)  # [B, rows]
+        score.masked_fill_(pos > rpos.unsqueeze(2), float("-inf"))  # keys past the query's position
         vals, idx = score.topk(k, dim=-1)
-        picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals == float("-inf"), -1)
+        picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals.isneginf(), -1)
     out[:, :k] = picked[:, 0] if seq_idx is None else picked[seq_idx, row]
     return out
 
@@ -174,21 +178,28 @@ def sparse_mla_attention(
     if not 0 < v_dim <= Dk:
         fail(op, "v_dim", f"0 < v_dim <= {Dk}", v_dim)
     bs = kv_cache.shape[1]
-    flat = kv_cache.reshape(-1, Dk)
+    flat = kv_cache.view(-1, Dk) if kv_cache.is_contiguous() else kv_cache.reshape(-1, Dk)
     seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
-    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     K = indices.shape[1]
     step = chunk_rows(T, K * (Dk + H))
+    if step >= T:  # one chunk (decode): no per-chunk slicing and copies
+        return _sparse_mla_rows(q, flat, indices, block_table, seq_idx, bs, scale, v_dim)
+    out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, step):
         c1 = min(T, c0 + step)
-        idx = indices[c0:c1]
-        valid = idx >= 0
-        kv = flat[positions_to_slots(block_table, seq_idx[c0:c1], idx, bs)].float()  # [t, K, Dk]
-        s = torch.einsum("thd,tkd->thk", q[c0:c1].float(), kv) * scale
-        s.masked_fill_(~valid[:, None, :], float("-inf"))
-        m = torch.logsumexp(s, dim=-1)  # [t, H]
-        p = torch.exp(s - m.unsqueeze(-1)).nan_to_num_(0.0)
-        out[c0:c1] = torch.einsum("thk,tkd->thd", p, kv[..., :v_dim]).to(q.dtype)
-        lse[c0:c1] = m
+        out[c0:c1], lse[c0:c1] = _sparse_mla_rows(q[c0:c1], flat, indices[c0:c1], block_table, seq_idx[c0:c1], bs,
+                                                  scale, v_dim)
     return out, lse
+
+
+def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, block_table: torch.Tensor,
+                     seq_idx: torch.Tensor, bs: int, scale: float, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mla_attention`` for a chunk of query rows: ``(out [t, H, v_dim] in q.dtype, lse fp32 [t, H])``."""
+    slots = positions_to_slots(block_table, seq_idx, idx, bs)
+    kv = flat.index_select(0, slots.view(-1)).view(*idx.shape, flat.shape[1]).float()  # [t, K, Dk]
+    s = torch.bmm(q.float(), kv.transpose(1, 2)).mul_(fp32_scalar(scale))  # [t, H, K]
+    s.masked_fill_((idx < 0).unsqueeze(1), float("-inf"))
+    m = torch.logsumexp(s, dim=-1)  # [t, H]
+    p = torch.exp(s.sub_(m.unsqueeze(-1))).nan_to_num_(0.0)
+    return torch.bmm(p, kv[..., :v_dim]).to(q.dtype), m

@@ -17,6 +17,7 @@ Vendor adapters import these instead of re-deriving them, so a layout rule lives
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NoReturn, Sequence
 
@@ -55,19 +56,26 @@ def check_tensor(
 ) -> None:
     """Raise ``ValueError`` unless ``t`` is a tensor with the given rank, dtype and sizes
     (``None`` in ``shape`` means any size). Public so vendor adapters can reuse it."""
+    # Runs several times per op call, so it is written for speed: plain loops, no generators.
     if not isinstance(t, torch.Tensor):
         fail(op, arg, "a torch.Tensor", type(t).__name__)
     if ndim is not None:
-        ok = t.dim() in ndim if isinstance(ndim, tuple) else t.dim() == ndim
-        if not ok:
+        if not (t.dim() in ndim if isinstance(ndim, tuple) else t.dim() == ndim):
             fail(op, arg, f"{ndim}-D tensor", f"shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
         fail(op, arg, f"dtype {names}", str(t.dtype).removeprefix("torch."))
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, t.shape, strict=False)):
+        got = t.shape
+        ok = len(got) == len(shape)
+        if ok:
+            for s, g in zip(shape, got, strict=True):
+                if s is not None and s != g:
+                    ok = False
+                    break
+        if not ok:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            fail(op, arg, f"shape {want}", f"{list(t.shape)}")
+            fail(op, arg, f"shape {want}", f"{list(got)}")
 
 
 def check_varlen(op: str, cu_seqlens_q: Any, seq_lens: Any, num_tokens: int) -> None:
@@ -106,12 +114,14 @@ def token_positions(
     Pass ``num_tokens`` (``T``, the query tensor's first dim): without it the output size is read
     from ``cu_seqlens_q`` on the device, a host sync.
     """
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    seq_idx = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens,
-                                      output_size=num_tokens)
-    start = cu_seqlens_q[:-1].long()
-    offset = seq_lens.long() - q_lens - start  # position = token index + offset of its sequence
-    pos = torch.arange(seq_idx.shape[0], device=q_lens.device) + offset[seq_idx]
+    # int32 or int64 in; arithmetic with the int64 arange promotes, so no .long() copies are needed.
+    # A token's sequence is the number of sequence ends at or before it (empty sequences included).
+    if num_tokens is None:  # the output size comes from the device (a host read)
+        num_tokens = int(cu_seqlens_q[-1])
+    t = torch.arange(num_tokens, device=cu_seqlens_q.device)
+    seq_idx = torch.searchsorted(cu_seqlens_q[1:], t.to(cu_seqlens_q.dtype), right=True)
+    offset = seq_lens - cu_seqlens_q.diff() - cu_seqlens_q[:-1]  # position = token index + offset of its sequence
+    pos = t + offset.index_select(0, seq_idx)
     return seq_idx, pos
 
 
@@ -121,9 +131,21 @@ def positions_to_slots(
     """Map positions (any shape, aligned with ``seq_idx`` on dim 0) to flat cache slots (int64).
     Negative positions map to the slot of position 0 of their sequence; callers mask them."""
     p = positions.long().clamp(min=0)
-    rows = seq_idx.view(-1, *([1] * (p.dim() - 1))).expand_as(p)
-    blocks = block_table.long()[rows, p // block_size]
-    return blocks * block_size + p % block_size
+    # index_select + gather rather than block_table[rows, cols]: same values, a fraction of the
+    # Python cost of advanced indexing. The table keeps its dtype; the add below is in int64.
+    cols = p // block_size
+    cols = cols.unsqueeze(1) if p.dim() == 1 else cols.flatten(1)  # [rows, n], also for 0 rows
+    blocks = block_table.index_select(0, seq_idx).gather(1, cols).view(p.shape)
+    return (p % block_size).add_(blocks, alpha=block_size)
+
+
+@functools.lru_cache(maxsize=256)
+def fp32_scalar(value: float) -> torch.Tensor:
+    """``value`` as a 0-d fp32 CPU tensor. ``t * 0.5`` wraps the Python float as a float64 tensor and casts
+    it for every call (an allocation and a copy op); a 0-d fp32 tensor combines with a float tensor of
+    any dtype or device directly, with the same result (0-d tensors never change the result dtype)."""
+    with torch.inference_mode(False):  # a normal tensor, usable where autograd saves it
+        return torch.tensor(value, dtype=torch.float32)
 
 
 def chunk_rows(n_rows: int, per_row_elems: int, budget: int = 1 << 25) -> int:

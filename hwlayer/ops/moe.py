@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail, value_checks
+from .layout import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail, fp32_scalar, value_checks
 
 
 def moe_route(
@@ -52,8 +52,8 @@ def moe_route(
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+        weights = weights / (weights.sum(-1, keepdim=True) + fp32_scalar(1e-20))
+    return weights * fp32_scalar(routed_scaling_factor), ids.to(torch.int32)
 
 
 def moe_permute(
@@ -128,8 +128,9 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     if M == 0 or w.shape[0] == 0:
         return x.new_zeros(M, N)
     ends = group_sizes.long().cumsum(0)
-    padding = torch.arange(M, device=x.device) >= ends[-1:]  # rows past the last group
-    expert = torch.searchsorted(ends, torch.arange(M, device=x.device), right=True).clamp_(max=w.shape[0] - 1)
+    rows = torch.arange(M, device=x.device)
+    padding = rows >= ends[-1:]  # rows past the last group
+    expert = torch.searchsorted(ends, rows, right=True).clamp_(max=w.shape[0] - 1)
     if M * N * x.shape[1] <= _GATHER_BUDGET:
         # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
         out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)

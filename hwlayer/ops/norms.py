@@ -24,9 +24,10 @@ def rms_norm(
     if residual is not None:
         check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,), shape=list(x.shape))
         x = x + residual
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (y.to(x.dtype), x) if residual is not None else y.to(x.dtype)
+    # torch's rms_norm on the fp32 copy is x * rsqrt(mean(x^2) + eps) in one call; the weight is
+    # applied here (promoted to fp32) so the one rounding to x.dtype comes last on every torch version.
+    y = (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight).to(x.dtype)
+    return (y, x) if residual is not None else y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

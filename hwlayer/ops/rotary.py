@@ -23,11 +23,13 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
     check_tensor("rope", "cos_sin_cache", cos_sin_cache, ndim=2, shape=[None, D])
     if D % 2:
         fail("rope", "x", "an even last dim", D)
-    cs = cos_sin_cache.index_select(0, positions.long()).float()
+    cs = cos_sin_cache.index_select(0, positions).float()  # index_select takes int32 or int64 indices
     cos, sin = cs[:, : D // 2], cs[:, D // 2 :]
     if x.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     xf = x.float()
+    # Real arithmetic on purpose: a complex multiply would be fewer ops but rounds differently
+    # (fused multiply-adds), which moves near-tie routing / top-k decisions downstream.
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
