@@ -406,15 +406,23 @@ class GLMOutputParser:
         self.state = "content" if self.num_tool_calls == 0 else "after_call"
         return True
 
-    def _state_call_body(self, out: ParsedDelta) -> bool:
-        at, tag = _find_first(self.buffer, KEY_OPEN, CALL_CLOSE)
+    def _take_call_text_through(self, *tags: str) -> str | None:
+        """Move the call's text up to and including the first of ``tags`` from the buffer into ``call_raw``
+        and return that tag; with none of them yet, move all but a possible tag prefix and return None."""
+        at, tag = _find_first(self.buffer, *tags)
         if at < 0:
-            keep = _held_suffix(self.buffer, KEY_OPEN, CALL_CLOSE)
+            keep = _held_suffix(self.buffer, *tags)
             self.call_raw += self.buffer[: len(self.buffer) - keep]
             self.buffer = self.buffer[len(self.buffer) - keep:]
-            return False
+            return None
         self.call_raw += self.buffer[: at + len(tag)]
         self.buffer = self.buffer[at + len(tag):]
+        return tag
+
+    def _state_call_body(self, out: ParsedDelta) -> bool:
+        tag = self._take_call_text_through(KEY_OPEN, CALL_CLOSE)
+        if tag is None:
+            return False
         if tag == CALL_CLOSE:
             self._close_call(out)
         else:
@@ -435,14 +443,9 @@ class GLMOutputParser:
         return True
 
     def _state_arg_wait(self, out: ParsedDelta) -> bool:
-        at, tag = _find_first(self.buffer, VALUE_OPEN, CALL_CLOSE)
-        if at < 0:
-            keep = _held_suffix(self.buffer, VALUE_OPEN, CALL_CLOSE)
-            self.call_raw += self.buffer[: len(self.buffer) - keep]
-            self.buffer = self.buffer[len(self.buffer) - keep:]
+        tag = self._take_call_text_through(VALUE_OPEN, CALL_CLOSE)
+        if tag is None:
             return False
-        self.call_raw += self.buffer[: at + len(tag)]
-        self.buffer = self.buffer[at + len(tag):]
         if tag == CALL_CLOSE:
             self._close_call(out)
             return True
