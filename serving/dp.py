@@ -24,7 +24,6 @@ rank's logits (padded to the largest sub-batch) to sample on rank 0. Followers r
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Callable
 
 import torch
@@ -33,31 +32,8 @@ import torch.distributed as dist
 from hwlayer import distributed as hd
 
 from . import ep as ep_mod
+from .block_manager import BlockManager
 from .engine import Engine, Sequence
-
-
-class _RankBlocks:
-    """One rank's free list of local block ids ``0 .. n-1``."""
-
-    def __init__(self, n: int) -> None:
-        self.num_blocks = n
-        self._free = collections.deque(range(n))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache: asked for {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 class DPBlockAllocator:
@@ -68,9 +44,10 @@ class DPBlockAllocator:
 
     enable_prefix_caching = False
 
-    def __init__(self, world: int, blocks_per_rank: int) -> None:
+    def __init__(self, world: int, blocks_per_rank: int, block_size: int) -> None:
         self.world, self.blocks_per_rank = world, blocks_per_rank
-        self.ranks = [_RankBlocks(blocks_per_rank) for _ in range(world)]
+        # each rank's local ids 0 .. blocks_per_rank-1: the engine's block manager, caching off
+        self.ranks = [BlockManager(blocks_per_rank, block_size, enable_prefix_caching=False) for _ in range(world)]
 
     @property
     def num_blocks(self) -> int:
@@ -136,7 +113,7 @@ class DPEngine(Engine):
                          max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
                          forward=leader, **kwargs)
         self.world = world
-        self.allocator = DPBlockAllocator(world, num_blocks)  # self.cache (rank 0's) holds num_blocks blocks
+        self.allocator = DPBlockAllocator(world, num_blocks, block_size)  # rank 0's cache holds num_blocks
         self.preemptions_by_rank = [0] * world
         self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
         self._admit_rank: int | None = None  # the rank _admit chose for the sequence it is admitting
