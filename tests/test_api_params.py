@@ -27,16 +27,6 @@ pytestmark = pytest.mark.slow  # several seconds each: model steps in process, o
 # ---- engine level --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from model import load_model
-    from model.tiny import ensure_default_model
-    from model.tokenizer import load_tokenizer
-
-    path = ensure_default_model(cache_dir=tmp_path_factory.mktemp("tiny"))
-    return load_model(path, backend="cpu"), load_tokenizer(path)
-
-
 def generate(tiny, prompt, params, eos=()):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,

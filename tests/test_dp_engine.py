@@ -20,16 +20,6 @@ from serving.metrics import ServingMetrics
 BLOCK, PER_RANK = 4, 16
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from model import load_model
-    from model.tiny import ensure_default_model
-    from model.tokenizer import load_tokenizer
-
-    path = ensure_default_model(cache_dir=tmp_path_factory.mktemp("tiny"))
-    return load_model(path, backend="cpu"), load_tokenizer(path)
-
-
 class LocalRanks:
     """Each rank's sub-batch on its own cache, in this process (what DPLeader does across processes)."""
 

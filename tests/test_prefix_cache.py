@@ -56,16 +56,6 @@ def test_disabled_prefix_cache_never_matches():
 model_pkg = pytest.importorskip("model")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from model import load_model
-    from model.tiny import ensure_default_model
-    from model.tokenizer import load_tokenizer
-
-    path = ensure_default_model(cache_dir=tmp_path_factory.mktemp("tiny"))
-    return load_model(path, backend="cpu"), load_tokenizer(path)
-
-
 def make_engine(tiny, **overrides):
     from serving.engine import Engine
 

@@ -15,16 +15,6 @@ from serving.block_manager import BlockManager  # noqa: E402
 from serving.engine import Engine, SamplingParams  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from model import load_model
-    from model.tiny import ensure_default_model
-    from model.tokenizer import load_tokenizer
-
-    path = ensure_default_model(cache_dir=tmp_path_factory.mktemp("tiny"))
-    return load_model(path, backend="cpu"), load_tokenizer(path)
-
-
 def make_engine(tiny, **overrides):
     model, tokenizer = tiny
     kwargs = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
