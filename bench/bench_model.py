@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -91,23 +92,30 @@ def decode_bytes(m, context: int) -> int:
     return total
 
 
+def decode_at(m, ids: torch.Tensor, context: int, chunk: int, spare: int) -> Callable[[], None]:
+    """Build a ``context``-token cache by chunked prefill; return a function running one batch-1 decode
+    step after it (each call appends the next token; ``spare`` tokens of room for those steps)."""
+    bs = 64
+    cache = m.new_cache(-(-(context + spare) // bs), bs)
+    table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+    for s in range(0, context, chunk):  # chunked prefill up to the context
+        e = min(context, s + chunk)
+        m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                              torch.tensor([e], dtype=torch.int32), table), cache)
+    pos = [context]
+
+    def step() -> None:
+        pos[0] += 1
+        m.forward_batch(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
+                              torch.tensor([pos[0]], dtype=torch.int32), table), cache)
+
+    return step
+
+
 def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:
     out = {}
     for C in contexts:
-        bs = 64
-        cache = m.new_cache(-(-(C + steps + 1) // bs), bs)
-        table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
-        for s in range(0, C, chunk):  # chunked prefill up to the context
-            e = min(C, s + chunk)
-            m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
-                                  torch.tensor([e], dtype=torch.int32), table), cache)
-        pos = [C]
-
-        def step() -> None:
-            pos[0] += 1
-            m.forward_batch(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
-                                  torch.tensor([pos[0]], dtype=torch.int32), table), cache)
-
+        step = decode_at(m, ids, C, chunk, steps + 1)
         step()  # warm-up
         out[C] = _ms(step, steps)
     return out
@@ -125,20 +133,7 @@ def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: 
     torch.set_num_threads(1)
     out = {}
     for C in contexts:
-        bs = 64
-        cache = m.new_cache(-(-(C + 3 * steps + 4) // bs), bs)
-        table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
-        for s in range(0, C, chunk):
-            e = min(C, s + chunk)
-            m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
-                                  torch.tensor([e], dtype=torch.int32), table), cache)
-        pos = [C]
-
-        def step() -> None:
-            pos[0] += 1
-            m.forward_batch(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
-                                  torch.tensor([pos[0]], dtype=torch.int32), table), cache)
-
+        step = decode_at(m, ids, C, chunk, 3 * steps + 4)
         for _ in range(2):
             step()  # warm-up
         samples = []
