@@ -30,9 +30,11 @@ INDEXER_CASES = {
 }
 
 
+@pytest.mark.parametrize("with_meta", [False, True], ids=["args", "meta"])
 @pytest.mark.parametrize("case", list(INDEXER_CASES))
-def test_lightning_indexer(checker, dtype, device, case):
-    ck = checker("lightning_indexer", case)
+def test_lightning_indexer(checker, dtype, device, case, with_meta):
+    """``meta``: called as a model calls it, with host sizes and the step's AttentionMetadata."""
+    ck = checker("lightning_indexer", case + ("+meta" if with_meta else ""))
     gen = generator("lightning_indexer", case, dtype)
     q_lens, seq_lens, topk = INDEXER_CASES[case]
     batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE)
@@ -43,11 +45,15 @@ def test_lightning_indexer(checker, dtype, device, case):
     block_table, cu, lens = batch.tensors(device)
     scale = INDEX_DIM**-0.5
 
-    out = ck.fn(q, weights, k_cache, block_table, cu, lens, topk, scale)
+    if with_meta:
+        out = ck.fn(q, weights, k_cache, block_table, cu, lens, topk, scale, max(q_lens), max(seq_lens),
+                    meta=batch.meta(device))
+    else:
+        out = ck.fn(q, weights, k_cache, block_table, cu, lens, topk, scale)
     ck.shape_dtype("indices", out, (T, topk), torch.int32)
     scores = golden.indexer_scores(q, weights, k_cache, batch.block_table, batch.cu_seqlens_q, seq_lens, scale)
     ck.topk("indices", out.cpu().tolist(), scores, topk, reduction=INDEX_HEADS * INDEX_DIM)
-    if case == "prefill-decode-chunked":
+    if case == "prefill-decode-chunked" and not with_meta:
         ck.time(q, weights, k_cache, block_table, cu, lens, topk, scale)
 
 
@@ -106,9 +112,10 @@ def _shifted_logits(ck, q: torch.Tensor, kv_cache: torch.Tensor, shift: float):
     return q, kv_cache, Tolerance(ck.tol.atol + extra, ck.tol.rtol, ck.tol.atol_per_k, ck.tol.override_reason)
 
 
+@pytest.mark.parametrize("with_meta", [False, True], ids=["args", "meta"])
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_sparse_mla_attention(checker, dtype, device, case):
-    ck = checker("sparse_mla_attention", case)
+def test_sparse_mla_attention(checker, dtype, device, case, with_meta):
+    ck = checker("sparse_mla_attention", case + ("+meta" if with_meta else ""))
     gen = generator("sparse_mla_attention", case, dtype)
     q_lens, seq_lens, K = ATTENTION_CASES[case]
     batch = paged_batch(gen, q_lens, seq_lens, BLOCK_SIZE)
@@ -121,7 +128,8 @@ def test_sparse_mla_attention(checker, dtype, device, case):
     indices = _indices(gen, q_lens, seq_lens, K)
     block_table, cu, lens = batch.tensors(device)
 
-    out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)
+    meta = {"meta": batch.meta(device)} if with_meta else {}
+    out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT, **meta)
     ck.shape_dtype("out", out, (T, HEADS, LATENT), ck.dtype)
     ck.shape_dtype("lse", lse, (T, HEADS), torch.float32)
     g_out, g_lse = golden.sparse_mla_attention(q, kv_cache, indices, batch.block_table, batch.cu_seqlens_q,
@@ -133,5 +141,5 @@ def test_sparse_mla_attention(checker, dtype, device, case):
         lse_tol = Tolerance(lse_tol.atol + tol.atol - ck.tol.atol, lse_tol.rtol, lse_tol.atol_per_k)
     ck.close("lse (fp32 tolerance)", lse, g_lse, k=Dk, tol=lse_tol)
     ck.close("out", out, g_out, k=Dk, tol=tol)
-    if case == "varlen-prefill-with-padding":
+    if case == "varlen-prefill-with-padding" and not with_meta:
         ck.time(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)

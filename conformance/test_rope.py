@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from . import golden
-from .cases import generator, randn
+from .cases import generator, randn, step_meta
 
 THETA = 10000.0
 MAX_POS = 4096
@@ -22,9 +22,11 @@ def cos_sin_cache(dim: int, device: torch.device) -> tuple[torch.Tensor, list[fl
 
 @pytest.mark.parametrize(
     "case",
-    ["interleaved-2d", "interleaved-3d", "interleaved-strided", "neox-3d", "neox-2d-int32-positions"],
+    ["interleaved-2d", "interleaved-3d", "interleaved-strided", "neox-3d", "neox-2d-int32-positions",
+     "interleaved-3d+meta", "neox-2d+meta"],
 )
 def test_rope(checker, dtype, device, case):
+    """``+meta``: with the step's AttentionMetadata (its rope rows gathered from the same cache)."""
     ck = checker("rope", case)
     gen = generator("rope", case, dtype)
     interleaved = case.startswith("interleaved")
@@ -39,7 +41,11 @@ def test_rope(checker, dtype, device, case):
     positions = torch.randint(0, MAX_POS, (T,), generator=gen).to(device=device, dtype=index_dtype)
     cache, inv_freq = cos_sin_cache(D, device)
     x_before = x.clone()
-    out = ck.fn(x, positions, cache, interleaved)
+    meta = {}
+    if case.endswith("+meta"):  # one sequence per token, at its position: one block of MAX_POS slots each
+        lens = [p + 1 for p in positions.tolist()]
+        meta["meta"] = step_meta([1] * T, lens, MAX_POS, device, cos_sin_cache=cache)
+    out = ck.fn(x, positions, cache, interleaved, **meta)
     ck.shape_dtype("out", out, x.shape, ck.dtype)
     ck.close("out", out, golden.rope(x, positions.cpu(), inv_freq, interleaved))
     ck.exact("x unmodified", x, x_before)

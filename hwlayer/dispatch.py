@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -85,6 +86,33 @@ def _guarded(native: Callable, supports: Callable, fallback: Callable) -> Callab
     return call
 
 
+# Ops that gained the optional keyword ``meta`` (hookspec 1.2). An implementation whose signature
+# lacks it (written for 1.0 / 1.1) is called without it: the argument never changes a result.
+META_OPS = frozenset({"rope", "kv_cache_write", "lightning_indexer", "sparse_mla_attention"})
+
+
+def _takes_meta(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume the old one
+        return False
+    return any(p.name == "meta" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _without_meta(fn: Callable) -> Callable:
+    def call(*args: Any, meta: Any = None, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _compatible(op: str, fn: Callable) -> Callable:
+    """``fn`` as the plan calls it: pre-1.2 implementations of a META_OPS op drop ``meta``
+    (decided once, when the plan is built: no cost per call for those that take it)."""
+    return _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
+
+
 def _counted(fn: Callable, key: tuple[str, str], counts: collections.Counter) -> Callable:
     def call(*args: Any, **kwargs: Any) -> Any:
         counts[key] += 1
@@ -129,13 +157,13 @@ class DispatchPlan:
                 break
             chain.append((bname, r))
         if terminal is not None:
-            fn = self._wrap(terminal[1].fn, op, self._label(terminal[0]))
+            fn = self._wrap(_compatible(op, terminal[1].fn), op, self._label(terminal[0]))
             fallback_name = self._label(terminal[0])
         else:
             fn = self._wrap(generic, op, "generic")
             fallback_name = "generic"
         for bname, r in reversed(chain):
-            fn = _guarded(self._wrap(r.fn, op, self._label(bname)), r.supports, fn)
+            fn = _guarded(self._wrap(_compatible(op, r.fn), op, self._label(bname)), _compatible(op, r.supports), fn)
         setattr(self, op, fn)
 
         if chain:

@@ -9,13 +9,18 @@ under the entry-point group ``hwlayer`` in its package metadata::
 Built-in backends (cpu, triton, cuda family, ascend) register through exactly these hooks.
 
 Versioning: :data:`HOOKSPEC_VERSION` is ``MAJOR.MINOR``. A plugin may declare the version it was
-written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.1"``. The promise: within one
+written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.2"``. The promise: within one
 MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
 plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
 for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
 
 Changelog:
 
+* 1.2: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention`` take an
+  optional keyword argument ``meta`` (:class:`hwlayer.ops.layout.AttentionMetadata`, the step's
+  tables built once for every layer; implementations may use it or ignore it, results never
+  depend on it). An implementation (or ``supports``) whose signature has no ``meta`` is called
+  without it, so 1.0 and 1.1 plugins keep working unchanged.
 * 1.1: two optional ``Backend`` fields with defaults, so 1.0 plugins keep working:
   ``device_graph`` (default None): how a backend captures and replays a step in a device graph
   (:class:`hwlayer.backend.DeviceGraph`); ``weight_formats`` (default the unquantized formats): the
@@ -32,7 +37,7 @@ import pluggy
 
 PROJECT_NAME = "hwlayer"
 ENTRY_POINT_GROUP = "hwlayer"
-HOOKSPEC_VERSION = "1.1"
+HOOKSPEC_VERSION = "1.2"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

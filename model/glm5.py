@@ -15,13 +15,13 @@ This file holds the network only; scoring and generation loops (greedy, MTP spec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwlayer.ops.layout import check_varlen_values
+from hwlayer.ops.layout import AttentionMetadata, attention_metadata, check_varlen_values
 from hwlayer.ops.quant import QuantizedWeight, concat_rows, linear
 
 from .config import ModelConfig, rope_inv_freq
@@ -74,6 +74,8 @@ class ForwardContext:
     max_seqlen_q: int = 0  # host: most new tokens of any sequence
     max_seqlen_k: int = 0  # host: longest context (>= any seq_lens entry)
     input_ids: torch.Tensor | None = None  # int64 [T] (None when the caller feeds its own tokens)
+    has_padding: bool = True  # host: slot_mapping may hold -1 rows (False only when the host knows it does not)
+    attn: AttentionMetadata | None = None  # the ops' per-step tables, built by GLM5.hidden_states
 
 
 @dataclass
@@ -136,7 +138,7 @@ class StepMetadata:
         ids, positions, slots, cu, lens, table = packed.split([T, T, T, B + 1, B, self.block_table.size])
         return ForwardContext(positions, slots, cu.to(torch.int32), lens.to(torch.int32),
                               table.view(self.block_table.shape).to(torch.int32), cos_sin,
-                              self.max_seqlen_q, self.max_seqlen_k, ids)
+                              self.max_seqlen_q, self.max_seqlen_k, ids, has_padding=False)
 
 
 def _host(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
@@ -181,12 +183,13 @@ class Attention:
         # Indexer RoPE: interleaved rotation of the FIRST dr dims, the rest pass through; the key
         # rides along as head Hi so one rope call serves queries and key.
         qk = torch.cat([q, k.unsqueeze(1)], dim=1)  # [T, Hi + 1, Di]
-        qk[..., : self.dr] = self.plan.rope(qk[..., : self.dr], ctx.positions, ctx.cos_sin, True)
+        qk[..., : self.dr] = self.plan.rope(qk[..., : self.dr], ctx.positions, ctx.cos_sin, True, meta=ctx.attn)
         q, k = qk[:, : self.Hi], qk[:, self.Hi]
-        self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping)
+        self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping, meta=ctx.attn)
         head_weights = F.linear(x.float(), self.weights_proj) * self.Hi**-0.5  # [T, Hi] fp32
         return self.plan.lightning_indexer(q, head_weights, k_cache, ctx.block_table, ctx.cu_seqlens_q,
-                                           ctx.seq_lens, self.topk, self.Di**-0.5, ctx.max_seqlen_q, ctx.max_seqlen_k)
+                                           ctx.seq_lens, self.topk, self.Di**-0.5, ctx.max_seqlen_q, ctx.max_seqlen_k,
+                                           meta=ctx.attn)
 
     def __call__(self, x: torch.Tensor, ctx: ForwardContext, cache: PagedCache,
                  prev_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,10 +200,10 @@ class Attention:
         c = plan.rms_norm(ckv[:, : self.dl], self.kv_a_norm, NORM_EPS_ATTN)
         # One rope call for the query heads and the key (as head H): same positions, same rotation.
         pe = plan.rope(torch.cat([q[..., self.dn :], ckv[:, None, self.dl :]], dim=1), ctx.positions, ctx.cos_sin,
-                       True)  # [T, H + 1, dr]
+                       True, meta=ctx.attn)  # [T, H + 1, dr]
         q_nope, q_pe, k_pe = q[..., : self.dn], pe[:, : self.H], pe[:, self.H]
         kv_cache = cache.kv[self.layer_idx]
-        plan.kv_cache_write(kv_cache, torch.cat([c, k_pe], dim=-1), ctx.slot_mapping)
+        plan.kv_cache_write(kv_cache, torch.cat([c, k_pe], dim=-1), ctx.slot_mapping, meta=ctx.attn)
 
         # DSA: this layer's own top-k, or the previous full layer's on an IndexShare "shared" layer.
         if self.has_indexer:
@@ -212,7 +215,7 @@ class Attention:
         q_absorbed = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, dl], per head
         q_latent = torch.cat([q_absorbed, q_pe], dim=-1)  # [T, H, dl + dr]
         o_latent, _ = plan.sparse_mla_attention(q_latent, kv_cache, indices, ctx.block_table, ctx.cu_seqlens_q,
-                                                ctx.seq_lens, self.scale, self.dl)  # [T, H, dl]
+                                                ctx.seq_lens, self.scale, self.dl, meta=ctx.attn)  # [T, H, dl]
         o = torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).reshape(T, self.H * self.dv)
         return linear(plan, o, self.o_proj), indices
 
@@ -366,10 +369,21 @@ class GLM5:
         meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks, self.config.max_position_embeddings)
         return meta.to_device(self.device, self.cos_sin)
 
+    def with_tables(self, ctx: ForwardContext, cache: PagedCache) -> ForwardContext:
+        """``ctx`` with the ops' per-step tables (:class:`~hwlayer.ops.layout.AttentionMetadata`: token ->
+        sequence map, indexer key slots, rope rows), built once here for every layer, on the device."""
+        if ctx.attn is not None:
+            return ctx
+        attn = attention_metadata(ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_table, ctx.positions,
+                                  block_size=cache.block_size, max_seqlen_k=ctx.max_seqlen_k,
+                                  has_padding=ctx.has_padding, cos_sin_cache=ctx.cos_sin)
+        return replace(ctx, attn=attn)
+
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
         """Final-normed hidden states ``[T, D]`` of all new tokens (writes their cache rows)."""
         x = F.embedding(input_ids.to(self.device), self.embed)
+        ctx = self.with_tables(ctx, cache)
         residual, indices = None, None
         for layer in self.layers:
             x, residual, indices = layer(x, residual, ctx, cache, indices)

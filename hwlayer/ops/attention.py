@@ -8,6 +8,8 @@ import torch
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    AttentionMetadata,
+    check_meta,
     check_tensor,
     check_varlen,
     chunk_rows,
@@ -22,12 +24,15 @@ from .layout import (
 # Paged cache
 
 
-def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
+                   meta: AttentionMetadata | None = None) -> None:
     """Write ``rows[t]`` into flat slot ``slot_mapping[t]`` of a paged cache, in place.
 
     ``cache``: contiguous ``[num_blocks, block_size, D]``; ``rows``: ``[T, D]`` (cast to the
     cache dtype); ``slot_mapping``: int ``[T]``, ``-1`` skips the row (padding). Slots must be
     distinct. Used for the MLA latent cache (D = kv_lora_rank + rope dim) and the indexer key cache.
+    ``meta``: the step's :class:`~hwlayer.ops.layout.AttentionMetadata` (optional); when it says
+    the step has no padding rows, the write is one indexed copy.
     """
     check_tensor("kv_cache_write", "cache", cache, ndim=3)
     check_tensor("kv_cache_write", "rows", rows, ndim=2, shape=[None, cache.shape[-1]])
@@ -41,6 +46,11 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     if value_checks() and slots.numel() and int(slots.max()) >= flat.shape[0]:
         fail("kv_cache_write", "slot_mapping", f"slots < {flat.shape[0]}", int(slots.max()))
     rows = rows.to(cache.dtype)
+    if meta is not None:
+        check_meta("kv_cache_write", meta, rows.shape[0])
+        if not meta.has_padding:  # every slot is real: nothing to skip
+            flat.index_copy_(0, slots, rows)
+            return
     valid = slots >= 0
     # Skipping the -1 rows by boolean indexing would size a tensor by data (a host sync). Instead a
     # padding row is aimed at the slot a real row writes (the row with the largest slot: any real
@@ -69,6 +79,8 @@ def lightning_indexer(
     scale: float,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    *,
+    meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     """DSA lightning indexer: the top-``topk`` past positions of every query token.
 
@@ -80,7 +92,9 @@ def lightning_indexer(
     count and context length (flash-attn varlen's arguments); they size temporaries and never
     change the result (a captured decode step passes the cache's capacity as ``max_seqlen_k``).
     ``None`` reads them from the device (a host sync: callers inside a forward pass them; every
-    implementation must accept them and may ignore them).
+    implementation must accept them and may ignore them). ``meta``: the step's
+    :class:`~hwlayer.ops.layout.AttentionMetadata` (optional; built with this ``max_seqlen_k`` and
+    the cache's block size, its key slots and token -> sequence map replace rebuilding them).
 
     ``score[t, s] = sum_h weights[t, h] * relu(q[t, h] . k[s] * scale)`` for the causal positions
     ``s <= pos(t)`` of t's sequence. Returns int32 ``[T, topk]``: positions of the highest scores
@@ -101,45 +115,63 @@ def lightning_indexer(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
     if max_seqlen_k is None:
         max_seqlen_k = int(seq_lens.max()) if B else 0
-    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    if T == 0 or max_seqlen_k == 0:
-        return out
-    # Sequences padded to [B, max_seqlen_q] query rows over [B, max_seqlen_k] keys; padded keys lie
-    # beyond every query's position (masked), padded query rows are never read back. Query rows
-    # go in chunks so one chunk's [B, rows, Hi, keys] temporary stays bounded (long prefills).
     bs = k_cache.shape[1]
-    if max_seqlen_q == 1 and T == B:  # pure decode (known on the host): one row per sequence, no padding
-        seq_idx = row = None
-        q_pad, w_pad = q.float().unsqueeze(1), weights.float().unsqueeze(1)
+    if meta is not None:
+        check_meta(op, meta, T)
+        if meta.block_size != bs or meta.max_seqlen_k != max_seqlen_k:
+            fail(op, "meta", f"tables for block_size {bs} and max_seqlen_k {max_seqlen_k}",
+                 f"block_size {meta.block_size} and max_seqlen_k {meta.max_seqlen_k}")
+    if T == 0 or max_seqlen_k == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    pos = torch.arange(max_seqlen_k, device=q.device)
+    if meta is not None:
+        key_slots, first_pos = meta.key_slots, meta.first_query_pos
     else:
-        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
+        key_slots = positions_to_slots(block_table, torch.arange(B, device=q.device), pos.expand(B, max_seqlen_k), bs)
+        first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
+    keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
+    keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]
+    k = min(topk, max_seqlen_k)
+    if max_seqlen_q == 1 and T == B:  # pure decode (known on the host): one row per sequence, no padding
+        picked = _indexer_topk(q.float().unsqueeze(1), weights.float().unsqueeze(1), keys_t, pos,
+                               first_pos.unsqueeze(1), k, scale)[:, 0]
+    else:
+        # Sequences padded to [B, max_seqlen_q] query rows over [B, max_seqlen_k] keys; padded keys lie
+        # beyond every query's position (masked), padded query rows are never read back. Query rows
+        # go in chunks so one chunk's [B, rows, Hi, keys] temporary stays bounded (long prefills).
+        seq_idx = meta.seq_idx if meta is not None else token_positions(cu_seqlens_q, seq_lens, T)[0]
         row = torch.arange(T, device=q.device) - cu_seqlens_q[seq_idx]  # token's place in its sequence
         q_pad = q.new_zeros((B, max_seqlen_q, Hi, Di), dtype=torch.float32)
         q_pad[seq_idx, row] = q.float()
         w_pad = q.new_zeros((B, max_seqlen_q, Hi), dtype=torch.float32)
         w_pad[seq_idx, row] = weights.float()
-    pos = torch.arange(max_seqlen_k, device=q.device)
-    seqs = torch.arange(B, device=q.device)
-    key_slots = positions_to_slots(block_table, seqs, pos.expand(B, max_seqlen_k), bs)
-    keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
-    keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]
-    # query position of padded row r of sequence b: seq_lens[b] - n_b + r (right-aligned causal)
-    first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
-    k = min(topk, max_seqlen_k)
-    picked = torch.full((B, max_seqlen_q, k), -1, dtype=torch.int32, device=q.device)
-    step = chunk_rows(max_seqlen_q, B * max_seqlen_k * (Hi + 1))
-    for r0 in range(0, max_seqlen_q, step):
-        r1 = min(max_seqlen_q, r0 + step)
-        n = r1 - r0
-        # [B, n*Hi, Di] @ [B, Di, keys]: one batched matmul per chunk, then the head-weighted sum as another
-        logits = torch.bmm(q_pad[:, r0:r1].reshape(B, n * Hi, Di), keys_t).mul_(fp32_scalar(scale)).relu_()
-        score = torch.bmm(w_pad[:, r0:r1].reshape(B * n, 1, Hi), logits.view(B * n, Hi, -1)).view(B, n, -1)
-        rpos = first_pos.unsqueeze(1) + torch.arange(r0, r1, device=q.device)  # [B, rows]
-        score.masked_fill_(pos > rpos.unsqueeze(2), float("-inf"))  # keys past the query's position
-        vals, idx = score.topk(k, dim=-1)
-        picked[:, r0:r1] = idx.to(torch.int32).masked_fill_(vals.isneginf(), -1)
-    out[:, :k] = picked[:, 0] if seq_idx is None else picked[seq_idx, row]
+        padded = torch.empty((B, max_seqlen_q, k), dtype=torch.int32, device=q.device)
+        step = chunk_rows(max_seqlen_q, B * max_seqlen_k * (Hi + 1))
+        for r0 in range(0, max_seqlen_q, step):
+            r1 = min(max_seqlen_q, r0 + step)
+            # query position of padded row r of sequence b: first_pos[b] + r (right-aligned causal)
+            rpos = first_pos.unsqueeze(1) + torch.arange(r0, r1, device=q.device)  # [B, rows]
+            padded[:, r0:r1] = _indexer_topk(q_pad[:, r0:r1], w_pad[:, r0:r1], keys_t, pos, rpos, k, scale)
+        picked = padded[seq_idx, row]
+    if k == topk:
+        return picked
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    out[:, :k] = picked
     return out
+
+
+def _indexer_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, pos: torch.Tensor, rpos: torch.Tensor,
+                  k: int, scale: float) -> torch.Tensor:
+    """Top-``k`` key positions of ``n`` query rows per sequence: ``q`` fp32 ``[B, n, Hi, Di]``, ``w`` fp32
+    ``[B, n, Hi]``, ``keys_t`` fp32 ``[B, Di, keys]``, ``pos`` ``[keys]`` the key positions, ``rpos``
+    ``[B, n]`` the rows' positions. Returns int32 ``[B, n, k]``, ``-1`` where fewer keys are causal."""
+    B, n, Hi, Di = q.shape
+    # [B, n*Hi, Di] @ [B, Di, keys]: one batched matmul, then the head-weighted sum as another
+    logits = torch.bmm(q.reshape(B, n * Hi, Di), keys_t).mul_(fp32_scalar(scale)).relu_()
+    score = torch.bmm(w.reshape(B * n, 1, Hi), logits.view(B * n, Hi, -1)).view(B, n, -1)
+    score.masked_fill_(pos > rpos.unsqueeze(2), float("-inf"))  # keys past the query's position
+    vals, idx = score.topk(k, dim=-1)
+    return idx.to(torch.int32).masked_fill_(vals.isneginf(), -1)
 
 
 def sparse_mla_attention(
@@ -151,6 +183,8 @@ def sparse_mla_attention(
     seq_lens: torch.Tensor,
     scale: float,
     v_dim: int,
+    *,
+    meta: AttentionMetadata | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA attention over a paged latent cache, restricted to the given positions.
 
@@ -165,6 +199,8 @@ def sparse_mla_attention(
     returns ``(out, lse)``: ``out[t, h] = sum_k p_k kv[idx_k][:v_dim]`` as ``[T, H, v_dim]`` in
     ``q.dtype`` and ``lse[t, h] = log(sum_k exp(q . kv * scale))`` fp32 ``[T, H]`` (natural log).
     A token with no valid index gets ``out = 0`` and ``lse = -inf``. Softmax is computed in fp32.
+    ``meta``: the step's :class:`~hwlayer.ops.layout.AttentionMetadata` (optional; its token ->
+    sequence map replaces rebuilding it).
     """
     op = "sparse_mla_attention"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
@@ -179,24 +215,36 @@ def sparse_mla_attention(
         fail(op, "v_dim", f"0 < v_dim <= {Dk}", v_dim)
     bs = kv_cache.shape[1]
     flat = kv_cache.view(-1, Dk) if kv_cache.is_contiguous() else kv_cache.reshape(-1, Dk)
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
+    if meta is not None:
+        check_meta(op, meta, T)
+        if meta.block_size != bs:
+            fail(op, "meta", f"tables for block_size {bs}", f"block_size {meta.block_size}")
+        seq_idx = meta.seq_idx
+
+        def slots_of(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # a lookup in the step's key slots
+            return meta.key_slots.index_select(0, rows).gather(1, idx.long().clamp(min=0))
+    else:
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
+
+        def slots_of(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return positions_to_slots(block_table, rows, idx, bs)
     K = indices.shape[1]
     step = chunk_rows(T, K * (Dk + H))
     if step >= T:  # one chunk (decode): no per-chunk slicing and copies
-        return _sparse_mla_rows(q, flat, indices, block_table, seq_idx, bs, scale, v_dim)
+        return _sparse_mla_rows(q, flat, indices, slots_of(seq_idx, indices), scale, v_dim)
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, step):
         c1 = min(T, c0 + step)
-        out[c0:c1], lse[c0:c1] = _sparse_mla_rows(q[c0:c1], flat, indices[c0:c1], block_table, seq_idx[c0:c1], bs,
-                                                  scale, v_dim)
+        idx = indices[c0:c1]
+        out[c0:c1], lse[c0:c1] = _sparse_mla_rows(q[c0:c1], flat, idx, slots_of(seq_idx[c0:c1], idx), scale, v_dim)
     return out, lse
 
 
-def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, block_table: torch.Tensor,
-                     seq_idx: torch.Tensor, bs: int, scale: float, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sparse_mla_attention`` for a chunk of query rows: ``(out [t, H, v_dim] in q.dtype, lse fp32 [t, H])``."""
-    slots = positions_to_slots(block_table, seq_idx, idx, bs)
+def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, scale: float,
+                     v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mla_attention`` for a chunk of query rows (``slots``: the cache slot of each index, any
+    slot where the index is -1): ``(out [t, H, v_dim] in q.dtype, lse fp32 [t, H])``."""
     kv = flat.index_select(0, slots.view(-1)).view(*idx.shape, flat.shape[1]).float()  # [t, K, Dk]
     s = torch.bmm(q.float(), kv.transpose(1, 2)).mul_(fp32_scalar(scale))  # [t, H, K]
     s.masked_fill_((idx < 0).unsqueeze(1), float("-inf"))

@@ -10,7 +10,10 @@ caches, positions within a sequence). This module holds the one copy of:
   :func:`positions_to_slots` (position -> flat paged-cache slot);
 * :func:`groups_covering_rows`, for vendor grouped GEMMs that want group counts summing to exactly
   the row count (``grouped_gemm`` allows padding rows past the sum);
-* :func:`chunk_rows`, the temporary-size budget of the generic implementations.
+* :func:`chunk_rows`, the temporary-size budget of the generic implementations;
+* :class:`AttentionMetadata` and its builder :func:`attention_metadata`: the per-step tables of a
+  varlen batch (token -> sequence, key slots, rope rows, padding) that the attention ops accept as
+  ``meta=`` so every layer reuses them instead of rebuilding them.
 
 Vendor adapters import these instead of re-deriving them, so a layout rule lives in one place.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any, NoReturn, Sequence
 
 import torch
@@ -161,3 +165,70 @@ def groups_covering_rows(group_sizes: torch.Tensor, num_rows: int) -> torch.Tens
     if sizes.numel():
         sizes[-1] += num_rows - sizes.sum()
     return sizes
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Tables of one step's varlen batch that every layer's attention ops would otherwise rebuild,
+    built once per step by :func:`attention_metadata` (vLLM's attention metadata builders).
+
+    ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention`` take it as the
+    optional keyword argument ``meta``. Every implementation must accept it and may use any field
+    or none: results never depend on it (without it an op derives the same tables itself). The
+    tensors are built on the device from the step's inputs, nothing read back, so a captured step
+    rebuilds them on every replay; the host fields are what the caller knows about the step.
+    """
+
+    num_tokens: int  # host: T, the query rows of the step
+    block_size: int  # host: the paged caches' block size the slots address
+    max_seqlen_k: int  # host: the key_slots width (the ops' max_seqlen_k)
+    has_padding: bool  # host: slot_mapping may hold -1 rows (a padded, captured decode batch)
+    seq_idx: torch.Tensor  # int64 [T]: the sequence of every query token
+    first_query_pos: torch.Tensor  # int64 [B]: position of each sequence's first query token
+    key_slots: torch.Tensor  # int64 [B, max_seqlen_k]: cache slot of positions 0 .. max_seqlen_k - 1
+    cos_sin_cache: torch.Tensor | None = None  # the rope cache the rows below come from
+    rope_cos: torch.Tensor | None = None  # fp32 [T, 1, D/2]: cos half of cos_sin_cache[positions]
+    rope_sin: torch.Tensor | None = None  # fp32 [T, 1, D/2]: sin half
+
+
+def attention_metadata(
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    block_size: int,
+    max_seqlen_k: int,
+    has_padding: bool = True,
+    cos_sin_cache: torch.Tensor | None = None,
+) -> AttentionMetadata:
+    """The :class:`AttentionMetadata` of a varlen batch (layout of :mod:`hwlayer.ops`): ``positions``
+    int ``[T]`` (each query token's position), ``max_seqlen_k`` a host upper bound of the contexts,
+    ``has_padding=False`` only when no ``slot_mapping`` entry is ``-1``; with ``cos_sin_cache`` it
+    also gathers the rope rows. Device arithmetic only (about 25 torch calls, once per step)."""
+    op = "attention_metadata"
+    check_tensor(op, "positions", positions, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, "cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, shape=[cu_seqlens_q.shape[0] - 1])
+    T, B = positions.shape[0], seq_lens.shape[0]  # values are the ops' to check (HWLAYER_CHECK)
+    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
+    first = seq_lens.long() - cu_seqlens_q.diff()
+    keys = torch.arange(max_seqlen_k, device=positions.device).expand(B, max_seqlen_k)
+    key_slots = positions_to_slots(block_table, torch.arange(B, device=positions.device), keys, block_size)
+    cos = sin = None
+    if cos_sin_cache is not None:
+        check_tensor(op, "cos_sin_cache", cos_sin_cache, ndim=2)
+        half = cos_sin_cache.shape[1] // 2
+        rows = cos_sin_cache.index_select(0, positions).float().unsqueeze(1)  # [T, 1, D]
+        cos, sin = rows[..., :half], rows[..., half:]
+    return AttentionMetadata(T, block_size, max_seqlen_k, has_padding, seq_idx, first, key_slots,
+                             cos_sin_cache, cos, sin)
+
+
+def check_meta(op: str, meta: Any, num_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``meta`` is an :class:`AttentionMetadata` of ``num_tokens`` query rows."""
+    if not isinstance(meta, AttentionMetadata):
+        fail(op, "meta", "an AttentionMetadata or None", type(meta).__name__)
+    if meta.num_tokens != num_tokens:
+        fail(op, "meta", f"the tables of this batch ({num_tokens} tokens)", f"tables of {meta.num_tokens} tokens")

@@ -34,7 +34,7 @@ from .adapters import IMPLEMENTATIONS
 from .device import emulation_note
 from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.1"
+HWLAYER_HOOKSPEC_VERSION = "1.2"
 
 INSTALL_HINT = (
     "pip install .[ascend] with the torch-npu release matching your torch (torch-npu X.Y needs torch X.Y), "

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows
+from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
 
 from . import convert
 from .device import device_type
@@ -84,7 +84,7 @@ def rms_norm(
 # rope: npu_rotary_mul
 
 
-def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool) -> bool | str:
+def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool, *, meta: Any = None) -> bool | str:
     if not _on_npu(x, positions, cos_sin_cache):
         return "needs NPU tensors"
     if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES:
@@ -99,7 +99,8 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool)
     return True
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool, *,
+         meta: AttentionMetadata | None = None) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
     r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
     # SBND with S = tokens, B = 1, N = heads; r1/r2 as S11D, the one broadcast form the doc lists for
@@ -118,7 +119,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 
 def lightning_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
     if not _on_npu(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
@@ -138,7 +139,7 @@ def lightning_indexer_supports(
 def lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     # The NPU op scores sum_h w_h * relu(q_h . k). Our scale > 0 multiplies every score of a token
     # by the same factor (relu(s x) = s relu(x)), so the top-k is unchanged without it. Weights stay
@@ -159,7 +160,8 @@ def lightning_indexer(
 
 
 def sparse_mla_attention_supports(
-    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int
+    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
+    *, meta: Any = None,
 ) -> bool | str:
     if not _on_npu(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
@@ -178,7 +180,8 @@ def sparse_mla_attention_supports(
 
 def sparse_mla_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
+    meta: AttentionMetadata | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_nope, q_rope = convert.split_query(q, v_dim)
     # Two contiguous caches: Atlas A2/A3 take no non-contiguous key/key_rope, and our contract keeps

@@ -12,7 +12,7 @@ from typing import Callable
 from hwlayer.backend import Availability, Backend
 from hwlayer.hookspecs import hookimpl
 
-HWLAYER_HOOKSPEC_VERSION = "1.1"
+HWLAYER_HOOKSPEC_VERSION = "1.2"
 
 
 def _detect() -> Availability:

@@ -22,7 +22,7 @@ from hwlayer.hookspecs import hookimpl
 from . import native
 from .detect import detect
 
-HWLAYER_HOOKSPEC_VERSION = "1.1"
+HWLAYER_HOOKSPEC_VERSION = "1.2"
 
 
 def _nvidia_weight_formats() -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
+from hwlayer.ops.layout import AttentionMetadata
 
 
 @functools.cache
@@ -201,7 +202,8 @@ def to_global_slots(
 
 
 def flash_mla_sparse_supports(
-    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int
+    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
+    *, meta: Any = None,
 ) -> bool | str:
     if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
@@ -224,7 +226,8 @@ def flash_mla_sparse_supports(
 
 def flash_mla_sparse_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
+    meta: AttentionMetadata | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_mla import flash_mla_sparse_fwd
 
@@ -269,7 +272,7 @@ def _bf16_logits() -> Any:
 
 def deep_gemm_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
     if not _cuda_tensors(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
@@ -299,7 +302,7 @@ def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def deep_gemm_lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     import deep_gemm
 

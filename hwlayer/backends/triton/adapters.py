@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.layout import FLOAT_DTYPES, INDEX_DTYPES, check_varlen, token_positions, value_checks
+from hwlayer.ops.layout import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    AttentionMetadata,
+    check_varlen,
+    token_positions,
+    value_checks,
+)
 
 # Sizes a single program keeps in registers; larger calls go to the next tier.
 MAX_NORM_DIM = 16384
@@ -173,7 +180,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # kv_cache_write
 
 
-def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any) -> bool | str:
+def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any, *, meta: Any = None) -> bool | str:
     if not _is_tensor(cache, rows, slot_mapping):
         return "non-tensor argument"
     if cache.dim() != 3 or not cache.is_contiguous() or rows.dim() != 2 or rows.shape[1] != cache.shape[2]:
@@ -185,7 +192,8 @@ def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any) -> bool | 
     return _device_ok(cache, rows, slot_mapping)
 
 
-def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
+                   meta: AttentionMetadata | None = None) -> None:
     T, D = rows.shape
     if T and D:
         block = min(1024, _p2(D))
@@ -200,7 +208,7 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
 # rope
 
 
-def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool) -> bool | str:
+def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool, *, meta: Any = None) -> bool | str:
     if not _is_tensor(x, positions, cos_sin_cache):
         return "non-tensor argument"
     if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2:
@@ -217,7 +225,8 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool)
     return _device_ok(x, positions, cos_sin_cache)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool, *,
+         meta: AttentionMetadata | None = None) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
     x3 = x.reshape(T, x.shape[1] if x.dim() == 3 else 1, D).contiguous()
     H = x3.shape[1]
@@ -245,7 +254,7 @@ def _varlen_ok(op: str, cu_seqlens_q: Any, seq_lens: Any, T: int) -> bool | str:
 
 def lightning_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
     if not _is_tensor(q, weights, k_cache, block_table):
         return "non-tensor argument"
@@ -291,7 +300,7 @@ def indexer_scores(
 def lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
-    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     # Scoring is the Triton kernel; the selection is torch.topk on the scored tile, on the device:
     # sizes come from shapes and max_seqlen_k, so the whole op can sit in a captured graph (a Triton
@@ -307,7 +316,8 @@ def lightning_indexer(
 
 
 def sparse_mla_attention_supports(
-    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int
+    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
+    *, meta: Any = None,
 ) -> bool | str:
     if not _is_tensor(q, kv_cache, indices, block_table):
         return "non-tensor argument"
@@ -365,7 +375,8 @@ def mla_num_splits(num_tokens: int, num_heads: int, num_keys: int, v_dim: int, p
 
 def sparse_mla_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
+    meta: AttentionMetadata | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two launch shapes of one kernel, chosen from host-known sizes (:func:`mla_num_splits`):
     prefill: grid (T, head tiles), each program one pass over its token's K rows; decode (split-K):

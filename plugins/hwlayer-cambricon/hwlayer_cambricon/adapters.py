@@ -102,7 +102,7 @@ def rms_norm(x, weight, eps, residual=None):
 #      discrete, dynamic_ntk, max_seqlen, output=None, is_inverse=False); in place into input
 
 
-def supports_rope(x, positions, cos_sin_cache, interleaved) -> bool | str:
+def supports_rope(x, positions, cos_sin_cache, interleaved, *, meta=None) -> bool | str:
     ok = _common(x)
     if ok is not True:
         return ok
@@ -113,7 +113,7 @@ def supports_rope(x, positions, cos_sin_cache, interleaved) -> bool | str:
     return True
 
 
-def rope(x, positions, cos_sin_cache, interleaved):
+def rope(x, positions, cos_sin_cache, interleaved, *, meta=None):
     cos, sin = convert.rope_full_tables(cos_sin_cache, interleaved)
     position_ids, cu_seqlens, max_seqlen = convert.packed_rope_args(positions)
     # apply_rotary wants the caches in input's dtype; cos/sin rounded to bf16/fp16 would move the

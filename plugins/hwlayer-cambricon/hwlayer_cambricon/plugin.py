@@ -14,7 +14,7 @@ from hwlayer import Availability, Backend, hookimpl
 
 from . import adapters
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.2"
 
 NAME = "cambricon"
 VERIFIED = ("written against torch_mlu_ops 1.12.1 _ops.py API docs; emulated in CI from them "

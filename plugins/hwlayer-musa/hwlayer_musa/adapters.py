@@ -77,7 +77,8 @@ def _natural_lse(fn) -> bool:
         return False
 
 
-def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim):
+def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *,
+                                   meta=None):
     ok = _common(q, "mate.flashmla", (torch.bfloat16,))
     if ok is not True:
         return ok
@@ -90,7 +91,7 @@ def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_
     return True
 
 
-def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim):
+def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None):
     kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1])
     # Whole 64-wide top-k blocks (a partial last block is not read) and 64 or 128 heads (zero queries).
     kv_indices = convert.pad_last_dim(kv_indices, convert.FLASH_MLA_TOPK_BLOCK, value=-1)
@@ -112,7 +113,7 @@ def _fp8_indexer_enabled() -> bool:
 
 
 def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
-                               max_seqlen_q=None, max_seqlen_k=None):
+                               max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
@@ -125,7 +126,7 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
 
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
-                      max_seqlen_q=None, max_seqlen_k=None):
+                      max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
     keys = convert.gather_sequence_keys(k_cache, block_table, seq_lens)
     ks, ke, _ = convert.indexer_key_ranges(cu_seqlens_q, seq_lens)
     k_fp8, k_scale = convert.fp8_quantize_rows(keys)

@@ -15,7 +15,7 @@ from hwlayer import Availability, Backend, hookimpl
 
 from . import adapters, convert
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "1.2"
 
 NAME = "musa"
 MIN_TORCH_MUSA = (2, 7)
