@@ -114,6 +114,19 @@ def test_every_meta_op_accepts_its_steps_tables():
             assert torch.equal(with_meta, without), op
 
 
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("heads", [None, 3], ids=["2d", "3d"])
+def test_rope_rows_from_meta_give_the_same_bits(interleaved, heads):
+    s = step(torch.Generator().manual_seed(0))
+    shape = (T, 16) if heads is None else (T, heads, 16)
+    cos_sin = torch.randn(16, 16, generator=torch.Generator().manual_seed(2))
+    m = meta_of(s, cos_sin=cos_sin)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        with_meta = ops.rope(x, s["positions"], cos_sin, interleaved, meta=m)
+        assert torch.equal(with_meta, ops.rope(x, s["positions"], cos_sin, interleaved)), dtype
+
+
 NOT_META = "an AttentionMetadata or None"
 
 
@@ -347,10 +360,10 @@ def _generate(model, decode_steps: int = 3) -> list[torch.Tensor]:
 
 def test_logits_do_not_depend_on_the_tables(tiny, monkeypatch):
     """Bit-identical logits, every step. This fails if an op's meta path computes anything else than
-    its own derivation: e.g. ``attention_metadata`` building ``first_query_pos`` off by one (the
-    indexer would select other keys), ``key_slots`` with the wrong block size, rope rows gathered
-    at ``positions + 1``, or ``kv_cache_write``'s one-copy path writing a row to a wrong slot; each
-    was checked by hand to change these logits (torch.equal fails from the prefill on)."""
+    its own derivation. Checked by hand (mutations applied in-process, not committed), each fails
+    from the prefill on (step 0): ``first_query_pos`` + 1 (the indexer masks other keys), ``key_slots``
+    rolled by one position, the rope rows rolled by one token, ``kv_cache_write``'s one-copy path
+    writing each row into its neighbour's slot; ``seq_idx`` reversed raises in the indexer."""
     model, _ = tiny
     used = []
     plan_rope = model.plan.rope
