@@ -378,12 +378,21 @@ def test_logits_do_not_depend_on_the_tables(tiny, monkeypatch):
     assert not any(m.has_padding for m in used)  # StepMetadata.to_device knows there is no padding row
 
     used.clear()
+    build_tables = GLM5.with_tables
+    # As the runner's captured views say it: slot_mapping may hold -1 rows (kv_cache_write's masked path).
+    monkeypatch.setattr(GLM5, "with_tables",
+                        lambda self, ctx, cache: build_tables(self, dataclasses.replace(ctx, has_padding=True), cache))
+    padded_tables = _generate(model)
+    assert used and all(m.has_padding for m in used)
+
+    used.clear()
     monkeypatch.setattr(GLM5, "with_tables", lambda self, ctx, cache: ctx)
     without = _generate(model)
     assert used and all(m is None for m in used)  # the ops derived everything themselves
-    assert len(with_tables) == len(without) == 4
-    for step_idx, (a, b) in enumerate(zip(with_tables, without, strict=True)):
+    assert len(with_tables) == len(padded_tables) == len(without) == 4
+    for step_idx, (a, p, b) in enumerate(zip(with_tables, padded_tables, without, strict=True)):
         assert torch.equal(a, b), f"step {step_idx}: logits differ by {(a - b).abs().max().item()}"
+        assert torch.equal(p, b), f"step {step_idx} (has_padding): logits differ by {(p - b).abs().max().item()}"
 
 
 # ---------------------------------------------------------------------------------------------
