@@ -118,6 +118,7 @@ def _counted(fn: Callable, key: tuple[str, str], counts: collections.Counter) ->
         counts[key] += 1
         return fn(*args, **kwargs)
 
+    call.__wrapped__ = fn  # type: ignore[attr-defined]  # a traced plan still says what it calls
     return call
 
 

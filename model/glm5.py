@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwlayer.ops.layout import AttentionMetadata, attention_metadata, check_varlen_values
+from hwlayer.ops.layout import AttentionMetadata, attention_metadata, check_varlen_values, fp32_scalar
 from hwlayer.ops.quant import QuantizedWeight, concat_rows, linear
 
 from .config import ModelConfig, rope_inv_freq
@@ -183,10 +183,10 @@ class Attention:
         # Indexer RoPE: interleaved rotation of the FIRST dr dims, the rest pass through; the key
         # rides along as head Hi so one rope call serves queries and key.
         qk = torch.cat([q, k.unsqueeze(1)], dim=1)  # [T, Hi + 1, Di]
-        qk[..., : self.dr] = self.plan.rope(qk[..., : self.dr], ctx.positions, ctx.cos_sin, True, meta=ctx.attn)
+        qk[:, :, : self.dr] = self.plan.rope(qk[:, :, : self.dr], ctx.positions, ctx.cos_sin, True, meta=ctx.attn)
         q, k = qk[:, : self.Hi], qk[:, self.Hi]
         self.plan.kv_cache_write(k_cache, k, ctx.slot_mapping, meta=ctx.attn)
-        head_weights = F.linear(x.float(), self.weights_proj) * self.Hi**-0.5  # [T, Hi] fp32
+        head_weights = F.linear(x.float(), self.weights_proj) * fp32_scalar(self.Hi**-0.5)  # [T, Hi] fp32
         return self.plan.lightning_indexer(q, head_weights, k_cache, ctx.block_table, ctx.cu_seqlens_q,
                                            ctx.seq_lens, self.topk, self.Di**-0.5, ctx.max_seqlen_q, ctx.max_seqlen_k,
                                            meta=ctx.attn)
@@ -199,9 +199,9 @@ class Attention:
         ckv = linear(plan, x, self.kv_a_proj)
         c = plan.rms_norm(ckv[:, : self.dl], self.kv_a_norm, NORM_EPS_ATTN)
         # One rope call for the query heads and the key (as head H): same positions, same rotation.
-        pe = plan.rope(torch.cat([q[..., self.dn :], ckv[:, None, self.dl :]], dim=1), ctx.positions, ctx.cos_sin,
+        pe = plan.rope(torch.cat([q[:, :, self.dn :], ckv[:, None, self.dl :]], dim=1), ctx.positions, ctx.cos_sin,
                        True, meta=ctx.attn)  # [T, H + 1, dr]
-        q_nope, q_pe, k_pe = q[..., : self.dn], pe[:, : self.H], pe[:, self.H]
+        q_nope, q_pe, k_pe = q[:, :, : self.dn], pe[:, : self.H], pe[:, self.H]
         kv_cache = cache.kv[self.layer_idx]
         plan.kv_cache_write(kv_cache, torch.cat([c, k_pe], dim=-1), ctx.slot_mapping, meta=ctx.attn)
 

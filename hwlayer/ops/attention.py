@@ -49,6 +49,8 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     if meta is not None:
         check_meta("kv_cache_write", meta, rows.shape[0])
         if not meta.has_padding:  # every slot is real: nothing to skip
+            if value_checks() and slots.numel() and int(slots.min()) < 0:
+                fail("kv_cache_write", "slot_mapping", "no -1 slot (meta.has_padding is False)", int(slots.min()))
             flat.index_copy_(0, slots, rows)
             return
     valid = slots >= 0
@@ -250,4 +252,4 @@ def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, slo
     s.masked_fill_((idx < 0).unsqueeze(1), float("-inf"))
     m = torch.logsumexp(s, dim=-1)  # [t, H]
     p = torch.exp(s.sub_(m.unsqueeze(-1))).nan_to_num_(0.0)
-    return torch.bmm(p, kv[..., :v_dim]).to(q.dtype), m
+    return torch.bmm(p, kv[:, :, :v_dim]).to(q.dtype), m

@@ -187,8 +187,10 @@ class AttentionMetadata:
     first_query_pos: torch.Tensor  # int64 [B]: position of each sequence's first query token
     key_slots: torch.Tensor  # int64 [B, max_seqlen_k]: cache slot of positions 0 .. max_seqlen_k - 1
     cos_sin_cache: torch.Tensor | None = None  # the rope cache the rows below come from
-    rope_cos: torch.Tensor | None = None  # fp32 [T, 1, D/2]: cos half of cos_sin_cache[positions]
-    rope_sin: torch.Tensor | None = None  # fp32 [T, 1, D/2]: sin half
+    # cos_sin_cache[positions] expanded to pairs, fp32 [T, 1, D]: cos_i at 2i and 2i+1 (rope_cos);
+    # -sin_i at 2i, +sin_i at 2i+1 (rope_sin). GPT-J rope is then x * cos + pair_swap(x) * sin.
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
 
 
 def attention_metadata(
@@ -221,7 +223,9 @@ def attention_metadata(
         check_tensor(op, "cos_sin_cache", cos_sin_cache, ndim=2)
         half = cos_sin_cache.shape[1] // 2
         rows = cos_sin_cache.index_select(0, positions).float().unsqueeze(1)  # [T, 1, D]
-        cos, sin = rows[..., :half], rows[..., half:]
+        cos = rows[..., :half].repeat_interleave(2, dim=-1)
+        sin = rows[..., half:]
+        sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
     return AttentionMetadata(T, block_size, max_seqlen_k, has_padding, seq_idx, first, key_slots,
                              cos_sin_cache, cos, sin)
 
@@ -232,3 +236,14 @@ def check_meta(op: str, meta: Any, num_tokens: int) -> None:
         fail(op, "meta", "an AttentionMetadata or None", type(meta).__name__)
     if meta.num_tokens != num_tokens:
         fail(op, "meta", f"the tables of this batch ({num_tokens} tokens)", f"tables of {meta.num_tokens} tokens")
+
+
+def meta_supported(meta: Any, rows: Any) -> bool | str:
+    """For the ``supports`` predicate of an adapter that ignores ``meta``: ``True`` when ``meta`` is None
+    or an :class:`AttentionMetadata` of ``rows.shape[0]`` tokens, else why not, so a malformed ``meta``
+    reaches the generic op, which names the problem."""
+    if meta is None:
+        return True
+    if not isinstance(meta, AttentionMetadata) or not isinstance(rows, torch.Tensor) or rows.dim() == 0:
+        return "meta is not an AttentionMetadata"
+    return True if meta.num_tokens == rows.shape[0] else "meta built for another batch"

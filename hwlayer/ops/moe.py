@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -165,10 +166,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_experts_factory(plan: Any) -> Callable:
-    # The reference plan (no part overridden) takes a shorter road for few tokens; a plan with any
-    # part overridden always runs the composite, so the override serves.
-    generic_parts = (plan.moe_permute is moe_permute and plan.grouped_gemm is grouped_gemm
-                     and plan.silu_and_mul is silu_and_mul and plan.moe_unpermute is moe_unpermute)
+    # The reference plan (no part overridden; traced or not) takes a shorter road for few tokens; a
+    # plan with any part overridden always runs the composite, so the override serves.
+    generic_parts = all(inspect.unwrap(getattr(plan, name)) is fn for name, fn in (
+        ("moe_permute", moe_permute), ("grouped_gemm", grouped_gemm), ("silu_and_mul", silu_and_mul),
+        ("moe_unpermute", moe_unpermute)))
 
     def fused_experts(
         x: torch.Tensor,
@@ -206,11 +208,12 @@ def _experts_per_assignment(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     check_tensor("fused_experts", "topk_weights", topk_weights, ndim=2, shape=list(topk_ids.shape))
     (T, k), E, D = topk_ids.shape, w13.shape[0], x.shape[1]
     ids = topk_ids.reshape(-1)
-    kept = (ids >= 0) & (ids < E)
-    ids = ids.clamp(0, E - 1)  # a dropped assignment computes with expert 0 or E-1, then weighs nothing
+    safe = ids.clamp(0, E - 1)  # a dropped assignment computes with expert 0 or E-1, then weighs nothing
+    kept = safe == ids
+    w13, w2 = (w13, w2) if w13.dtype == x.dtype else (w13.to(x.dtype), w2.to(x.dtype))
     xs = x.unsqueeze(1).expand(T, k, D).reshape(T * k, D, 1)
-    h = torch.bmm(w13.to(x.dtype).index_select(0, ids), xs).squeeze(2)  # [T*k, 2I]
-    y = torch.bmm(w2.to(x.dtype).index_select(0, ids), silu_and_mul(h).unsqueeze(2)).squeeze(2)  # [T*k, D]
+    h = torch.bmm(w13.index_select(0, safe), xs).squeeze(2)  # [T*k, 2I]
+    y = torch.bmm(w2.index_select(0, safe), silu_and_mul(h).unsqueeze(2)).squeeze(2)  # [T*k, D]
     # fp32 weighted sum over each token's slots; where(), not a multiply, so a dropped row adds nothing even if NaN
     y = torch.where(kept.unsqueeze(1), y.float() * topk_weights.reshape(-1, 1).float(), 0.0)
     return y.view(T, k, D).sum(1).to(x.dtype)

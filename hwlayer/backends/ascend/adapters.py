@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
+from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows, meta_supported
 
 from . import convert
 from .device import device_type
@@ -85,6 +85,8 @@ def rms_norm(
 
 
 def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool, *, meta: Any = None) -> bool | str:
+    if (ok := meta_supported(meta, x)) is not True:
+        return ok
     if not _on_npu(x, positions, cos_sin_cache):
         return "needs NPU tensors"
     if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES:
@@ -121,6 +123,8 @@ def lightning_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _on_npu(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
     if q.dim() != 3 or q.dtype not in HALF_DTYPES or q.shape[1] > 64 or q.shape[2] != 128:
@@ -163,6 +167,8 @@ def sparse_mla_attention_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
     *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _on_npu(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
     if q.dim() != 3 or q.dtype not in HALF_DTYPES or kv_cache.dim() != 3 or kv_cache.shape[-1] != q.shape[-1]:

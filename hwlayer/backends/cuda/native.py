@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.layout import AttentionMetadata
+from hwlayer.ops.layout import AttentionMetadata, meta_supported
 
 
 @functools.cache
@@ -205,6 +205,8 @@ def flash_mla_sparse_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
     *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
     if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
@@ -274,6 +276,8 @@ def deep_gemm_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _cuda_tensors(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
     if q.dim() != 3 or q.shape[-1] != 128 or q.shape[1] not in (32, 64):

@@ -33,6 +33,7 @@ from hwlayer.ops.layout import (
     INDEX_DTYPES,
     AttentionMetadata,
     check_varlen,
+    meta_supported,
     token_positions,
     value_checks,
 )
@@ -181,6 +182,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any, *, meta: Any = None) -> bool | str:
+    if (ok := meta_supported(meta, rows)) is not True:
+        return ok
     if not _is_tensor(cache, rows, slot_mapping):
         return "non-tensor argument"
     if cache.dim() != 3 or not cache.is_contiguous() or rows.dim() != 2 or rows.shape[1] != cache.shape[2]:
@@ -209,6 +212,8 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
 
 
 def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool, *, meta: Any = None) -> bool | str:
+    if (ok := meta_supported(meta, x)) is not True:
+        return ok
     if not _is_tensor(x, positions, cos_sin_cache):
         return "non-tensor argument"
     if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2:
@@ -256,6 +261,8 @@ def lightning_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _is_tensor(q, weights, k_cache, block_table):
         return "non-tensor argument"
     if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
@@ -319,6 +326,8 @@ def sparse_mla_attention_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
     *, meta: Any = None,
 ) -> bool | str:
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     if not _is_tensor(q, kv_cache, indices, block_table):
         return "non-tensor argument"
     if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows
+from hwlayer.ops.layout import groups_covering_rows, meta_supported
 
 from . import convert
 
@@ -103,6 +103,8 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def supports_rope(x, positions, cos_sin_cache, interleaved, *, meta=None) -> bool | str:
+    if (ok := meta_supported(meta, x)) is not True:
+        return ok
     ok = _common(x)
     if ok is not True:
         return ok

@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows
+from hwlayer.ops.layout import groups_covering_rows, meta_supported
 
 from . import convert
 
@@ -79,6 +79,8 @@ def _natural_lse(fn) -> bool:
 
 def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *,
                                    meta=None):
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     ok = _common(q, "mate.flashmla", (torch.bfloat16,))
     if ok is not True:
         return ok
@@ -114,6 +116,8 @@ def _fp8_indexer_enabled() -> bool:
 
 def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                                max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
