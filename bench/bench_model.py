@@ -15,9 +15,10 @@ shared, first layer dense. Measured:
 ``--host-overhead``: the decode config's per-step host overhead instead (no transformers): a
 decode step's time minus the time inside aten operators, from a ``torch.profiler`` trace with one
 torch thread (minimum over the traced steps), plus the step's aten op count and its device->host
-reads (``aten::_local_scalar_dense``).
-It uses only ``load_model`` / ``forward_batch``, so it runs unchanged against older revisions
-(``PYTHONPATH=<old checkout> python bench/bench_model.py --host-overhead``).
+reads (``aten::_local_scalar_dense``), for an eager ``forward_batch`` step and for the model
+runner's step (serve.py's: on the CPU backend a traced step replayed from C++).
+The eager measurement uses only ``load_model`` / ``forward_batch``, so it runs unchanged against older
+revisions (``PYTHONPATH=<old checkout> python bench/bench_model.py --host-overhead``).
 
 Transformers at long context is slow on this CPU: its context is built by chunked prefill
 (``--hf-chunk`` tokens per forward through its cache) and its decode is timed over fewer steps.
@@ -121,37 +122,77 @@ def ours_prefill_and_decode(m, ids: torch.Tensor, contexts: list[int], steps: in
     return out
 
 
+def decode_with_runner(m, ids: torch.Tensor, context: int, chunk: int, spare: int) -> tuple[Callable[[], None], str]:
+    """As :func:`decode_at`, but each decode step goes through ``model.runner.ModelRunner`` as serve.py runs
+    it (the backend's device graph: on the CPU backend the traced step of hwlayer/backends/cpu/graph.py).
+    Returns the step and what served it."""
+    from model.runner import ModelRunner
+
+    bs = 64
+    cache = m.new_cache(-(-(context + spare) // bs), bs)
+    table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+    for s in range(0, context, chunk):
+        e = min(context, s + chunk)
+        m.forward_batch(Batch(ids[s:e], torch.tensor([0, e - s], dtype=torch.int32),
+                              torch.tensor([e], dtype=torch.int32), table), cache)
+    runner = ModelRunner(m, max_num_seqs=1, max_model_len=cache.num_blocks * bs)
+    runner.capture(cache)
+    pos = [context]
+
+    def step() -> None:
+        pos[0] += 1
+        runner(Batch(ids[pos[0] - 1 : pos[0]], torch.tensor([0, 1], dtype=torch.int32),
+                     torch.tensor([pos[0]], dtype=torch.int32), table), cache)
+
+    spec = m.plan.backend.device_graph
+    served = f"ModelRunner, graph {spec.api}" if runner.uses_graphs and spec is not None else "ModelRunner, eager"
+    return step, served
+
+
+def _traced_steps(step: Callable[[], None], steps: int) -> dict:
+    """Per step, from a ``torch.profiler`` trace: span, time inside aten ops, host overhead = the difference,
+    aten calls and device->host reads; the sample with the least overhead of ``steps`` traced steps."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for _ in range(2):
+        step()  # warm-up
+    samples = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with record_function("decode_step"):
+                step()
+        events = prof.key_averages()
+        span = next(e.cpu_time_total for e in events if e.key == "decode_step") / 1e3
+        ops = [e for e in events if e.key.startswith("aten::")]
+        op_ms = sum(e.self_cpu_time_total for e in ops) / 1e3
+        reads = sum(e.count for e in ops if e.key == "aten::_local_scalar_dense")
+        samples.append((span - op_ms, span, op_ms, sum(e.count for e in ops), reads))
+    overhead, span, op_ms, calls, reads = min(samples)
+    return {"step_ms": span, "op_ms": op_ms, "host_overhead_ms": overhead, "aten_calls": calls, "host_reads": reads}
+
+
 def host_overhead(m, ids: torch.Tensor, contexts: list[int], steps: int, chunk: int) -> dict:
     """Per batch-1 decode step, from a ``torch.profiler`` trace with one torch thread (every op runs
     on the traced thread): the step's span, the time inside aten ops (the sum of every ``aten::``
     event's self time) and the host overhead = the difference (Python, the model and op glue,
     argument checks, dispatch). Minimum over ``steps`` traced steps (a shared machine disturbs some);
     also aten op calls and device->host reads (``aten::_local_scalar_dense``: ``.item()``,
-    ``int(t)``, ``bool(t)``) per step."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+    ``int(t)``, ``bool(t)``) per step. Two ways per context: an eager ``forward_batch`` (what older
+    revisions can run too) and, where this revision has it, the model runner's decode step (serve.py's)."""
     torch.set_num_threads(1)
     out = {}
     for C in contexts:
-        step = decode_at(m, ids, C, chunk, 3 * steps + 4)
-        for _ in range(2):
-            step()  # warm-up
-        samples = []
-        for _ in range(steps):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                with record_function("decode_step"):
-                    step()
-            events = prof.key_averages()
-            span = next(e.cpu_time_total for e in events if e.key == "decode_step") / 1e3
-            ops = [e for e in events if e.key.startswith("aten::")]
-            op_ms = sum(e.self_cpu_time_total for e in ops) / 1e3
-            reads = sum(e.count for e in ops if e.key == "aten::_local_scalar_dense")
-            samples.append((span - op_ms, span, op_ms, sum(e.count for e in ops), reads))
-        overhead, span, op_ms, calls, reads = min(samples)
-        out[C] = {"step_ms": span, "op_ms": op_ms, "host_overhead_ms": overhead, "aten_calls": calls,
-                  "host_reads": reads}
-        print(f"decode @{C}: step {span:.2f} ms, inside aten ops {op_ms:.2f} ms, host overhead {overhead:.2f} ms; "
-              f"{calls} aten calls, {reads} device->host reads per step", flush=True)
+        ways = [("eager forward_batch", decode_at(m, ids, C, chunk, 3 * steps + 4))]
+        try:
+            ways.append(tuple(reversed(decode_with_runner(m, ids, C, chunk, 3 * steps + 4))))
+        except ImportError:  # an older revision without the runner
+            pass
+        for name, step in ways:
+            r = _traced_steps(step, steps)
+            out.setdefault(name, {})[C] = r
+            print(f"decode @{C} ({name}): step {r['step_ms']:.2f} ms, inside aten ops {r['op_ms']:.2f} ms, host "
+                  f"overhead {r['host_overhead_ms']:.2f} ms; {r['aten_calls']} aten calls, {r['host_reads']} "
+                  f"device->host reads per step", flush=True)
     return out
 
 

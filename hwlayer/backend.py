@@ -22,17 +22,22 @@ def always_available(reason: str = "runs on any machine") -> Callable[[], Availa
 class DeviceGraph:
     """How a backend captures a step into a device graph and replays it (CUDA graphs, ACL graphs).
 
-    ``module`` is the torch device module that provides the documented capture API, ``graph`` its
-    graph class; the module must offer ``<graph>()``, ``graph(g, pool=...)``,
+    ``kind="stream"``: ``module`` is the torch device module that provides the documented capture
+    API, ``graph`` its graph class; the module must offer ``<graph>()``, ``graph(g, pool=...)``,
     ``graph_pool_handle()``, ``Stream``, ``stream``, ``current_stream`` and ``synchronize`` (as
-    ``torch.cuda`` does, and ``torch.npu`` once torch_npu is imported). The model runner
-    (``model/runner.py``) uses it; the backend declares only that and how, never captures itself.
-    ``verified``: what the capture has run on, stated honestly.
+    ``torch.cuda`` does, and ``torch.npu`` once torch_npu is imported).
+    ``kind="step"``: ``<module>.<graph>()`` makes an object that captures a step itself
+    (``capture(fn) -> output``, ``replay()``), such as the CPU's traced step
+    (:mod:`hwlayer.backends.cpu.graph`); such graphs are cheap, so the runner also keys them by a
+    context-length bucket instead of sizing every one for ``max_model_len``.
+    The model runner (``model/runner.py``) uses it; the backend declares only that and how, never
+    captures itself. ``verified``: what the capture has run on, stated honestly.
     """
 
     module: str  # "torch.cuda"
     graph: str  # "CUDAGraph"
     verified: str = "not run on hardware"
+    kind: str = "stream"  # "stream" (a torch device module's stream capture) or "step" (see above)
 
     @property
     def api(self) -> str:

@@ -12,14 +12,17 @@ the host; the runner owns what is about running it fast:
 
 A batch of ``B`` decodes runs in the graph of the smallest ladder size ``bs >= B``. The ``bs - B``
 padding rows carry slot ``-1`` (``kv_cache_write`` skips them: they write no cache row), one token
-at position 0, block-table row 0; their logits are computed and dropped. A captured step uses the
-cache's capacity (``max_model_len``) as ``max_seqlen_k``, so one graph serves every context length.
+at position 0, block-table row 0; their logits are computed and dropped. A captured step's
+``max_seqlen_k`` is a context bucket: with device-module graphs (CUDA, NPU) the cache's capacity
+``max_model_len``, so one graph serves every context length; with cheap "step" graphs (the CPU's
+traced step, whose generic indexer scores every key up to ``max_seqlen_k``) powers of two from
+1024 up to ``max_model_len``, each captured on first use, so a short context does not pay for the
+longest.
 
 How a backend captures is its declaration (:class:`hwlayer.backend.DeviceGraph`:
-``torch.cuda.CUDAGraph``, ``torch.npu.NPUGraph``); a backend without one (the CPU reference) runs
-eagerly. :class:`RecordedGraph` is the CPU stand-in used by the tests: it records the step closure
-at capture and replays it on the same static buffers, so the plumbing (static buffers, padding,
-copying inputs in, reading outputs out) is exercised without a GPU.
+``torch.cuda.CUDAGraph``, ``torch.npu.NPUGraph``, the CPU's ``TracedStepGraph``); a backend
+without one runs eagerly. :class:`RecordedGraph` is a stand-in the tests use to check the plumbing
+itself: it records the step closure at capture and replays it on the same static buffers.
 
     runner = ModelRunner(model, max_num_seqs=64, max_model_len=4096)        # graphs if the backend has them
     runner.capture(cache)                                                    # optional: at startup
@@ -100,8 +103,20 @@ def graph_maker(model: GLM5) -> Callable[[], StepGraph] | None:
     if spec is None:
         return None
     module = importlib.import_module(spec.module)
+    if spec.kind == "step":  # the class captures a step itself
+        return getattr(module, spec.graph)
     pool = module.graph_pool_handle()
     return lambda: TorchDeviceGraph(module, spec.graph, pool)
+
+
+def context_buckets(max_model_len: int, cheap_graphs: bool) -> tuple[int, ...]:
+    """The ``max_seqlen_k`` values decode graphs are captured for: ``max_model_len`` alone, or (cheap
+    graphs) powers of two from 1024 below it, then ``max_model_len``."""
+    buckets, b = [], 1024
+    while cheap_graphs and b < max_model_len:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_model_len)
 
 
 class ModelRunner:
@@ -111,7 +126,8 @@ class ModelRunner:
     ``None`` (``--enforce-eager``) runs every step eagerly; a callable returning a
     :class:`StepGraph` (such as :class:`RecordedGraph`) picks the implementation. ``capture_sizes``
     overrides the ladder (sizes above ``max_num_seqs`` are dropped; ``max_num_seqs`` itself is
-    always included so every admissible decode batch has a graph).
+    always included so every admissible decode batch has a graph). ``buckets``: the captured steps'
+    ``max_seqlen_k`` values (default: :func:`context_buckets`, several only for "step" graphs).
 
     Call it like ``model.forward_batch``: ``runner(batch, cache) -> fp32 [B, vocab]`` (a fresh
     tensor: the graph's output buffer is reused by the next replay). Graphs are captured for one
@@ -121,7 +137,7 @@ class ModelRunner:
 
     def __init__(self, model: GLM5, *, max_num_seqs: int, max_model_len: int,
                  graphs: str | Callable[[], StepGraph] | None = "auto",
-                 capture_sizes: tuple[int, ...] | None = None) -> None:
+                 capture_sizes: tuple[int, ...] | None = None, buckets: tuple[int, ...] | None = None) -> None:
         if max_num_seqs < 1 or max_model_len < 1:
             raise ValueError(f"ModelRunner: expected max_num_seqs >= 1 and max_model_len >= 1, got "
                              f"{max_num_seqs}, {max_model_len}")
@@ -132,7 +148,14 @@ class ModelRunner:
             raise ValueError(f"ModelRunner: graphs expected 'auto', None or a callable, got {graphs!r}")
         sizes = sorted({s for s in (capture_sizes or LADDER) if 1 <= s < max_num_seqs} | {max_num_seqs})
         self.capture_sizes: tuple[int, ...] = tuple(sizes) if self.make_graph is not None else ()
-        self.graphs: dict[int, tuple[StepGraph, torch.Tensor]] = {}  # bs -> (graph, its output buffer)
+        spec = model.plan.backend.device_graph
+        cheap = graphs == "auto" and spec is not None and spec.kind == "step"
+        self.buckets = tuple(sorted({b for b in (buckets or ()) if 1 <= b < max_model_len} | {max_model_len}))
+        if buckets is None:
+            self.buckets = context_buckets(max_model_len, cheap)
+        self._eager_if_capture_fails = cheap  # a traced step that cannot be traced: eager, with a warning
+        # (bs, max_seqlen_k bucket) -> (graph, its output buffer)
+        self.graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
         self.graph_cache: PagedCache | None = None
         self.replays = 0  # steps served by a graph
         self.eager_steps = 0
@@ -148,20 +171,24 @@ class ModelRunner:
         meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
                                        self.model.config.max_position_embeddings)
         B = meta.seq_lens.shape[0]
-        bs = self._graph_size(meta, cache)
-        if bs is None:
+        key = self._graph_key(meta, cache)
+        if key is None:
             self.eager_steps += 1
             return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
         if cache is not self.graph_cache:
             self.capture(cache)
-        graph, out = self.graphs[bs]
+        if key not in self.graphs:  # a context bucket first met now (cheap graphs only)
+            self._capture_one(*key, cache)
+        if not self.capture_sizes:  # the capture failed: eager from now on
+            return self(batch, cache)
+        graph, out = self.graphs[key]
         self._load(meta)
         graph.replay()
         self.replays += 1
         return out[:B].clone()
 
-    def _graph_size(self, meta: StepMetadata, cache: PagedCache) -> int | None:
-        """The ladder size whose graph runs this step, or None for an eager step."""
+    def _graph_key(self, meta: StepMetadata, cache: PagedCache) -> tuple[int, int] | None:
+        """(ladder size, context bucket) of the graph that runs this step, or None for an eager step."""
         B = meta.seq_lens.shape[0]
         if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != 1:
             return None  # prefill or mixed steps, or nothing captured
@@ -169,7 +196,7 @@ class ModelRunner:
             return None
         if meta.max_seqlen_k > self.max_model_len or meta.block_table.shape[1] > self._max_blocks(cache):
             return None  # outside what the static buffers hold
-        return next(s for s in self.capture_sizes if s >= B)
+        return (next(s for s in self.capture_sizes if s >= B), next(b for b in self.buckets if b >= meta.max_seqlen_k))
 
     # ---- static buffers ---------------------------------------------------------------------
     def _max_blocks(self, cache: PagedCache) -> int:
@@ -179,14 +206,13 @@ class ModelRunner:
         """Segment sizes of the packed buffer for ``n`` rows: ids, positions, slots, cu, seq_lens, table."""
         return [n, n, n, n + 1, n, n * W]
 
-    def _views(self, buf: torch.Tensor, bs: int, cache: PagedCache) -> ForwardContext:
-        """The forward context of ladder size ``bs``: views into the static buffer (int64, which
-        the op contracts accept for every index argument)."""
+    def _views(self, buf: torch.Tensor, bs: int, max_seqlen_k: int, cache: PagedCache) -> ForwardContext:
+        """The forward context of ladder size ``bs`` and context bucket ``max_seqlen_k``: views into the
+        static buffer (int64, which the op contracts accept for every index argument)."""
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         ids, positions, slots, cu, lens, table = buf.split(self._layout(n, W))
         return ForwardContext(positions[:bs], slots[:bs], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
-                              self.model.cos_sin, max_seqlen_q=1, max_seqlen_k=self.max_model_len,
-                              input_ids=ids[:bs])
+                              self.model.cos_sin, max_seqlen_q=1, max_seqlen_k=max_seqlen_k, input_ids=ids[:bs])
 
     def _host_buffer(self, meta: StepMetadata | None, cache: PagedCache) -> torch.Tensor:
         """The packed host copy of a padded decode step (``meta`` None: all rows padding)."""
@@ -213,18 +239,34 @@ class ModelRunner:
     # ---- capture ----------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, cache: PagedCache) -> None:
-        """Capture one decode graph per ladder size for ``cache`` (largest first, so the smaller
-        ones reuse its memory pool). The capture runs on all-padding inputs: it writes no cache row."""
+        """Capture one decode graph per ladder size for ``cache`` at the largest context bucket
+        (largest size first, so the smaller ones reuse its memory pool); graphs of smaller buckets
+        are captured on first use. Captures run on all-padding inputs: they write no cache row."""
         if not self.capture_sizes:
             return
         self.graphs.clear()
         self.graph_cache = cache
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         self._static = torch.zeros(sum(self._layout(n, W)), dtype=torch.int64, device=self.model.device)
-        self._static.copy_(self._host_buffer(None, cache))
         for bs in reversed(self.capture_sizes):
-            ctx = self._views(self._static, bs, cache)
-            graph = self.make_graph()
-            out = graph.capture(lambda ctx=ctx: self.model.forward_context(ctx, cache))
-            self.graphs[bs] = (graph, out)
+            self._capture_one(bs, self.buckets[-1], cache)
+        if not self.capture_sizes:
+            return
         log.info("captured decode graphs for batch sizes %s", ", ".join(map(str, self.capture_sizes)))
+
+    def _capture_one(self, bs: int, max_seqlen_k: int, cache: PagedCache) -> None:
+        if not self.capture_sizes:
+            return
+        self._static.copy_(self._host_buffer(None, cache))  # all padding: the capture run writes nowhere
+        ctx = self._views(self._static, bs, max_seqlen_k, cache)
+        graph = self.make_graph()
+        try:
+            out = graph.capture(lambda: self.model.forward_context(ctx, cache))
+        except Exception as exc:
+            if not self._eager_if_capture_fails:
+                raise
+            # A step the tracer cannot record (an op TorchScript does not know) runs eagerly: slower, same result.
+            log.warning("decode graph capture failed, running decode steps eagerly: %s", str(exc).splitlines()[0])
+            self.capture_sizes, self.graphs = (), {}
+            return
+        self.graphs[(bs, max_seqlen_k)] = (graph, out)

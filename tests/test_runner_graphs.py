@@ -1,19 +1,23 @@
 """model.runner: decode steps captured per padded batch size and replayed on static buffers.
 
-No GPU here, so the graph is :class:`model.runner.RecordedGraph`, the CPU stand-in: it records the
-step closure at capture and replays it on the same static buffers. What is tested is the runner's
-plumbing (host metadata packed into the static buffer, padding rows, copying inputs in, reading
-outputs out) and the serving engine on top of it; ``torch.cuda.CUDAGraph`` itself is not run.
+No GPU here. Two step graphs run: the CPU backend's own, :class:`hwlayer.backends.cpu.graph.TracedStepGraph`
+(the step traced once by ``torch.jit.trace`` and replayed from C++, what ``serve.py`` uses on a CPU),
+and :class:`model.runner.RecordedGraph`, a stand-in that replays the step closure itself, so the
+runner's plumbing (host metadata packed into the static buffer, padding rows, context buckets,
+copying inputs in, reading outputs out) is checked apart from any capture mechanism.
+``torch.cuda.CUDAGraph`` itself is not run.
 """
 
 import pytest
 import torch
 
+from hwlayer.backends.cpu.graph import TracedStepGraph
 from model import Batch, load_model
-from model.runner import ModelRunner, RecordedGraph
+from model.runner import ModelRunner, RecordedGraph, context_buckets
 from model.tiny import ensure_default_model
 from serving.engine import Engine, SamplingParams
 
+GRAPHS = {"traced": TracedStepGraph, "recorded": RecordedGraph}
 BLOCK = 4
 MAX_LEN = 32  # max_model_len of the runner: 8 blocks per sequence
 
@@ -24,13 +28,14 @@ def tiny():
 
 
 class Recorder:
-    """RecordedGraph factory that counts captures and replays (to prove the graph path served)."""
+    """Graph factory that counts captures and replays (to prove the graph path served)."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph_class=RecordedGraph) -> None:
+        self.graph_class = graph_class
         self.captured, self.replayed = 0, 0
 
-    def __call__(self) -> RecordedGraph:
-        outer, graph = self, RecordedGraph()
+    def __call__(self):
+        outer, graph = self, self.graph_class()
         capture, replay = graph.capture, graph.replay
 
         def counted_capture(fn):
@@ -66,12 +71,15 @@ TABLES = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 1, 2, 3, 4, 13, 14, 15],
                        [16, 17, 18, 19, 20, 21, 22, 23], [24, 25, 26, 27, 28, 29, 30, 31]], dtype=torch.int32)
 
 
-def test_replayed_decode_is_bit_identical_to_eager(tiny):
+@pytest.mark.parametrize("kind", list(GRAPHS))
+def test_replayed_decode_is_bit_identical_to_eager(tiny, kind):
     """A batch whose size is on the ladder (no padding): the graph's logits and cache writes equal
-    the eager step's bit for bit, step after step, and the graph served every step."""
+    the eager step's bit for bit, step after step, and the graph served every step. (A traced step
+    that kept capture-time inputs, or copies of the cache, instead of reading them in place would
+    give other logits from the second step on.)"""
     eager_cache, tokens = prefilled(tiny, PROMPTS, TABLES)
     graph_cache, _ = prefilled(tiny, PROMPTS, TABLES)
-    rec = Recorder()
+    rec = Recorder(GRAPHS[kind])
     runner = ModelRunner(tiny, max_num_seqs=8, max_model_len=MAX_LEN, graphs=rec)
     assert runner.capture_sizes == (1, 2, 4, 8)
     lens = [len(p) for p in PROMPTS]
@@ -87,14 +95,15 @@ def test_replayed_decode_is_bit_identical_to_eager(tiny):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_padding_rows_write_nowhere(tiny):
+@pytest.mark.parametrize("kind", list(GRAPHS))
+def test_padding_rows_write_nowhere(tiny, kind):
     """3 sequences replay in the 4-row graph: the only cache rows that change are the 3 sequences'
     new positions (the padding row, pointed at block-table row 0 and position 0, must not write
     into sequence 1's block 0), and the real rows' logits match the eager step."""
     prompts, tables = PROMPTS[:3], TABLES[:3]
     cache, tokens = prefilled(tiny, prompts, tables)
     eager_cache, _ = prefilled(tiny, prompts, tables)
-    runner = ModelRunner(tiny, max_num_seqs=4, max_model_len=MAX_LEN, graphs=RecordedGraph)
+    runner = ModelRunner(tiny, max_num_seqs=4, max_model_len=MAX_LEN, graphs=GRAPHS[kind])
     runner.capture(cache)
     lens = [len(p) + 1 for p in prompts]
     main = tiny.config.num_hidden_layers  # the MTP layer's cache is not written by a main-model step
@@ -127,13 +136,46 @@ def test_prefill_mixed_and_oversized_steps_run_eagerly(tiny):
     assert runner.eager_steps == 2 and runner.replays == 0
 
 
-def test_enforce_eager_and_cpu_backend_capture_nothing(tiny):
+def test_enforce_eager_captures_nothing_and_the_cpu_backend_traces(tiny):
     assert ModelRunner(tiny, max_num_seqs=8, max_model_len=MAX_LEN, graphs=None).capture_sizes == ()
-    # the CPU reference declares no device graphs: "auto" is eager there
-    assert tiny.plan.backend.device_graph is None
-    assert not ModelRunner(tiny, max_num_seqs=8, max_model_len=MAX_LEN).uses_graphs
+    # the CPU backend declares its traced step: "auto" (serve.py's default) uses it, in context buckets
+    spec = tiny.plan.backend.device_graph
+    assert (spec.module, spec.graph, spec.kind) == ("hwlayer.backends.cpu.graph", "TracedStepGraph", "step")
+    auto = ModelRunner(tiny, max_num_seqs=8, max_model_len=5000)
+    assert auto.uses_graphs and auto.make_graph is TracedStepGraph and auto.buckets == (1024, 2048, 4096, 5000)
     with pytest.raises(ValueError, match="ModelRunner: expected max_num_seqs >= 1"):
         ModelRunner(tiny, max_num_seqs=0, max_model_len=MAX_LEN)
+
+
+def test_context_buckets():
+    assert context_buckets(5000, cheap_graphs=True) == (1024, 2048, 4096, 5000)
+    assert context_buckets(4096, cheap_graphs=True) == (1024, 2048, 4096)
+    assert context_buckets(512, cheap_graphs=True) == (512,)
+    assert context_buckets(5000, cheap_graphs=False) == (5000,)  # device-module graphs: one per size
+
+
+@pytest.mark.parametrize("kind", list(GRAPHS))
+def test_context_buckets_capture_on_first_use_and_match_eager(tiny, kind):
+    """Contexts up to 16 run in the 16-key graphs, longer ones in the 32-key graphs (captured when
+    first needed, without writing the cache), each step equal to eager bit for bit."""
+    prompts, tables = [[5] * 12, [6] * 14], TABLES[:2]
+    eager_cache, tokens = prefilled(tiny, prompts, tables)
+    graph_cache, _ = prefilled(tiny, prompts, tables)
+    rec = Recorder(GRAPHS[kind])
+    runner = ModelRunner(tiny, max_num_seqs=2, max_model_len=MAX_LEN, graphs=rec, buckets=(16,))
+    assert runner.buckets == (16, 32)
+    runner.capture(graph_cache)
+    assert set(runner.graphs) == {(1, 32), (2, 32)}
+    lens = [len(p) for p in prompts]
+    for _ in range(5):  # contexts 13/15 .. 17/19: bucket 16, then 32
+        lens = [n + 1 for n in lens]
+        batch = decode_batch(tokens, lens, tables)
+        eager = tiny.forward_batch(batch, eager_cache)
+        assert torch.equal(runner(batch, graph_cache), eager)
+        tokens = eager.argmax(-1)
+    assert set(runner.graphs) == {(1, 32), (2, 32), (2, 16)} and rec.captured == 3 and runner.replays == 5
+    for a, b in zip(eager_cache.kv + eager_cache.index_k, graph_cache.kv + graph_cache.index_k, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_engine_greedy_outputs_same_with_graphs_and_enforce_eager(tiny):
@@ -157,10 +199,11 @@ def test_engine_greedy_outputs_same_with_graphs_and_enforce_eager(tiny):
         return [s.output_ids for s in seqs], runner
 
     eager_out, eager_runner = run(None)
-    graph_out, graph_runner = run(RecordedGraph)
-    assert graph_out == eager_out
-    assert [len(o) for o in graph_out] == [4, 7, 10, 13, 16]
-    assert eager_runner.replays == 0 and graph_runner.replays > 10 and graph_runner.eager_steps > 0
+    assert [len(o) for o in eager_out] == [4, 7, 10, 13, 16]
+    for graphs in ("auto", RecordedGraph):  # the CPU backend's traced steps, and the plain replay
+        graph_out, graph_runner = run(graphs)
+        assert graph_out == eager_out
+        assert eager_runner.replays == 0 and graph_runner.replays > 10 and graph_runner.eager_steps > 0
 
 
 def test_hwlayer_info_shows_each_backends_device_graphs(capsys):
@@ -169,8 +212,28 @@ def test_hwlayer_info_shows_each_backends_device_graphs(capsys):
     info = cli._info()
     graphs = {b["name"]: b["device_graph"] for b in info["backends"]}
     assert graphs["cuda"] == "torch.cuda.CUDAGraph" and graphs["ascend"] == "torch.npu.NPUGraph"
-    assert graphs["cpu"] is None
+    assert graphs["cpu"] == "hwlayer.backends.cpu.graph.TracedStepGraph"
     cli._print_info(info)
     out = capsys.readouterr().out
     assert "device graphs: torch.cuda.CUDAGraph (written against torch.cuda.CUDAGraph docs, not run on a GPU)" in out
     assert "device graphs: none (eager steps)" in out
+
+
+def test_a_step_the_tracer_cannot_record_runs_eagerly(tiny, monkeypatch, caplog):
+    """serve.py's default on a CPU must not die on a step TorchScript cannot trace: the runner warns
+    once and runs decode steps eagerly, with eager's logits."""
+    def refuse(self, fn):
+        raise RuntimeError("0 INTERNAL ASSERT FAILED: no op for aten::something\nmore lines")
+
+    monkeypatch.setattr(TracedStepGraph, "capture", refuse)
+    cache, tokens = prefilled(tiny, PROMPTS[:2], TABLES[:2])
+    eager_cache, _ = prefilled(tiny, PROMPTS[:2], TABLES[:2])
+    runner = ModelRunner(tiny, max_num_seqs=2, max_model_len=MAX_LEN)  # "auto": the CPU's traced steps
+    batch = decode_batch(tokens, [len(p) + 1 for p in PROMPTS[:2]], TABLES[:2])
+    with caplog.at_level("WARNING", logger="model.runner"):
+        logits = runner(batch, cache)
+    assert torch.equal(logits, tiny.forward_batch(batch, eager_cache))
+    assert not runner.uses_graphs and runner.replays == 0 and runner.eager_steps == 1
+    assert "decode graph capture failed, running decode steps eagerly: 0 INTERNAL ASSERT FAILED" in caplog.text
+    with pytest.raises(RuntimeError, match="INTERNAL ASSERT"):  # an explicitly chosen graph class: no fallback
+        ModelRunner(tiny, max_num_seqs=2, max_model_len=MAX_LEN, graphs=TracedStepGraph).capture(cache)

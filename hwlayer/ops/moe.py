@@ -48,7 +48,8 @@ def moe_route(
         grouped = choice.view(T, n_group, E // n_group)
         group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)
         keep = group_scores.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=choice.device).scatter_(1, keep, True)
+        group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=choice.device)
+        group_mask.scatter_(1, keep, torch.ones_like(keep, dtype=torch.bool))  # a tensor source: traceable
         choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, E)
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)

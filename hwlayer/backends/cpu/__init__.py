@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hwlayer.backend import Availability, Backend
+from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
+
+from . import graph
 
 HWLAYER_HOOKSPEC_VERSION = "1.2"
 
@@ -31,7 +33,10 @@ BACKEND = Backend(
     reference=True,
     verified="conformance run on x86_64 CPU in CI (make test)",
     description="reference backend: generic torch implementations",
-    device_graph=None,  # nothing to capture on a CPU: the model runner runs every step eagerly
+    # Decode steps traced once and replayed from C++ (graph.py): the host skips the step's Python.
+    device_graph=DeviceGraph("hwlayer.backends.cpu.graph", "TracedStepGraph",
+                             "run on x86_64 CPU in CI: replays bit-identical to eager steps", kind="step")
+    if graph.available() else None,
     # Every format through the generic ops: weights stay quantized, dequantized per call (slow, exact).
     weight_formats=("fp8_block", "int8", "bf16", "fp16", "fp32"),
 )
