@@ -36,6 +36,11 @@ Layout conventions shared by all ops (the serving layout):
   p % block_size``. A ``slot_mapping`` addresses the flattened ``[num_blocks * block_size, dim]``.
 * Positions handed between ops (``lightning_indexer`` -> ``sparse_mla_attention``) are positions
   within the sequence, int32, ``-1`` meaning "no key".
+* Per-step tables: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention``
+  take an optional keyword ``meta`` (:class:`.layout.AttentionMetadata`, built once per step by
+  :func:`.layout.attention_metadata`: token -> sequence map, key slots, rope rows, whether any slot
+  is ``-1``), so a model's layers do not each rebuild them. Results never depend on it; an
+  implementation may ignore it (hook specs 1.2; older implementations are called without it).
 
 Generic implementations validate their inputs and raise ``ValueError`` naming the op, the
 argument, what was expected and what was given.
@@ -60,6 +65,8 @@ from .ep import EPHandle, all_to_all, ep_combine, ep_dispatch
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    AttentionMetadata,
+    attention_metadata,
     check_tensor,
     check_varlen,
     chunk_rows,
@@ -122,12 +129,14 @@ OP_NAMES: tuple[str, ...] = tuple(CATALOGUE)
 __all__ = [
     "CATALOGUE",
     "FLOAT_DTYPES",
+    "AttentionMetadata",
     "INDEX_DTYPES",
     "OP_NAMES",
     "EPHandle",
     "OpSpec",
     "QuantizedWeight",
     "all_to_all",
+    "attention_metadata",
     "check_tensor",
     "check_varlen",
     "chunk_rows",
