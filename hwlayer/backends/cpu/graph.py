@@ -11,8 +11,11 @@ current values and writes into them in place; host values (shapes, ``max_seqlen_
 The graph executor's optimisation passes are switched off for capture and replay
 (``torch.jit.optimized_execution(False)``): the recording runs exactly the kernels eager runs, in
 the same order, so a replay is bit-identical to an eager step (the tests compare them). With the
-passes on, replays of the GLM-5 decode step stopped matching eager (seen with torch 2.13 on this
-CPU; the cause was not chased: the step needs no optimisation, it needs the Python gone).
+passes on, replays stopped matching eager and padding rows wrote into the cache (torch 2.13, this
+CPU; tests/test_runner_graphs.py and tests/test_serve_graphs.py fail that way). The likely cause:
+to TorchScript the tensors a trace closes over are constants, and constant propagation may fold work
+on them, freezing the static inputs seen at capture. The step needs no optimisation, only the
+Python gone.
 
 Why TorchScript, which torch 2.13 marks deprecated in favour of ``torch.compile`` / ``torch.export``:
 it is the one facility in a stock CPU build of torch that replays a recorded op sequence without
