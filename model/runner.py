@@ -150,9 +150,10 @@ class ModelRunner:
         self.capture_sizes: tuple[int, ...] = tuple(sizes) if self.make_graph is not None else ()
         spec = model.plan.backend.device_graph
         cheap = graphs == "auto" and spec is not None and spec.kind == "step"
-        self.buckets = tuple(sorted({b for b in (buckets or ()) if 1 <= b < max_model_len} | {max_model_len}))
         if buckets is None:
             self.buckets = context_buckets(max_model_len, cheap)
+        else:
+            self.buckets = tuple(sorted({b for b in buckets if 1 <= b < max_model_len} | {max_model_len}))
         self._eager_if_capture_fails = cheap  # a traced step that cannot be traced: eager, with a warning
         # (bs, max_seqlen_k bucket) -> (graph, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
@@ -172,15 +173,16 @@ class ModelRunner:
                                        self.model.config.max_position_embeddings)
         B = meta.seq_lens.shape[0]
         key = self._graph_key(meta, cache)
+        if key is not None:
+            if cache is not self.graph_cache:
+                self.capture(cache)
+            if key not in self.graphs:  # a context bucket first met now (cheap graphs only)
+                self._capture_one(*key, cache)
+            if key not in self.graphs:  # the capture failed: eager from now on
+                key = None
         if key is None:
             self.eager_steps += 1
             return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
-        if cache is not self.graph_cache:
-            self.capture(cache)
-        if key not in self.graphs:  # a context bucket first met now (cheap graphs only)
-            self._capture_one(*key, cache)
-        if not self.capture_sizes:  # the capture failed: eager from now on
-            return self(batch, cache)
         graph, out = self.graphs[key]
         self._load(meta)
         graph.replay()
