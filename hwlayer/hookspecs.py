@@ -20,7 +20,9 @@ Changelog:
   optional keyword argument ``meta`` (:class:`hwlayer.ops.layout.AttentionMetadata`, the step's
   tables built once for every layer; implementations may use it or ignore it, results never
   depend on it). An implementation (or ``supports``) whose signature has no ``meta`` is called
-  without it, so 1.0 and 1.1 plugins keep working unchanged.
+  without it, so 1.0 and 1.1 plugins keep working unchanged. ``DeviceGraph`` gained ``kind``
+  (default ``"stream"``, the torch device-module capture of 1.1; ``"step"``: a class that captures a
+  step itself, as the CPU backend's traced step does).
 * 1.1: two optional ``Backend`` fields with defaults, so 1.0 plugins keep working:
   ``device_graph`` (default None): how a backend captures and replays a step in a device graph
   (:class:`hwlayer.backend.DeviceGraph`); ``weight_formats`` (default the unquantized formats): the
