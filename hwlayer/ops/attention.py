@@ -16,6 +16,7 @@ from .layout import (
     fail,
     fp32_scalar,
     positions_to_slots,
+    sequence_key_slots,
     token_positions,
     value_checks,
 )
@@ -129,7 +130,7 @@ def lightning_indexer(
     if meta is not None:
         key_slots, first_pos = meta.key_slots, meta.first_query_pos
     else:
-        key_slots = positions_to_slots(block_table, torch.arange(B, device=q.device), pos.expand(B, max_seqlen_k), bs)
+        key_slots = sequence_key_slots(block_table, B, max_seqlen_k, bs)
         first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
     keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
     keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]

@@ -143,6 +143,13 @@ def positions_to_slots(
     return (p % block_size).add_(blocks, alpha=block_size)
 
 
+def sequence_key_slots(block_table: torch.Tensor, num_seqs: int, max_seqlen_k: int, block_size: int) -> torch.Tensor:
+    """int64 ``[num_seqs, max_seqlen_k]``: the cache slot of positions ``0 .. max_seqlen_k - 1`` of every
+    sequence (what the indexer gathers keys by; ``AttentionMetadata.key_slots``)."""
+    keys = torch.arange(max_seqlen_k, device=block_table.device).expand(num_seqs, max_seqlen_k)
+    return positions_to_slots(block_table, torch.arange(num_seqs, device=block_table.device), keys, block_size)
+
+
 @functools.lru_cache(maxsize=256)
 def fp32_scalar(value: float) -> torch.Tensor:
     """``value`` as a 0-d fp32 CPU tensor. ``t * 0.5`` wraps the Python float as a float64 tensor and casts
@@ -216,8 +223,7 @@ def attention_metadata(
     T, B = positions.shape[0], seq_lens.shape[0]  # values are the ops' to check (HWLAYER_CHECK)
     seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, T)
     first = seq_lens.long() - cu_seqlens_q.diff()
-    keys = torch.arange(max_seqlen_k, device=positions.device).expand(B, max_seqlen_k)
-    key_slots = positions_to_slots(block_table, torch.arange(B, device=positions.device), keys, block_size)
+    key_slots = sequence_key_slots(block_table, B, max_seqlen_k, block_size)
     cos = sin = None
     if cos_sin_cache is not None:
         check_tensor(op, "cos_sin_cache", cos_sin_cache, ndim=2)
