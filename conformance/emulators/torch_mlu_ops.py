@@ -3,14 +3,15 @@
 Follows the Python API of torch_mlu_ops 1.12.1+torch2.11.0, ``torch_mlu_ops/_ops.py`` (read from the
 public mirror miznchimaki/domesticated_torch_mlu_ops @9fbf7df, 2026-11-30): signatures, the "Math:"
 blocks and the "Type:"/"Note:" limits of ``fused_rms_norm`` (limits "the same as fused_layer_norm"),
-``apply_rotary``, ``moe_sigmoid_topk`` and ``group_gemm``. Each function's arithmetic follows the
-torch reference its own test compares against (Cambricon's torch_mlu_ops ``tests/ops_pytest``, as in
-the same mirror @9fbf7df): ``test_fused_rms_norm.py`` (fp32 ``x * rsqrt(mean(x^2) + eps) * gamma``
-after adding residual/bias), ``test_apply_rotary.py`` (``x * cos + rotate(x) * sin`` over the
-rotary dims; "cross" = GPT-J pairs, fold = NeoX halves), ``test_moe_sigmoid_topk.py`` and
-``test_group_gemm.py`` (per-group ``a_i @ b_i^T``); tests/test_emulators_vendor_refs.py checks vectors
-derived from those formulas. The kernels are opaque custom ops (``hwlayer_emu::tmo_*``): their
-value-reading checks run inside, so FakeTensorMode sees only the adapter's code.
+``apply_rotary``, ``moe_sigmoid_topk`` and ``group_gemm``. No torch_mlu_ops test suite is public (the
+mirror ships the package without its tests), so the reference each function follows is the vendor's
+own "Math:" block in its ``_ops.py`` docstring: ``fused_rms_norm`` (``x1 = x + bias + residual``,
+``rmsnorm(x1) * gamma + beta``), ``apply_rotary`` (``input_rot * sin + input * cos`` over the rotary
+dims; "cross" = GPT-J pairs, fold = NeoX halves), ``moe_sigmoid_topk`` (sigmoid, biased choice,
+groups by top-2 sum with a bias, weights from the unbiased sigmoid) and ``group_gemm`` (per-group
+``a_i @ b_i^T``); tests/test_emulators_vendor_refs.py checks vectors derived by hand from those blocks.
+The kernels are opaque custom ops (``hwlayer_emu::tmo_*``): their value-reading checks run inside, so
+FakeTensorMode sees only the adapter's code.
 """
 
 from __future__ import annotations

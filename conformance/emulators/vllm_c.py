@@ -12,8 +12,9 @@ Checks and rounding from ``op/vllm/layernorm_kernels.cu``: ``out`` contiguous, `
 residual; the variance is accumulated in fp32 and the output is ``(scalar_t)(x * rstd) * weight``
 (rounded to the input dtype before the weight multiply). The fused op writes ``residual <- input +
 residual`` and ``input <- norm(residual)`` in place. vLLM's own test reference is
-``tests/kernels/core/test_layernorm.py`` (vLLM's ``RMSNorm.forward_native``: fp32 variance, ``x * rsqrt(var +
-eps)`` cast to the input dtype, then times the weight; the fused op adds the residual first and returns the
+``tests/kernels/core/test_layernorm.py`` (vllm-project/vllm at 2e1874a: the kernels against
+``RMSNorm.forward_native``: fp32 variance, ``x * rsqrt(var + eps)`` cast to the input dtype, then times
+the weight; the fused op adds the residual first and returns the
 sum as the new residual); tests/test_emulators_vendor_refs.py checks the emulation against it.
 
 The registrations are real ``torch.library`` definitions for the CPU dispatch key, made when the
