@@ -59,7 +59,7 @@ def fused_rms_norm(
 
 def _rms_impl(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor | None, beta: torch.Tensor | None,
               bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x1 = x.float()
+    x1 = x.to(torch.float32, copy=True)  # a new tensor: a custom op's output may not alias its input
     if bias is not None:
         x1 = x1 + bias.float()
     if residual is not None:
