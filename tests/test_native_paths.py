@@ -194,3 +194,73 @@ def test_cambricon_rope_builds_no_table_per_call(emulate, monkeypatch):
         assert len(calls) == 1  # built once for this cache and layout
         calls.clear()
     assert counts_of(plan, "rope") == (12, 0)
+
+
+# ---- no per-call copy of a whole cache or weight stack --------------------------------------------
+
+
+class LargestOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor an aten op allocates (views are skipped, and so are the
+    emulated vendor kernels, ``hwlayer_emu::*``: their outputs are the kernel's own business)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not str(func.name()).startswith("hwlayer_emu::") and not func.is_view:  # a view allocates nothing
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.sizes.append((t.numel(), str(func)))
+        return out
+
+
+def assert_smaller_than(mode: LargestOutputs, *big: torch.Tensor) -> None:
+    limit = min(t.numel() for t in big)
+    offenders = [(n, op) for n, op in mode.sizes if n >= limit]
+    assert not offenders, f"tensors of {limit}+ elements made per call: {offenders[:5]}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metax", "musa"])
+def test_dsa_adapters_copy_no_whole_cache_per_call(emulate, backend, monkeypatch):
+    monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
+    plan = emulate(backend)
+    q, kv, idx, table, cu, lens, meta = decode_batch()
+    gen = torch.Generator().manual_seed(1)
+    qi, w = torch.randn(2, 32, 128, generator=gen).bfloat16(), torch.randn(2, 32, generator=gen)
+    kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    with LargestOutputs() as mode:
+        plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta)
+    assert_smaller_than(mode, kv)
+    with LargestOutputs() as mode:
+        plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
+    assert_smaller_than(mode, kc)
+    assert counts_of(plan, "sparse_mla_attention") == (1, 0) and counts_of(plan, "lightning_indexer") == (1, 0)
+
+
+@pytest.mark.parametrize("backend", ["cambricon", "musa"])
+def test_moe_and_rope_adapters_copy_no_weight_or_table_per_call(emulate, backend):
+    plan = emulate(backend)
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 256, generator=gen).bfloat16(), torch.randn(32, 512, 256, generator=gen).bfloat16()
+    sizes = torch.zeros(32, dtype=torch.int64)
+    sizes[[1, 5, 9]] = torch.tensor([3, 4, 1])
+    with LargestOutputs() as mode:
+        plan.grouped_gemm(x, w, sizes)
+    assert_smaller_than(mode, w)
+    assert counts_of(plan, "grouped_gemm") == (1, 0)
+    if backend == "cambricon":  # the old adapter rebuilt [max_pos, D] cos/sin tables per call
+        inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+        freqs = torch.outer(torch.arange(4096).float(), inv)
+        cache = torch.cat([freqs.cos(), freqs.sin()], -1)
+        xr, positions = torch.randn(2, 65, 64, generator=gen).bfloat16(), torch.tensor([69, 129])
+        plan.rope(xr, positions, cache, True)  # the first call without meta builds the tables once
+        for meta in (None, attention_metadata(torch.tensor([0, 1, 2], dtype=torch.int32),
+                                              torch.tensor([70, 130], dtype=torch.int32),
+                                              torch.arange(6, dtype=torch.int32).view(2, 3), positions,
+                                              block_size=64, max_seqlen_k=192, cos_sin_cache=cache)):
+            with LargestOutputs() as mode:
+                plan.rope(xr, positions, cache, True, meta=meta)
+            assert_smaller_than(mode, cache)
