@@ -68,7 +68,8 @@ EXPECTED_NATIVE = {
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or
 # 128 heads, blocks of 16...), and all its unpermute cases drop ids. tests/test_backends_emulated.py
-# runs these adapters at documented shapes against the generic ops, with call counts.
+# runs these adapters at documented shapes against the generic ops, with call counts, and
+# tests/test_real_width.py runs a GLM-5-geometry checkpoint through them end to end.
 REAL_SHAPE_TESTS = {
     "ascend": ("lightning_indexer", "sparse_mla_attention", "moe_unpermute"),
     "cuda": ("sparse_mla_attention", "lightning_indexer"),

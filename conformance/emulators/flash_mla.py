@@ -18,7 +18,8 @@ from that reference by hand.
   SM100 kernels take multiples of their B_TOPK (64 for 64 heads, 128 for 128). A partial last block
   raises here, as the kernel's assert does, instead of being silently dropped.
 * legacy (``install_legacy``): FlashMLA before 082094b -- ``(q, kv, indices, sm_scale, d_v=512)``,
-  "lse: 2-based log-sum-exp", heads a multiple of 64 (SM90 ``B_H = 64``), the same top-k rule.
+  "lse: 2-based log-sum-exp", heads a multiple of 64 (SM90 ``B_H = 64``); the same top-k rule is
+  assumed (not checked against that generation's kernel).
 * MACA (``install_maca``): MetaX-MACA/mcFlashMLA c2dbf6e (2026-07-06),
   ``flash_mla/flash_mla_interface.py`` -- ``(q, kv, indices, sm_scale, d_v=512,
   indices_all_valid_per_q=None)``, heads a multiple of 64, partial top-k blocks handled. Its lse is
