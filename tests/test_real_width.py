@@ -62,8 +62,9 @@ FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1
 # unexpected pass fails, so a stale mark cannot linger).
 ASCEND_HOST_READ = pytest.mark.xfail(
     strict=True, raises=HOST_READS,
-    reason="ascend adapters read the device in decode (ascend/convert.py token_positions without num_tokens, "
-           "...); fixed with hook specs 2.0 on H1's branch (issue 20)")
+    reason="ascend reads the device in decode: the torch_npu emulator's kernels are not opaque custom ops yet "
+           "(npu_lightning_indexer reads its lengths on the host) and ascend/convert.py calls token_positions "
+           "without num_tokens; both are H1's part of issue 20 (remove this mark when that branch lands)")
 
 
 def i32(*values: int) -> torch.Tensor:
