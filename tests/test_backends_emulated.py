@@ -370,10 +370,30 @@ def test_musa_glm5_routing_goes_native(emulate, renormalize):
 def test_musa_fp8_indexer_scales_queries_and_flashmla_pads_heads(emulate, monkeypatch):
     plan = emulate("musa")
     monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
-    args = indexer_case(torch.float32, heads=8, scale_q=2000.0)  # far beyond e4m3's 448: a bare cast saturates
+    args = indexer_case(torch.float32, heads=32, scale_q=2000.0)  # far beyond e4m3's 448: a bare cast saturates
     assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*args)) >= 0.95
     assert served_natively(plan, "lightning_indexer")
     check_mla(plan, 16)
+
+
+def test_musa_mqa_logits_head_limits_are_checked_in_supports(emulate, monkeypatch):
+    """mate's fp8_mqa_logits takes 32 or 64 heads of dim 32/64/128 (mate 3f58cc3 csrc/deepgemm_attention.mu):
+    other shapes decline in supports() instead of raising inside the kernel."""
+    from hwlayer_musa import adapters
+
+    emulate("musa")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
+    for heads in (8, 16, 128):
+        assert "32, 64" in adapters.supports_lightning_indexer(*indexer_case(torch.float32, heads=heads))
+    assert adapters.supports_lightning_indexer(*indexer_case(torch.float32, heads=64)) is True
+    q, w, k, *rest = indexer_case(torch.float32, heads=32)
+    assert "32, 64" in adapters.supports_lightning_indexer(q[..., :96].contiguous(), w, k[..., :96], *rest)
+    from conformance.emulators import mate
+
+    with pytest.raises(VendorCheckError, match="num_heads"):
+        mate.fp8_mqa_logits(torch.zeros(2, 8, 128).to(torch.float8_e4m3fn),
+                            (torch.zeros(3, 128).to(torch.float8_e4m3fn), torch.ones(3)), torch.ones(2, 8),
+                            torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
 
 
 def test_emulated_conformance_fails_when_an_expected_adapter_never_serves():

@@ -95,16 +95,35 @@ def test_musa_contiguous_layout_reproduces_grouped_gemm():
     sizes = torch.tensor([3, 0, 5, 1])
     x = torch.randn(int(sizes.sum()), 16, generator=gen)
     w = torch.randn(4, 8, 16, generator=gen)
-    source_rows, m_indices = musa.contiguous_layout(sizes, alignment=4)
-    # padded group lengths 4, 0, 8, 4; padding rows carry -1
-    assert m_indices.tolist() == [0, 0, 0, -1, 2, 2, 2, 2, 2, -1, -1, -1, 3, -1, -1, -1]
+    source_rows, m_indices = musa.contiguous_layout(sizes, alignment=4, num_rows=9)
+    # padded group lengths 4, 0, 8, 4; padding rows carry -1, and so does the unused tail up to the
+    # host bound (9 rows + 4 groups * 3 padding rows, rounded up to 4: 24 rows, nothing read back)
+    assert m_indices.tolist() == [0, 0, 0, -1, 2, 2, 2, 2, 2, -1, -1, -1, 3, -1, -1, -1] + [-1] * 8
+    assert source_rows.tolist()[:13] == [0, 1, 2, -1, 3, 4, 5, 6, 7, -1, -1, -1, 8]
     a = musa.pad_rows(x, source_rows)
+    assert a.shape == (24, 16) and not a[source_rows < 0].any()
     # DeepGEMM contiguous semantics: d[r] = a[r] @ b[m_indices[r]]^T for rows with a group id
-    d = torch.zeros(a.shape[0], w.shape[1])
+    d = torch.full((a.shape[0], w.shape[1]), float("nan"))
     for r, g in enumerate(m_indices.tolist()):
         if g >= 0:
             d[r] = a[r] @ w[g].t()
-    torch.testing.assert_close(musa.unpad_rows(d, source_rows), generic.grouped_gemm(x, w, sizes))
+    positions = musa.padded_positions(sizes, 4, 9)
+    assert positions.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
+    torch.testing.assert_close(musa.unpad_rows(d, positions), generic.grouped_gemm(x, w, sizes))
+
+
+def test_musa_grouped_gemm_layout_reads_nothing_on_the_host():
+    """The old layout sized tensors by the counts (repeat_interleave without a size, mask indexing): a
+    host read per MoE layer, which a captured decode graph cannot hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        sizes = torch.tensor([3, 0, 5, 1])
+        x = torch.randn(9, 16)
+        source_rows, m_indices = musa.contiguous_layout(sizes, 4, 9)
+        d = musa.pad_rows(x, source_rows)
+        out = musa.unpad_rows(d, musa.padded_positions(sizes, 4, 9))
+    assert out.shape == (9, 16) and m_indices.shape == (24,)
 
 
 def test_musa_sparse_indices_reproduce_sparse_mla_attention():
@@ -143,9 +162,9 @@ def test_musa_indexer_key_ranges_reproduce_lightning_indexer():
     q = torch.randn(T, Hi, Di, generator=gen)
     weights = torch.rand(T, Hi, generator=gen)
     scale = Di**-0.5
-    keys = musa.gather_sequence_keys(k_cache, table, lens)
-    ks, ke, _ = musa.indexer_key_ranges(cu, lens)
-    assert keys.shape == (sum(seq_lens), Di)
+    key_slots, ks, ke = musa.indexer_key_layout(table, cu, lens, T, k_cache.shape[1], max(seq_lens))
+    keys = k_cache.reshape(-1, Di)[key_slots]
+    assert keys.shape == (len(seq_lens) * max(seq_lens), Di)  # [B * max_seqlen_k]: sized by host ints
     # DeepGEMM mqa logits semantics: sum_h relu(q.k) * w_h, with the scale folded into w
     logits = torch.einsum("thd,nd->thn", q, keys).relu().mul((weights * scale)[..., None]).sum(1)
     got = musa.topk_positions_from_logits(logits, ks, ke, topk)

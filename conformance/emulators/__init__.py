@@ -4,8 +4,12 @@ No vendor adapter here has run on its hardware. These emulators hold the adapter
 *documented* APIs instead of to our own reading of them: each one implements, in plain torch on
 CPU, the functions an adapter calls with their real signatures (required, keyword-only and default
 arguments, return tuples), their documented layouts and limits (raising the way the vendor's check
-does) and their semantics, each citing the doc or source line it follows. A missing required
-argument, a wrong layout, a wrong lse base or an out-of-range shape then fails a CPU test.
+does) and their semantics, each citing the vendor's own test reference or kernel source it follows
+(at a commit; where the prose docs and the vendor's tests or kernels disagree, those win). A missing
+required argument, a wrong layout, a wrong lse base or an out-of-range shape then fails a CPU test;
+tests/test_emulators_vendor_refs.py checks the emulators against vectors derived from those
+references. Every emulated kernel is an opaque custom op with a fake kernel (``_common.opaque``), so a
+forward under ``FakeTensorMode`` runs the adapters' own code and sees the kernels only as shapes.
 
 Emulated backend -> libraries (module names as the adapters import them):
 
@@ -13,7 +17,7 @@ Emulated backend -> libraries (module names as the adapters import them):
 ascend       ``torch_npu``                                    (:mod:`.torch_npu`)
 cuda         ``flash_mla`` (current API), ``deep_gemm``, ``vllm._C`` (:mod:`.flash_mla`,
              :mod:`.deep_gemm`, :mod:`.vllm_c`)
-metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (base-2 lse), MACA ``deep_gemm``
+metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (natural-log lse), MACA ``deep_gemm``
              with ``bf16_mqa_logits``
 hygon        ``lightop`` + ``lightop.norm``                   (:mod:`.lightop`)
 cambricon    ``torch_mlu_ops``                                (:mod:`.torch_mlu_ops`)
@@ -64,7 +68,8 @@ EXPECTED_NATIVE = {
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or
 # 128 heads, blocks of 16...), and all its unpermute cases drop ids. tests/test_backends_emulated.py
-# runs these adapters at documented shapes against the generic ops, with call counts.
+# runs these adapters at documented shapes against the generic ops, with call counts, and
+# tests/test_real_width.py runs a GLM-5-geometry checkpoint through them end to end.
 REAL_SHAPE_TESTS = {
     "ascend": ("lightning_indexer", "sparse_mla_attention", "moe_unpermute"),
     "cuda": ("sparse_mla_attention", "lightning_indexer"),
@@ -161,6 +166,8 @@ def activate(backend: str, overrides: dict[str, Callable[[types.ModuleType], Non
     marker.BACKEND = backend
     marker.DEVICE_TYPE = "cpu"
     marker.NOTE = note(backend)
+    if backend == "cuda":  # the emulated NVIDIA GPU: an H100/H200 (sm90a), where FlashMLA's sparse kernels run
+        marker.CUDA_CAPABILITY = (9, 0)
     sys.modules[MARKER] = marker
     saved_env = {k: os.environ.get(k) for k in ENVIRONMENT.get(backend, {})}
     os.environ.update(ENVIRONMENT.get(backend, {}))

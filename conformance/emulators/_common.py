@@ -36,3 +36,18 @@ def pad_with_garbage(t: torch.Tensor, rows: int) -> torch.Tensor:
     tail_shape = (rows - t.shape[0], *t.shape[1:])
     value = float("nan") if t.is_floating_point() else 2**30
     return torch.cat((t, torch.full(tail_shape, value, dtype=t.dtype)))
+
+
+# Emulated vendor kernels are opaque custom ops with fake (meta) kernels, as the real libraries'
+# ops are to torch (torch_npu registers meta kernels, FlashMLA / DeepGEMM are extension calls): under
+# FakeTensorMode only the adapter's own code runs, so a host read there is caught, while the
+# emulator's internals (which may read values freely: they stand in for a kernel) stay out of sight.
+NAMESPACE = "hwlayer_emu"
+
+
+def opaque(name: str, impl: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Any:
+    """``torch.library.custom_op("hwlayer_emu::<name>", impl)`` with ``fake`` as its fake kernel.
+    ``impl`` needs type annotations (the op schema is inferred from them). Returns the op."""
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=mutates_args)
+    op.register_fake(fake)
+    return op

@@ -4,9 +4,11 @@
   legacy ``fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits=True,
   max_seqlen_k=0)`` with ``kv = (kv_fp8 [N, D] e4m3, kv_scale fp32 [N])``; checks: q e4m3
   contiguous ``[M, H, D]`` with H in {32, 64} (SM90) and D in {32, 64, 128}, weights fp32 ``[M, H]``,
-  int32 contiguous ranges. Semantics ``tests/test_attention.py::ref_fp8_mqa_logits``:
-  ``logits[m, n] = sum_h w[m, h] * relu(q[m, h] . (kv_fp8[n] * kv_scale[n]))``, ``-inf`` outside
-  ``[ks, ke)`` when ``clean_logits``.
+  int32 contiguous ranges. Semantics from DeepGEMM's own test reference
+  ``tests/test_attention.py::ref_fp8_mqa_logits`` (at 54e2261): ``score = einsum("mhd,nd->hmn", q, k)``,
+  ``logits = (score.relu() * weights.T[..., None]).sum(0)``, ``-inf`` outside ``[ks, ke)`` (with
+  ``k = kv_fp8 * kv_scale``; the kernel cleans with ``clean_logits``). tests/test_emulators_vendor_refs.py
+  checks the emulator against vectors derived from that reference.
 * MACA (``install_maca``): the same plus ``bf16_mqa_logits(q, kv, weights, cu_seqlen_ks,
   cu_seqlen_ke)`` as vLLM-metax 3aadf08 (2026-08-05) calls it (``vllm_metax/utils/deep_gemm.py``,
   ``registry/custom_ops/layers/sparse_attn_indexer/bf16.py``): bf16 q ``[M, H, D]``, bf16 keys
@@ -19,19 +21,39 @@ import types
 
 import torch
 
-from ._common import check, fill
+from ._common import check, fill, opaque
 
 
-def _logits(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, clean: bool
+def _logits_impl(
+    q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None, weights: torch.Tensor, ks: torch.Tensor,
+    ke: torch.Tensor, clean: bool,
 ) -> torch.Tensor:
-    scores = torch.einsum("mhd,nd->mhn", q.float(), k.float()).relu()
-    logits = torch.einsum("mhn,mh->mn", scores, weights.float())
+    """``ref_fp8_mqa_logits`` (DeepGEMM tests/test_attention.py), over key chunks to bound memory."""
+    kf = k.float() if k_scale is None else k.float() * k_scale[:, None]
+    qf, w = q.float(), weights.float()
+    logits = torch.empty(q.shape[0], k.shape[0], dtype=torch.float32)
+    step = max(1, (1 << 24) // max(1, q.shape[0] * q.shape[1]))
+    for n0 in range(0, k.shape[0], step):
+        n1 = min(k.shape[0], n0 + step)
+        score = torch.einsum("mhd,nd->hmn", qf, kf[n0:n1])
+        logits[:, n0:n1] = (score.relu() * w.transpose(0, 1).unsqueeze(-1)).sum(dim=0)
     if clean:
         cols = torch.arange(k.shape[0])
         inside = (cols[None, :] >= ks.long()[:, None]) & (cols[None, :] < ke.long()[:, None])
         logits = logits.masked_fill(~inside, float("-inf"))
     return logits
+
+
+def _logits_fake(q, k, k_scale, weights, ks, ke, clean):
+    return q.new_empty(q.shape[0], k.shape[0], dtype=torch.float32)
+
+
+# The kernel: an opaque custom op (FakeTensorMode sees its output shape, not its internals).
+_logits_op = opaque("deep_gemm_mqa_logits", _logits_impl, _logits_fake)
+
+
+def _logits(q, k, weights, ks, ke, clean, k_scale=None):
+    return _logits_op(q, k, k_scale, weights, ks, ke, clean)
 
 
 def _check_ranges(seq_len: int, ks: torch.Tensor, ke: torch.Tensor) -> None:
@@ -77,8 +99,7 @@ def fp8_mqa_logits(
     _check_ranges(seq_len, cu_seq_len_k_start, cu_seq_len_k_end)
     check(max_seqlen_k == 0 or not clean_logits, "fp8_mqa_logits: clean_logits is not supported with max_seqlen_k")
     check(max_seqlen_k == 0, "emulator: compressed logits (max_seqlen_k > 0) are not emulated")
-    k = kv_fp8.float() * kv_sf[:, None]
-    return _logits(q, k, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits)
+    return _logits(q, kv_fp8, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, kv_sf)
 
 
 def bf16_mqa_logits(

@@ -6,7 +6,10 @@ fused_add_rms_norm, rmsnorm_forward_autograd``; ``fused_add_rms_norm(x, residual
 works in place and returns nothing (the plugin returns ``x, residual`` afterwards);
 ``rmsnorm_forward_autograd(x, weight, eps, training)`` returns the normalised tensor; and
 "lightop's HCU RMSNorm kernel currently rejects reductions narrower than one wave"
-(``_LIGHTOP_RMSNORM_MIN_COLS = 64``): widths under 64 raise here.
+(``_LIGHTOP_RMSNORM_MIN_COLS = 64``): widths under 64 raise here. No lightop test or source is
+public; the arithmetic is the reference vllm_hcu's override replaces (vLLM ``RMSNorm.forward_native``:
+fp32 variance, normalised value cast to the input dtype, times the weight), checked in
+tests/test_emulators_vendor_refs.py.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import types
 
 import torch
 
-from ._common import check, fill
+from ._common import check, fill, opaque
 
 MIN_COLS = 64
 
@@ -34,6 +37,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         x.dtype == residual.dtype == weight.dtype, "lightop fused_add_rms_norm: x, residual and weight share one dtype"
     )
     check(x.is_contiguous() and residual.is_contiguous(), "lightop fused_add_rms_norm: contiguous x and residual")
+    _fused_add(x, residual, weight, float(eps))
+
+
+def _fused_add_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     residual.copy_((x.float() + residual.float()).to(x.dtype))
     x.copy_(_norm(residual, weight, eps))
 
@@ -44,7 +51,17 @@ def rmsnorm_forward_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float, 
         f"lightop rms norm: reduction width {x.shape[-1]} is narrower than one wave ({MIN_COLS})",
     )
     check(x.dtype == weight.dtype, "lightop rmsnorm_forward_autograd: x and weight share one dtype")
+    return _rmsnorm(x, weight, float(eps))
+
+
+def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, weight, eps)
+
+
+# The kernels, opaque to FakeTensorMode (their fakes only describe the outputs).
+_fused_add = opaque("lightop_fused_add_rms_norm", _fused_add_impl, lambda x, residual, weight, eps: None,
+                    mutates_args=("x", "residual"))
+_rmsnorm = opaque("lightop_rmsnorm_forward", _rmsnorm_impl, lambda x, weight, eps: torch.empty_like(x))
 
 
 def install_package(module: types.ModuleType) -> None:

@@ -8,9 +8,12 @@ MooreThreads/mate 3f58cc3 (2026-05-26):
   non-zero scaling factor); semantics from ``tests/test_fused_moe_gate.py::biased_grouped_topk_impl``
   (renormalize False and True, 256 experts in one group among the tested configurations).
 * ``mate/flashmla.py`` -- ``flash_mla_sparse_fwd`` with FlashMLA's current signature (``topk_length``;
-  natural-log lse per its docstring "log-sum-exp of attention scores"), asserting ``h_k == 1``.
+  natural-log lse per its docstring "log-sum-exp of attention scores"), asserting ``h_k == 1``;
+  semantics FlashMLA's ``tests/ref.py::ref_sparse_attn_fwd`` (the API it mirrors; :mod:`.flash_mla`),
+  top-k in whole blocks of 64 (a partial block raises; mate's own block rule is not verified).
 * ``mate/deep_gemm.py`` -- ``fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end,
-  clean_logits=False, max_seqlen_k=0)`` (no ``bf16_mqa_logits``) and
+  clean_logits=False, max_seqlen_k=0)`` (no ``bf16_mqa_logits``): 32 or 64 heads of dim 32, 64 or 128
+  (``csrc/deepgemm_attention.mu``), semantics DeepGEMM's ``ref_fp8_mqa_logits``; and
   ``m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices, alignment_m=128)`` ->
   ``mate/gemm.py::ragged_m_moe_gemm_16bit`` (per-row expert ids, -1 unused).
 """
@@ -23,7 +26,7 @@ import torch
 
 from . import deep_gemm as _dg
 from . import flash_mla as _fm
-from ._common import check, fill
+from ._common import check, fill, opaque
 
 SOURCE = "MooreThreads/mate 3f58cc3 (2026-05-26)"
 
@@ -64,6 +67,17 @@ def moe_fused_gate(
     check(routed_scaling_factor != 0.0, "routed_scaling_factor must be non-zero")
     check(map_policy == 0, "emulator: expert index mapping is not emulated")
     check(E % 32 == 0, "num_experts must be a multiple of WARP_SIZE")
+    return _fused_gate(input, bias, num_expert_group, topk_group, topk, float(routed_scaling_factor), renormalize,
+                       apply_routed_scaling_factor_on_output)
+
+
+def _fused_gate_impl(
+    input: torch.Tensor, bias: torch.Tensor, num_expert_group: int, topk_group: int, topk: int,
+    routed_scaling_factor: float, renormalize: bool, apply_routed_scaling_factor_on_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``biased_grouped_topk_impl`` of mate's tests/test_fused_moe_gate.py: sigmoid scores, biased for the
+    choice, groups ranked by the sum of their top-2 biased scores, weights from the unbiased scores."""
+    E = input.shape[1]
     scores = input.float().sigmoid()
     choice = scores + bias.float()
     grouped = choice.view(-1, num_expert_group, E // num_expert_group)
@@ -78,6 +92,15 @@ def moe_fused_gate(
     if apply_routed_scaling_factor_on_output:
         weights = weights * routed_scaling_factor
     return weights.float(), ids.to(torch.int32)
+
+
+def _fused_gate_fake(input, bias, num_expert_group, topk_group, topk, routed_scaling_factor, renormalize,
+                     apply_routed_scaling_factor_on_output):
+    return (input.new_empty(input.shape[0], topk, dtype=torch.float32),
+            input.new_empty(input.shape[0], topk, dtype=torch.int32))
+
+
+_fused_gate = opaque("mate_moe_fused_gate", _fused_gate_impl, _fused_gate_fake)
 
 
 def flash_mla_sparse_fwd(
@@ -96,7 +119,9 @@ def flash_mla_sparse_fwd(
     assert q.shape[-1] == kv.shape[-1]
     assert q.shape[0] == indices.shape[0]
     assert kv.shape[1] == indices.shape[1] == 1
-    return _fm.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    check(attn_sink is None, "emulator: attn_sink is not emulated")
+    return _fm._sparse_prefill(q, kv, indices, sm_scale, d_v, topk_length, lambda h: h in (64, 128),
+                               lambda h: _fm.B_TOPK, base2=False, nvidia=False)
 
 
 def fp8_mqa_logits(
@@ -111,6 +136,8 @@ def fp8_mqa_logits(
     if max_seqlen_k > 0 and clean_logits:
         raise ValueError("max_seqlen_k is not supported with clean_logits")
     check(q.dtype == torch.float8_e4m3fn and q.dim() == 3, "fp8_mqa_logits: q is e4m3 (seq_len, heads, head_dim)")
+    check(q.shape[1] in (32, 64), f"fp8_mqa_logits: num_heads must be 32 or 64, got {q.shape[1]}")
+    check(q.shape[2] in (32, 64, 128), f"fp8_mqa_logits: head_dim must be 32, 64 or 128, got {q.shape[2]}")
     kv_fp8, kv_scale = kv
     check(
         kv_fp8.dtype == torch.float8_e4m3fn
@@ -123,9 +150,7 @@ def fp8_mqa_logits(
     )
     _dg._check_ranges(q.shape[0], cu_seq_len_k_start, cu_seq_len_k_end)
     check(max_seqlen_k == 0, "emulator: compressed logits (max_seqlen_k > 0) are not emulated")
-    return _dg._logits(
-        q, kv_fp8.float() * kv_scale[:, None], weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits
-    )
+    return _dg._logits(q, kv_fp8, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, kv_scale)
 
 
 def ragged_m_moe_gemm_16bit(
@@ -156,7 +181,12 @@ def ragged_m_moe_gemm_16bit(
         "ragged_m_moe_gemm_16bit: per-token int32 expert ids",
     )
     check(out.shape == (input_a.shape[0], input_b.shape[1]), "ragged_m_moe_gemm_16bit: out (total_tokens, out_hidden)")
-    ids = ragged_tokens_info.long()
+    _ragged_gemm(input_a, input_b, ragged_tokens_info, out, int(alignment_m or 0))
+
+
+def _ragged_gemm_impl(input_a: torch.Tensor, input_b: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
+                      alignment_m: int) -> None:
+    ids = ids.long()
     if alignment_m:
         check(input_a.shape[0] % alignment_m == 0, f"contiguous layout: rows must be a multiple of {alignment_m}")
         blocks = ids.view(-1, alignment_m)
@@ -169,6 +199,9 @@ def ragged_m_moe_gemm_16bit(
             continue
         rows = ids == e
         out[rows] = (input_a[rows].float() @ input_b[e].float().T).to(out.dtype)
+
+
+_ragged_gemm = opaque("mate_ragged_m_moe_gemm_16bit", _ragged_gemm_impl, lambda *args: None, mutates_args=("out",))
 
 
 def m_grouped_bf16_gemm_nt_contiguous(

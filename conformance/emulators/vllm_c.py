@@ -11,7 +11,11 @@ Checks and rounding from ``op/vllm/layernorm_kernels.cu``: ``out`` contiguous, `
 ``weight`` contiguous; the fused op wants weight, input and residual in one dtype and a contiguous
 residual; the variance is accumulated in fp32 and the output is ``(scalar_t)(x * rstd) * weight``
 (rounded to the input dtype before the weight multiply). The fused op writes ``residual <- input +
-residual`` and ``input <- norm(residual)`` in place.
+residual`` and ``input <- norm(residual)`` in place. vLLM's own test reference is
+``tests/kernels/core/test_layernorm.py`` (vllm-project/vllm at 2e1874a: the kernels against
+``RMSNorm.forward_native``: fp32 variance, ``x * rsqrt(var + eps)`` cast to the input dtype, then times
+the weight; the fused op adds the residual first and returns the
+sum as the new residual); tests/test_emulators_vendor_refs.py checks the emulation against it.
 
 The registrations are real ``torch.library`` definitions for the CPU dispatch key, made when the
 emulated ``vllm._C`` / ``mcoplib._C`` module is imported and destroyed by :func:`unregister`.
@@ -63,6 +67,10 @@ def register() -> None:
     lib.define("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()")
     lib.impl("rms_norm", _rms_norm, "CPU")
     lib.impl("fused_add_rms_norm", _fused_add_rms_norm, "CPU")
+    # Fake kernels (both ops only write their mutable arguments): under FakeTensorMode the ops are
+    # opaque, as vLLM's compiled ones are, and only the adapter's own code runs.
+    torch.library.register_fake("_C::rms_norm", lambda result, input, weight, epsilon: None, lib=lib)
+    torch.library.register_fake("_C::fused_add_rms_norm", lambda input, residual, weight, epsilon: None, lib=lib)
     _LIBRARIES.append(lib)
 
 

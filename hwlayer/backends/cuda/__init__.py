@@ -76,7 +76,12 @@ BACKENDS = (
         install_hint="install Hygon's DTK (ROCm) build of torch and lightop from the Hygon developer "
         "channel; hy-smi must be on PATH",
         description="Hygon DCU (ROCm/HIP build of torch)",
-        weight_formats=("int8",),  # DCU int8 dot units; no FP8 documented (Triton tier int8 GEMM)
+        # The DCU has FP8 paths: Hygon's vllm_hcu scores the DSA indexer with DeepGEMM's
+        # fp8_fp4_(paged_)mqa_logits and quantises activations with lightop.quant.per_token_quant_fp8.
+        # Its MoE GEMM is int8 (lightop.gemm_ops.m_grouped_w8a8_gemm_nt_contig_asm), and no FP8 block-
+        # scaled weight GEMM is wired here or verified on a DCU, so fp8_block checkpoints are not offered
+        # (int8 through the Triton tier). Not a claim that the hardware lacks FP8.
+        weight_formats=("int8",),
     ),
     Backend(
         name="metax",
@@ -114,10 +119,13 @@ BACKENDS = (
         device_type="cuda",
         dist_backend="nccl",  # as exposed by torch_xmlir; BKCL underneath (unverified)
         detect=_detector("kunlunxin"),
-        visible_devices_env="CUDA_VISIBLE_DEVICES",  # unverified
+        # vLLM-Kunlun (baidu/vLLM-Kunlun 09869ee: its docs and CI environment) selects devices with
+        # XPU_VISIBLE_DEVICES; CUDA_VISIBLE_DEVICES does not hide Kunlunxin XPUs.
+        visible_devices_env="XPU_VISIBLE_DEVICES",
         priority=60,
         # No Triton tier: no Kunlunxin Triton backend is documented.
-        verified=f"generic torch only; collective and visible-devices variable unverified; {NOT_RUN}",
+        verified=(f"generic torch only; collective unverified; XPU_VISIBLE_DEVICES as vLLM-Kunlun 09869ee sets it; "
+                  f"{NOT_RUN}"),
         install_hint="install torch_xmlir and xtorch_ops / kunlun_ops from the Kunlunxin channel",
         description="Kunlunxin XPUs through torch_xmlir (generic ops)",
         weight_formats=("int8",),  # generic ops only: int8 kept in memory, dequantized per call
@@ -152,8 +160,8 @@ def hwlayer_register_ops(register: Callable) -> None:
 
     mx_norm, mx_norm_supports = native.make_vllm_rms_norm("mcoplib._C")  # `import mcoplib` registers nothing
     register("rms_norm", mx_norm, backend="metax", supports=mx_norm_supports)
-    register("sparse_mla_attention", native.flash_mla_sparse_attention, backend="metax",
-             supports=native.flash_mla_sparse_supports)
+    register("sparse_mla_attention", native.maca_flash_mla_sparse_attention, backend="metax",
+             supports=native.maca_flash_mla_sparse_supports)
     register("lightning_indexer", native.deep_gemm_lightning_indexer, backend="metax",
              supports=native.deep_gemm_indexer_supports)
 

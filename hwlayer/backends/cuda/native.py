@@ -15,7 +15,10 @@ Libraries and the ops they serve:
   zero-padded to 64 or 128 (current API: exactly those; more than 128 heads decline), and the lse
   base is taken from the API generation: natural log when the signature has ``topk_length``
   (deepseek-ai/FlashMLA 082094b, 2026-01-16, ``tests/ref.py`` uses ``logsumexp``), base 2 before it
-  and in MetaX's mcFlashMLA (c2dbf6e, "lse: 2-based log-sum-exp"), converted to natural log.
+  (converted to natural log). MetaX's mcFlashMLA (c2dbf6e) returns a natural-log lse although its
+  docstring says "2-based" (the kernel, ``csrc/flash_kernel/feature/softmax.h:450``, wins). NVIDIA
+  FlashMLA runs only on sm90a / sm100f (checked before calling) and asserts ``topk > 0`` (an empty
+  index tensor is answered without calling it).
 * DeepGEMM for the ``lightning_indexer`` scoring: MACA's ``bf16_mqa_logits`` where the build has it
   (lossless; what vLLM-metax 3aadf08 uses), else ``fp8_mqa_logits``, which scores FP8-quantised
   queries/keys and can change which positions make the top-k, so it is opt-in:
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.layout import AttentionMetadata, meta_supported
+from hwlayer.ops.layout import AttentionMetadata, meta_supported, sequence_key_slots
 
 
 @functools.cache
@@ -170,90 +173,149 @@ def lightop_rms_norm(
 
 @functools.lru_cache(maxsize=8)  # per function object: supports() asks on every call
 def flash_mla_natural_lse(fn: Any) -> bool:
-    """Whether this ``flash_mla_sparse_fwd`` returns a natural-log lse. FlashMLA 082094b
+    """Whether NVIDIA's ``flash_mla_sparse_fwd`` returns a natural-log lse. FlashMLA 082094b
     (2026-01-16) switched sparse prefill from base 2 to natural log and added ``topk_length`` in the
-    same change, without bumping ``__version__``; MetaX's mcFlashMLA documents base 2 and has no
-    ``topk_length``. The signature is the one reliable tell."""
+    same change, without bumping ``__version__``: the signature is the one reliable tell. (MetaX's
+    mcFlashMLA is natural log whatever its docstring says: see :func:`make_flash_mla_sparse`.)"""
     try:
         return "topk_length" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a compiled function without a signature: the older API
         return False
 
 
-def flash_mla_padded_heads(H: int, natural_lse: bool, device: torch.device) -> int | None:
+def flash_mla_padded_heads(H: int, exact_64_or_128: bool, device: torch.device) -> int | None:
     """Heads after zero-padding for the sparse prefill kernel, or None if it cannot take H.
-    Current API: exactly 64 or 128 (``csrc/api/sparse_fwd.h``: "Unsupported h_q"). Older API and
-    MACA: a multiple of the kernel's head block (64; 128 on SM100+ for the older NVIDIA build)."""
-    if natural_lse:
+    Current NVIDIA API: exactly 64 or 128 (``csrc/api/sparse_fwd.h``: "Unsupported h_q"). Older API
+    and MACA: a multiple of the kernel's head block (64; 128 on SM100+ for the older NVIDIA build)."""
+    if exact_64_or_128:
         return 64 if H <= 64 else 128 if H <= 128 else None
     block = 128 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10 else 64
     return -(-H // block) * block
 
 
+# FlashMLA's SM90 sparse prefill asserts ``topk % (2 * B_TOPK) == 0`` with B_TOPK 64 and ``topk > 0``
+# (deepseek-ai/FlashMLA 9241ae3 ``csrc/sm90/prefill/sparse/phase1.cuh``, ``KernelTemplate::run``); the
+# SM100 kernels take multiples of their B_TOPK (64 or 128). 128 satisfies every kernel.
+FLASH_MLA_TOPK_ALIGN = 128
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of ``device``; under a test emulation (CPU tensors), the one the
+    emulation declares (``hwlayer_emulation.CUDA_CAPABILITY``), else None."""
+    if device.type == "cuda":
+        return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+    return getattr(sys.modules.get("hwlayer_emulation"), "CUDA_CAPABILITY", None)
+
+
+def flash_mla_arch_supported(device: torch.device) -> bool | str:
+    """NVIDIA FlashMLA's sparse prefill runs only on sm90a (capability 9.0) and the sm100f family
+    (10.x): ``sparse_attn_prefill_interface`` raises otherwise (FlashMLA 9241ae3
+    ``csrc/api/sparse_fwd.h``: "only supported on SM90a and SM100f architectures")."""
+    cap = device_capability(device)
+    if cap is None:
+        return "no CUDA compute capability known for this device"
+    if cap == (9, 0) or cap[0] == 10:
+        return True
+    return f"FlashMLA sparse prefill needs sm90a or sm100f; this device is sm{cap[0]}{cap[1]}"
+
+
 def to_global_slots(
     indices: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-    block_size: int,
+    block_size: int, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     """Our per-sequence positions -> slot ids in the flattened ``[num_blocks * block_size]`` cache,
-    int32, ``-1`` kept for unused entries (FlashMLA's convention for an invalid index)."""
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
-    slots = positions_to_slots(block_table, seq_idx, indices, block_size)
+    int32, ``-1`` kept for unused entries (FlashMLA's convention for an invalid index). Device
+    arithmetic only: the token count comes from ``indices`` (a host int), the tables from ``meta``
+    when the step built them."""
+    if meta is not None and meta.block_size == block_size:
+        slots = meta.key_slots.index_select(0, meta.seq_idx).gather(1, indices.long().clamp(min=0))
+    else:
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, indices.shape[0])
+        slots = positions_to_slots(block_table, seq_idx, indices, block_size)
     return torch.where(indices >= 0, slots, -1).to(torch.int32)
 
 
-def flash_mla_sparse_supports(
-    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
-    *, meta: Any = None,
-) -> bool | str:
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
-    if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
-        return "needs CUDA tensors"
-    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
-        return "FlashMLA sparse prefill takes bf16 q and kv"
-    if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512 or kv_cache.dim() != 3 or kv_cache.shape[-1] != 576:
-        return "FlashMLA sparse prefill takes d_qk 576 with d_v 512"
-    if indices.dim() != 2 or indices.shape[0] != q.shape[0]:
-        return "indices outside the contract"
-    if not kv_cache.is_contiguous():
-        return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
-    if not importable("flash_mla"):
-        return "flash_mla is not importable"
-    from flash_mla import flash_mla_sparse_fwd
+def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
+    """(implementation, supports) of ``sparse_mla_attention`` over ``flash_mla.flash_mla_sparse_fwd``.
 
-    if flash_mla_padded_heads(q.shape[1], flash_mla_natural_lse(flash_mla_sparse_fwd), q.device) is None:
-        return f"FlashMLA sparse prefill takes exactly 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
-    return True
+    ``maca=False``: NVIDIA FlashMLA. Architecture checked first (sm90a / sm100f); lse base and head
+    rule from the API generation (:func:`flash_mla_natural_lse`). ``maca=True``: MetaX's mcFlashMLA
+    (MetaX-MACA/mcFlashMLA c2dbf6e): heads a multiple of 64, and a natural-log lse -- its kernel
+    writes ``row_max * softmax_scale + __logf(sum)`` with the natural ``softmax_scale``
+    (``csrc/flash_kernel/feature/softmax.h:450``, ``normalize_softmax_lse``); only ``max_logits`` is
+    scaled by ``M_LOG2E``. Its docstring's "2-based log-sum-exp" is wrong; the kernel wins.
+    """
 
+    def api(fn: Any) -> tuple[bool, bool]:  # (natural lse, heads exactly 64 or 128)
+        if maca:
+            return True, False
+        natural = flash_mla_natural_lse(fn)
+        return natural, natural
 
-def flash_mla_sparse_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-    meta: AttentionMetadata | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_mla import flash_mla_sparse_fwd
+    def supports(
+        q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float,
+        v_dim: int, *, meta: Any = None,
+    ) -> bool | str:
+        if (ok := meta_supported(meta, q)) is not True:
+            return ok
+        if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
+            return "needs CUDA tensors"
+        if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+            return "FlashMLA sparse prefill takes bf16 q and kv"
+        if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512 or kv_cache.dim() != 3 or kv_cache.shape[-1] != 576:
+            return "FlashMLA sparse prefill takes d_qk 576 with d_v 512"
+        if indices.dim() != 2 or indices.shape[0] != q.shape[0]:
+            return "indices outside the contract"
+        if not kv_cache.is_contiguous():
+            return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
+        if not importable("flash_mla"):
+            return "flash_mla is not importable"
+        if not maca and (ok := flash_mla_arch_supported(q.device)) is not True:
+            return ok
+        from flash_mla import flash_mla_sparse_fwd
 
-    T, H, Dk = q.shape
-    slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1])
-    # Pad topk to whole kernel blocks (the kernel ignores a partial last block of 64; extra entries
-    # invalid) and heads to what the kernel takes (zero queries).
-    topk_pad = -slots.shape[1] % 128
-    if topk_pad:
-        slots = torch.nn.functional.pad(slots, (0, topk_pad), value=-1)
-    natural = flash_mla_natural_lse(flash_mla_sparse_fwd)
-    heads = flash_mla_padded_heads(H, natural, q.device)
-    q_in = q if heads == H else torch.nn.functional.pad(q, (0, 0, 0, heads - H))
-    out, _max_logits, lse = flash_mla_sparse_fwd(
-        q_in.contiguous(), kv_cache.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
-    )
-    out, lse = out[:, :H].to(q.dtype), lse[:, :H].float()
-    if not natural:
-        lse = lse * math.log(2.0)  # base-2 lse -> natural
-    empty = ~(indices >= 0).any(dim=1)  # our contract: no valid index -> out 0, lse -inf (FlashMLA: +inf)
-    if bool(empty.any()):
+        if flash_mla_padded_heads(q.shape[1], api(flash_mla_sparse_fwd)[1], q.device) is None:
+            return f"FlashMLA sparse prefill takes exactly 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
+        return True
+
+    def sparse_mla_attention(
+        q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
+        meta: AttentionMetadata | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from flash_mla import flash_mla_sparse_fwd
+
+        T, H, Dk = q.shape
+        if T == 0 or indices.shape[1] == 0:  # FlashMLA asserts topk > 0: no index, nothing to attend
+            return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+        slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
+        # Pad topk to whole kernel blocks (extra entries invalid) and heads to what the kernel takes (zero queries).
+        topk_pad = -slots.shape[1] % FLASH_MLA_TOPK_ALIGN
+        if topk_pad:
+            slots = torch.nn.functional.pad(slots, (0, topk_pad), value=-1)
+        natural, exact = api(flash_mla_sparse_fwd)
+        heads = flash_mla_padded_heads(H, exact, q.device)
+        q_in = q if heads == H else torch.nn.functional.pad(q, (0, 0, 0, heads - H))
+        out, _max_logits, lse = flash_mla_sparse_fwd(
+            q_in.contiguous(), kv_cache.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
+        )
+        out, lse = out[:, :H].to(q.dtype), lse[:, :H].float()
+        if not natural:
+            lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
+        # Our contract: no valid index -> out 0, lse -inf (FlashMLA: +inf). Masked on the device, no branch.
+        empty = (indices < 0).all(dim=1)
         out = out.masked_fill(empty[:, None, None], 0.0)
         lse = lse.masked_fill(empty[:, None], float("-inf"))
-    return out, lse
+        return out, lse
+
+    name = "mcflashmla" if maca else "flashmla"
+    sparse_mla_attention.__qualname__ = f"sparse_mla_attention[{name}]"
+    supports.__qualname__ = f"sparse_mla_attention_supports[{name}]"
+    return sparse_mla_attention, supports
+
+
+flash_mla_sparse_attention, flash_mla_sparse_supports = make_flash_mla_sparse(maca=False)
+maca_flash_mla_sparse_attention, maca_flash_mla_sparse_supports = make_flash_mla_sparse(maca=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +365,45 @@ def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
 
 
+def indexer_key_layout(
+    block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+    block_size: int, max_seqlen_k: int | None, meta: AttentionMetadata | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-paged key layout DeepGEMM's ``fp8_mqa_logits`` / ``bf16_mqa_logits`` read, sized by host
+    ints only: sequence b's positions ``0 .. max_seqlen_k - 1`` at rows ``b * max_seqlen_k + p``.
+    Returns ``(key_slots int64 [B * max_seqlen_k], ks int32 [T], ke int32 [T])``: the cache slot of
+    every key row and each token's causal key range ``[ks, ke)`` (rows past a sequence's length are
+    never inside a range). ``meta``'s tables are used when the step built them; ``max_seqlen_k=None``
+    reads the longest context from the device (the op's documented convenience; a forward passes it)."""
+    B = seq_lens.shape[0]
+    if meta is not None and meta.block_size == block_size and (max_seqlen_k in (None, meta.max_seqlen_k)):
+        key_slots, L, seq_idx = meta.key_slots, meta.max_seqlen_k, meta.seq_idx
+        pos = meta.first_query_pos.index_select(0, seq_idx) + torch.arange(num_tokens, device=seq_idx.device) \
+            - cu_seqlens_q.index_select(0, seq_idx)
+    else:
+        L = int(seq_lens.max()) if max_seqlen_k is None and B else (max_seqlen_k or 0)
+        key_slots = sequence_key_slots(block_table, B, L, block_size)
+        seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, num_tokens)
+    ks = seq_idx * L
+    return key_slots.reshape(-1), ks.to(torch.int32), (ks + pos + 1).to(torch.int32)
+
+
+def topk_positions(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int) -> torch.Tensor:
+    """``[T, N]`` logits over the laid-out keys -> int32 ``[T, topk]`` positions within each token's
+    sequence (``column - ks``), ``-1`` where fewer than ``topk`` keys are in range. Keys outside a
+    token's ``[ks, ke)`` are never candidates, whatever the kernel left there. Device only."""
+    T = logits.shape[0]
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    outside = (cols[None, :] < ks.long()[:, None]) | (cols[None, :] >= ke.long()[:, None])
+    logits = logits.float().masked_fill(outside, float("-inf"))
+    k = min(topk, logits.shape[1])
+    vals, idx = logits.topk(k, dim=-1)
+    picked = torch.where(torch.isfinite(vals), idx - ks.long().unsqueeze(1), -1).to(torch.int32)
+    if k == topk:
+        return picked
+    return torch.nn.functional.pad(picked, (0, topk - k), value=-1) if T else picked.new_full((0, topk), -1)
+
+
 def deep_gemm_lightning_indexer(
     q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
@@ -311,16 +412,15 @@ def deep_gemm_lightning_indexer(
     import deep_gemm
 
     T = q.shape[0]
-    bs = k_cache.shape[1]
-    lens = seq_lens.long()
-    # Gather every sequence's keys into one contiguous [sum(L), D] buffer (DeepGEMM is not paged here).
-    seq_of_key = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
-    key_start = lens.cumsum(0) - lens
-    key_pos = torch.arange(int(lens.sum()), device=q.device) - key_start[seq_of_key]
-    keys = k_cache.reshape(-1, k_cache.shape[-1])[positions_to_slots(block_table, seq_of_key, key_pos, bs)]
-    seq_idx, pos = token_positions(cu_seqlens_q, seq_lens)
-    ks = key_start[seq_idx].to(torch.int32)
-    ke = (key_start[seq_idx] + pos + 1).to(torch.int32)  # causal: positions 0 .. pos(t)
+    # DeepGEMM's (non-paged) mqa logits read one contiguous key buffer: gather every sequence's keys
+    # into it, [B * max_seqlen_k, D], sized by host ints (nothing read back). This gather -- and, for
+    # FP8, the re-quantisation of every key -- per call is what vLLM avoids with an FP8 paged indexer
+    # cache read by ``fp8_paged_mqa_logits``; that needs the backend-owned cache layout (hook specs 2.0).
+    key_slots, ks, ke = indexer_key_layout(block_table, cu_seqlens_q, seq_lens, T, k_cache.shape[1], max_seqlen_k,
+                                           meta)
+    keys = k_cache.reshape(-1, k_cache.shape[-1]).index_select(0, key_slots)
+    if keys.shape[0] == 0 or T == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     if _use_bf16_logits(q, k_cache):  # MACA: bf16 q [M, H, D], bf16 keys [N, D], fp32 weights (vLLM-metax)
         w = (weights.float() * scale).contiguous()  # relu(s x) = s relu(x) for s > 0
         logits = _bf16_logits()(q.contiguous(), keys.contiguous(), w, ks, ke)
@@ -332,14 +432,4 @@ def deep_gemm_lightning_indexer(
         w = (weights.float() * q_scale * scale).contiguous()
         logits = deep_gemm.fp8_mqa_logits(q_fp8.contiguous(), (k_fp8.contiguous(), k_scale.contiguous()), w, ks, ke,
                                           clean_logits=True)
-    # Keys outside a token's [ks, ke) are not its candidates whatever the kernel left there.
-    cols = torch.arange(logits.shape[1], device=q.device)
-    outside = (cols[None, :] < ks.long()[:, None]) | (cols[None, :] >= ke.long()[:, None])
-    logits = logits.masked_fill(outside, float("-inf"))
-    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    k = min(topk, logits.shape[1])
-    if T and k:
-        vals, idx = logits.topk(k, dim=-1)
-        positions = idx - ks.long().unsqueeze(1)
-        out[:, :k] = torch.where(torch.isfinite(vals), positions, -1).to(torch.int32)
-    return out
+    return topk_positions(logits, ks, ke, topk)

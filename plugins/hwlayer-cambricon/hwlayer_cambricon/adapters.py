@@ -116,7 +116,12 @@ def supports_rope(x, positions, cos_sin_cache, interleaved, *, meta=None) -> boo
 
 
 def rope(x, positions, cos_sin_cache, interleaved, *, meta=None):
-    cos, sin = convert.rope_full_tables(cos_sin_cache, interleaved)
+    if meta is not None and meta.rope_cos is not None and meta.cos_sin_cache is cos_sin_cache:
+        # The step's rope rows (gathered once per step for every layer): token t reads row t.
+        cos, sin = convert.rows_from_meta(meta.rope_cos, meta.rope_sin, interleaved)
+        positions = torch.arange(x.shape[0], device=x.device)
+    else:
+        cos, sin = convert.rope_tables(cos_sin_cache, interleaved)  # built once per cos/sin cache
     position_ids, cu_seqlens, max_seqlen = convert.packed_rope_args(positions)
     # apply_rotary wants the caches in input's dtype; cos/sin rounded to bf16/fp16 would move the
     # result beyond the contract (which rotates with fp32 tables), so it runs on an fp32 copy (float

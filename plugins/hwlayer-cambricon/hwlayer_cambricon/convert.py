@@ -7,6 +7,8 @@ source confirmed a detail it is marked "unverified".
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -49,10 +51,40 @@ def rotate_with_full_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def packed_rope_args(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The whole token batch as one packed sequence for ``tmo.apply_rotary``: ``(position_ids int32
     [T], cu_seqlens int32 [0, T], max_seqlen T)``; ``discrete=True`` makes tmo read each token's row
-    of the tables from ``position_ids`` (as in dlinfer's 3-D call)."""
+    of the tables from ``position_ids`` (as in dlinfer's 3-D call). ``cu_seqlens`` is made on the
+    device (no host->device copy, which a captured graph could not replay)."""
     T = positions.shape[0]
-    cu = torch.tensor([0, T], dtype=torch.int32, device=positions.device)
+    cu = torch.arange(2, dtype=torch.int32, device=positions.device) * T
     return positions.to(torch.int32).contiguous(), cu, T
+
+
+_TABLES: dict[tuple[int, bool], tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def rope_tables(cos_sin_cache: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_full_tables` of ``cos_sin_cache``, built once per cache tensor and kept while it lives
+    (the model's cache is built once at load): no per-call rebuild of ``[max_pos, D]`` fp32 tables."""
+    key = (id(cos_sin_cache), interleaved)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is cos_sin_cache:
+        return hit[1]
+    tables = rope_full_tables(cos_sin_cache, interleaved)
+    _TABLES[key] = (weakref.ref(cos_sin_cache, lambda _ref, key=key: _TABLES.pop(key, None)), tables)
+    return tables
+
+
+def rows_from_meta(rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                   interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width ``(cos [T, D], sin [T, D])`` rows of this step's tokens from the step's
+    :class:`~hwlayer.ops.layout.AttentionMetadata` rope rows (fp32 ``[T, 1, D]``, pair-expanded:
+    ``(cos_i, cos_i)`` and ``(-sin_i, sin_i)`` at ``2i, 2i+1``), in :func:`rope_full_tables`' layout:
+    what ``tmo.apply_rotary`` reads at ``position_ids = 0 .. T-1``. Gathered once per step for every
+    layer, so no per-call table is built at all."""
+    cos, sin = rope_cos[:, 0], rope_sin[:, 0]
+    if interleaved:  # (cos_i, cos_i) already; sin_i at both slots of the pair
+        return cos, sin[:, 1::2].repeat_interleave(2, dim=-1)
+    cos_half, sin_half = cos[:, 0::2], sin[:, 1::2]
+    return torch.cat((cos_half, cos_half), dim=-1), torch.cat((sin_half, sin_half), dim=-1)
 
 
 def routing_group_args(n_group: int, topk_group: int) -> tuple[int, int]:

@@ -94,10 +94,12 @@ def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_
 
 
 def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None):
-    kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1])
-    # Whole 64-wide top-k blocks (a partial last block is not read) and 64 or 128 heads (zero queries).
+    T, H = q.shape[0], q.shape[1]
+    if T == 0 or indices.shape[1] == 0:  # FlashMLA's API asserts topk > 0: no index, nothing to attend
+        return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+    kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
+    # Whole top-k blocks (FLASH_MLA_TOPK_BLOCK) and 64 or 128 heads (zero queries).
     kv_indices = convert.pad_last_dim(kv_indices, convert.FLASH_MLA_TOPK_BLOCK, value=-1)
-    H = q.shape[1]
     heads = 64 if H <= 64 else 128
     q_in = torch.nn.functional.pad(q, (0, 0, 0, heads - H)) if heads != H else q
     sparse_fwd = _module("mate.flashmla").flash_mla_sparse_fwd
@@ -114,6 +116,12 @@ def _fp8_indexer_enabled() -> bool:
     return os.environ.get("HWLAYER_MUSA_FP8_INDEXER", "") not in ("", "0")
 
 
+# mate's fp8_mqa_logits kernel (MooreThreads/mate 3f58cc3 ``csrc/deepgemm_attention.mu``) takes 32 or 64
+# heads of dim 32, 64 or 128; anything else raises inside the call.
+MQA_LOGITS_HEADS = (32, 64)
+MQA_LOGITS_HEAD_DIMS = (32, 64, 128)
+
+
 def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                                max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
     if (ok := meta_supported(meta, q)) is not True:
@@ -121,6 +129,9 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
+    if q.dim() != 3 or q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
+        return (f"indexer q {tuple(q.shape)}: mate's fp8_mqa_logits takes {MQA_LOGITS_HEADS} heads of dim "
+                f"{MQA_LOGITS_HEAD_DIMS}")
     if scale <= 0:
         return "scale must be positive (it is folded into the head weights)"
     if not _fp8_indexer_enabled():
@@ -131,8 +142,15 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                       max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
-    keys = convert.gather_sequence_keys(k_cache, block_table, seq_lens)
-    ks, ke, _ = convert.indexer_key_ranges(cu_seqlens_q, seq_lens)
+    T = q.shape[0]
+    # One contiguous key buffer sized by host ints (mate's fp8_mqa_logits is not paged); the per-call
+    # gather and FP8 quantisation of every key would go with an FP8 paged indexer cache
+    # (fp8_paged_mqa_logits), which needs the backend-owned cache layout of hook specs 2.0.
+    key_slots, ks, ke = convert.indexer_key_layout(block_table, cu_seqlens_q, seq_lens, T, k_cache.shape[1],
+                                                   max_seqlen_k, meta)
+    keys = k_cache.reshape(-1, k_cache.shape[-1]).index_select(0, key_slots)
+    if T == 0 or keys.shape[0] == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     k_fp8, k_scale = convert.fp8_quantize_rows(keys)
     # q quantised per (token, head) row with its own scale, so no value saturates e4m3; relu is
     # positively homogeneous (relu(s x) = s relu(x), s > 0), so q's scale and ours fold into the weights.
@@ -159,16 +177,19 @@ def supports_grouped_gemm(x, w, group_sizes):
 
 
 def grouped_gemm(x, w, group_sizes):
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[1])
     dg = _module("mate.deep_gemm")
     alignment_fn = getattr(dg, "get_mk_alignment_for_contiguous_layout", None)  # only mate's DeepGEMM wrapper has it
     alignment = int(alignment_fn()) if alignment_fn is not None else convert.DEFAULT_GROUP_ALIGNMENT
-    # grouped_gemm's padding rows (past sum(group_sizes)) join the last group: every row is laid out
-    source_rows, m_indices = convert.contiguous_layout(groups_covering_rows(group_sizes.to(x.device), x.shape[0]),
-                                                       alignment)
+    # grouped_gemm's padding rows (past sum(group_sizes)) join the last group: every row is laid out.
+    # The layout's row count is a host bound (no count read back); unused rows carry group id -1.
+    sizes = groups_covering_rows(group_sizes.to(x.device), x.shape[0])
+    source_rows, m_indices = convert.contiguous_layout(sizes, alignment, x.shape[0])
     a = convert.pad_rows(x.contiguous(), source_rows)
     d = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
     dg.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_indices, alignment_m=alignment)
-    return convert.unpad_rows(d, source_rows)
+    return convert.unpad_rows(d, convert.padded_positions(sizes, alignment, x.shape[0]))
 
 
 # ---- moe_route: mate.moe_fused_gate(input, bias, num_expert_group, topk_group, topk,

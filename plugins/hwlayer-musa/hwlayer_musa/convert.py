@@ -1,5 +1,8 @@
 """Pure argument conversions between hwlayer's op contracts and mate's (FlashMLA / DeepGEMM style)
 conventions. No vendor import: plain torch, unit-tested on CPU (tests/test_vendor_plugins.py).
+
+Nothing here reads a device value on the host: every output size comes from host ints (a tensor's
+shape, the step's ``max_seqlen_k``, the alignment), so a decode step can be captured as a graph.
 """
 
 from __future__ import annotations
@@ -7,12 +10,15 @@ from __future__ import annotations
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
+from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
 
 # DeepGEMM's M alignment for the contiguous grouped layout (get_mk_alignment_for_contiguous_layout()
 # returns 128 upstream); mate's value is read at run time when it exposes the getter.
 DEFAULT_GROUP_ALIGNMENT = 128
-# FlashMLA's sparse kernels read top-k in whole blocks of 64 (``B_TOPK``); a partial last block is skipped.
-FLASH_MLA_TOPK_BLOCK = 64
+# FlashMLA's sparse prefill wants top-k in whole blocks: SM90 asserts ``topk % (2 * B_TOPK) == 0`` with
+# B_TOPK 64 (deepseek-ai/FlashMLA 9241ae3 ``csrc/sm90/prefill/sparse/phase1.cuh``) and ``topk > 0``;
+# mate mirrors that API. 128 satisfies every kernel generation.
+FLASH_MLA_TOPK_BLOCK = 128
 
 
 def pad_last_dim(t: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
@@ -26,14 +32,18 @@ def pad_last_dim(t: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
 
 def sparse_kv_indices(
     indices: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-    block_size: int,
+    block_size: int, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     """hwlayer ``indices`` (int32 ``[T, K]`` positions within each token's sequence, -1 unused) ->
     ``flash_mla_sparse_fwd`` indices: int32 ``[T, 1, K]`` rows of the flattened cache
-    ``[num_blocks * block_size, 1, Dk]`` (one kv head), -1 kept as "invalid"."""
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
-    slots = positions_to_slots(block_table, seq_idx, indices, block_size)
-    slots = torch.where(indices >= 0, slots, torch.full_like(slots, -1))
+    ``[num_blocks * block_size, 1, Dk]`` (one kv head), -1 kept as "invalid". ``meta``: the step's
+    tables (token -> sequence, key slots), used when built for this block size."""
+    if meta is not None and meta.block_size == block_size:
+        slots = meta.key_slots.index_select(0, meta.seq_idx).gather(1, indices.long().clamp(min=0))
+    else:
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, indices.shape[0])
+        slots = positions_to_slots(block_table, seq_idx, indices, block_size)
+    slots = torch.where(indices >= 0, slots, -1)
     return slots.to(torch.int32).unsqueeze(1).contiguous()
 
 
@@ -45,66 +55,86 @@ def flat_kv(kv_cache: torch.Tensor) -> torch.Tensor:
 # ---- grouped GEMM: counts -> DeepGEMM "contiguous" layout (per-row group ids, groups padded)
 
 
-def contiguous_layout(group_sizes: torch.Tensor, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts -> ``(source_rows int64 [M_pad], m_indices int32 [M_pad])``.
+def padded_rows_bound(num_rows: int, num_groups: int, alignment: int) -> int:
+    """Rows of the contiguous layout for any split of ``num_rows`` rows into ``num_groups`` groups,
+    each padded to a multiple of ``alignment``: a host int, so nothing is sized by device data (the
+    bound vLLM's DeepGEMM MoE path allocates, ``M + E * (alignment - 1)`` rounded up)."""
+    return -(-(num_rows + num_groups * (alignment - 1)) // alignment) * alignment
+
+
+def contiguous_layout(group_sizes: torch.Tensor, alignment: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts (summing to ``num_rows``) -> ``(source_rows int64 [M_pad], m_indices int32 [M_pad])``,
+    ``M_pad = padded_rows_bound(num_rows, E, alignment)``.
 
     ``m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)`` wants each group's rows contiguous
-    and padded to a multiple of ``alignment``; ``m_indices[r]`` is row r's group, -1 on padding.
-    ``source_rows[r]`` is the unpadded row that padded row r holds (-1 on padding)."""
-    sizes = group_sizes.long()
+    and padded to a multiple of ``alignment``; ``m_indices[r]`` is row r's group, -1 on padding
+    (also on the unused tail past the last group). ``source_rows[r]`` is the unpadded row that
+    padded row r holds (-1 on padding). Device arithmetic only: no size read back."""
+    sizes = group_sizes.long()  # E >= 1 groups
     padded = (sizes + alignment - 1) // alignment * alignment
-    groups = torch.arange(sizes.numel(), device=sizes.device)
-    m_indices = torch.repeat_interleave(groups, padded)
-    pad_start = torch.cumsum(padded, 0) - padded  # first padded row of each group
-    src_start = torch.cumsum(sizes, 0) - sizes
-    offset_in_group = torch.arange(m_indices.numel(), device=sizes.device) - pad_start[m_indices]
-    real = offset_in_group < sizes[m_indices]
-    source_rows = torch.where(real, src_start[m_indices] + offset_in_group, torch.full_like(offset_in_group, -1))
-    m_indices = torch.where(real, m_indices, torch.full_like(m_indices, -1))
-    return source_rows, m_indices.to(torch.int32)
+    pad_end = torch.cumsum(padded, 0)
+    rows = torch.arange(padded_rows_bound(num_rows, sizes.numel(), alignment), device=sizes.device)
+    group = torch.searchsorted(pad_end, rows, right=True)  # E on the unused tail past the last group
+    g = group.clamp(max=sizes.numel() - 1)
+    offset = rows - (pad_end - padded).index_select(0, g)
+    real = (group < sizes.numel()) & (offset < sizes.index_select(0, g))
+    source_rows = torch.where(real, (torch.cumsum(sizes, 0) - sizes).index_select(0, g) + offset, -1)
+    return source_rows, torch.where(real, group, -1).to(torch.int32)
 
 
 def pad_rows(x: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` placed at their padded positions; padding rows are zero."""
-    out = x.new_zeros(source_rows.numel(), x.shape[1])
-    real = source_rows >= 0
-    out[real] = x[source_rows[real]]
-    return out
+    """Rows of ``x`` placed at their padded positions; padding rows are zero (a gather, no mask indexing)."""
+    real = (source_rows >= 0).unsqueeze(1)
+    gathered = x.index_select(0, source_rows.clamp(min=0, max=max(x.shape[0] - 1, 0)))
+    return torch.where(real, gathered, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def unpad_rows(d: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pad_rows` (rows stay in order, so a mask selects them)."""
-    return d[source_rows >= 0]
+def padded_positions(group_sizes: torch.Tensor, alignment: int, num_rows: int) -> torch.Tensor:
+    """int64 ``[num_rows]``: where each unpadded row sits in the contiguous layout (the inverse of
+    :func:`contiguous_layout`'s ``source_rows``), for gathering the output back."""
+    sizes = group_sizes.long()
+    padded = (sizes + alignment - 1) // alignment * alignment
+    src_end = torch.cumsum(sizes, 0)
+    rows = torch.arange(num_rows, device=sizes.device)
+    g = torch.searchsorted(src_end, rows, right=True).clamp(max=sizes.numel() - 1)
+    return (torch.cumsum(padded, 0) - padded).index_select(0, g) + rows - (src_end - sizes).index_select(0, g)
+
+
+def unpad_rows(d: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pad_rows`: the rows at ``positions`` (:func:`padded_positions`), in order."""
+    return d.index_select(0, positions)
 
 
 # ---- lightning indexer: paged keys -> one contiguous key buffer with per-token [start, end) ranges
 
 
-def indexer_key_ranges(
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor
+def indexer_key_layout(
+    block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+    block_size: int, max_seqlen_k: int | None, meta: AttentionMetadata | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For keys of all sequences concatenated (sequence b at ``key_offset[b]``), the causal key
-    range of every query token: ``(ks int32 [T], ke int32 [T], key_offset int64 [B])`` -- the
-    ``cu_seq_len_k_start`` / ``cu_seq_len_k_end`` arguments of ``fp8_mqa_logits`` (end exclusive)."""
-    seq_idx, pos = token_positions(cu_seqlens_q, seq_lens)
-    key_offset = torch.cumsum(seq_lens.long(), 0) - seq_lens.long()
-    ks = key_offset[seq_idx]
-    return ks.to(torch.int32), (ks + pos + 1).to(torch.int32), key_offset
-
-
-def gather_sequence_keys(k_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """Every sequence's keys, positions ``0 .. seq_lens[b]-1``, concatenated: ``[sum(seq_lens), Di]``."""
-    lens = seq_lens.long()
-    seq_idx = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
-    pos = torch.arange(seq_idx.numel(), device=lens.device) - (torch.cumsum(lens, 0) - lens)[seq_idx]
-    slots = positions_to_slots(block_table, seq_idx, pos, k_cache.shape[1])
-    return k_cache.reshape(-1, k_cache.shape[-1])[slots]
+    """The non-paged key buffer ``fp8_mqa_logits`` reads, sized by host ints only: sequence b's
+    positions ``0 .. max_seqlen_k - 1`` at rows ``b * max_seqlen_k + p``. Returns ``(key_slots int64
+    [B * max_seqlen_k], ks int32 [T], ke int32 [T])``: each key row's cache slot and each token's causal
+    range ``[ks, ke)`` (end exclusive: ``cu_seq_len_k_start`` / ``cu_seq_len_k_end``). Rows past a
+    sequence's length are never inside a range. ``max_seqlen_k=None`` reads it from the device (the
+    op's documented convenience; a forward passes it)."""
+    B = seq_lens.shape[0]
+    if meta is not None and meta.block_size == block_size and max_seqlen_k in (None, meta.max_seqlen_k):
+        key_slots, L, seq_idx = meta.key_slots, meta.max_seqlen_k, meta.seq_idx
+        pos = (meta.first_query_pos.index_select(0, seq_idx) + torch.arange(num_tokens, device=seq_idx.device)
+               - cu_seqlens_q.index_select(0, seq_idx))
+    else:
+        L = int(seq_lens.max()) if max_seqlen_k is None and B else (max_seqlen_k or 0)
+        key_slots = sequence_key_slots(block_table, B, L, block_size)
+        seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, num_tokens)
+    ks = seq_idx * L
+    return key_slots.reshape(-1), ks.to(torch.int32), (ks + pos + 1).to(torch.int32)
 
 
 def topk_positions_from_logits(
     logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int
 ) -> torch.Tensor:
-    """``[T, N]`` logits over the concatenated keys -> hwlayer's int32 ``[T, topk]`` positions within
+    """``[T, N]`` logits over the laid-out keys -> hwlayer's int32 ``[T, topk]`` positions within
     each token's sequence (``column - ks``), -1 where fewer than ``topk`` keys are in range."""
     cols = torch.arange(logits.shape[1], device=logits.device)
     in_range = (cols[None, :] >= ks[:, None].long()) & (cols[None, :] < ke[:, None].long())
@@ -112,9 +142,7 @@ def topk_positions_from_logits(
     k = min(topk, logits.shape[1])
     vals, idx = scores.topk(k, dim=-1)
     pos = (idx - ks[:, None].long()).to(torch.int32).masked_fill(vals == float("-inf"), -1)
-    out = torch.full((logits.shape[0], topk), -1, dtype=torch.int32, device=logits.device)
-    out[:, :k] = pos
-    return out
+    return torch.nn.functional.pad(pos, (0, topk - k), value=-1) if k < topk else pos
 
 
 def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +158,10 @@ def empty_rows_to_contract(
     out: torch.Tensor, lse: torch.Tensor, kv_indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hwlayer's contract for a token with no valid index: ``out = 0`` and ``lse = -inf``. FlashMLA-style
-    kernels may report such rows differently (e.g. ``+inf`` lse); normalise them here."""
+    kernels may report such rows differently (e.g. ``+inf`` lse); normalise them here, on the device
+    (no "any empty row?" branch, which would read the device)."""
     empty = (kv_indices < 0).all(dim=-1).reshape(-1)  # [T] (kv_indices is [T, 1, K])
-    if bool(empty.any()):
-        out = out.masked_fill(empty[:, None, None], 0)
-        lse = lse.masked_fill(empty[:, None], float("-inf"))
-    return out, lse
+    return out.masked_fill(empty[:, None, None], 0), lse.masked_fill(empty[:, None], float("-inf"))
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -1,0 +1,266 @@
+"""Native paths that are right, copy-free and sync-free (issue 20): one test per defect, each failing
+on the code before the fix. Vendor facts are cited at the line the adapter or emulator follows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+import hwlayer
+from conformance import emulators
+from conformance.emulators import flash_mla as fm
+from conformance.emulators._common import VendorCheckError
+from hwlayer import ops
+from hwlayer.ops.layout import attention_metadata
+
+HOST_READS = (DataDependentOutputException, DynamicOutputShapeException)
+
+
+@pytest.fixture
+def emulate():
+    def start(backend: str, **overrides):
+        emulators.activate(backend, overrides or None)
+        return hwlayer.plan(backend, trace=True)
+
+    yield start
+    emulators.deactivate()
+
+
+def counts_of(plan, op: str) -> tuple[int, int]:
+    c = plan.call_counts()
+    return c.get((op, "native"), 0), sum(n for (o, t), n in c.items() if o == op and t != "native")
+
+
+def decode_batch(H: int = 64, K: int = 2048, seed: int = 0):
+    """Two decode rows at GLM-5 widths over a paged latent cache (blocks of 64), with the step's meta."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([70, 130], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    table = torch.tensor([[3, 0, 6], [1, 4, 2]], dtype=torch.int32)
+    kv = (torch.randn(8, 64, 576, generator=gen) * 0.5).bfloat16()
+    q = (torch.randn(2, H, 576, generator=gen) * 0.5).bfloat16()
+    idx = torch.full((2, K), -1, dtype=torch.int32)
+    idx[0, :70] = torch.randperm(70, generator=gen).to(torch.int32)
+    idx[1, :130] = torch.randperm(130, generator=gen).to(torch.int32)
+    positions = (lens - 1).long()
+    meta = attention_metadata(cu, lens, table, positions, block_size=64, max_seqlen_k=192, has_padding=False)
+    return q, kv, idx, table, cu, lens, meta
+
+
+# ---- host reads (decode-graph capture) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metax", "musa"])
+def test_dsa_adapters_read_nothing_on_the_host_in_decode(emulate, backend, monkeypatch):
+    """``token_positions`` without ``num_tokens``, ``int(lens.sum())`` / ``repeat_interleave(lens)`` and
+    ``bool(empty.any())`` in the old adapters each read the device: under FakeTensorMode they raise."""
+    monkeypatch.setenv("HWLAYER_CHECK", "0")
+    monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
+    plan = emulate(backend)
+    q, kv, idx, table, cu, lens, meta = decode_batch()
+    gen = torch.Generator().manual_seed(1)
+    qi = torch.randn(2, 32, 128, generator=gen).bfloat16()
+    w = torch.randn(2, 32, generator=gen)
+    kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta)
+        picked = plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
+    assert out.shape == (2, 64, 512) and lse.shape == (2, 64) and picked.shape == (2, 2048)
+    assert counts_of(plan, "sparse_mla_attention") == (1, 0) and counts_of(plan, "lightning_indexer") == (1, 0)
+    # the same calls with real data, without meta: right answers (the meta path is not the only one)
+    got, got_lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    want, want_lse = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    picked = plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192)
+    ref = ops.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192)
+    assert [sorted(r) for r in picked.tolist()] == [sorted(r) for r in ref.tolist()]  # top-2048 >= context: all
+
+
+# ---- MetaX mcFlashMLA: natural-log lse --------------------------------------------------------------
+
+
+def test_maca_flash_mla_lse_is_natural_log_as_its_kernel_writes_it(emulate):
+    """MetaX-MACA/mcFlashMLA c2dbf6e ``csrc/flash_kernel/feature/softmax.h:450``: ``lse = row_max *
+    softmax_scale + __logf(sum)`` with sum = sum_j exp2((s_j - row_max) * softmax_scale * log2(e)), i.e.
+    ``log(sum_j exp(s_j * scale))``: natural log, whatever the docstring's "2-based" says. A hand case:
+    two keys with scores 1 and 2 (scale 1) give lse = log(e + e^2)."""
+    q = torch.zeros(1, 64, 576, dtype=torch.bfloat16)
+    q[0, :, 0] = 1.0
+    kv = torch.zeros(4, 1, 576, dtype=torch.bfloat16)
+    kv[1, 0, 0], kv[2, 0, 0] = 1.0, 2.0
+    kv[1, 0, 1], kv[2, 0, 1] = 10.0, 20.0  # values (column 1 is inside d_v)
+    idx = torch.tensor([[[1, 2, -1]]], dtype=torch.int32)  # a partial block: mcFlashMLA handles it
+    out, _, lse = fm._maca_flash_mla_sparse_fwd(q, kv, idx, 1.0)
+    expect = math.log(math.e + math.e**2)
+    torch.testing.assert_close(lse, torch.full((1, 64), expect), atol=1e-5, rtol=1e-5)
+    p2 = math.e**2 / (math.e + math.e**2)
+    torch.testing.assert_close(out[0, 0, 1].float(), torch.tensor(10 * (1 - p2) + 20 * p2), atol=0.1, rtol=0.01)
+    # and the metax adapter passes it through unscaled (it used to multiply by ln 2)
+    plan = emulate("metax")
+    q2, kv2, idx2, table, cu, lens, meta = decode_batch()
+    _, got = plan.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512, meta=meta)
+    _, want = ops.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert counts_of(plan, "sparse_mla_attention") == (1, 0)
+
+
+# ---- FlashMLA sparse: architecture, empty top-k, whole top-k blocks ------------------------------
+
+
+@pytest.mark.parametrize(("capability", "ok"), [((9, 0), True), ((10, 0), True), ((10, 3), True), ((8, 9), False),
+                                                ((12, 0), False)])
+def test_flash_mla_sparse_checks_the_architecture_before_calling(emulate, capability, ok):
+    """FlashMLA 9241ae3 ``csrc/api/sparse_fwd.h``: ``TORCH_CHECK(is_sm90a || is_sm100f, ...)``."""
+    plan = emulate("cuda")
+    sys.modules["hwlayer_emulation"].CUDA_CAPABILITY = capability
+    q, kv, idx, table, cu, lens, meta = decode_batch()
+    why = hwlayer.backends.cuda.native.flash_mla_sparse_supports(q, kv, idx, table, cu, lens, 0.05, 512)
+    assert (why is True) if ok else ("sm90a or sm100f" in why)
+    if not ok:
+        with pytest.raises(VendorCheckError, match="SM90a and SM100f"):
+            fm.flash_mla_sparse_fwd(q, kv.view(-1, 1, 576), idx.unsqueeze(1), 0.05)
+        plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)  # declined: generic serves
+        assert counts_of(plan, "sparse_mla_attention") == (0, 1)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metax", "musa"])
+def test_an_empty_index_tensor_is_answered_without_the_kernel(emulate, backend):
+    """FlashMLA asserts ``topk > 0``; a [T, 0] index tensor means nothing to attend: out 0, lse -inf."""
+    plan = emulate(backend)
+    q, kv, _, table, cu, lens, _ = decode_batch()
+    idx = torch.zeros(2, 0, dtype=torch.int32)
+    with pytest.raises(VendorCheckError, match="topk > 0"):
+        fm.flash_mla_sparse_fwd(q, kv.view(-1, 1, 576), idx.unsqueeze(1), 0.05)
+    out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    assert not out.any() and torch.isneginf(lse).all()
+    assert counts_of(plan, "sparse_mla_attention") == (1, 0)
+
+
+def test_flash_mla_emulator_requires_whole_top_k_blocks_as_sm90_does():
+    """FlashMLA 9241ae3 ``csrc/sm90/prefill/sparse/phase1.cuh``: ``KU_ASSERT(params.topk % (2*B_TOPK) == 0)``
+    (B_TOPK 64). The emulator used to drop a partial last block silently; now it raises like the kernel."""
+    q, kv, idx, *_ = decode_batch(K=200)
+    flat = kv.view(-1, 1, 576)
+    with pytest.raises(VendorCheckError, match="% 128"):
+        fm.flash_mla_sparse_fwd(q, flat, idx.unsqueeze(1), 0.05)
+    with pytest.raises(VendorCheckError, match="% 128"):
+        fm.flash_mla_sparse_fwd(q, flat, idx[:, :64].unsqueeze(1).contiguous(), 0.05)
+    out, _, lse = fm.flash_mla_sparse_fwd(q, flat, torch.nn.functional.pad(idx, (0, 56), value=-1).unsqueeze(1), 0.05)
+    assert out.shape == (2, 64, 512) and torch.isfinite(lse).all()
+
+
+def test_kunlunxin_selects_devices_with_xpu_visible_devices():
+    """vLLM-Kunlun (baidu/vLLM-Kunlun 09869ee, docs and CI env) uses XPU_VISIBLE_DEVICES."""
+    backend = hwlayer.registry().backends["kunlunxin"]
+    assert backend.visible_devices_env == "XPU_VISIBLE_DEVICES"
+
+
+# ---- Cambricon rope: no per-call table rebuild ----------------------------------------------------
+
+
+def test_cambricon_rope_builds_no_table_per_call(emulate, monkeypatch):
+    """``convert.rope_full_tables`` built fp32 ``[max_pos, D]`` cos/sin tables on every call; now the
+    step's meta rows serve (nothing built), and without meta the tables are built once per cache."""
+    from hwlayer_cambricon import convert
+
+    plan = emulate("cambricon")
+    calls = []
+    full = convert.rope_full_tables
+    monkeypatch.setattr(convert, "rope_full_tables", lambda *a: calls.append(1) or full(*a))
+    gen = torch.Generator().manual_seed(5)
+    D, T = 64, 5
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    freqs = torch.outer(torch.arange(4096).float(), inv)
+    cache = torch.cat([freqs.cos(), freqs.sin()], -1)
+    positions = torch.tensor([3, 9, 100, 4000, 7])
+    cu, lens = torch.tensor([0, T], dtype=torch.int32), torch.tensor([4001], dtype=torch.int32)
+    meta = attention_metadata(cu, lens, torch.arange(64, dtype=torch.int32).view(1, 64), positions, block_size=64,
+                              max_seqlen_k=4096, cos_sin_cache=cache)
+    for interleaved in (True, False):
+        x = torch.randn(T, 4, D, generator=gen).bfloat16()
+        want = ops.rope(x, positions, cache, interleaved)
+        for _ in range(3):
+            torch.testing.assert_close(plan.rope(x, positions, cache, interleaved, meta=meta), want)
+        assert calls == []  # the meta rows served: no table at all
+        for _ in range(3):
+            torch.testing.assert_close(plan.rope(x, positions, cache, interleaved), want)
+        assert len(calls) == 1  # built once for this cache and layout
+        calls.clear()
+    assert counts_of(plan, "rope") == (12, 0)
+
+
+# ---- no per-call copy of a whole cache or weight stack --------------------------------------------
+
+
+class LargestOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor an aten op allocates (views are skipped, and so are the
+    emulated vendor kernels, ``hwlayer_emu::*``: their outputs are the kernel's own business)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not str(func.name()).startswith("hwlayer_emu::") and not func.is_view:  # a view allocates nothing
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.sizes.append((t.numel(), str(func)))
+        return out
+
+
+def assert_smaller_than(mode: LargestOutputs, *big: torch.Tensor) -> None:
+    limit = min(t.numel() for t in big)
+    offenders = [(n, op) for n, op in mode.sizes if n >= limit]
+    assert not offenders, f"tensors of {limit}+ elements made per call: {offenders[:5]}"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metax", "musa"])
+def test_dsa_adapters_copy_no_whole_cache_per_call(emulate, backend, monkeypatch):
+    monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
+    plan = emulate(backend)
+    q, kv, idx, table, cu, lens, meta = decode_batch()
+    gen = torch.Generator().manual_seed(1)
+    qi, w = torch.randn(2, 32, 128, generator=gen).bfloat16(), torch.randn(2, 32, generator=gen)
+    kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    with LargestOutputs() as mode:
+        plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta)
+    assert_smaller_than(mode, kv)
+    with LargestOutputs() as mode:
+        plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
+    assert_smaller_than(mode, kc)
+    assert counts_of(plan, "sparse_mla_attention") == (1, 0) and counts_of(plan, "lightning_indexer") == (1, 0)
+
+
+@pytest.mark.parametrize("backend", ["cambricon", "musa"])
+def test_moe_and_rope_adapters_copy_no_weight_or_table_per_call(emulate, backend):
+    plan = emulate(backend)
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 256, generator=gen).bfloat16(), torch.randn(32, 512, 256, generator=gen).bfloat16()
+    sizes = torch.zeros(32, dtype=torch.int64)
+    sizes[[1, 5, 9]] = torch.tensor([3, 4, 1])
+    with LargestOutputs() as mode:
+        plan.grouped_gemm(x, w, sizes)
+    assert_smaller_than(mode, w)
+    assert counts_of(plan, "grouped_gemm") == (1, 0)
+    if backend == "cambricon":  # the old adapter rebuilt [max_pos, D] cos/sin tables per call
+        inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+        freqs = torch.outer(torch.arange(4096).float(), inv)
+        cache = torch.cat([freqs.cos(), freqs.sin()], -1)
+        xr, positions = torch.randn(2, 65, 64, generator=gen).bfloat16(), torch.tensor([69, 129])
+        plan.rope(xr, positions, cache, True)  # the first call without meta builds the tables once
+        for meta in (None, attention_metadata(torch.tensor([0, 1, 2], dtype=torch.int32),
+                                              torch.tensor([70, 130], dtype=torch.int32),
+                                              torch.arange(6, dtype=torch.int32).view(2, 3), positions,
+                                              block_size=64, max_seqlen_k=192, cos_sin_cache=cache)):
+            with LargestOutputs() as mode:
+                plan.rope(xr, positions, cache, True, meta=meta)
+            assert_smaller_than(mode, cache)
