@@ -51,7 +51,6 @@ int32), so no forward copies or converts a weight. The generic returns the weigh
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -132,7 +131,8 @@ class QuantizedWeight:
         if s.device != d.device:
             raise ValueError(f"QuantizedWeight({fmt}): scale on {s.device}, data on {d.device}")
         if self.act_scale_fmt not in ACT_SCALE_FMTS:
-            raise ValueError(f"QuantizedWeight({fmt}): act_scale_fmt expected None or 'ue8m0', got {self.act_scale_fmt!r}")
+            raise ValueError(f"QuantizedWeight({fmt}): act_scale_fmt expected None or 'ue8m0', "
+                             f"got {self.act_scale_fmt!r}")
         if self.act_scale_fmt and fmt not in ("fp8_block", "int8"):
             raise ValueError(f"QuantizedWeight({fmt}): act_scale_fmt 'ue8m0' applies to fp8_block / int8 only")
         if fmt == "w8a8_static":
