@@ -198,7 +198,7 @@ def test_unknown_quant_method_and_format(ckpts, tmp_path):
     with pytest.raises(ConfigError, match=r"config\.json: field 'quantization_config\.quant_method' expected one of "
                                           r"fp8, w8a8_int8, compressed-tensors, got 'awq'"):
         load_model(out, backend="cpu")
-    with pytest.raises(ValueError, match=r"^weight format: expected one of fp8_block, int8, bf16, fp16, fp32, "
+    with pytest.raises(ValueError, match=r"^weight format: expected one of fp8_block, int8, w8a8_static, w4a8, bf16, fp16, fp32, "
                                          r"got 'fp4'"):
         load_model(ckpts["int8"], backend="cpu", weight_format="fp4")
 
