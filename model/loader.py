@@ -660,7 +660,7 @@ def load_state(
             if target is not None and linear:
                 keep = t.format == target or (as_stored and t.format in native)
                 goal = t.format if keep else (target if not as_stored or target in native else "int8")
-                if goal == "w8a8_static":  # needs calibrated activations: only as stored
+                if goal == "w8a8_static" and t.format != goal:  # needs calibrated activations: only as stored
                     goal = "int8"
                 if goal == t.format:
                     return t.to(device)
