@@ -658,8 +658,8 @@ def load_state(
         linear = is_linear_weight(name)
         if isinstance(t, QuantizedWeight):
             if target is not None and linear:
-                keep = t.format == target or (as_stored and t.format in native)
-                goal = t.format if keep else (target if not as_stored or target in native else "int8")
+                keep = t.format in native and (t.format == target or as_stored)
+                goal = t.format if keep else (target if target in native else "int8")
                 if goal == "w8a8_static" and t.format != goal:  # needs calibrated activations: only as stored
                     goal = "int8"
                 if goal == t.format:
