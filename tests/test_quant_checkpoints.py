@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hwlayer.ops.quant import QuantizedWeight
 from model import CheckpointError, ConfigError, load_model
 from model.config import ModelConfig, QuantConfig, _ct_match, _prefix_match
 from model.generate import generate, score
@@ -34,8 +33,8 @@ ATTN = "model.layers.1.self_attn."
 EXPERT = "model.layers.1.mlp.experts.0."
 # Logits KL(float || quantized) and top-1 agreement on these seeded checkpoints and prompts (measured,
 # docs/benchmarks.md): int8 from float 0.011 / 0.83; msmodelslim W8A8 0.028 / 0.83; W4A8 0.043 / 0.67;
-# compressed-tensors int8 ~= int8, FP8_BLOCK 0.11 / 0.40 (kv_b_proj and wk quantized too). Bounds are loose (the tiny random model is chaotic), but a wrong
-# scale, offset, nibble order or bias gives KL > 1.
+# compressed-tensors int8 ~= int8, FP8_BLOCK 0.11 / 0.40 (kv_b_proj and wk quantized too). Bounds are
+# loose (the tiny random model is chaotic), but a wrong scale, offset, nibble order or bias gives KL > 1.
 QUALITY = {"w8a8": (0.06, 0.75), "w4a8": (0.09, 0.6), "ct-int8": (0.03, 0.75), "ct-fp8_block": (0.2, 0.3)}
 
 
