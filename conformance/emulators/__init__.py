@@ -10,7 +10,8 @@ argument, a wrong layout, a wrong lse base or an out-of-range shape then fails a
 Emulated backend -> libraries (module names as the adapters import them):
 
 ===========  ==============================================================================
-ascend       ``torch_npu``                                    (:mod:`.torch_npu`)
+ascend       ``torch_npu``                                    (:mod:`.torch_npu`, quantized ops
+             :mod:`.torch_npu_quant`)
 cuda         ``flash_mla`` (current API), ``deep_gemm``, ``vllm._C`` (:mod:`.flash_mla`,
              :mod:`.deep_gemm`, :mod:`.vllm_c`)
 metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (base-2 lse), MACA ``deep_gemm``
@@ -80,10 +81,14 @@ ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
     """Module name -> function filling that module, for one emulated backend."""
-    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, vllm_c
+    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, torch_npu_quant, vllm_c
+
+    def torch_npu_all(module: types.ModuleType) -> None:  # the quantized ops live in their own module
+        torch_npu.install(module)
+        torch_npu_quant.install(module)
 
     table: dict[str, dict[str, Callable[[types.ModuleType], None]]] = {
-        "ascend": {"torch_npu": torch_npu.install},
+        "ascend": {"torch_npu": torch_npu_all},
         "cuda": {
             "flash_mla": flash_mla.install_current,
             "deep_gemm": deep_gemm.install_nvidia,

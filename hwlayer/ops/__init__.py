@@ -12,9 +12,9 @@ cases) and its body is the generic torch implementation, the default on every de
 * :mod:`.ep` -- ``all_to_all``, ``ep_dispatch``, ``ep_combine`` (expert parallelism)
 * :mod:`.sampling` -- ``sample``
 * :mod:`.quant` -- ``quant_linear``, ``quant_grouped_gemm``, the composite ``quant_fused_experts`` and
-  ``prepare_weight`` (a weight converted once at load into the layout a backend wants)
-  (weights kept in ``fp8_block`` / ``int8`` / ``w8a8_static`` / ``w4a8``: :class:`~.quant.QuantizedWeight`, the formats, and the
-  activation quantization each contract fixes)
+  ``prepare_weight`` (a weight converted once at load into the layout a backend wants) (weights
+  kept in ``fp8_block`` / ``int8`` / ``w8a8_static`` / ``w4a8``: :class:`~.quant.QuantizedWeight`,
+  the formats, and the activation quantization each contract fixes)
 * :mod:`.layout` -- the validation and index helpers below layouts need (``check_tensor``,
   ``check_varlen``, ``token_positions``, ``positions_to_slots``, ``value_checks``, ...), public
   for adapters

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -104,6 +104,10 @@ class QuantizedWeight:
     bias: torch.Tensor | None = None
     group_size: int = 0
     act_scale_fmt: str | None = None
+    # Backend-owned tensors made once by that backend's ``prepare_weight`` (e.g. the NPU's int64
+    # scales, the W4A8 kernel's scale_bias): resident, never read by the generic ops, dropped by
+    # ``to()`` and indexing (prepare again).
+    prepared: dict[str, torch.Tensor] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         fmt = self.format
@@ -164,7 +168,8 @@ class QuantizedWeight:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor this weight holds (what stays resident)."""
-        return tuple(t for t in (self.data, self.scale, self.input_scale, self.input_offset, self.bias)
+        extra = tuple(self.prepared.values()) if self.prepared else ()
+        return tuple(t for t in (self.data, self.scale, self.input_scale, self.input_offset, self.bias, *extra)
                      if t is not None)
 
     @property
@@ -180,7 +185,7 @@ class QuantizedWeight:
             return None if t is None else t.to(device)
 
         return self.replace(data=self.data.to(device), scale=self.scale.to(device), input_scale=mv(self.input_scale),
-                            input_offset=mv(self.input_offset), bias=mv(self.bias))
+                            input_offset=mv(self.input_offset), bias=mv(self.bias), prepared=None)
 
     def __getitem__(self, e: int) -> QuantizedWeight:
         """Expert ``e`` of a stack, as a 2-D weight (views, no copy)."""
@@ -191,7 +196,7 @@ class QuantizedWeight:
             return None if t is None else t[e]
 
         return self.replace(data=self.data[e], scale=self.scale[e], input_scale=pick(self.input_scale),
-                            input_offset=pick(self.input_offset), bias=pick(self.bias))
+                            input_offset=pick(self.input_offset), bias=pick(self.bias), prepared=None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self, dtype)
@@ -482,7 +487,7 @@ def concat_rows(a: torch.Tensor | QuantizedWeight, b: torch.Tensor | QuantizedWe
             a.format == "fp8_block" and a.shape[0] % FP8_BLOCK) or a.format == "w8a8_static" or (
             a.group_size, a.act_scale_fmt) != (b.group_size, b.act_scale_fmt):
         return (a, b)
-    return a.replace(data=torch.cat([a.data, b.data], 0), scale=torch.cat([a.scale, b.scale], 0))
+    return a.replace(data=torch.cat([a.data, b.data], 0), scale=torch.cat([a.scale, b.scale], 0), prepared=None)
 
 
 def prepare_weight(name: str, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
