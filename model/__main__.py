@@ -183,14 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     p = _Parser(prog="python -m model", description="greedy generation with a glm_moe_dsa checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, or a Hugging Face id (a ModelScope id with HWLAYER_USE_MODELSCOPE=1)")
+    p.add_argument("--revision", help="hub revision of a --model id (branch, tag or commit)")
+    p.add_argument("--download-dir", help="hub cache directory for a --model id (default: the hub's)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--backend", default=None, help="hwlayer backend (default: GLM_BACKEND or auto)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on cpu)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP layer")
     p.add_argument("--weight-format", choices=list(WEIGHT_FORMATS), default=None,
-                   help="weights kept as fp8_block | int8 | bf16 | fp16 | fp32 (default: the checkpoint's format "
+                   help="weights kept as " + " | ".join(WEIGHT_FORMATS) + " (default: the checkpoint's format "
                         "when the backend runs it, else the best it runs)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
@@ -200,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import load_model
     from .config import ConfigError
     from .generate import generate, generate_speculative
+    from .hub import resolve_model
     from .loader import CheckpointError
     from .tokenizer import load_tokenizer
 
     try:
-        model = load_model(args.model, backend=args.backend, dtype=args.dtype, weight_format=args.weight_format)
-        tok = load_tokenizer(args.model)
+        path = resolve_model(args.model, args.revision, args.download_dir)
+        model = load_model(path, backend=args.backend, dtype=args.dtype, weight_format=args.weight_format)
+        tok = load_tokenizer(path)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, hwlayer.BackendError) as exc:
         return _fail(str(exc))
     ids = tok.encode(args.prompt).ids

@@ -46,7 +46,7 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, downloa
             raise ModelNotFoundError(f"--revision {revision}: only for a hub id, and {text} is a local path")
         if not path.is_dir():
             raise ModelNotFoundError(f"{text}: no such directory, and not a hub id (expected a checkpoint directory "
-                                     f"or a Hugging Face / ModelScope id like zai-org/GLM-5)")
+                                     f"with config.json, or a Hugging Face / ModelScope id like zai-org/GLM-5)")
         return path
     if _truthy(MODELSCOPE_ENV):
         return _modelscope(text, revision, download_dir)
