@@ -133,6 +133,10 @@ def _compressed_tensors(qc: dict[str, Any], src: str) -> tuple[str, tuple[str, .
         raise ConfigError(f"{src}: field '{where}.{name}' expected W8A8 int8 (weights int8 channel, activations "
                           f"int8 token dynamic) or FP8_BLOCK (weights float8 block [128, 128], activations float8 "
                           f"group 128 dynamic), got weights {w!r}, input_activations {a!r}")
+    fmt = qc.get("format")
+    if fmt not in (None, "int-quantized", "float-quantized"):
+        raise ConfigError(f"{src}: field 'quantization_config.format' expected 'int-quantized' or 'float-quantized' "
+                          f"(quantized weights stored as such), got {fmt!r}")
     targets = g.get("targets") or ["Linear"]
     if targets != ["Linear"]:
         raise ConfigError(f"{src}: field '{where}.{name}.targets' expected ['Linear'], got {targets!r}")

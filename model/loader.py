@@ -533,7 +533,9 @@ def load_state(
     if has_mtp:
         want |= mtp  # an MTP layer that is present must be complete
     optional = _optional_mtp_tensors(cfg) if has_mtp else {}
-    ignorable = set(mtp) | set(_optional_mtp_tensors(cfg)) if skip_mtp else set()
+    mtp_prefixes = tuple(f"model.layers.{i}." for i in range(cfg.num_hidden_layers,
+                                                           cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    ignorable = {n for n in files if n.startswith(mtp_prefixes)} if skip_mtp else set()
 
     # ---- the stored format of every weight, from the description (msmodelslim) or the dtype ----
     def stored_fmt(name: str, st_dtype: str) -> str | None:

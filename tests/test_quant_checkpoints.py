@@ -216,6 +216,16 @@ def test_cli_and_server_exit_2_on_a_bad_checkpoint(ckpts, tmp_path):
     assert "Uvicorn running" not in r.stderr + r.stdout
 
 
+def test_rotated_checkpoint_loads_without_its_mtp_layer(ckpts, tmp_path, caplog):
+    """QuaRot is fused offline; only the MTP draft of a rotated checkpoint needs rot.weight at run time
+    (vllm-ascend models/deepseek_mtp.py), which hwlayer does not apply: the MTP layer is left out."""
+    rot = _edit(ckpts["w8a8"], tmp_path / "rot", desc=lambda d: d.__setitem__("is_rot_used", True))
+    with caplog.at_level(logging.WARNING, logger="model.loader"):
+        m = load_model(rot, backend="cpu")
+    assert m.mtp is None
+    assert any("MTP layer not loaded" in r.getMessage() for r in caplog.records)
+
+
 # ---- compressed-tensors ---------------------------------------------------------------------------
 
 
