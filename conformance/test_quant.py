@@ -62,12 +62,12 @@ LINEAR_CASES = {
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_quant_linear(checker, dtype, device, fmt, case):
+def test_quant_linear(checker, plan, dtype, device, fmt, case):
     ck = checker("quant_linear", f"{fmt}-{case}")
     gen = generator("quant_linear", fmt, case, dtype)
     xshape, N = LINEAR_CASES[case]
     x = _activations(gen, xshape, ck.dtype, device)
-    qw = _weight(gen, (N, xshape[-1]), fmt, device)
+    qw = plan.prepare_weight("w", _weight(gen, (N, xshape[-1]), fmt, device))  # as the loader does, once
     out = ck.fn(x, qw)
     ck.shape_dtype("out", out, (*xshape[:-1], N), ck.dtype)
     tol, K = gq.TOLERANCES[dtype], xshape[-1]
@@ -81,7 +81,7 @@ def test_quant_linear(checker, dtype, device, fmt, case):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", ["empty-groups", "padding-rows"])
-def test_quant_grouped_gemm(checker, dtype, device, fmt, case):
+def test_quant_grouped_gemm(checker, plan, dtype, device, fmt, case):
     """Experts with no rows; and rows past sum(group_sizes) (moe_permute's dropped assignments),
     whose output the contract leaves unspecified, so only the grouped rows are compared."""
     ck = checker("quant_grouped_gemm", f"{fmt}-{case}")
@@ -89,7 +89,7 @@ def test_quant_grouped_gemm(checker, dtype, device, fmt, case):
     sizes, K, N = [3, 0, 2, 4], 160, 144
     M = sum(sizes) + (3 if case == "padding-rows" else 0)
     x = _activations(gen, (M, K), ck.dtype, device)
-    qw = _weight(gen, (len(sizes), N, K), fmt, device)
+    qw = plan.prepare_weight("experts.w13", _weight(gen, (len(sizes), N, K), fmt, device))
     out = ck.fn(x, qw, torch.tensor(sizes, dtype=torch.int64, device=device))
     ck.shape_dtype("out", out, (M, N), ck.dtype)
     tol, rows = gq.TOLERANCES[dtype], sum(sizes)
@@ -100,15 +100,15 @@ def test_quant_grouped_gemm(checker, dtype, device, fmt, case):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quant_fused_experts(checker, dtype, device, fmt):
+def test_quant_fused_experts(checker, plan, dtype, device, fmt):
     ck = checker("quant_fused_experts", f"{fmt}-dropped-ids")
     gen = generator("quant_fused_experts", fmt, dtype)
     T, k, E, D, inter = 6, 2, 4, 144, 128
     # Plain normal rows: between the GEMMs the contract rounds to x.dtype, and in bf16/fp16 one ulp
     # there can move a group's amax and so every fp8 step of the group; wide ranges magnify that.
     x = randn(gen, (T, D), ck.dtype, device)
-    w13 = _weight(gen, (E, 2 * inter, D), fmt, device)
-    w2 = _weight(gen, (E, D, inter), fmt, device)
+    w13 = plan.prepare_weight("experts.w13", _weight(gen, (E, 2 * inter, D), fmt, device))
+    w2 = plan.prepare_weight("experts.w2", _weight(gen, (E, D, inter), fmt, device))
     ids = torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32)
     ids[1, 0], ids[4, 1] = -1, E  # dropped: not an expert of this rank
     weights = randn(gen, (T, k), torch.float32, torch.device("cpu"), scale=0.5).abs()
@@ -121,7 +121,7 @@ def test_quant_fused_experts(checker, dtype, device, fmt):
 
 
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_quant_linear_w8a8_static(checker, dtype, device, case):
+def test_quant_linear_w8a8_static(checker, plan, dtype, device, case):
     """msmodelslim W8A8 (static): one asymmetric scale + integer offset for the whole activation,
     int32 ``quant_bias`` and ``deq_scale``. The activation range is calibrated on other data, so
     some values clamp at -128 / 127 (as a deployed static scale does)."""
@@ -132,7 +132,7 @@ def test_quant_linear_w8a8_static(checker, dtype, device, case):
     x = (randn(gen, xshape, torch.float32, torch.device("cpu")) + 0.7).to(device=device, dtype=ck.dtype)
     w = randn(gen, (N, K), torch.float32, torch.device("cpu"), scale=0.05)
     s, o = static_activation_params(-2.0, 3.0)
-    qw = quantize_weight_static(w, s, o).to(device)
+    qw = plan.prepare_weight("o_proj", quantize_weight_static(w, s, o).to(device))
     out = ck.fn(x, qw)
     ck.shape_dtype("out", out, (*xshape[:-1], N), ck.dtype)
     tol = gq.TOLERANCES[dtype]
@@ -146,12 +146,12 @@ def test_quant_linear_w8a8_static(checker, dtype, device, case):
 
 
 @pytest.mark.parametrize("fmt", ("fp8_block", "int8"))
-def test_quant_linear_ue8m0(checker, dtype, device, fmt):
+def test_quant_linear_ue8m0(checker, plan, dtype, device, fmt):
     """``act_scale_fmt="ue8m0"`` (DeepSeek-V3.1/3.2 ``scale_fmt``): power-of-two activation scales."""
     ck = checker("quant_linear", f"{fmt}-ue8m0")
     gen = generator("quant_linear", fmt, "ue8m0", dtype)
     x = _activations(gen, (6, 256), ck.dtype, device)
-    qw = _weight(gen, (130, 256), fmt, device).replace(act_scale_fmt="ue8m0")
+    qw = plan.prepare_weight("w", _weight(gen, (130, 256), fmt, device).replace(act_scale_fmt="ue8m0"))
     out = ck.fn(x, qw)
     tol = gq.TOLERANCES[dtype]
     golden = gq.quant_linear(x, qw.data, qw.scale, fmt, ue8m0=True)
@@ -161,12 +161,12 @@ def test_quant_linear_ue8m0(checker, dtype, device, fmt):
         assert error_figures(wrong, golden, tol.atol_at(256), tol.rtol).ratio > 1
 
 
-def test_quant_linear_w4a8_per_group(checker, dtype, device):
+def test_quant_linear_w4a8_per_group(checker, plan, dtype, device):
     """w4a8 with ``group_size`` 64: one weight scale per 64 columns."""
     ck = checker("quant_linear", "w4a8-group64")
     gen = generator("quant_linear", "w4a8", "group64", dtype)
     x = _activations(gen, (5, 256), ck.dtype, device)
-    qw = _weight(gen, (96, 256), "w4a8", device, group_size=64)
+    qw = plan.prepare_weight("w", _weight(gen, (96, 256), "w4a8", device, group_size=64))
     out = ck.fn(x, qw)
     tol = gq.TOLERANCES[dtype]
     ck.close("out", out, gq.quant_linear(x, qw.data, qw.scale, "w4a8"), k=256, tol=tol)
