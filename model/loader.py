@@ -612,6 +612,10 @@ def load_state(
                 raise CheckpointError(f"{f}: tensor {name!r} has dtype {st_dtype}, expected {want_dtype} for its "
                                       f"{fmt} quant type")
             if fmt == "w4a8":
+                group = cfg.quant.group_size if cfg.quant is not None else 0
+                if group and expect[1] % group:
+                    raise CheckpointError(f"{f}: w4a8 tensor {name!r} {list(expect)}: group_size {group} (from "
+                                          f"{MSMODELSLIM_DESCRIPTION}) does not divide K={expect[1]}")
                 if expect[0] % 2:
                     raise CheckpointError(f"{f}: w4a8 tensor {name!r}: N={expect[0]} is odd, expected two int4 per "
                                           f"byte along N")
