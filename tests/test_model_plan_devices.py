@@ -38,6 +38,7 @@ def test_device_memory_as_the_tools_report_it():
     assert (DEVICES["a2"].per_node, DEVICES["a3"].per_node) == (8, 16)
 
 
+@pytest.mark.slow  # 30 plans of the full GLM-5 config (60k tensors each): ~10 s
 @needs_glm5
 def test_plan_reproduces_the_vllm_ascend_glm5_single_node_deployments(capsys):
     a3 = _table(capsys, "a3")

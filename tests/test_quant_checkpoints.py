@@ -204,6 +204,7 @@ def test_bad_msmodelslim_checkpoint_one_line(ckpts, tmp_path, case):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # two subprocesses
 def test_cli_and_server_exit_2_on_a_bad_checkpoint(ckpts, tmp_path):
     bad = _edit(ckpts["w8a8"], tmp_path / "bad", _pop(ATTN + "o_proj.input_scale"), _pop(ATTN + "o_proj.input_scale"))
     r = subprocess.run([sys.executable, "-m", "model", "--model", str(bad), "--prompt", "hi", "--backend", "cpu"],
