@@ -80,15 +80,24 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def quant_act(x: torch.Tensor, fmt: str, variant: str = "") -> np.ndarray:
-    """The activation rows as the contract quantizes and dequantizes them, float64 ``[T, K]``."""
+def _pow2_up(s: float) -> float:
+    """ue8m0: the smallest power of two >= s (frexp: s = m * 2^e with 0.5 <= m < 1)."""
+    m, e = math.frexp(s)
+    return math.ldexp(1.0, e - 1) if m == 0.5 else math.ldexp(1.0, e)
+
+
+def quant_act(x: torch.Tensor, fmt: str, variant: str = "", ue8m0: bool = False) -> np.ndarray:
+    """The activation rows as the contract quantizes and dequantizes them, float64 ``[T, K]``
+    (``ue8m0``: scales rounded up to powers of two; ``variant="plain_scale"`` ignores that)."""
     a = x.detach().cpu().to(torch.float32).numpy().astype(np.float64)
     T, K = a.shape
     out = np.zeros_like(a)
-    if fmt == "int8":
+    pow2 = ue8m0 and variant != "plain_scale"
+    if fmt in ("int8", "w4a8"):
         for t in range(T):
             amax = np.abs(a).max(initial=0.0) if variant == "per_tensor" else np.abs(a[t]).max(initial=0.0)
             s = _f32(_f32(max(amax, 1e-10)) / 127)
+            s = _pow2_up(s) if pow2 else s
             v = _div32(a[t], s)
             q = np.trunc(v) if variant == "truncate" else np.rint(v)
             out[t] = np.clip(q, -127, 127) * s
@@ -98,6 +107,7 @@ def quant_act(x: torch.Tensor, fmt: str, variant: str = "") -> np.ndarray:
         for g0 in range(0, K, width):
             grp = a[t, g0 : g0 + width]
             s = _f32(_f32(max(np.abs(grp).max(initial=0.0), 1e-10)) / E4M3_MAX)
+            s = _pow2_up(s) if pow2 else s
             out[t, g0 : g0 + width] = round_e4m3(np.clip(_div32(grp, s), -E4M3_MAX, E4M3_MAX),
                                                  truncate=variant == "truncate") * s
     return out
@@ -105,6 +115,12 @@ def quant_act(x: torch.Tensor, fmt: str, variant: str = "") -> np.ndarray:
 
 def dequant_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, variant: str = "") -> np.ndarray:
     """One 2-D weight, float64 ``[N, K]``, block by block (``variant="transposed"``: scale[k_blk, n_blk])."""
+    if fmt == "w4a8":
+        d = unpack_nibbles(data, swap=variant == "nibble_swap")
+        s = scale.detach().cpu().numpy().astype(np.float64)
+        if s.ndim == 1:
+            return d * s[:, None]
+        return d * np.repeat(s, d.shape[1] // s.shape[1], axis=1)
     d = data.detach().cpu().to(torch.float32).numpy().astype(np.float64)
     s = scale.detach().cpu().numpy().astype(np.float64)
     if fmt == "int8":
@@ -119,11 +135,46 @@ def dequant_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, variant: s
     return out
 
 
+def unpack_nibbles(packed: torch.Tensor, swap: bool = False) -> np.ndarray:
+    """msmodelslim's int4 packing undone byte by byte, float64 ``[N, K]``: byte ``[i, k]`` holds row
+    ``2i`` in its low nibble and row ``2i+1`` in its high nibble, two's complement (``swap``: the
+    wrong reading, high nibble first)."""
+    b = packed.detach().cpu().numpy().astype(np.int64) & 0xFF
+    half, K = b.shape
+    out = np.zeros((2 * half, K))
+    for i in range(half):
+        for k in range(K):
+            lo, hi = b[i, k] & 0xF, b[i, k] >> 4
+            lo, hi = (hi, lo) if swap else (lo, hi)
+            out[2 * i, k] = lo - 16 if lo > 7 else lo
+            out[2 * i + 1, k] = hi - 16 if hi > 7 else hi
+    return out
+
+
 def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, fmt: str,
-                 act_variant: str = "", weight_variant: str = "") -> torch.Tensor:
+                 act_variant: str = "", weight_variant: str = "", ue8m0: bool = False) -> torch.Tensor:
     """float64 ``[..., N]``."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = quant_act(x2, fmt, act_variant) @ dequant_weight(data, scale, fmt, weight_variant).T
+    w = dequant_weight(data, scale, fmt, weight_variant)
+    y = quant_act(x2, fmt, act_variant, ue8m0) @ w.T
+    return torch.from_numpy(y).reshape(*x.shape[:-1], w.shape[0])
+
+
+def quant_linear_static(x: torch.Tensor, data: torch.Tensor, deq_scale: torch.Tensor, input_scale: float,
+                        input_offset: float, quant_bias: torch.Tensor, variant: str = "") -> torch.Tensor:
+    """``w8a8_static``, float64 ``[..., N]``: ``q = clip(rint(fp32(fp32(x) / s) + offset), -128, 127)``
+    (the quotient one fp32 division, the offset an integer), ``(q @ data^T + quant_bias) * deq_scale``
+    with the integer products summed exactly. ``variant``: ``"symmetric"`` (offset ignored),
+    ``"no_bias"`` (quant_bias not added), ``"truncate"``."""
+    a = x.reshape(-1, x.shape[-1]).detach().cpu().to(torch.float32).numpy().astype(np.float64)
+    v = (_div32(a, input_scale).astype(np.float32) + np.float32(0 if variant == "symmetric" else input_offset))
+    v = v.astype(np.float64)
+    q = np.clip(np.trunc(v) if variant == "truncate" else np.rint(v), -128, 127)
+    d = data.detach().cpu().numpy().astype(np.int64)
+    acc = q.astype(np.int64) @ d.T
+    if variant != "no_bias":
+        acc = acc + quant_bias.detach().cpu().numpy().astype(np.int64)[None, :]
+    y = acc.astype(np.float64) * deq_scale.detach().cpu().numpy().astype(np.float64)[None, :]
     return torch.from_numpy(y).reshape(*x.shape[:-1], data.shape[0])
 
 
@@ -133,7 +184,8 @@ def quant_grouped_gemm(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     for e, n in enumerate(sizes):
         out.append(quant_linear(x[start : start + n], data[e], scale[e], fmt, act_variant, weight_variant))
         start += n
-    return torch.cat(out) if out else torch.zeros(0, data.shape[1], dtype=torch.float64)
+    n_out = data.shape[1] * (2 if fmt == "w4a8" else 1)
+    return torch.cat(out) if out else torch.zeros(0, n_out, dtype=torch.float64)
 
 
 def quant_fused_experts(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor],
@@ -142,7 +194,7 @@ def quant_fused_experts(x: torch.Tensor, w13: tuple[torch.Tensor, torch.Tensor],
     """Per token and slot: gate/up (rounded to x.dtype), SwiGLU in float64 (rounded to x.dtype),
     down, weighted sum. Ids outside ``[0, E)`` contribute nothing."""
     E = w13[0].shape[0]
-    inter = w13[0].shape[1] // 2
+    inter = w13[0].shape[1] // 2 * (2 if fmt == "w4a8" else 1)
     T, k = topk_ids.shape
     out = torch.zeros(T, x.shape[1], dtype=torch.float64)
     for t in range(T):

@@ -49,6 +49,8 @@ def load_model(
     ep_group=None,
     progress: bool | None = None,
     weight_format: str | None = None,
+    revision: str | None = None,
+    download_dir: str | None = None,
 ) -> GLM5:
     """Load a glm_moe_dsa checkpoint directory onto a hwlayer backend.
 
@@ -60,18 +62,23 @@ def load_model(
     (all of them, or only its own sequences' with data-parallel attention) is the caller's choice.
     ``weight_format``: ``fp8_block`` | ``int8`` | ``bf16`` | ``fp16`` | ``fp32`` or None (the
     checkpoint's format when the backend runs it, else the best it runs; see
-    :func:`model.loader.resolve_weight_format`); one the backend cannot run is a ValueError.
+    :func:`model.loader.resolve_weight_format`); one the backend cannot run is a ValueError. An
+    unquantized ``weight_format`` with ``dtype=None`` chooses the dtype. ``path`` may be a Hugging
+    Face id (or a ModelScope id with ``HWLAYER_USE_MODELSCOPE=1``): :func:`model.hub.resolve_model`,
+    with ``revision`` and ``download_dir``. Every weight goes once through ``plan.prepare_weight``.
     """
     import hwlayer
     from hwlayer.distributed import local_expert_range
 
-    path = Path(path)
+    from .hub import resolve_model
+
+    path = resolve_model(path, revision, download_dir)
     cfg = ModelConfig.from_json(path)
     plan = hwlayer.plan(backend)
+    if dtype is None and weight_format in UNQUANTIZED_FORMATS:
+        dtype = UNQUANTIZED_FORMATS[weight_format]  # the format chooses the dtype
     if dtype is None:
         dtype = torch.float32 if plan.device.type == "cpu" else cfg.dtype
-    if dtype is None and weight_format in UNQUANTIZED_FORMATS:
-        dtype = UNQUANTIZED_FORMATS[weight_format]
     dtype = parse_dtype(dtype)
     weight_format = resolve_weight_format(cfg, plan.backend, weight_format, dtype)
     expert_range = None
@@ -93,7 +100,8 @@ def load_model(
         if world != ep:
             raise RuntimeError(f"ep={ep} but the torch.distributed group has world size {world}")
         expert_range = local_expert_range(dist.get_rank(ep_group), ep, cfg.n_routed_experts)
-    state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress, weight_format)
+    state, has_mtp = load_state(path, cfg, dtype, plan.device, expert_range, progress, weight_format,
+                                native_formats=plan.backend.native_weight_formats(), prepare=plan.prepare_weight)
     model = GLM5(cfg, state, plan, dtype, has_mtp, ep=ep, ep_group=ep_group)
     model.path = path
     model.weight_format = weight_format

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,24 +41,116 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A checkpoint's ``quantization_config``: the weight format it stores and what it left unquantized.
+    """How a checkpoint is quantized: the weight format it stores and what it left unquantized.
 
-    ``quant_method`` ``"fp8"`` (``fmt`` e4m3, ``weight_block_size`` [128, 128], dynamic activations:
-    the DeepSeek-V3 / GLM-5-FP8 layout, ``*.weight_scale_inv``) -> ``fp8_block``; ``"w8a8_int8"``
-    (SGLang's per-channel INT8 layout, ``*.weight_scale`` ``[N, 1]``, dynamic per-token activations)
-    -> ``int8``. ``modules_to_not_convert`` (HF) / ``ignored_layers`` (vLLM): module-name substrings
-    whose weights the checkpoint keeps unquantized and the loader never quantizes.
+    * ``quant_method`` ``"fp8"`` (``fmt`` e4m3, ``weight_block_size`` [128, 128], dynamic
+      activations: the DeepSeek-V3 / GLM-5-FP8 layout, ``*.weight_scale_inv``) -> ``fp8_block``;
+      ``"w8a8_int8"`` (SGLang's per-channel INT8 layout, ``*.weight_scale`` ``[N, 1]``) -> ``int8``.
+      ``modules_to_not_convert`` (HF) / ``ignored_layers`` (vLLM): modules the checkpoint keeps
+      unquantized, matched as module-name prefixes on dot boundaries (``mlp.gate`` catches
+      ``model.layers.3.mlp.gate`` but not ``mlp.gate_proj``), never as substrings. ``scale_fmt``:
+      ``"ue8m0"`` (DeepSeek-V3.1/3.2) = power-of-two activation scales.
+    * ``"compressed-tensors"`` (vLLM's W8A8 int8: channel weights + dynamic token activations ->
+      ``int8``; FP8_BLOCK: 128x128 weight blocks + dynamic 128-wide activation groups ->
+      ``fp8_block``; scales named ``weight_scale``); ``ignore``: exact module names or ``re:``
+      regular expressions matched with ``re.match`` (vLLM ``compressed_tensors/utils.py``
+      ``_is_equal_or_regex_match``).
+    * ``"msmodelslim"`` (no ``quantization_config``: its saver deletes it; a
+      ``quant_model_description.json`` next to config.json gives a quant type per tensor):
+      ``tensor_types`` maps tensor names to ``W8A8`` (-> ``w8a8_static``), ``W8A8_DYNAMIC`` (->
+      ``int8``), ``W4A8_DYNAMIC`` (-> ``w4a8``) or ``FLOAT``; ``weight_format`` is the lowest-bit
+      format present (what the routed experts use).
     """
 
     method: str
     weight_format: str
     not_convert: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    scale_fmt: str | None = None
+    scale_suffix: str = "_scale"
+    tensor_types: dict[str, str] | None = field(default=None, compare=False, hash=False, repr=False)
+    group_size: int = 0
+    rotated: bool = False  # msmodelslim QuaRot (is_rot_used): the MTP draft needs rot.weight
+    source: str = ""
 
     def converts(self, module: str) -> bool:
-        return not any(m and m in module for m in self.not_convert)
+        """Whether the checkpoint stores ``module``'s weight quantized (by its config's rules)."""
+        if self.tensor_types is not None:
+            return self.tensor_types.get(module + ".weight", "FLOAT") != "FLOAT"
+        if any(_prefix_match(module, m) for m in self.not_convert):
+            return False
+        return not any(_ct_match(module, m) for m in self.ignore)
+
+    def stored_format(self, module: str) -> str | None:
+        """The format ``module``'s weight is stored in (None: float), by the config alone."""
+        if self.tensor_types is not None:
+            return MSMODELSLIM_TYPES.get(self.tensor_types.get(module + ".weight", "FLOAT"))
+        return self.weight_format if self.converts(module) else None
 
 
-_QUANT_METHODS = {"fp8": "fp8_block", "w8a8_int8": "int8"}
+def _prefix_match(module: str, entry: str) -> bool:
+    """``entry`` names ``module`` or a module above it, on dot boundaries, anywhere in the dotted
+    path (``mlp.gate`` matches ``model.layers.3.mlp.gate`` and ``...mlp.gate.sub``; never
+    ``...mlp.gate_proj``): vLLM's module-prefix rule for ``ignored_layers``."""
+    if not entry:
+        return False
+    m, e = "." + module + ".", "." + entry.strip(".") + "."
+    return e in m
+
+
+def _ct_match(module: str, target: str) -> bool:
+    """compressed-tensors ``ignore`` / ``targets``: ``re:`` + a regular expression (``re.match``),
+    otherwise the exact module name."""
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == module
+
+
+_QUANT_METHODS = {"fp8": "fp8_block", "w8a8_int8": "int8", "compressed-tensors": None}
+# msmodelslim quant types (quant_model_description.json) -> our weight format (None: float).
+MSMODELSLIM_TYPES: dict[str, str | None] = {"W8A8": "w8a8_static", "W8A8_DYNAMIC": "int8",
+                                             "W4A8_DYNAMIC": "w4a8", "FLOAT": None}
+MSMODELSLIM_DESCRIPTION = "quant_model_description.json"
+_DESC_META_KEYS = ("version", "model_quant_type", "metadata", "group_size", "optional", "is_rot_used")
+
+
+def _compressed_tensors(qc: dict[str, Any], src: str) -> tuple[str, tuple[str, ...]]:
+    """(weight format, ignore list) of a compressed-tensors config: one config group, W8A8 int8
+    (channel weights, dynamic per-token activations) or FP8_BLOCK (128x128 blocks, dynamic
+    128-wide groups) -- vLLM's ``CompressedTensorsW8A8Int8`` / ``CompressedTensorsW8A8Fp8`` readings."""
+    where = "quantization_config.config_groups"
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ConfigError(f"{src}: field '{where}' expected one group (W8A8 int8 or FP8_BLOCK), got {groups!r}")
+    name, g = next(iter(groups.items()))
+    w, a = (g or {}).get("weights") or {}, (g or {}).get("input_activations") or {}
+    int8 = (w.get("num_bits"), w.get("type"), w.get("strategy"), a.get("num_bits"), a.get("type"),
+            a.get("strategy"), a.get("dynamic")) == (8, "int", "channel", 8, "int", "token", True)
+    fp8 = (w.get("num_bits"), w.get("type"), w.get("strategy"), list(w.get("block_structure") or []),
+           a.get("num_bits"), a.get("type"), a.get("strategy"), a.get("group_size"), a.get("dynamic")) == (
+               8, "float", "block", [128, 128], 8, "float", "group", 128, True)
+    if not (int8 or fp8) or w.get("symmetric", True) is not True:
+        raise ConfigError(f"{src}: field '{where}.{name}' expected W8A8 int8 (weights int8 channel, activations "
+                          f"int8 token dynamic) or FP8_BLOCK (weights float8 block [128, 128], activations float8 "
+                          f"group 128 dynamic), got weights {w!r}, input_activations {a!r}")
+    fmt = qc.get("format")
+    if fmt not in (None, "int-quantized", "float-quantized"):
+        raise ConfigError(f"{src}: field 'quantization_config.format' expected 'int-quantized' or 'float-quantized' "
+                          f"(quantized weights stored as such), got {fmt!r}")
+    targets = g.get("targets") or ["Linear"]
+    if targets != ["Linear"]:
+        raise ConfigError(f"{src}: field '{where}.{name}.targets' expected ['Linear'], got {targets!r}")
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        raise ConfigError(f"{src}: field 'quantization_config.ignore' expected a list of strings, got {ignore!r}")
+    for i in ignore:
+        if i.startswith("re:"):
+            try:
+                re.compile(i[3:])
+            except re.error as exc:
+                raise ConfigError(f"{src}: field 'quantization_config.ignore' entry {i!r} is not a valid regular "
+                                  f"expression ({exc})") from None
+    return ("int8" if int8 else "fp8_block"), tuple(ignore)
 
 
 def _parse_quant(raw: dict[str, Any], src: str) -> QuantConfig | None:
@@ -71,6 +164,9 @@ def _parse_quant(raw: dict[str, Any], src: str) -> QuantConfig | None:
     if method not in _QUANT_METHODS:
         raise ConfigError(f"{src}: field '{where}.quant_method' expected one of {', '.join(_QUANT_METHODS)}, "
                           f"got {method!r}")
+    if method == "compressed-tensors":
+        fmt, ignore = _compressed_tensors(qc, src)
+        return QuantConfig(method, fmt, ignore=ignore, scale_suffix="_scale", source=src)
     if qc.get("activation_scheme", "dynamic") != "dynamic":
         raise ConfigError(f"{src}: field '{where}.activation_scheme' expected 'dynamic', "
                           f"got {qc.get('activation_scheme')!r}")
@@ -80,10 +176,40 @@ def _parse_quant(raw: dict[str, Any], src: str) -> QuantConfig | None:
         if list(qc.get("weight_block_size") or [128, 128]) != [128, 128]:
             raise ConfigError(f"{src}: field '{where}.weight_block_size' expected [128, 128], "
                               f"got {qc.get('weight_block_size')!r}")
+    scale_fmt = qc.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ConfigError(f"{src}: field '{where}.scale_fmt' expected 'ue8m0' or absent, got {scale_fmt!r}")
     skip = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
     if not all(isinstance(m, str) for m in skip):
         raise ConfigError(f"{src}: field '{where}.modules_to_not_convert' expected a list of strings, got {skip!r}")
-    return QuantConfig(method, _QUANT_METHODS[method], tuple(skip))
+    return QuantConfig(method, _QUANT_METHODS[method], tuple(skip), scale_fmt=scale_fmt,
+                       scale_suffix="_scale_inv" if method == "fp8" else "_scale", source=src)
+
+
+def parse_msmodelslim_description(path: Path) -> QuantConfig:
+    """``quant_model_description.json`` -> QuantConfig (method ``msmodelslim``). Every tensor entry
+    must name a known quant type (one line naming the file, tensor and the types we read)."""
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(desc, dict):
+        raise ConfigError(f"{path}: expected a JSON object of tensor name -> quant type, got {type(desc).__name__}")
+    types: dict[str, str] = {}
+    for key, value in desc.items():
+        if key in _DESC_META_KEYS or not isinstance(value, str) or "." not in key:
+            continue
+        if value not in MSMODELSLIM_TYPES:
+            raise ConfigError(f"{path}: tensor {key!r} has quant type {value!r}, expected one of "
+                              f"{', '.join(MSMODELSLIM_TYPES)} (the types hwlayer reads)")
+        types[key] = value
+    group = desc.get("group_size", 0) or 0
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ConfigError(f"{path}: field 'group_size' expected an integer >= 0, got {group!r}")
+    present = {MSMODELSLIM_TYPES[t] for t in types.values()} - {None}
+    fmt = next((f for f in ("w4a8", "w8a8_static", "int8") if f in present), "int8")
+    return QuantConfig("msmodelslim", fmt, tensor_types=types, group_size=group,
+                       rotated=bool(desc.get("is_rot_used")), source=str(path))
 
 
 @dataclass
@@ -165,7 +291,14 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw, source=str(path))
+        cfg = cls.from_dict(raw, source=str(path))
+        desc = path.parent / MSMODELSLIM_DESCRIPTION
+        if desc.is_file():  # msmodelslim: its saver removed quantization_config; the description rules
+            if cfg.quant is not None:
+                raise ConfigError(f"{path}: has a quantization_config ({cfg.quant.method}) and {desc.name} is next to "
+                                  f"it: expected one of the two (msmodelslim's saver removes quantization_config)")
+            cfg.quant = parse_msmodelslim_description(desc)
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

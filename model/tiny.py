@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .chat_template import GLM_CHAT_TEMPLATE
-from .config import ModelConfig
+from .config import ModelConfig, _prefix_match
 from .loader import FP8_BLOCK, SCALE_SUFFIX, expected_tensors, is_linear_weight, module_of
 
 DEFAULT_MODEL_NAME = "glm5-tiny-random"
@@ -140,7 +140,8 @@ def quantize_checkpoint(tensors: dict[str, torch.Tensor], weight_format: str,
     out = {}
     for name, t in tensors.items():
         module = module_of(name)
-        if (is_linear_weight(name) or name.endswith("kv_b_proj.weight")) and not any(m in module for m in not_convert):
+        keep_float = any(_prefix_match(module, m) for m in not_convert)
+        if (is_linear_weight(name) or name.endswith("kv_b_proj.weight")) and not keep_float:
             q = quantize_weight(t, weight_format)
             out[name] = q.data
             out[name + SCALE_SUFFIX[weight_format]] = q.scale if weight_format == "fp8_block" else q.scale[:, None]
@@ -239,3 +240,265 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ------------------------------------------------------------------------------------------------
+# msmodelslim (Ascend/msmodelslim@3de0a3c4) and compressed-tensors layouts of the same tiny model
+
+
+def _calibrate_static_ranges(path: Path, names: list[str], prompts: torch.Tensor
+                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear weight in ``names``: per-input-channel (min, max) ``[K]`` of its input activations
+    when the float checkpoint at ``path`` scores ``prompts`` -- msmodelslim's ``minmax`` calibration
+    (the per-tensor range is their min / max). A weight the prompts never reach (the MTP layer)
+    takes the range of the same projection in the other layers."""
+    from . import glm5, load_model
+    from .generate import score
+
+    model = load_model(path, backend="cpu", weight_format="fp32")
+    ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    original = glm5.linear
+
+    def recording_linear(plan, x, w):
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        lo, hi = x2.amin(0), x2.amax(0)
+        old = ranges.get(id(w), (lo, hi))
+        ranges[id(w)] = (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        return original(plan, x, w)
+
+    glm5.linear = recording_linear  # the network's one linear call (hwlayer.ops.quant.linear)
+    try:
+        score(model, prompts)
+    finally:
+        glm5.linear = original
+    attrs = {"q_a_proj.weight": "q_a_proj", "q_b_proj.weight": "q_b_proj", "kv_a_proj_with_mqa.weight": "kv_a_proj",
+             "o_proj.weight": "o_proj", "indexer.wq_b.weight": "wq_b"}
+    by_name: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, layer in enumerate(model.layers):  # the model holds the loaded tensors themselves
+        for suffix, attr in attrs.items():
+            w = getattr(layer.attn, attr, None)
+            if w is not None and id(w) in ranges:
+                by_name[f"model.layers.{i}.self_attn.{suffix}"] = ranges[id(w)]
+    out = {}
+    for name in names:
+        if name in by_name:
+            out[name] = by_name[name]
+            continue
+        same = [r for n, r in by_name.items() if n.split(".self_attn.")[1] == name.split(".self_attn.")[1]]
+        if not same:
+            raise ValueError(f"calibration: no activations reached {name} or its peers")
+        lo = torch.stack([r[0] for r in same]).amin(0)
+        hi = torch.stack([r[1] for r in same]).amax(0)
+        out[name] = (torch.full_like(lo, float(lo.min())), torch.full_like(hi, float(hi.max())))
+    return out
+
+
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength
+
+
+def smooth_attention(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+                     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     subgraphs: tuple[str, ...] = ("norm-linear", "ov"), alpha: float = SMOOTH_ALPHA) -> None:
+    """msmodelslim's ``flex_smooth_quant`` (GLM-5 W8A8 recipe: ``norm-linear`` and ``ov`` subgraphs)
+    fused into the float weights in place, as the tool does offline: per input channel ``k``,
+    ``s_k = amax|x_k|^a / amax|W[:, k]|^(1-a)``; the producer is divided by ``s`` (the RMSNorm
+    weight, or kv_b_proj's value rows for o_proj) and every consumer's column multiplied by it, so
+    the float model is unchanged and the static per-tensor range of ``x / s`` is narrower.
+    Subgraphs: input_layernorm -> q_a_proj, kv_a_proj_with_mqa (+ the indexer's wk and
+    weights_proj, which read the same input); q_a_layernorm -> q_b_proj, indexer.wq_b; kv_b_proj
+    (v rows) -> o_proj. ``ranges`` are divided by ``s`` accordingly. Layers the calibration did not
+    reach (flat ranges) are left alone."""
+    H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        groups = [("norm-linear", p + "input_layernorm.weight",
+                   [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight"],
+                   [a + "indexer.wk.weight", a + "indexer.weights_proj.weight"]),
+                  ("norm-linear", a + "q_a_layernorm.weight", [a + "q_b_proj.weight", a + "indexer.wq_b.weight"], []),
+                  ("ov", None, [a + "o_proj.weight"], [])]
+        for kind, producer, consumers, passengers in groups:
+            consumers = [c for c in consumers if c in tensors and c in ranges]
+            if not consumers or kind not in subgraphs:
+                continue
+            lo, hi = ranges[consumers[0]]
+            xmax = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-5)
+            wmax = torch.stack([tensors[c].float().abs().amax(0) for c in consumers]).amax(0).clamp(min=1e-5)
+            sm = (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+            for c in consumers + [t for t in passengers if t in tensors]:
+                tensors[c] = (tensors[c].float() * sm).to(tensors[c].dtype)
+            for c in consumers:
+                ranges[c] = (ranges[c][0] / sm, ranges[c][1] / sm)
+            if producer is not None:
+                tensors[producer] = (tensors[producer].float() / sm).to(tensors[producer].dtype)
+            else:  # kv_b_proj [H*(dn+dv), dl]: value rows of head h are h*(dn+dv)+dn ..; o_proj column h*dv+d
+                kv_b = tensors[a + "kv_b_proj.weight"].float().view(H, dn + dv, -1).clone()
+                kv_b[:, dn:] /= sm.view(H, dv, 1)
+                tensors[a + "kv_b_proj.weight"] = kv_b.view(H * (dn + dv), -1).to(tensors[a + "kv_b_proj.weight"].dtype)
+
+
+def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+                      ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, shards: int = 2,
+                      types: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (a float checkpoint) into ``path`` as msmodelslim's AscendV1 saver does
+    (Ascend/msmodelslim@3de0a3c4 ``core/quant_service/modelslim_v1/save/ascendv1.py``
+    ``on_w8a8_static`` / ``on_w8a8_dynamic_per_channel`` / ``on_w4a8_dynamic``; ``save/utils/pack.py``
+    ``w4a8_pack_int4``, ``process_scale``; ``save/utils/safetensors.py`` shard and index names):
+    every tensor under its quant type in ``quant_model_description.json`` (with ``version``,
+    ``model_quant_type``, ``metadata``, ``group_size``, ``optional``), weights in
+    ``quant_model_weights-0000i-of-0000N.safetensors`` (no safetensors metadata) + index.
+    ``types``: tensor -> quant type (default: the GLM-5 recipe ``kind``, :func:`msmodelslim_recipe`);
+    ``ranges``: calibrated per-channel activation (min, max) of every W8A8 weight. ``deq_scale`` is the fp32 bit
+    pattern in int64 unless the model dtype is bfloat16 (``deqscale2int64_by_dtype``)."""
+    from hwlayer.ops.quant import quantize_weight, quantize_weight_static, static_activation_params
+
+    from .loader import MSMODELSLIM_PREFIX, msmodelslim_recipe
+
+    path = Path(path)
+    types = dict(types if types is not None else msmodelslim_recipe(cfg, kind))
+    bf16 = cfg.dtype == torch.bfloat16
+    out: dict[str, torch.Tensor] = {}
+    desc: dict[str, Any] = {}
+
+    def put(name: str, kind_: str, t: torch.Tensor) -> None:
+        out[name] = t.contiguous()
+        desc[name] = kind_
+
+    for name, t in tensors.items():
+        qtype = types.get(name, "FLOAT")
+        module = module_of(name)
+        if qtype == "W8A8":
+            s, o = static_activation_params(float(ranges[name][0].min()), float(ranges[name][1].max()))
+            q = quantize_weight_static(t.float(), s, o)
+            deq = q.scale if bf16 else q.scale.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            put(name, qtype, q.data)
+            put(module + ".quant_bias", qtype, q.bias)
+            put(module + ".input_scale", qtype, q.input_scale)
+            put(module + ".input_offset", qtype, q.input_offset)
+            put(module + ".deq_scale", qtype, deq)
+        elif qtype == "W8A8_DYNAMIC":
+            q = quantize_weight(t.float(), "int8")
+            put(name, qtype, q.data)
+            put(module + ".weight_scale", qtype, q.scale[:, None])
+            put(module + ".weight_offset", qtype, torch.zeros_like(q.scale[:, None]))
+        elif qtype == "W4A8_DYNAMIC":
+            q = quantize_weight(t.float(), "w4a8")
+            deq = q.dequantize(torch.float32)  # [N, K]
+            if module.endswith("down_proj"):  # [N, 16]: 8 x the row sums of 16 column chunks (tp_num 16)
+                scale_bias = 8 * deq.reshape(deq.shape[0], 16, -1).sum(-1)
+            else:
+                scale_bias = 8 * deq.sum(-1, keepdim=True)
+            put(name, qtype, q.data)
+            put(module + ".weight_scale", qtype, q.scale[:, None])
+            put(module + ".weight_offset", qtype, torch.zeros_like(q.scale[:, None]))
+            put(module + ".scale_bias", qtype, scale_bias)
+        else:
+            put(name, "FLOAT", t)
+    ranks = {"W4A8_DYNAMIC": 3, "W8A8": 2, "W8A8_DYNAMIC": 1}  # the saver's QUANT_TYPE_PRIORITY, W4A8 hidden
+    present = [t for t in desc.values() if t in ranks and t != "W4A8_DYNAMIC"]
+    desc |= {"version": "1.0.0", "model_quant_type": max(present, key=ranks.get) if present else "FLOAT",
+             "metadata": {}, "group_size": 0, "optional": {}}
+    names = list(out)
+    per = -(-len(names) // shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i in range(shards):
+        fname = f"{MSMODELSLIM_PREFIX}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: out[n] for n in names[i * per : (i + 1) * per]}
+        save_file(part, str(path / fname))
+        weight_map |= {n: fname for n in part}
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    (path / f"{MSMODELSLIM_PREFIX}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "quant_model_description.json").write_text(json.dumps(desc, indent=2))
+
+
+def calibration_prompts(n: int = 16, length: int = 8, seed: int = 1) -> torch.Tensor:
+    """Token ids the tiny msmodelslim checkpoints are calibrated on (disjoint seed from the tests')."""
+    return torch.randint(20, 500, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def make_msmodelslim_checkpoint(path: str | Path, kind: str = "w8a8", config_overrides: dict[str, Any] | None = None,
+                                seed: int = 0, shards: int = 2, smooth: tuple[str, ...] = ()) -> Path:
+    """A tiny msmodelslim-layout checkpoint (``kind`` ``"w8a8"`` | ``"w4a8"``, the GLM-5 recipes) of the
+    float model :func:`make_tiny_checkpoint` writes with the same arguments: config.json without
+    ``quantization_config`` (the saver removes it), description, sharded ``quant_model_weights``.
+    W8A8: activation ranges calibrated on the float model's greedy continuations of
+    :func:`calibration_prompts`; ``smooth`` (e.g. ``("norm-linear", "ov")``, the recipe's
+    ``flex_smooth_quant``; default none) fuses :func:`smooth_attention` into the float weights
+    first. On this random-weight model smoothing raises the logits KL (no outlier channels to
+    migrate: docs/benchmarks.md), so it is off by default. No QuaRot (``is_rot_used`` absent): a
+    rotation is fused offline into weights and norms too and changes nothing at run time for the
+    main model."""
+    from safetensors.torch import load_file
+
+    from .loader import msmodelslim_recipe
+
+    path = Path(path)
+    make_tiny_checkpoint(path, config_overrides if config_overrides is not None else QUANT_TINY_OVERRIDES, seed=seed)
+    cfg = ModelConfig.from_json(path)
+    types = msmodelslim_recipe(cfg, kind)
+    static = [n for n, t in types.items() if t == "W8A8"]
+    tensors = load_file(str(path / "model.safetensors"))
+    ranges = {}
+    if static:
+        from . import load_model
+        from .generate import generate
+
+        prompts = generate(load_model(path, backend="cpu", weight_format="fp32"), calibration_prompts(), 24)
+        ranges = _calibrate_static_ranges(path, static, prompts)
+        if smooth:
+            smooth_attention(tensors, cfg, ranges, smooth)
+    write_msmodelslim(path, kind, tensors, cfg, ranges, shards, types)
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def make_compressed_tensors_checkpoint(path: str | Path, scheme: str = "int8",
+                                       ignore: tuple[str, ...] = ("lm_head", r"re:.*mlp\.gate$",
+                                                                  r"re:.*\.weights_proj$"),
+                                       config_overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """The tiny model as an llm-compressor / compressed-tensors checkpoint: every Linear (incl.
+    ``kv_b_proj`` and the indexer's ``wk``) quantized unless ``ignore`` matches its module name
+    (exact, or ``re:`` + ``re.match``); ``scheme`` ``"int8"`` (W8A8: int8 channel weights
+    ``weight_scale [N, 1]``, dynamic per-token int8 activations) or ``"fp8_block"`` (FP8_BLOCK: e4m3
+    weights with ``weight_scale`` -- not ``_inv`` -- per 128x128 block, dynamic 128-wide activation
+    groups), as vLLM's ``compressed_tensors`` reader expects them."""
+    from safetensors.torch import load_file
+
+    from hwlayer.ops.quant import quantize_weight
+
+    from .config import _ct_match
+
+    path = Path(path)
+    make_tiny_checkpoint(path, config_overrides if config_overrides is not None else QUANT_TINY_OVERRIDES, seed=seed)
+    tensors = load_file(str(path / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        module = module_of(name)
+        linear = name.endswith(".weight") and t.dim() == 2 and not name.endswith(("embed_tokens.weight",))
+        if linear and not any(_ct_match(module, i) for i in ignore):
+            q = quantize_weight(t, scheme)
+            out[name] = q.data
+            out[module + ".weight_scale"] = q.scale if scheme == "fp8_block" else q.scale[:, None]
+        else:
+            out[name] = t
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((path / "config.json").read_text())
+    if scheme == "int8":
+        group = {"targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
+                 "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                                       "dynamic": True}}
+        fmt = "int-quantized"
+    else:
+        group = {"targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128],
+                             "symmetric": True, "dynamic": False},
+                 "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
+                                       "symmetric": True, "dynamic": True}}
+        fmt = "float-quantized"
+    raw["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
+                                  "config_groups": {"group_0": group}, "ignore": list(ignore)}
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return path

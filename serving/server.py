@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
                    help="checkpoint directory, as vLLM's `vllm serve MODEL` (same as --model)")
     p.add_argument("--model", help="checkpoint directory (HF layout); default: the embedded glm5-tiny-random model")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a Hugging Face / ModelScope MODEL id")
+    p.add_argument("--download-dir", help="hub cache directory for a MODEL id (default: the hub's, e.g. HF_HOME)")
     p.add_argument("--tokenizer", help="directory holding tokenizer.json (or the file itself); default: the model's")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                    help="weight and activation dtype (default auto: float32 on cpu, the config's on accelerators)")
@@ -149,10 +151,12 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str]:
         from model.tiny import ensure_default_model
 
         return Path(ensure_default_model()), args.served_model_name or DEFAULT_MODEL_NAME
-    path = Path(args.model).expanduser()
-    if not (path / "config.json").is_file():
-        fail(f"--model {args.model}: no config.json there; expected a Hugging Face checkpoint directory")
-    return path, args.served_model_name or path.resolve().name
+    from model.hub import ModelNotFoundError, resolve_serving_model  # a directory, or a hub id (model/hub.py)
+
+    try:
+        return resolve_serving_model(args.model, args.revision, args.download_dir, args.served_model_name)
+    except ModelNotFoundError as exc:
+        fail(f"--model {exc}")
 
 
 def read_config(path: Path) -> dict:

@@ -172,13 +172,17 @@ def _mutate(src: Path, tmp_path: Path, fn) -> Path:
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 BAD = {
     "fp8-missing-scale": ("fp8_block", lambda t: t.pop(O_PROJ + "_scale_inv"),
-                          rf"model\.safetensors: fp8 tensor '{O_PROJ}' has no '{O_PROJ}_scale_inv' scales"),
+                          rf"model\.safetensors: fp8 tensor '{O_PROJ}' has no '{O_PROJ}_scale_inv' \(expected "
+                          r"float32"),
     "fp8-misshaped-scale": ("fp8_block", lambda t: t.__setitem__(O_PROJ + "_scale_inv", torch.ones(2, 2)),
-                            rf"model\.safetensors: tensor '{O_PROJ}_scale_inv' has shape \[2, 2\], expected \[1, 1\]"),
+                            rf"model\.safetensors: tensor '{O_PROJ}_scale_inv' has shape \[2, 2\], expected "
+                            r"float32 \[1, 1\]"),
     "int8-missing-scale": ("int8", lambda t: t.pop(O_PROJ + "_scale"),
-                           rf"model\.safetensors: int8 tensor '{O_PROJ}' has no '{O_PROJ}_scale' scales"),
+                           rf"model\.safetensors: int8 tensor '{O_PROJ}' has no '{O_PROJ}_scale' \(expected "
+                           r"float \[N, 1\]"),
     "int8-misshaped-scale": ("int8", lambda t: t.__setitem__(O_PROJ + "_scale", torch.ones(3, 1)),
-                             rf"model\.safetensors: tensor '{O_PROJ}_scale' has shape \[3, 1\], expected \[128, 1\]"),
+                             rf"model\.safetensors: tensor '{O_PROJ}_scale' has shape \[3, 1\], expected float "
+                             r"\[128, 1\]"),
 }
 
 
@@ -196,10 +200,10 @@ def test_unknown_quant_method_and_format(ckpts, tmp_path):
     raw = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(raw | {"quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(ConfigError, match=r"config\.json: field 'quantization_config\.quant_method' expected one of "
-                                          r"fp8, w8a8_int8, got 'awq'"):
+                                          r"fp8, w8a8_int8, compressed-tensors, got 'awq'"):
         load_model(out, backend="cpu")
-    with pytest.raises(ValueError, match=r"^weight format: expected one of fp8_block, int8, bf16, fp16, fp32, "
-                                         r"got 'fp4'"):
+    with pytest.raises(ValueError, match=r"^weight format: expected one of fp8_block, int8, w8a8_static, w4a8, "
+                                         r"bf16, fp16, fp32, got 'fp4'"):
         load_model(ckpts["int8"], backend="cpu", weight_format="fp4")
 
 
@@ -274,10 +278,10 @@ def test_hwlayer_info_lists_weight_formats(capsys):
 
     assert main(["info", "--json"]) == 0
     backends = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
-    assert backends["cpu"]["weight_formats"] == ["fp8_block", "int8", "bf16", "fp16", "fp32"]
-    assert backends["ascend"]["weight_formats"] == ["int8", "bf16", "fp16", "fp32"]  # the 910B has no FP8
+    assert backends["cpu"]["weight_formats"] == ["fp8_block", "int8", "w8a8_static", "w4a8", "bf16", "fp16", "fp32"]
+    assert backends["ascend"]["weight_formats"] == ["int8", "w8a8_static", "w4a8", "bf16", "fp16", "fp32"]  # no FP8
     assert main(["info"]) == 0
-    assert "weight formats: int8, bf16, fp16, fp32" in capsys.readouterr().out
+    assert "weight formats: int8, w8a8_static, w4a8, bf16, fp16, fp32" in capsys.readouterr().out
 
 
 def test_conversion_is_tensor_by_tensor(ckpts, monkeypatch):

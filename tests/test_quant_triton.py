@@ -43,6 +43,14 @@ for fmt in ("fp8_block", "int8"):
     ggot, gwant = plan.quant_grouped_gemm(x, stack, sizes), Q.quant_grouped_gemm(x, stack, sizes)
     out[fmt] = {"linear_err": float((got - want).abs().max()), "grouped_err": float((ggot - gwant).abs().max())}
 out["op_counts"] = {f"{op}/{tier}": n for (op, tier), n in plan.call_counts().items()}
+other = hwlayer.plan("triton", trace=True)  # formats without a Triton kernel here: the generic op serves
+before = dict(other.call_counts())
+g2 = torch.Generator().manual_seed(1)  # its own stream: the model prompts below stay as they were
+x = torch.randn(3, 128, generator=g2)
+other.quant_linear(x, Q.quantize_weight_static(torch.randn(64, 128, generator=g2), *Q.static_activation_params(-3, 3)))
+other.quant_grouped_gemm(x, quantize_weight(torch.randn(2, 64, 128, generator=g2), "w4a8"), torch.tensor([1, 2]))
+out["declined"] = {f"{op}/{tier}": n - before.get((op, tier), 0) for (op, tier), n in other.call_counts().items()
+                   if n != before.get((op, tier), 0)}
 
 root = tempfile.mkdtemp()
 ids = torch.randint(20, 500, (1, 12), generator=g)
@@ -70,6 +78,7 @@ def test_quant_kernels_in_interpreter():
     # Served by the Triton kernels, not a generic fallback compared with itself.
     assert counts.get("quant_linear/native", 0) == 2 and "quant_linear/generic" not in counts, counts
     assert counts.get("quant_grouped_gemm/native", 0) == 2 and "quant_grouped_gemm/generic" not in counts, counts
+    assert res["declined"] == {"quant_linear/generic": 1, "quant_grouped_gemm/generic": 1}, res["declined"]
     for fmt in ("fp8_block", "int8"):
         # Same contract, same quantized values: only the fp32 accumulation order differs.
         assert res[fmt]["linear_err"] < 1e-4 and res[fmt]["grouped_err"] < 1e-4, res

@@ -14,7 +14,8 @@ forward under ``FakeTensorMode`` runs the adapters' own code and sees the kernel
 Emulated backend -> libraries (module names as the adapters import them):
 
 ===========  ==============================================================================
-ascend       ``torch_npu``                                    (:mod:`.torch_npu`)
+ascend       ``torch_npu``                                    (:mod:`.torch_npu`, quantized ops
+             :mod:`.torch_npu_quant`)
 cuda         ``flash_mla`` (current API), ``deep_gemm``, ``vllm._C`` (:mod:`.flash_mla`,
              :mod:`.deep_gemm`, :mod:`.vllm_c`)
 metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (natural-log lse), MACA ``deep_gemm``
@@ -58,7 +59,8 @@ BACKENDS = ("ascend", "cuda", "metax", "hygon", "cambricon", "musa")
 # (conformance/conftest.py fails the session otherwise): an adapter that silently declined every
 # call would leave the run comparing the generic op with itself.
 EXPECTED_NATIVE = {
-    "ascend": ("rms_norm", "rope", "moe_route", "grouped_gemm", "silu_and_mul", "moe_permute"),
+    "ascend": ("rms_norm", "rope", "moe_route", "grouped_gemm", "silu_and_mul", "moe_permute", "quant_linear",
+               "quant_grouped_gemm", "prepare_weight"),
     "cuda": ("rms_norm",),
     "metax": ("rms_norm",),
     "hygon": ("rms_norm",),
@@ -85,10 +87,14 @@ ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
     """Module name -> function filling that module, for one emulated backend."""
-    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, vllm_c
+    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, torch_npu_quant, vllm_c
+
+    def torch_npu_all(module: types.ModuleType) -> None:  # the quantized ops live in their own module
+        torch_npu.install(module)
+        torch_npu_quant.install(module)
 
     table: dict[str, dict[str, Callable[[types.ModuleType], None]]] = {
-        "ascend": {"torch_npu": torch_npu.install},
+        "ascend": {"torch_npu": torch_npu_all},
         "cuda": {
             "flash_mla": flash_mla.install_current,
             "deep_gemm": deep_gemm.install_nvidia,

@@ -11,9 +11,10 @@ cases) and its body is the generic torch implementation, the default on every de
   ``silu_and_mul``, and the composite ``fused_experts``
 * :mod:`.ep` -- ``all_to_all``, ``ep_dispatch``, ``ep_combine`` (expert parallelism)
 * :mod:`.sampling` -- ``sample``
-* :mod:`.quant` -- ``quant_linear``, ``quant_grouped_gemm`` and the composite ``quant_fused_experts``
-  (weights kept in ``fp8_block`` / ``int8``: :class:`~.quant.QuantizedWeight`, the formats, and the
-  activation quantization each contract fixes)
+* :mod:`.quant` -- ``quant_linear``, ``quant_grouped_gemm``, the composite ``quant_fused_experts`` and
+  ``prepare_weight`` (a weight converted once at load into the layout a backend wants) (weights
+  kept in ``fp8_block`` / ``int8`` / ``w8a8_static`` / ``w4a8``: :class:`~.quant.QuantizedWeight`,
+  the formats, and the activation quantization each contract fixes)
 * :mod:`.layout` -- the validation and index helpers below layouts need (``check_tensor``,
   ``check_varlen``, ``token_positions``, ``positions_to_slots``, ``value_checks``, ...), public
   for adapters
@@ -77,7 +78,7 @@ from .layout import (
 )
 from .moe import fused_experts_factory, grouped_gemm, moe_permute, moe_route, moe_unpermute, silu_and_mul
 from .norms import layer_norm, rms_norm
-from .quant import QuantizedWeight, quant_fused_experts_factory, quant_grouped_gemm, quant_linear
+from .quant import QuantizedWeight, prepare_weight, quant_fused_experts_factory, quant_grouped_gemm, quant_linear
 from .rotary import rope
 from .sampling import sample
 
@@ -121,6 +122,7 @@ CATALOGUE: dict[str, OpSpec] = {
         OpSpec("quant_linear", quant_linear),
         OpSpec("quant_grouped_gemm", quant_grouped_gemm),
         OpSpec("quant_fused_experts", quant_fused_experts_factory, composite=True),
+        OpSpec("prepare_weight", prepare_weight),
     )
 }
 
@@ -152,6 +154,7 @@ __all__ = [
     "moe_route",
     "moe_unpermute",
     "positions_to_slots",
+    "prepare_weight",
     "quant_fused_experts_factory",
     "quant_grouped_gemm",
     "quant_linear",

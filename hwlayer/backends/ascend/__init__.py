@@ -83,7 +83,7 @@ BACKEND = Backend(
     description="Huawei Ascend NPUs through torch_npu",
     # ACL graphs: torch_npu's torch.npu.NPUGraph / torch.npu.graph (what vllm-ascend captures with)
     device_graph=DeviceGraph("torch.npu", "NPUGraph", "written against torch_npu's NPUGraph API docs, not run"),
-    weight_formats=("int8",),  # 910B has int8 cube units, no FP8: W8A8 dynamic (quant.py)
+    weight_formats=("int8", "w8a8_static", "w4a8"),  # 910B int8 cube units, no FP8: W8A8 (static, dynamic), W4A8
 )
 
 

@@ -38,7 +38,7 @@ BACKEND = Backend(
                              "run on x86_64 CPU in CI: replays bit-identical to eager steps", kind="step")
     if graph.available() else None,
     # Every format through the generic ops: weights stay quantized, dequantized per call (slow, exact).
-    weight_formats=("fp8_block", "int8", "bf16", "fp16", "fp32"),
+    weight_formats=("fp8_block", "int8", "w8a8_static", "w4a8", "bf16", "fp16", "fp32"),
 )
 
 

@@ -29,6 +29,12 @@ def _qk() -> Any:
 
 
 def _format_ok(qweight: QuantizedWeight) -> bool | str:
+    if qweight.format not in ("fp8_block", "int8"):
+        return f"{qweight.format}: no Triton kernel here (fp8_block and int8 only; the generic op runs it)"
+    if qweight.act_scale_fmt is not None:
+        return f"act_scale_fmt {qweight.act_scale_fmt!r}: the kernels' activation scales are plain fp32"
+    if not qweight.data.is_contiguous():
+        return "weight data not contiguous (prepared for another backend's layout)"
     if qweight.format == "fp8_block" and qweight.device.type == "cuda":
         if torch.cuda.get_device_capability(qweight.device) < (8, 9):
             return "fp8_block needs compute capability >= 8.9 (e4m3 tensor cores)"

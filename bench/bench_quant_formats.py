@@ -1,0 +1,120 @@
+"""Quality price of every quantized path on the same tiny model (issue 21): logits KL(float ||
+quantized) and top-1 agreement against the float model each checkpoint came from, plus the weight
+error of the FP8 -> int8 requantization the loader logs, and one op-level output error with
+activation outliers.
+
+Paths (all from the same seeded float weights, ``QUANT_TINY_OVERRIDES``):
+
+* ``fp8 native``      -- an fp8_block checkpoint (DeepSeek / GLM-5-FP8 layout) kept in fp8_block;
+* ``int8 from bf16``  -- the float checkpoint quantized to int8 per channel at load;
+* ``int8 from fp8``   -- the fp8_block checkpoint requantized to int8 at load (an int8-only backend);
+* ``msmodelslim W8A8`` -- attention static W8A8 (calibrated on the float model), MLP W8A8_DYNAMIC;
+* ``msmodelslim W4A8`` -- routed experts int4 (W4A8_DYNAMIC), attention / dense / shared W8A8_DYNAMIC,
+  the MTP layer float;
+* ``compressed-tensors int8 / FP8_BLOCK`` -- every Linear (kv_b_proj and the indexer's wk too) quantized.
+
+Logits on 2 sequences x 24 tokens (8 random prompt tokens + the float model's 16 greedy tokens,
+teacher-forced), fp32 activations, cpu backend (generic ops: the contract's arithmetic).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_quant_formats.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hwlayer.ops import quant as Q
+from model import load_model
+from model.generate import generate, score
+from model.tiny import (
+    QUANT_TINY_OVERRIDES,
+    make_compressed_tensors_checkpoint,
+    make_msmodelslim_checkpoint,
+    make_tiny_checkpoint,
+)
+
+
+def kl_top1(q, ref, ids: torch.Tensor) -> tuple[float, float]:
+    prompt = generate(ref, ids[:, :8], max_new_tokens=16)
+    a, b = score(q, prompt), score(ref, prompt)
+    lp, lq = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean()), float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def outlier_op_errors(seed: int = 0) -> dict[str, float]:
+    """quant_linear output error (relative Frobenius) for x [64, 512] with 8 channels x50, W [256, 512]."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(256, 512, generator=g) * 0.05
+    x = torch.randn(64, 512, generator=g)
+    x[:, torch.randperm(512, generator=g)[:8]] *= 50
+    ref = x @ w.t()
+
+    def err(qw: Q.QuantizedWeight) -> float:
+        return float((Q.quant_linear(x, qw) - ref).norm() / ref.norm())
+
+    fp8 = Q.quantize_weight(w, "fp8_block")
+    from_fp8 = Q.quantize_weight(fp8.dequantize(), "int8")
+    return {"fp8_block": err(fp8), "int8 from bf16": err(Q.quantize_weight(w, "int8")),
+            "int8 from fp8": err(from_fp8), "w4a8": err(Q.quantize_weight(w, "w4a8"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="quant-formats-"))
+    ids = torch.randint(20, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    flt = make_tiny_checkpoint(root / "float", QUANT_TINY_OVERRIDES)
+    fp8 = make_tiny_checkpoint(root / "fp8", QUANT_TINY_OVERRIDES, weight_format="fp8_block")
+    ref = load_model(flt, backend="cpu")
+    handler = _Lines()
+    logging.getLogger("model.loader").addHandler(handler)
+    paths = {
+        "fp8 native": lambda: load_model(fp8, backend="cpu"),
+        "int8 from bf16": lambda: load_model(flt, backend="cpu", weight_format="int8"),
+        "int8 from fp8": lambda: load_model(fp8, backend="cpu", weight_format="int8"),
+        "msmodelslim W8A8": lambda: load_model(make_msmodelslim_checkpoint(root / "w8a8", "w8a8"), backend="cpu"),
+        "msmodelslim W4A8": lambda: load_model(make_msmodelslim_checkpoint(root / "w4a8", "w4a8"), backend="cpu"),
+        "compressed-tensors int8": lambda: load_model(make_compressed_tensors_checkpoint(root / "ct8", "int8"),
+                                                      backend="cpu"),
+        "compressed-tensors FP8_BLOCK": lambda: load_model(
+            make_compressed_tensors_checkpoint(root / "ctf", "fp8_block"), backend="cpu"),
+    }
+    rows = {}
+    for name, load in paths.items():
+        handler.lines.clear()
+        m = load()
+        kl, top1 = kl_top1(m, ref, ids)
+        rows[name] = {"weight_format": m.weight_format, "kl": kl, "top1": top1,
+                      "load_log": [line.split(": ", 1)[1] for line in handler.lines]}
+    ops = outlier_op_errors()
+    if args.json:
+        print(json.dumps({"models": rows, "outlier_op_errors": ops}, indent=2))
+        return
+    print("| path | loaded as | mean KL(float ‖ quantized) | top-1 agreement | load log |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | `{r['weight_format']}` | {r['kl']:.4f} | {r['top1']:.3f} | {'; '.join(r['load_log'])} |")
+    print()
+    print("quant_linear, x [64, 512] with 8 channels x50, W [256, 512]: relative output error")
+    for name, e in ops.items():
+        print(f"  {name}: {e:.2e}")
+
+
+if __name__ == "__main__":
+    main()
