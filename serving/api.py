@@ -903,8 +903,12 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
     # Always answer preflights: an allowed origin gets the CORS headers, any other a 400 (not a 405).
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
                        allow_headers=["*"], allow_credentials=False)
+    from .responses import router as responses  # the Responses API (serving/responses.py) uses this module
+
     app.include_router(router)
     app.include_router(tokens)
     app.include_router(v1)
-    counted = {route.path for routes in (router.routes, tokens.routes, v1.routes) for route in routes}
+    app.include_router(responses)
+    counted = {route.path for routes in (router.routes, tokens.routes, v1.routes, responses.routes)
+               for route in routes}
     return _CountRequests(app, metrics, counted)

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("model")
 
-from model.generate import score  # noqa: E402
-from serving.engine import Engine, SamplingParams  # noqa: E402
+from model.generate import score
+from serving.engine import Engine, SamplingParams
 
 
 def make_engine(tiny, **overrides):
@@ -41,7 +41,7 @@ def reference(model, prompt, k):
 
 def check(entries, expected):
     assert len(entries) == len(expected) and entries[0] is None
-    for got, (token, lp, top_ids) in zip(entries[1:], expected[1:]):
+    for got, (token, lp, top_ids) in zip(entries[1:], expected[1:], strict=True):
         assert got.token_id == token
         assert got.logprob == pytest.approx(lp, abs=2e-3)
         assert [t for t, _ in got.top] == top_ids
