@@ -478,8 +478,10 @@ async def create_response(request: Request, state: State) -> Response:
 
     def final(event: EngineEvent) -> tuple[str, dict]:
         usage = response_usage(event.prompt_tokens, event.completion_tokens, reasoning_tokens())
+        # the stream ends with response.completed even when max_output_tokens cut it (status "incomplete" in the
+        # body), as vLLM and SGLang do: the openai SDK's responses.stream() finalizes only on response.completed
         if event.finish_reason == "length":
-            return "response.incomplete", body.body("incomplete", builder.output, usage, "max_output_tokens")
+            return "response.completed", body.body("incomplete", builder.output, usage, "max_output_tokens")
         return "response.completed", body.body("completed", builder.output, usage)
 
     def failed(event: EngineEvent) -> dict:
