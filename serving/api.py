@@ -766,15 +766,18 @@ async def chat_completions(request: Request, state: State) -> Response:
     return await respond(request, state, jobs, body, req.stream, continuous)
 
 
+# Documented chat fields that ask for what this server cannot do: a 400 naming them unless null.
+CHAT_REFUSED = {
+    "audio": "audio output is not supported: GLM-5 generates text only",
+    "web_search_options": "web search is not supported: this server has no search tool",
+    "functions": "the deprecated 'functions' parameter is not supported; send 'tools' instead",
+    "function_call": "the deprecated 'function_call' parameter is not supported; send 'tool_choice' instead",
+}
+
+
 def check_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
     """400 for documented chat fields that ask for what this server cannot do (null is always accepted)."""
-    refused = {
-        "audio": "audio output is not supported: GLM-5 generates text only",
-        "web_search_options": "web search is not supported: this server has no search tool",
-        "functions": "the deprecated 'functions' parameter is not supported; send 'tools' instead",
-        "function_call": "the deprecated 'function_call' parameter is not supported; send 'tool_choice' instead",
-    }
-    for name, why in refused.items():
+    for name, why in CHAT_REFUSED.items():
         if getattr(req, name) is not None:
             raise APIError(400, f"{name}: {why}", name, "unsupported")
     if req.modalities is not None and set(req.modalities) - {"text"}:

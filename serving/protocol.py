@@ -46,10 +46,10 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 # ---- request schemas -------------------------------------------------------------------------
 
 # Request fields of the OpenAI API that do not change what this server generates: accepted and ignored (a
-# debug log names them). ``audio``/``modalities``/``web_search_options``/``functions`` are not here: they ask
-# for something this server cannot do, and are a 400 unless null or harmless (see the handlers).
+# debug log names them). ``modalities`` other than ["text"], and ``audio`` / ``web_search_options`` /
+# ``functions`` / ``function_call`` (serving.api.CHAT_REFUSED) ask for what this server cannot do: a 400.
 IGNORED_FIELDS = ("store", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
-                  "safety_identifier", "verbosity", "prediction", "moderation", "user", "metadata")
+                  "safety_identifier", "verbosity", "prediction", "moderation", "user", "metadata", "modalities")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 

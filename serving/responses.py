@@ -94,23 +94,31 @@ class ResponsesRequest(RequestBody):
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
     moderation: Any = None
+    access_programs: Any = None
+    background_options: Any = None  # only with background: true, which is refused
+    image: Any = None  # image generation options: no images are generated
 
 
 RESPONSES_IGNORED = ("store", "metadata", "user", "service_tier", "prompt_cache_key", "prompt_cache_options",
-                     "prompt_cache_retention", "safety_identifier", "moderation", "max_tool_calls")
+                     "prompt_cache_retention", "safety_identifier", "moderation", "max_tool_calls", "access_programs",
+                     "background_options", "image")
 INCLUDABLE = ("reasoning.encrypted_content",)  # accepted: reasoning comes back as plain content instead
 
 
+_STORED = "this server stores no responses (every response is store: false); send the whole conversation in input"
+RESPONSES_REFUSED = {  # a 400 naming the field unless null (background: unless false; top_logprobs: unless 0)
+    "previous_response_id": _STORED,
+    "conversation": _STORED,
+    "prompt": "reusable prompts are stored on OpenAI's platform, not here; send instructions and input",
+    "context_management": "server-side context compaction needs stored state, which this server does not keep",
+    "background": "",
+    "top_logprobs": "",
+}
+
+
 def check_unsupported(req: ResponsesRequest) -> None:
-    stored = "this server stores no responses (every response is store: false); send the whole conversation in input"
-    refused = {
-        "previous_response_id": stored,
-        "conversation": stored,
-        "prompt": "reusable prompts are stored on OpenAI's platform, not here; send instructions and input",
-        "context_management": "server-side context compaction needs stored state, which this server does not keep",
-    }
-    for name, why in refused.items():
-        if getattr(req, name) is not None:
+    for name, why in RESPONSES_REFUSED.items():
+        if why and getattr(req, name) is not None:
             raise APIError(400, f"{name}: {why}", name, "unsupported")
     if req.background:
         raise APIError(400, "background: background responses are polled from stored state, which this server does "
