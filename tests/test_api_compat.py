@@ -151,3 +151,16 @@ def test_continuous_usage_stats(http):
     with_choices = [c for c in chunks if c["choices"]]
     assert with_choices and all("usage" in c for c in with_choices)
     assert with_choices[-1]["usage"]["completion_tokens"] == 3 and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_streamed_echo_logprobs_match_the_whole_body(http):
+    body = {"model": MODEL, "prompt": "Once upon a time", "echo": True, "logprobs": 1, "max_tokens": 3,
+            "temperature": 0, "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_obfuscation": False}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["text"] for c in choices) == whole["text"]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert [v for c in choices if c["logprobs"] for v in c["logprobs"][key]] == whole["logprobs"][key]
