@@ -164,3 +164,29 @@ def test_streamed_echo_logprobs_match_the_whole_body(http):
     assert "".join(c["text"] for c in choices) == whole["text"]
     for key in ("tokens", "token_logprobs", "text_offset"):
         assert [v for c in choices if c["logprobs"] for v in c["logprobs"][key]] == whole["logprobs"][key]
+
+
+def test_chat_stream_carries_prompt_logprobs_once(http):
+    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2,
+                                                           "stream": True, "prompt_logprobs": 1}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    carrying = [c for c in chunks if "prompt_logprobs" in c]
+    assert len(carrying) == 1 and carrying[0]["prompt_logprobs"][0] is None
+    whole = chat(http, prompt_logprobs=1).json()
+    assert carrying[0]["prompt_logprobs"] == whole["prompt_logprobs"]
+
+
+def test_prompt_logprobs_refused_where_the_forward_runs_on_other_ranks(tiny):
+    """Data / expert parallelism hand the engine a forward that returns only the last rows: a clear 400."""
+    from serving.api import ServerConfig, create_app
+    from serving.engine import Engine
+    from serving.metrics import ServingMetrics
+
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=64,
+                    max_model_len=256, eos_token_ids=[], forward=lambda batch, cache: model.forward_batch(batch, cache))
+    assert not engine.supports_prompt_logprobs
+    with TestClient(create_app(engine, tokenizer, ServerConfig(MODEL, 256, "cpu", "cpu"), ServingMetrics())) as c:
+        r = c.post("/v1/completions", json={"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
