@@ -16,7 +16,8 @@ Layout, top to bottom:
 * Engine plumbing: submit a response's sequences (``n`` per prompt, batched prompts), relay their
   ``(choice, event)`` pairs, answer streamed (SSE) or whole (:func:`respond`).
 * Routes: ``router`` (open: ``/health``, ``/metrics``, ``/version``), ``tokens`` (``/tokenize``,
-  ``/detokenize``) and ``v1`` (``/v1``), the last two behind the API key.
+  ``/detokenize``, ``/tokenizer_info``) and ``v1`` (``/v1``), the last two behind the API key. The
+  Responses API (``/v1/responses``) lives in :mod:`serving.responses`, built on these helpers.
 * :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers (a catch-all
   turns any bug into a JSON 500), CORS and the engine's lifespan, wrapped in the request counter.
 
