@@ -53,6 +53,17 @@ test-fast: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --dtype fp32 tests conformance \
 		--ignore=tests/test_triton_kernels.py $(PYTEST_ARGS)
 
+# Third-party clients (langchain-openai, litellm: chat, streaming, structured output, named tools, the Responses
+# API) against a real server, outside `make test`: they are not project dependencies, so they get a venv of their
+# own under .cache/ (built on first use, needs PyPI; about 2 minutes). tests/clients/check_clients.py says what runs.
+CLIENTS_VENV ?= .cache/clients-venv
+.PHONY: test-clients
+test-clients: venv
+	test -x $(CLIENTS_VENV)/bin/python || ($(PYTHON) -m venv $(CLIENTS_VENV) && \
+		$(CLIENTS_VENV)/bin/pip install -q langchain-openai litellm)
+	OMP_NUM_THREADS=1 LITELLM_LOCAL_MODEL_COST_MAP=True $(PY) tests/clients/run_clients.py \
+		--python $(CLIENTS_VENV)/bin/python
+
 conformance: venv
 	$(PY) -m pytest -q conformance --backend $(or $(BACKEND),cpu)
 

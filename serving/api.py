@@ -16,7 +16,8 @@ Layout, top to bottom:
 * Engine plumbing: submit a response's sequences (``n`` per prompt, batched prompts), relay their
   ``(choice, event)`` pairs, answer streamed (SSE) or whole (:func:`respond`).
 * Routes: ``router`` (open: ``/health``, ``/metrics``, ``/version``), ``tokens`` (``/tokenize``,
-  ``/detokenize``) and ``v1`` (``/v1``), the last two behind the API key.
+  ``/detokenize``, ``/tokenizer_info``) and ``v1`` (``/v1``), the last two behind the API key. The
+  Responses API (``/v1/responses``) lives in :mod:`serving.responses`, built on these helpers.
 * :func:`create_app`: one FastAPI app wiring the state, the routers, the error handlers (a catch-all
   turns any bug into a JSON 500), CORS and the engine's lifespan, wrapped in the request counter.
 
@@ -46,11 +47,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import ChatTemplate, ChatTemplateError, prompt_opens_thinking, template_kwargs
+from .chat import GLM_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, prompt_opens_thinking, template_kwargs
 from .engine import Engine, EngineEvent, SamplingParams
 from .metrics import ServingMetrics
 from .parsers import GLMOutputParser
 from .protocol import (
+    IGNORED_FIELDS,
+    REASONING_EFFORTS,
     APIError,
     ChatCompletionRequest,
     ChatResponse,
@@ -62,6 +65,7 @@ from .protocol import (
     TokenizeRequest,
     engine_error,
     error_response,
+    stream_usage,
     usage_of,
     validation_message,
 )
@@ -88,6 +92,9 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)  # serving/chat.py: which one renders
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no cross-origin browser access
+    strict_request_fields: bool = False  # --strict-request-fields: a field no schema knows is a 400, not a log line
+    enable_tokenizer_info_endpoint: bool = False  # --enable-tokenizer-info-endpoint (vLLM's flag): GET /tokenizer_info
+    tokenizer_config: dict = field(default_factory=dict)  # the checkpoint's tokenizer_config.json, for /tokenizer_info
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -129,6 +136,7 @@ class ServerState:
     max_token_chars: int = 1  # the longest token's text: a prompt longer than max_model_len x this cannot fit
     grammars: GrammarCompiler | None = None
     tokenize_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    logged_fields: set[str] = field(default_factory=set)  # unknown request fields already logged (once each)
 
     def token_id(self, text: str) -> int | None:
         return self.tokenizer.token_to_id(text)
@@ -238,8 +246,10 @@ def decode_request(raw: bytes, schema: type[BaseModel]) -> Any:
 
 
 async def parse_request(request: Request, state: ServerState, schema: type[BaseModel]) -> Any:
-    """The body validated against ``schema`` (unknown fields are a 400 naming the field). A large body is
-    decoded and validated on a worker thread: the event loop keeps answering (e.g. /health)."""
+    """The body validated against ``schema``. A large body is decoded and validated on a worker thread: the
+    event loop keeps answering (e.g. /health). Fields no schema knows are logged once per name and
+    ignored (vLLM's choice), or a 400 naming the first with ``--strict-request-fields``; known fields that
+    change nothing here (``store``, ``service_tier``, ...) get a debug line."""
     raw = await read_body(request, state.config.max_body_bytes)
     if len(raw) < _INLINE_BODY_BYTES:
         req = decode_request(raw, schema)
@@ -247,6 +257,18 @@ async def parse_request(request: Request, state: ServerState, schema: type[BaseM
         req = await asyncio.to_thread(decode_request, raw, schema)
     del raw
     check_model(state, getattr(req, "model", None))
+    unknown = sorted(req.model_extra or {})
+    if unknown and state.config.strict_request_fields:
+        raise APIError(400, f"{unknown[0]}: unknown parameter; this server does not implement it (docs/serving.md "
+                       "lists the parameters; the server runs with --strict-request-fields)", unknown[0],
+                       "invalid_value")
+    new = [name for name in unknown if name not in state.logged_fields]
+    if new:
+        state.logged_fields.update(new)
+        log.warning("request fields no API here knows were ignored (logged once per name): %s", ", ".join(new))
+    ignored = [name for name in IGNORED_FIELDS if name in req.model_fields_set]
+    if ignored:
+        log.debug("%s: ignored request fields (no effect on this server): %s", request.url.path, ", ".join(ignored))
     return req
 
 
@@ -264,7 +286,8 @@ def check_messages(messages: list[dict]) -> None:
         role = message.get("role")
         if message.get("content") is not None:
             continue
-        if role == "assistant" and (message.get("tool_calls") or message.get("reasoning_content")):
+        if role == "assistant" and (message.get("tool_calls") or message.get("reasoning_content")
+                                    or message.get("reasoning")):
             continue
         if role in ("system", "developer", "user", "tool", "assistant"):
             got = "null" if "content" in message else "missing"
@@ -277,7 +300,8 @@ def render_prompt(state: ServerState, req: Any, add_generation_prompt: bool = Tr
     """The chat prompt text from the server's template (serving/chat.py) and the request's template
     variables (thinking switches); a request the template cannot render is a 400 naming it."""
     try:
-        kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, getattr(req, "thinking", None))
+        kwargs = template_kwargs(req.enable_thinking, req.chat_template_kwargs, getattr(req, "thinking", None),
+                                 getattr(req, "reasoning_effort", None))
         return state.config.chat_template.render(req.messages, req.tools, kwargs, add_generation_prompt)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
@@ -336,7 +360,7 @@ async def completion_prompts(state: ServerState, prompt: Any) -> list[tuple[list
 
 def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, max_tokens: int | None,
                     param: str = "messages", logprobs: int | None = None,
-                    structured: GrammarSpec | None = None) -> SamplingParams:
+                    structured: GrammarSpec | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's parameters for ``req``: the place a new request parameter reaches the engine.
     ``max_tokens`` None: up to the context limit."""
     max_model_len = state.config.max_model_len
@@ -346,6 +370,10 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, ma
                        "context_length_exceeded")
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
+    if prompt_logprobs is not None and not state.engine.supports_prompt_logprobs:
+        raise APIError(400, "prompt logprobs (echo + logprobs, prompt_logprobs) are not available with data or "
+                       "expert parallelism in this server: every prefill row would have to come back from the ranks",
+                       "prompt_logprobs", "unsupported")
     why = state.engine.check_fits(prompt_len, max_tokens)
     if why:
         raise APIError(400, why, "max_tokens", "context_length_exceeded")
@@ -374,7 +402,8 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, ma
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty, logit_bias=bias,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output, structured=structured)
+        include_stop_str_in_output=req.include_stop_str_in_output, structured=structured,
+        prompt_logprobs=prompt_logprobs)
 
 
 def response_format_schema(response_format: dict | None) -> tuple[bool, dict | None]:
@@ -438,15 +467,25 @@ async def compile_grammar(state: ServerState, schema: dict | None, param: str,
         raise APIError(400, f"{param}: {exc}", param, "invalid_value") from None
 
 
-def include_usage(req: SamplingFields) -> bool:
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")  # the last: accepted, ignored
+
+
+def stream_options(req: SamplingFields) -> tuple[bool, bool]:
+    """``(include_usage, continuous_usage_stats)`` from ``stream_options`` (OpenAI's and vLLM's options;
+    ``include_obfuscation`` pads chunks against side channels: nothing to pad here, ignored)."""
     options = req.stream_options or {}
-    unknown = sorted(set(options) - {"include_usage"})
+    unknown = sorted(set(options) - set(STREAM_OPTIONS))
     if unknown:
-        raise APIError(400, f"stream_options.{unknown[0]}: unknown option; only include_usage is supported",
+        raise APIError(400, f"stream_options.{unknown[0]}: unknown option; expected one of {', '.join(STREAM_OPTIONS)}",
                        "stream_options", "invalid_value")
-    if not isinstance(options.get("include_usage", False), bool):
-        raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options", "invalid_value")
-    return bool(options.get("include_usage"))
+    for name in STREAM_OPTIONS:
+        if not isinstance(options.get(name, False), (bool, type(None))):
+            raise APIError(400, f"stream_options.{name} must be a boolean", "stream_options", "invalid_value")
+    return bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
+
+
+def include_usage(req: SamplingFields) -> bool:
+    return stream_options(req)[0]
 
 
 def per_choice(params: SamplingParams, i: int) -> SamplingParams:
@@ -510,6 +549,8 @@ async def collect(request: Request, engine: Engine, queue: asyncio.Queue, reques
                     event.text = earlier.text + event.text
                     if earlier.logprobs is not None:
                         event.logprobs = earlier.logprobs + (event.logprobs or [])
+                    if earlier.prompt_logprobs is not None:
+                        event.prompt_logprobs = earlier.prompt_logprobs
                 merged[index] = event
             for index, event in merged.items():
                 if event.finished:
@@ -532,9 +573,10 @@ def total_usage(jobs: list[Job], last: dict[int, EngineEvent]) -> dict:
 
 
 async def respond(request: Request, state: ServerState, jobs: list[Job], body: ChatResponse | CompletionResponse,
-                  stream: bool) -> Response:
+                  stream: bool, continuous_usage: bool = False) -> Response:
     """Run the jobs in the engine and answer with ``body``'s chunks as server-sent events, or with its
-    whole body once every choice ended."""
+    whole body once every choice ended. ``continuous_usage``: every chunk carries its choice's usage so
+    far (vLLM's ``stream_options.continuous_usage_stats``)."""
     engine = state.engine
     queue, request_ids = submit(state, jobs, body.request_id)
     last: dict[int, EngineEvent] = {}
@@ -546,6 +588,8 @@ async def respond(request: Request, state: ServerState, jobs: list[Job], body: C
                 if event.finished:
                     last[index] = event
                 for item in body.chunks(index, event):
+                    if continuous_usage and "choices" in item:
+                        item["usage"] = stream_usage(event)
                     yield sse(item)
             if body.include_usage:
                 yield sse(body.usage_chunk(total_usage(jobs, last)))
@@ -556,9 +600,12 @@ async def respond(request: Request, state: ServerState, jobs: list[Job], body: C
 
     texts: dict[int, list[str]] = {i: [] for i in range(len(jobs))}
     logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(jobs))}
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
     async for index, event in collect(request, engine, queue, request_ids, watch=True):
         texts[index].append(event.text)
         logprobs[index] += event.logprobs or []
+        if event.prompt_logprobs is not None:
+            prompt_logprobs[index] = event.prompt_logprobs
         last[index] = event
     if len(last) < len(jobs) or any(e.finish_reason == "abort" and not e.error for e in last.values()):
         return Response(status_code=499)  # the client left; nobody reads this
@@ -569,7 +616,9 @@ async def respond(request: Request, state: ServerState, jobs: list[Job], body: C
     if failed:
         return JSONResponse(engine_error(failed[0]), status_code=503 if engine.fatal_error else 500)
     results = [("".join(texts[i]), last[i], logprobs[i]) for i in range(len(jobs))]
-    return JSONResponse(body.whole(results, total_usage(jobs, last)))
+    if isinstance(body, ChatResponse):
+        return JSONResponse(body.whole(results, total_usage(jobs, last), prompt_logprobs.get(0)))
+    return JSONResponse(body.whole(results, total_usage(jobs, last), prompt_logprobs))
 
 # ---- routes ----------------------------------------------------------------------------------
 
@@ -626,18 +675,61 @@ async def detokenize(request: Request, state: State) -> JSONResponse:
     return JSONResponse({"prompt": state.tokenizer.decode(ids, skip_special_tokens=False)})
 
 
+def read_tokenizer_config(checkpoint: Any) -> dict:
+    """A checkpoint directory's tokenizer_config.json ({} when absent or unreadable), for /tokenizer_info."""
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(checkpoint) / "tokenizer_config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_card(config: ServerConfig) -> dict:
+    return {"id": config.model_name, "object": "model", "created": config.created, "owned_by": "hwlayer",
+            "max_model_len": config.max_model_len, "backend": config.backend,
+            "chat_template": config.chat_template.source}
+
+
 @v1.get("/models")
 async def models(state: State) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [model_card(state.config)]})
+
+
+@v1.get("/models/{model_id:path}")
+async def model_by_id(model_id: str, state: State) -> JSONResponse:
+    """OpenAI's ``models.retrieve`` (the id may hold slashes, as Hugging Face names do)."""
+    check_model(state, model_id)
+    return JSONResponse(model_card(state.config))
+
+
+@tokens.get("/tokenizer_info")
+async def tokenizer_info(state: State) -> JSONResponse:
+    """vLLM's ``GET /tokenizer_info`` (behind ``--enable-tokenizer-info-endpoint``, off by default as in vLLM:
+    it exposes the chat template): the checkpoint's tokenizer_config.json without file paths, plus
+    ``tokenizer_class`` and ``chat_template``. lm-eval reads ``eos_token`` (and ``chat_template``) from it,
+    then tokenizes through /tokenize and /detokenize instead of downloading the tokenizer."""
     config = state.config
-    return JSONResponse({"object": "list", "data": [{
-        "id": config.model_name, "object": "model", "created": config.created, "owned_by": "hwlayer",
-        "max_model_len": config.max_model_len, "backend": config.backend,
-        "chat_template": config.chat_template.source}]})
+    if not config.enable_tokenizer_info_endpoint:
+        raise APIError(404, "GET /tokenizer_info: not enabled; start the server with --enable-tokenizer-info-endpoint",
+                       None, "not_found")
+    info = {k: v for k, v in config.tokenizer_config.items()
+            if k not in ("vocab_file", "merges_file", "tokenizer_file", "added_tokens_decoder")}
+    info.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    info.setdefault("model_max_length", config.max_model_len)
+    eos = sorted(state.engine.eos_token_ids)
+    if "eos_token" not in info and eos:
+        info["eos_token"] = state.token_text(eos[0])
+    template = config.chat_template
+    info["chat_template"] = template.source_text if not template.is_builtin else GLM_CHAT_TEMPLATE
+    return JSONResponse(info)
 
 
 @v1.post("/chat/completions", dependencies=[Depends(require_live_engine)])
 async def chat_completions(request: Request, state: State) -> Response:
     req: ChatCompletionRequest = await parse_request(request, state, ChatCompletionRequest)
+    check_unsupported_chat_fields(req)
     check_messages(req.messages)
     # the text of the messages alone may already be too long: refused before rendering it
     check_chars(state, sum(len(m["content"]) for m in req.messages if isinstance(m.get("content"), str)), "messages")
@@ -659,16 +751,42 @@ async def chat_completions(request: Request, state: State) -> Response:
                                            state.token_id("</think>") if thinking else None)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(state, req, len(prompt_ids), max_tokens, "messages",
-                             (req.top_logprobs or 0) if req.logprobs else None, structured)
+                             (req.top_logprobs or 0) if req.logprobs else None, structured, req.prompt_logprobs)
     tools = req.tools if req.tool_choice != "none" else None  # what the parser looks for
     call_end = state.token_id("</tool_call>")
     if tools and forced is None and req.parallel_tool_calls is False and call_end is not None:
         params.stop_after_token_ids = [call_end]  # one call at most: stop when the first one closes
-    jobs = [Job(prompt_ids, per_choice(params, i)) for i in range(req.n)]
+    # the prompt is scored once, by the first choice (the top-level prompt_logprobs, as vLLM)
+    jobs = [Job(prompt_ids, replace(per_choice(params, i), prompt_logprobs=None) if i else params)
+            for i in range(req.n)]
     parsers = [GLMOutputParser(thinking, None if forced else tools, stream=req.stream) for _ in jobs]
-    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, parsers, include_usage(req),
-                        state.token_text if req.logprobs else None, forced)
-    return await respond(request, state, jobs, body, req.stream)
+    usage, continuous = stream_options(req)
+    body = ChatResponse("chatcmpl-" + uuid.uuid4().hex, state.config.model_name, parsers, usage,
+                        state.token_text if req.logprobs else None, forced,
+                        state.token_text if req.prompt_logprobs is not None else None)
+    return await respond(request, state, jobs, body, req.stream, continuous)
+
+
+# Documented chat fields that ask for what this server cannot do: a 400 naming them unless null.
+CHAT_REFUSED = {
+    "audio": "audio output is not supported: GLM-5 generates text only",
+    "web_search_options": "web search is not supported: this server has no search tool",
+    "functions": "the deprecated 'functions' parameter is not supported; send 'tools' instead",
+    "function_call": "the deprecated 'function_call' parameter is not supported; send 'tool_choice' instead",
+}
+
+
+def check_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
+    """400 for documented chat fields that ask for what this server cannot do (null is always accepted)."""
+    for name, why in CHAT_REFUSED.items():
+        if getattr(req, name) is not None:
+            raise APIError(400, f"{name}: {why}", name, "unsupported")
+    if req.modalities is not None and set(req.modalities) - {"text"}:
+        raise APIError(400, f"modalities: {req.modalities} asks for output other than text; this server generates "
+                       "text only (expected [\"text\"])", "modalities", "unsupported")
+    if req.reasoning_effort is not None and req.reasoning_effort not in REASONING_EFFORTS:
+        raise APIError(400, f"reasoning_effort: {req.reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}",
+                       "reasoning_effort", "invalid_value")
 
 
 @v1.post("/completions", dependencies=[Depends(require_live_engine)])
@@ -680,27 +798,36 @@ async def completions(request: Request, state: State) -> Response:
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, f"best_of={req.best_of}: only best_of equal to n is supported (no server-side ranking "
                        "of candidates)", "best_of", "unsupported")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server does not compute",
-                       "echo", "unsupported")
+    usage, continuous = stream_options(req)
     constrained, schema = response_format_schema(req.response_format)
     prompts = await completion_prompts(state, req.prompt)
     if len(prompts) * req.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices exceeds {MAX_CHOICES}", "prompt",
                        "invalid_value")
     structured = await compile_grammar(state, schema, "response_format", None) if constrained else None
-    jobs, echo = [], []
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    if max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt (echo with logprobs, or "
+                       "prompt_logprobs); expected max_tokens >= 1", "max_tokens", "invalid_value")
+    if max_tokens == 0 and req.stream:
+        raise APIError(400, "max_tokens: 0 cannot be streamed; send stream: false", "max_tokens", "invalid_value")
+    # echo + logprobs: the prompt's own logprobs lead the choice's (lm-eval's loglikelihood requests)
+    echo_k = req.logprobs if req.echo and req.logprobs is not None else None
+    ks = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
+    score_k = max(ks) if ks else None  # one scoring of the prompt serves both
+    jobs, echo, echo_ids = [], [], []
     for index, (ids, text) in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
-        params = sampling_params(state, req, len(ids), max_tokens, param, req.logprobs, structured)
+        params = sampling_params(state, req, len(ids), max_tokens, param, req.logprobs, structured, score_k)
         for i in range(req.n):
             jobs.append(Job(ids, per_choice(params, i), index))
             echo.append((text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False))
                         if req.echo else "")
-    body = CompletionResponse("cmpl-" + uuid.uuid4().hex, state.config.model_name, echo, include_usage(req),
-                              state.token_text if req.logprobs is not None else None)
-    return await respond(request, state, jobs, body, req.stream)
+            echo_ids.append(ids)
+    body = CompletionResponse("cmpl-" + uuid.uuid4().hex, state.config.model_name, echo, usage,
+                              state.token_text if req.logprobs is not None else None, echo_ids, echo_k,
+                              req.prompt_logprobs, state.token_text)
+    return await respond(request, state, jobs, body, req.stream, continuous)
 
 # ---- the app ---------------------------------------------------------------------------------
 
@@ -780,8 +907,12 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig, metrics: Se
     # Always answer preflights: an allowed origin gets the CORS headers, any other a 400 (not a 405).
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
                        allow_headers=["*"], allow_credentials=False)
+    from .responses import router as responses  # the Responses API (serving/responses.py) uses this module
+
     app.include_router(router)
     app.include_router(tokens)
     app.include_router(v1)
-    counted = {route.path for routes in (router.routes, tokens.routes, v1.routes) for route in routes}
+    app.include_router(responses)
+    counted = {route.path for routes in (router.routes, tokens.routes, v1.routes, responses.routes)
+               for route in routes}
     return _CountRequests(app, metrics, counted)

@@ -48,7 +48,7 @@ from model.chat_template import GLM_CHAT_TEMPLATE, TOOLS_FOOTER, TOOLS_HEADER
 __all__ = ["GLM_CHAT_TEMPLATE", "TOOLS_FOOTER", "TOOLS_HEADER", "BUILTIN_SOURCE", "ChatTemplate",
            "ChatTemplateError", "load_chat_template", "prompt_opens_thinking", "render_chat", "template_kwargs"]
 
-ROLES = ("system", "user", "assistant", "tool", "observation")
+ROLES = ("system", "developer", "user", "assistant", "tool", "observation")
 BUILTIN_SOURCE = "built-in GLM-5 renderer"
 # Variables a request may not set through chat_template_kwargs: the server sets them itself.
 RESERVED_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "chat_template", "tokenize")
@@ -153,6 +153,15 @@ def _tool_result_items(content: list) -> str:
     return "".join(out)
 
 
+def sent_reasoning(message: dict) -> tuple[str, Any]:
+    """``(field name, value)`` of an assistant message's reasoning sent back: ``reasoning_content`` (DeepSeek,
+    older vLLM) or ``reasoning`` (current vLLM, llama-index, dify); the first that is not null."""
+    for name in ("reasoning_content", "reasoning"):
+        if message.get(name) is not None:
+            return name, message[name]
+    return "reasoning_content", None
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages must be a non-empty list of {role, content} objects")
@@ -192,14 +201,14 @@ def render_chat(
             out.append("<|observation|>" + _tool_result_items(m["content"]))
             continue
         content = visible_text(m.get("content"), where)
-        if role == "system":
+        if role in ("system", "developer"):  # OpenAI's newer name for the system message
             out.append("<|system|>" + content)
         elif role == "user":
             out.append("<|user|>" + content)
         elif role == "assistant":
-            reasoning = m.get("reasoning_content")
+            name, reasoning = sent_reasoning(m)
             if reasoning is not None and not isinstance(reasoning, str):
-                raise ChatTemplateError(f"{where}.reasoning_content must be a string", f"{where}.reasoning_content")
+                raise ChatTemplateError(f"{where}.{name} must be a string", f"{where}.{name}")
             if reasoning is None:
                 reasoning, content = split_reasoning(content)
             out.append("<|assistant|>")
@@ -224,11 +233,13 @@ def render_chat(
 # ---- which template, and the request's template variables ----------------------------------------------
 
 def template_kwargs(enable_thinking: Any = None, chat_template_kwargs: dict | None = None,
-                    thinking: dict | None = None) -> dict[str, Any]:
+                    thinking: dict | None = None, reasoning_effort: str | None = None) -> dict[str, Any]:
     """The template variables of a request: ``chat_template_kwargs`` (vLLM / SGLang), with the thinking
     switches merged in, most specific first: top-level ``enable_thinking`` (vLLM), then
-    ``chat_template_kwargs``, then the Z.ai ``thinking`` object. Only what the client set is passed, so a
-    checkpoint template's own defaults hold otherwise. Raises :class:`ChatTemplateError` naming the field."""
+    ``chat_template_kwargs``, then the Z.ai ``thinking`` object, then OpenAI's ``reasoning_effort`` (GLM-5
+    thinks or not, no levels: ``"none"`` turns thinking off, any other effort on). Only what the client set
+    is passed, so a checkpoint template's own defaults hold otherwise. Raises :class:`ChatTemplateError`
+    naming the field."""
     kwargs = dict(chat_template_kwargs or {})
     for name in RESERVED_KWARGS:
         if name in kwargs:
@@ -241,6 +252,8 @@ def template_kwargs(enable_thinking: Any = None, chat_template_kwargs: dict | No
         kwargs.setdefault("enable_thinking", zai["type"] == "enabled")
     if "clear_thinking" in zai:
         kwargs.setdefault("clear_thinking", zai["clear_thinking"])
+    if reasoning_effort is not None:
+        kwargs.setdefault("enable_thinking", reasoning_effort != "none")
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking
     for name in ("enable_thinking", "clear_thinking"):
@@ -309,6 +322,10 @@ def prepare_messages(messages: list[dict]) -> list[dict]:
     prepared = []
     for i, m in enumerate(messages):
         m = dict(m)
+        if m["role"] == "developer":  # rendered as the template renders system (not every template knows it)
+            m["role"] = "system"
+        if m["role"] == "assistant" and m.get("reasoning_content") is None and m.get("reasoning") is not None:
+            m["reasoning_content"] = m["reasoning"]  # templates read reasoning_content
         content = m.get("content")
         if content is None:
             m["content"] = ""

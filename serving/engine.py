@@ -88,6 +88,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     stop_after_token_ids: list[int] = field(default_factory=list)  # end generation, keeping the token's text
     structured: GrammarSpec | None = None  # grammar-constrained decoding (serving/structured.py)
+    # None: none; k >= 0: each prompt token's logprob and the k most likely alternatives at its position (the
+    # first token: None), from the prefill forward's rows; such a request bypasses the prefix cache
+    prompt_logprobs: int | None = None
 
     @property
     def needs_processing(self) -> bool:
@@ -107,6 +110,7 @@ class EngineEvent:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token generated since the last event, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for (first: None)
 
 
 class IncrementalDetokenizer:
@@ -159,6 +163,9 @@ class Sequence:
         self.matcher = params.structured.new_matcher() if params.structured is not None else None
         self.grammar_active = params.structured is not None and params.structured.start_after is None
         self.pending_logprobs: list[TokenLogprob] = []
+        # prompt_logprobs: entry i is prompt token i's (entry 0: None); handed out once, on the first event
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
 
@@ -217,6 +224,11 @@ class Engine:
         self.steps = 0
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens run through the model: recomputation shows up here
+        # prompt logprobs need every prefill row's hidden state: only a forward run here (not one broadcast to
+        # other ranks) can hand them out
+        from model.runner import ModelRunner
+
+        self.supports_prompt_logprobs = forward is None or isinstance(forward, ModelRunner)
 
     # ---- thread-safe API --------------------------------------------------------------------
     def blocks_needed(self, num_tokens: int) -> int:
@@ -332,7 +344,7 @@ class Engine:
     # ---- scheduling (engine thread) ---------------------------------------------------------
     def _final_len(self, seq: Sequence) -> int:
         """Tokens in the cache when ``seq`` finishes at the latest (its last sampled token is never run)."""
-        return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len) - 1
+        return min(len(seq.prompt_ids) + max(seq.params.max_tokens, 1), self.max_model_len) - 1
 
     def _blocks_to_finish(self, seq: Sequence) -> int:
         """Blocks ``seq`` may still take before it finishes: what admission keeps in reserve for it."""
@@ -371,8 +383,8 @@ class Engine:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for ``seq``'s leading full blocks; the last token is always left to compute."""
-        if not self.allocator.enable_prefix_caching:
-            return []
+        if not self.allocator.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs: every prompt row is computed
         tokens = seq.tokens
         self.allocator.hash_blocks(tokens, seq.block_hashes)
         return self.allocator.match(seq.block_hashes, (len(tokens) - 1) // self.block_size)
@@ -472,9 +484,13 @@ class Engine:
         if not scheduled:
             return 0
         batch = self.build_batch(scheduled)
+        prompt_rows = self._prompt_rows(scheduled)
         try:
             forward_started = time.perf_counter()
-            logits = self.forward(batch, self.cache)
+            if prompt_rows:
+                logits, hidden = self._forward_keeping_rows(batch, [row for row, _, _ in prompt_rows])
+            else:
+                logits = self.forward(batch, self.cache)
             if self.metrics:
                 self.metrics.forward_seconds.observe(time.perf_counter() - forward_started)
         except Exception as exc:
@@ -485,12 +501,16 @@ class Engine:
                 self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
             return len(scheduled)
         self.steps += 1
+        if prompt_rows:
+            self._record_prompt_logprobs(hidden, prompt_rows)
         rows, ready = [], []
         for b, (seq, n) in enumerate(scheduled):
             seq.num_computed += n
             self.num_computed_tokens += n
             self._register_full_blocks(seq)
-            if seq.num_computed == seq.num_tokens:  # context complete: this row's logits predict a token
+            if seq.num_computed == seq.num_tokens and seq.params.max_tokens == 0:
+                self._finish(seq, "length")  # max_tokens 0: the prefill alone (prompt logprobs), no token
+            elif seq.num_computed == seq.num_tokens:  # context complete: this row's logits predict a token
                 rows.append(b)
                 ready.append(seq)
         if ready:
@@ -498,6 +518,52 @@ class Engine:
         if self.metrics:
             self.metrics.step_seconds.observe(time.perf_counter() - started)
         return len(scheduled)
+
+    # ---- prompt logprobs ----------------------------------------------------------------------
+    def _prompt_rows(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[int, Sequence, int]]:
+        """``(flat row, sequence, position)`` of this step's rows whose logits score a prompt token (the row at
+        position p predicts prompt token p + 1), for the sequences asking for prompt logprobs."""
+        out, start = [], 0
+        for seq, n in scheduled:
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                del seq.prompt_logprobs[seq.num_computed + 1:]  # recomputed after a preemption: from here on
+                last = min(seq.num_computed + n, len(seq.prompt_ids) - 1)
+                out.extend((start + p - seq.num_computed, seq, p) for p in range(seq.num_computed, last))
+            start += n
+        return out
+
+    def _forward_keeping_rows(self, batch: Any, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward (the same as ``model.forward_batch``) that also keeps the final hidden states of
+        ``rows``: ``(logits of each sequence's last new token, hidden [len(rows), D])``. Eager: a step with
+        prefill rows never runs in a decode graph."""
+        model = self.model
+        ctx = model.context(batch, self.cache)
+        with torch.inference_mode():
+            h = model.hidden_states(ctx.input_ids, ctx, self.cache)
+            last = model.logits(h[ctx.cu_seqlens_q[1:].long() - 1])
+            return last, h[torch.tensor(rows, dtype=torch.int64, device=h.device)]
+
+    def _record_prompt_logprobs(self, hidden: torch.Tensor, rows: list[tuple[int, Sequence, int]],
+                                chunk: int = 256) -> None:
+        """Score each row's next prompt token (raw logprobs, as for generated tokens); ``chunk`` rows at a time
+        so the ``[rows, vocab]`` logits stay small."""
+        for at in range(0, len(rows), chunk):
+            part = rows[at:at + chunk]
+            targets = [seq.prompt_ids[p + 1] for _, seq, p in part]
+            target_dev = torch.tensor(targets, dtype=torch.int64, device=hidden.device)
+            with torch.inference_mode():
+                logits = self.model.logits(hidden[at:at + len(part)])
+            found = logprobs_of(logits, list(range(len(part))), target_dev, targets,
+                                [seq.params.prompt_logprobs for _, seq, _ in part])
+            for (_, seq, _), entry in zip(part, found, strict=True):
+                seq.prompt_logprobs.append(entry)
+
+    def _take_prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The prompt logprobs for ``seq``'s first event once its prompt is scored; None otherwise or later."""
+        if seq.prompt_logprobs is None or seq.prompt_logprobs_sent or len(seq.prompt_logprobs) < len(seq.prompt_ids):
+            return None
+        seq.prompt_logprobs_sent = True
+        return seq.prompt_logprobs
 
     def _sample_and_emit(self, logits: torch.Tensor, ready: list[Sequence]) -> None:
         params = [s.params for s in ready]
@@ -596,7 +662,8 @@ class Engine:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         upto = max(seq.sent, len(seq.text) - hold)
         event = EngineEvent(text=seq.text[seq.sent:upto], prompt_tokens=len(seq.prompt_ids),
-                            completion_tokens=len(seq.output_ids), logprobs=self._take_logprobs(seq))
+                            completion_tokens=len(seq.output_ids), logprobs=self._take_logprobs(seq),
+                            prompt_logprobs=self._take_prompt_logprobs(seq))
         seq.sent = upto
         self._emit(seq, event)
 
@@ -617,7 +684,7 @@ class Engine:
         seq.blocks = []
         event = EngineEvent(text=seq.text[seq.sent:], finished=True, finish_reason=reason,
                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), error=error,
-                            logprobs=self._take_logprobs(seq))
+                            logprobs=self._take_logprobs(seq), prompt_logprobs=self._take_prompt_logprobs(seq))
         seq.sent = len(seq.text)
         if self.metrics:
             self.metrics.finished.labels(reason=reason).inc()

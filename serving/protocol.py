@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .engine import EngineEvent
 from .parsers import GLMOutputParser, ToolCall
@@ -45,11 +45,31 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 # ---- request schemas -------------------------------------------------------------------------
 
-class SamplingFields(BaseModel):
-    # strict: "5" is not a number and 1 is not a bool. Unknown fields are a 400 naming the field (OpenAI's
-    # behaviour; vLLM only logs them): a parameter this server does not know is never silently ignored.
-    model_config = ConfigDict(strict=True, extra="forbid")
+# Request fields of the OpenAI API that do not change what this server generates: accepted and ignored (a
+# debug log names them). ``modalities`` other than ["text"], and ``audio`` / ``web_search_options`` /
+# ``functions`` / ``function_call`` (serving.api.CHAT_REFUSED) ask for what this server cannot do: a 400.
+IGNORED_FIELDS = ("store", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+                  "safety_identifier", "verbosity", "prediction", "moderation", "user", "metadata", "modalities")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
+
+class RequestBody(BaseModel):
+    """Strict request schema: "5" is not a number and 1 is not a bool. Fields no schema knows are kept in
+    ``model_extra``: :func:`serving.api.parse_request` logs them once (vLLM's choice) or, with
+    ``--strict-request-fields``, answers 400 naming them. A known field sent as null means "the default"
+    (the OpenAI SDK and others send ``"n": null``, ``"stream": null``)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class SamplingFields(RequestBody):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -71,9 +91,17 @@ class SamplingFields(BaseModel):
     response_format: dict[str, Any] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    # OpenAI bookkeeping fields with no effect on generation, accepted as OpenAI does
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM: the prompt tokens' logprobs
+    # accepted and ignored (IGNORED_FIELDS): OpenAI bookkeeping and hints with no effect on the output
     user: str | None = None
     metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    moderation: Any = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -87,20 +115,28 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # Z.ai API style: {"type": "enabled"|"disabled", "clear_thinking": bool}
+    reasoning_effort: str | None = None  # "none": thinking off; any other effort: on (docs/serving.md)
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    modalities: list[str] | None = None  # only ["text"]
+    audio: dict[str, Any] | None = None  # audio output: 400 unless null
+    web_search_options: dict[str, Any] | None = None  # 400 unless null
+    functions: list[dict[str, Any]] | None = None  # deprecated: 400 unless null (use tools)
+    function_call: str | dict[str, Any] | None = None  # deprecated: 400 unless null (use tool_choice)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: score the prompt only (echo + logprobs)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """vLLM's /tokenize: a completion ``prompt`` or chat ``messages`` (rendered with the generation prompt)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -108,11 +144,11 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
     add_special_tokens: bool = False
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 
@@ -161,14 +197,43 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict:
                         for e in entries]}
 
 
-def completion_logprobs(entries: list[TokenLogprob], token_text: TokenText, offset: int) -> dict:
-    tokens = [token_text(e.token_id) for e in entries]
-    offsets = []
-    for text in tokens:
+def completion_logprobs(entries: list[TokenLogprob | None], token_text: TokenText, offset: int,
+                        first_token: int | None = None) -> dict:
+    """OpenAI's legacy logprobs object. ``top_logprobs`` always holds the token itself besides the top
+    alternatives (OpenAI and vLLM). An entry None is a prompt's first token (echo): no logprob, its id is
+    ``first_token``."""
+    tokens, offsets, token_logprobs, tops = [], [], [], []
+    for e in entries:
+        text = token_text(first_token if e is None else e.token_id)
+        tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+        token_logprobs.append(None if e is None else e.logprob)
+        tops.append(None if e is None else {**{token_text(t): lp for t, lp in e.top}, text: e.logprob})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None], token_text: TokenText) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or ``{token id: {logprob, rank,
+    decoded_token}}`` holding the token itself and its top alternatives. ``rank`` (1 = most likely) is known
+    for tokens among the alternatives; for a prompt token outside them it is null."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranks = {t: r + 1 for r, (t, _) in enumerate(e.top)}
+        row = {str(e.token_id): {"logprob": e.logprob, "rank": ranks.get(e.token_id),
+                                 "decoded_token": token_text(e.token_id)}}
+        for t, lp in e.top:
+            row.setdefault(str(t), {"logprob": lp, "rank": ranks[t], "decoded_token": token_text(t)})
+        out.append(row)
+    return out
+
+
+def stream_usage(event: EngineEvent) -> dict:
+    """``stream_options.continuous_usage_stats`` (vLLM): the choice's usage so far, on every chunk."""
+    return usage_of(event.prompt_tokens, event.completion_tokens)
 
 
 @dataclass
@@ -201,10 +266,12 @@ class ChatResponse:
     reasoning and content separated, tool calls parsed, finish_reason ``tool_calls`` when any."""
 
     def __init__(self, request_id: str, model: str, parsers: list[GLMOutputParser], include_usage: bool = False,
-                 token_text: TokenText | None = None, forced: ForcedTools | None = None) -> None:
+                 token_text: TokenText | None = None, forced: ForcedTools | None = None,
+                 prompt_text: TokenText | None = None) -> None:
         self.request_id, self.model, self.include_usage = request_id, model, include_usage
         self.choices = [_ChatChoice(p) for p in parsers]
         self.token_text, self.forced = token_text, forced  # token_text: logprobs asked for
+        self.prompt_text = prompt_text  # prompt_logprobs asked for (vLLM): the top-level ``prompt_logprobs``
         self.created = int(time.time())
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
@@ -213,7 +280,9 @@ class ChatResponse:
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
     def _finish_reason(self, choice: _ChatChoice, engine_reason: str | None) -> str | None:
-        return "tool_calls" if choice.num_tool_calls and engine_reason == "stop" else engine_reason
+        # a named tool_choice ends with "stop" (OpenAI and vLLM); calls the model chose, or "required": tool_calls
+        named = self.forced is not None and self.forced.name is not None
+        return "tool_calls" if choice.num_tool_calls and engine_reason == "stop" and not named else engine_reason
 
     def opening(self) -> list[dict]:
         """What a stream sends before any token: the assistant role, per choice."""
@@ -227,8 +296,12 @@ class ChatResponse:
             parsed.extend(choice.parser.finish())
         logprobs = chat_logprobs(event.logprobs or [], self.token_text) if self.token_text else None
         out = []
-        if parsed.reasoning:
-            out.append(self._chunk(index, {"reasoning_content": parsed.reasoning}, logprobs=logprobs))
+        if event.prompt_logprobs is not None and self.prompt_text is not None and index == 0:
+            out.append({**self._chunk(index, {}),
+                        "prompt_logprobs": vllm_prompt_logprobs(event.prompt_logprobs, self.prompt_text)})
+        if parsed.reasoning:  # both names: ``reasoning`` (current vLLM), ``reasoning_content`` (DeepSeek, older)
+            out.append(self._chunk(index, {"reasoning": parsed.reasoning, "reasoning_content": parsed.reasoning},
+                                   logprobs=logprobs))
             logprobs = None
         if parsed.content and self.forced is not None:
             choice.held += parsed.content
@@ -261,7 +334,8 @@ class ChatResponse:
         return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage}
 
-    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict) -> dict:
+    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict,
+              prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
         """The non-streaming body: per choice, the complete text, its last event and its logprobs."""
         choices = []
         for index, (text, last, logprobs) in enumerate(results):
@@ -274,6 +348,7 @@ class ChatResponse:
                 calls = self.forced.calls(content)
                 content = "" if calls else content
             message: dict[str, Any] = {"role": "assistant", "content": content or None,
+                                       "reasoning": parsed.reasoning or None,
                                        "reasoning_content": parsed.reasoning or None}
             if calls:
                 message["tool_calls"] = [c.to_openai() for c in calls]
@@ -281,50 +356,89 @@ class ChatResponse:
             choices.append({"index": index, "message": message,
                             "logprobs": chat_logprobs(logprobs, self.token_text) if self.token_text else None,
                             "finish_reason": self._finish_reason(choice, last.finish_reason)})
-        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
+        body = {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage}
+        if self.prompt_text is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(prompt_logprobs or [], self.prompt_text)
+        return body
 
 
 class CompletionResponse:
     """OpenAI text_completion bodies of one request, from engine events. ``echo[i]``: the prompt text
-    choice ``i`` starts with (``echo``), else empty."""
+    choice ``i`` starts with (``echo``), else empty. ``prompt_ids[i]``: choice ``i``'s prompt, when its
+    prompt logprobs were asked for (echo + logprobs: the prompt's tokens lead the logprobs; vLLM's
+    ``prompt_logprobs``: per choice)."""
 
     def __init__(self, request_id: str, model: str, echo: list[str], include_usage: bool = False,
-                 token_text: TokenText | None = None) -> None:
+                 token_text: TokenText | None = None, prompt_ids: list[list[int] | None] | None = None,
+                 echo_logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 prompt_text: TokenText | None = None) -> None:
         self.request_id, self.model, self.include_usage = request_id, model, include_usage
         self.echo, self.token_text = list(echo), token_text
-        self.offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
+        self.prompt_ids = prompt_ids or [None] * len(echo)
+        # echo_logprobs: echo + logprobs k (the prompt leads the logprobs); prompt_logprobs: vLLM's field's k
+        self.echo_logprobs, self.prompt_k, self.prompt_text = echo_logprobs, prompt_logprobs, prompt_text
+        self.vllm_prompt = prompt_logprobs is not None
+        self.offsets = [0 if echo_logprobs is not None else len(e) for e in echo]  # the next token's text_offset
         self.created = int(time.time())
 
-    def _body(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def _body(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None,
+              prompt_logprobs: list[dict | None] | None = None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if self.vllm_prompt:
+            choice["prompt_logprobs"] = prompt_logprobs
         return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+                "choices": [choice]}
 
-    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+    def _logprobs(self, index: int, entries: list[TokenLogprob | None]) -> dict | None:
         if self.token_text is None:
             return None
-        out = completion_logprobs(entries, self.token_text, self.offsets[index])
+        first = self.prompt_ids[index][0] if self.prompt_ids[index] else None
+        out = completion_logprobs(entries, self.token_text, self.offsets[index], first)
         self.offsets[index] += sum(len(t) for t in out["tokens"])
         return out
 
+    def _prompt_parts(self, given: list[TokenLogprob | None] | None) -> tuple[list, list[dict | None] | None]:
+        """(the prompt entries leading the logprobs (echo + logprobs), vLLM's prompt_logprobs) from an event's
+        prompt logprobs (computed with the larger of the two k)."""
+        if given is None:
+            return [], None
+        def cut(k: int | None) -> list:
+            return [None if e is None else TokenLogprob(e.token_id, e.logprob, e.top[:k]) for e in given]
+        lead = cut(self.echo_logprobs) if self.echo_logprobs is not None else []
+        return lead, vllm_prompt_logprobs(cut(self.prompt_k), self.prompt_text) if self.vllm_prompt else None
+
     def opening(self) -> list[dict]:
+        # with echo + logprobs the prompt's text goes out with its logprobs, on the choice's first event
+        if self.echo_logprobs is not None:
+            return []
         return [self._body(i, text) for i, text in enumerate(self.echo) if text]
 
     def chunks(self, index: int, event: EngineEvent) -> list[dict]:
         """The stream chunks for one engine event of choice ``index`` (the last one also ends the choice)."""
         if event.finished and event.finish_reason == "error":
             return [engine_error(event)]
-        if event.text or event.finished or event.logprobs:
-            return [self._body(index, event.text, event.finish_reason if event.finished else None,
-                               self._logprobs(index, event.logprobs or []))]
+        lead, prompt = self._prompt_parts(event.prompt_logprobs)
+        echoed = self.echo_logprobs is not None and event.prompt_logprobs is not None
+        text = (self.echo[index] if echoed else "") + event.text
+        if text or event.finished or event.logprobs or prompt is not None:
+            logprobs = self._logprobs(index, lead + (event.logprobs or []))
+            return [self._body(index, text, event.finish_reason if event.finished else None, logprobs, prompt)]
         return []
 
     def usage_chunk(self, usage: dict) -> dict:
         return {"id": self.request_id, "object": "text_completion", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage}
 
-    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict) -> dict:
-        choices = [{"index": i, "text": self.echo[i] + text, "logprobs": self._logprobs(i, logprobs),
-                    "finish_reason": last.finish_reason} for i, (text, last, logprobs) in enumerate(results)]
+    def whole(self, results: list[tuple[str, EngineEvent, list[TokenLogprob]]], usage: dict,
+              prompt_logprobs: dict[int, list[TokenLogprob | None]] | None = None) -> dict:
+        choices = []
+        for i, (text, last, logprobs) in enumerate(results):
+            lead, prompt = self._prompt_parts((prompt_logprobs or {}).get(i))
+            choice = {"index": i, "text": self.echo[i] + text, "logprobs": self._logprobs(i, lead + logprobs),
+                      "finish_reason": last.finish_reason}
+            if self.vllm_prompt:
+                choice["prompt_logprobs"] = prompt
+            choices.append(choice)
         return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage}

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default="",
                    help="CORS: comma-separated origins (or a JSON list) browsers may call from, '*' for any; "
                         "default none (no cross-origin access)")
+    p.add_argument("--strict-request-fields", action="store_true",
+                   help="answer 400 to request fields no API here knows (default: log them once and ignore, as vLLM)")
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (vLLM's flag; lm-eval reads it): exposes the chat template")
     p.add_argument("--tool-call-parser", default="glm47", choices=sorted(GLM_PARSERS),
                    help="tool-call format (vLLM names; default glm47; both are GLM's <tool_call> format)")
     p.add_argument("--reasoning-parser", default="glm45", choices=sorted(GLM_PARSERS),
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
              f"hold one {max_model_len}-token context; use at least {blocks_per_context} blocks or a smaller "
              "--max-model-len")
 
-    from .api import ServerConfig, create_app
+    from .api import ServerConfig, create_app, read_tokenizer_config
     from .engine import Engine
     from .metrics import ServingMetrics
 
@@ -281,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                  block_size=block_size)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                                 chat_template=chat_template, allowed_origins=args.allowed_origins)
+                                 chat_template=chat_template, allowed_origins=args.allowed_origins,
+                                 strict_request_fields=args.strict_request_fields,
+                                 enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+                                 tokenizer_config=read_tokenizer_config(path))
     app = DrainGate(create_app(engine, tokenizer, server_config, metrics))
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, weights {model.weight_format}, "

@@ -77,6 +77,8 @@ class GrammarCompiler:
         ll = self._load()
         if schema is None:
             schema = {"type": "object"}
+        else:
+            schema = closed_objects(schema)
         try:
             grammar = ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         except ValueError as exc:
@@ -88,6 +90,22 @@ class GrammarCompiler:
 
     def matcher(self, grammar: str) -> Any:
         return self._ll.LLMatcher(self._lltok, grammar, log_level=0)
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` (a copy) with ``additionalProperties: false`` on every object schema that lists ``properties``
+    and says nothing about extra keys: vLLM's default grammar backend (xgrammar, strict mode) forbids them
+    unless the schema allows them, so default pydantic schemas (instructor, ``parse()``) end when the object
+    is complete instead of growing keys until ``max_tokens``."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples") else closed_objects(v)) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def one_line(text: str) -> str:

@@ -241,7 +241,7 @@ def test_echo_batched_prompts_and_best_of(client, server):
                                                                               **kwargs) if c.choices)
     assert streamed == "Alpha" + a
     assert client.completions.create(prompt="Alpha", n=2, best_of=2, **kwargs).choices[1].text == a
-    for bad in (dict(best_of=3), dict(suffix="z"), dict(echo=True, logprobs=1)):
+    for bad in (dict(best_of=3), dict(suffix="z")):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(prompt="Alpha", **kwargs, **bad)
         assert err.value.body["param"] in bad
@@ -257,10 +257,13 @@ def test_parallel_tool_calls_false_stops_after_the_first_call(client, server):
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "stop"
 
 
-def test_unknown_parameter_is_named(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "top_a": 0.1})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "top_a"
-    assert "unknown parameter" in r.json()["error"]["message"]
+def test_unknown_parameter_is_logged_not_refused(server):
+    # vLLM's choice: a field no API knows is logged (once per name) and ignored; --strict-request-fields makes
+    # it a 400 (tests/test_api_compat.py)
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "top_a": 0.1,
+                                                              "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "top_a" in server.output()
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "user": "u1", "metadata": {"k": "v"}}
     assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     assert json.loads(httpx.get(server.url + "/version").text)["version"]

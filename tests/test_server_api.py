@@ -264,9 +264,13 @@ BAD_CHAT = [
     ({"tool_choice": "required"}, "tool_choice"),  # no tools
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}},
       "tools": [{"type": "function", "function": {"name": "get_weather"}}]}, "tool_choice"),
-    ({"best_of": 2}, "best_of"),  # a completions-only field: unknown to chat
-    ({"frobnicate": True}, "frobnicate"),
-    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": True, "every_token": True}}, "stream_options"),
+    ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"reasoning_effort": 3}, "reasoning_effort"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant"}]}, "messages[1].content"),

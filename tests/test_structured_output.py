@@ -167,7 +167,7 @@ def test_tool_choice_named_and_required(client):
         model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER, TIME], max_tokens=200,
         temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINK)
     choice = named.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.finish_reason == "stop" and choice.message.content is None  # named: "stop" (OpenAI, vLLM)
     (call,) = choice.message.tool_calls
     args = json.loads(call.function.arguments)
     assert call.function.name == "get_weather" and set(args) == {"city", "days"} and isinstance(args["days"], int)
@@ -204,3 +204,29 @@ def test_bad_structured_requests_are_400(server):
     for patch, param in bad:
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, **patch})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (patch, r.text)
+
+
+def test_json_schema_objects_without_additional_properties_are_closed(tiny):
+    """vLLM's default grammar backend forbids keys a schema does not list unless it says
+    ``additionalProperties``; the grammar compiled here must refuse an extra key, and allow it when the
+    schema allows it."""
+    from serving.structured import GrammarCompiler, closed_objects
+
+    model, tokenizer = tiny
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, [])
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "pet": {"type": "object", "properties": {"kind": {"type": "string"}}}},
+              "required": ["name"]}
+    assert closed_objects(schema)["additionalProperties"] is False
+    assert closed_objects(schema)["properties"]["pet"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the request's schema is not modified
+
+    def accepts(schema, text):
+        matcher = compiler.json_schema(schema).new_matcher()
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        return matcher.validate_tokens(ids) == len(ids)
+
+    assert accepts(schema, '{"name":"a","pet":{"kind":"cat"}}')
+    assert not accepts(schema, '{"name":"a","extra":1}')
+    assert not accepts(schema, '{"name":"a","pet":{"kind":"cat","age":3}}')
+    assert accepts({**schema, "additionalProperties": True}, '{"name":"a","extra":1}')
