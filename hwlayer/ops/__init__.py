@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import kv_cache_write, lightning_indexer, sparse_mla_attention
-from .ep import EPHandle, all_to_all, ep_combine, ep_dispatch
+from .ep import EPCapacityHandle, EPHandle, all_to_all, ep_combine, ep_dispatch
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -132,6 +132,7 @@ __all__ = [
     "AttentionMetadata",
     "INDEX_DTYPES",
     "OP_NAMES",
+    "EPCapacityHandle",
     "EPHandle",
     "OpSpec",
     "QuantizedWeight",
