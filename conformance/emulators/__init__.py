@@ -80,15 +80,16 @@ ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
     """Module name -> function filling that module, for one emulated backend."""
-    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, vllm_c
+    from . import deep_ep, deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, torch_npu_mc2, vllm_c
 
     table: dict[str, dict[str, Callable[[types.ModuleType], None]]] = {
-        "ascend": {"torch_npu": torch_npu.install},
+        "ascend": {"torch_npu": lambda m: (torch_npu.install(m), torch_npu_mc2.install(m))},
         "cuda": {
             "flash_mla": flash_mla.install_current,
             "deep_gemm": deep_gemm.install_nvidia,
             "vllm": vllm_c.install_package,
             "vllm._C": vllm_c.install_extension,
+            "deep_ep": deep_ep.install,
         },
         "metax": {
             "mcoplib": mcoplib.install_package,
@@ -175,7 +176,7 @@ def deactivate() -> None:
 
     import hwlayer
 
-    from . import vllm_c
+    from . import torch_npu_mc2, vllm_c
 
     if not _STATE:
         return
@@ -191,6 +192,7 @@ def deactivate() -> None:
         else:
             os.environ[key] = value
     vllm_c.unregister()
+    torch_npu_mc2.unpatch()  # the emulated get_hccl_comm_name on gloo
     _STATE.clear()
     _clear_caches()
     hwlayer.reset()
