@@ -141,8 +141,12 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     x = torch.randn(args.tokens, args.hidden, generator=g).to(dtype)
     ids = torch.rand(args.tokens, args.experts, generator=g).topk(args.top_k, dim=1).indices.to(torch.int32)
     w = torch.rand(args.tokens, args.top_k, generator=g)
-    recv_x, _, handle = ops.ep_dispatch(x, ids, args.experts, None, w)
+    recv_x, _, handle = ops.ep_dispatch(x, ids, args.experts)  # weights at combine: one row per assignment
     send_rows = x.index_select(0, handle.order // args.top_k)  # the bare exchange's prepared buffer
+    # Weights at dispatch (as the model calls it): tokens travel once per rank, fp32 partial sums come back.
+    _, _, tok = ops.ep_dispatch(x, ids, args.experts, None, w)
+    tok_send = x.index_select(0, tok.sent_token)
+    tok_back = torch.zeros(sum(tok.recv_tokens), args.hidden)
     capacity = args.tokens  # the fixed-capacity form: every rank sends every rank C * k rows
     block = [capacity * args.top_k] * world
     cap_send = x.new_zeros(world * capacity * args.top_k, args.hidden)
@@ -151,9 +155,17 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
         all_to_all(send_rows, handle.recv_counts, handle.send_counts)
         all_to_all(recv_x, handle.send_counts, handle.recv_counts)
 
-    def hwlayer_ops() -> None:
+    def hwlayer_ops() -> None:  # as the model calls them
         rx, _, h = ops.ep_dispatch(x, ids, args.experts, None, w)
         ops.ep_combine(rx, h, w)
+
+    def per_assignment_ops() -> None:
+        rx, _, h = ops.ep_dispatch(x, ids, args.experts)
+        ops.ep_combine(rx, h, w)
+
+    def bare_tokens() -> None:  # the bytes the weights-at-dispatch path moves: bf16 tokens out, fp32 rows back
+        all_to_all(tok_send, tok.recv_tokens, tok.send_tokens)
+        all_to_all(tok_back, tok.send_tokens, tok.recv_tokens)
 
     def before() -> None:
         rx, _, h = before_ep_dispatch(x, ids, args.experts)
@@ -171,8 +183,9 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
         rx, _, h = legacy_ep_dispatch(x, ids, args.experts)
         legacy_ep_combine(rx, h, w)
 
-    variants = {"bare all_to_all_single x2": bare, "ep_dispatch + ep_combine": hwlayer_ops, "before": before,
-                "legacy": legacy}
+    variants = {"bare all_to_all_single x2": bare, "ep_dispatch + ep_combine": hwlayer_ops,
+                "ops, weights at combine": per_assignment_ops, "before": before, "legacy": legacy,
+                "bare a2a x2, token bytes": bare_tokens}
     if args.capacity:
         variants.update({"bare a2a x2, capacity buffers": bare_capacity, "capacity form ops": capacity_ops})
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import kv_cache_write, lightning_indexer, sparse_mla_attention
-from .ep import EPCapacityHandle, EPHandle, all_to_all, ep_combine, ep_dispatch
+from .ep import EPCapacityHandle, EPHandle, EPTokenHandle, all_to_all, ep_combine, ep_dispatch
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -134,6 +134,7 @@ __all__ = [
     "OP_NAMES",
     "EPCapacityHandle",
     "EPHandle",
+    "EPTokenHandle",
     "OpSpec",
     "QuantizedWeight",
     "all_to_all",

@@ -65,6 +65,21 @@ class EPHandle:
 
 
 @dataclass
+class EPTokenHandle:
+    """The generic exact form when the weights came with the dispatch: each token travelled once per
+    destination rank. ``sent_token`` (int64): the token of each sent row, destination by destination;
+    ``row_token`` / ``row_weight``: the received token and weight of each delivered assignment row."""
+
+    sent_token: torch.Tensor
+    send_tokens: list[int]
+    recv_tokens: list[int]
+    row_token: torch.Tensor
+    row_weight: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+@dataclass
 class EPCapacityHandle:
     """What the generic ``ep_combine`` needs in the fixed-capacity form. ``slot_rows`` (int64
     ``[T*k]``): the row of the returned buffer that holds assignment ``t * k + slot``."""
@@ -138,6 +153,8 @@ def ep_dispatch(
     dest = flat // per_rank
     if capacity is not None:
         return _dispatch_capacity(x, flat, dest, per_rank, world, k, capacity, group)
+    if topk_weights is not None:
+        return _dispatch_tokens(x, topk_ids.long(), topk_weights, dest.view(-1, k), per_rank, world, group)
     order = torch.argsort(dest, stable=True)
     send_counts = torch.bincount(dest, minlength=world)
     recv_counts = torch.empty_like(send_counts)
@@ -157,6 +174,59 @@ def ep_dispatch(
     dist.all_to_all_single(recv_x, send_x, recv, send, group=group)
     ids_work.wait()
     return recv_x, recv_ids, EPHandle(order, send, recv, x.shape[0], k, inverse)
+
+
+def _dispatch_tokens(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor, per_rank: int,
+                     world: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, EPTokenHandle]:
+    """Exact form with the weights at hand, DeepEP's normal-mode scheme on plain all-to-alls: a token
+    goes once to each rank that owns one of its experts (with its ``k`` local ids, ``-1`` for other
+    ranks', and weights), the receiver expands it to one row per assignment; ``ep_combine`` then sums
+    each token's local assignments on the expert's rank (fp32) and sends one fp32 row per token back."""
+    import torch.distributed as dist
+
+    T, k = ids.shape
+    D = x.shape[1]
+    hits = torch.zeros((world, T), dtype=torch.bool, device=x.device)
+    if T:
+        hits.scatter_(0, dest.t().contiguous(), True)  # hits[r, t]: token t has an expert on rank r
+    counts = torch.stack([hits.sum(1), torch.bincount(dest.reshape(-1), minlength=world)], 1)  # [W, 2]
+    recv_counts = torch.empty_like(counts)  # tokens and assignments per rank, in one small exchange
+    work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    send = [c[0] for c in counts.tolist()]
+    n_send = sum(send)
+    pairs = torch.argsort((~hits).view(-1).to(torch.uint8), stable=True)[:n_send]  # destination-major, tokens ascending
+    sent_token, sent_dest = pairs % max(T, 1), pairs // max(T, 1)
+    tok_ids = ids.index_select(0, sent_token)
+    mine = dest.index_select(0, sent_token) == sent_dest.view(-1, 1)
+    meta = torch.cat([torch.where(mine, tok_ids % per_rank, -1).to(torch.int32),
+                      torch.where(mine, weights.float().index_select(0, sent_token), 0.0).view(torch.int32)], 1)
+    # Ids and weights ride in extra columns of the row buffer (as DeepEP's kernels send them with the
+    # token): one exchange for all three.
+    packable = (meta.shape[1] * 4) % x.element_size() == 0
+    work.wait()
+    recv_both = recv_counts.tolist()
+    recv = [c[0] for c in recv_both]
+    R = sum(c[1] for c in recv_both)
+    if packable:
+        send_buf = torch.cat([x.index_select(0, sent_token), meta.view(x.dtype)], 1)
+        recv_buf = x.new_empty((sum(recv), send_buf.shape[1]))
+        dist.all_to_all_single(recv_buf, send_buf, recv, send, group=group)
+        recv_x, recv_meta = recv_buf[:, :D], recv_buf[:, D:].contiguous().view(torch.int32)
+    else:  # an element size that does not divide 4 bytes: ids and weights in their own exchange
+        recv_meta = meta.new_empty((sum(recv), 2 * k))
+        meta_work = dist.all_to_all_single(recv_meta, meta, recv, send, group=group, async_op=True)
+        recv_x = x.new_empty((sum(recv), D))
+        dist.all_to_all_single(recv_x, x.index_select(0, sent_token), recv, send, group=group)
+        meta_work.wait()
+    local = recv_meta[:, :k]
+    valid = (local >= 0).view(-1)
+    # The delivered assignments, row-major over (received token, slot): source rank, token, slot.
+    pos = torch.argsort((~valid).to(torch.uint8), stable=True)[:R]
+    row_token = pos // k
+    rows = recv_x.index_select(0, row_token)
+    row_ids = local.reshape(-1).index_select(0, pos)
+    row_weight = recv_meta[:, k:].contiguous().view(torch.float32).reshape(-1).index_select(0, pos)
+    return rows, row_ids, EPTokenHandle(sent_token, send, recv, row_token, row_weight, T, k)
 
 
 def _dispatch_capacity(x: torch.Tensor, flat: torch.Tensor, dest: torch.Tensor, per_rank: int, world: int, k: int,
@@ -201,6 +271,8 @@ def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: 
     op = "ep_combine"
     if isinstance(handle, EPCapacityHandle):
         return _combine_capacity(y, handle, topk_weights, group)
+    if isinstance(handle, EPTokenHandle):
+        return _combine_tokens(y, handle, topk_weights, group)
     if not isinstance(handle, EPHandle):
         fail(op, "handle", "the handle the generic ep_dispatch returned", type(handle).__name__)
     check_tensor(op, "y", y, ndim=2, shape=[sum(handle.recv_counts), None])
@@ -210,6 +282,26 @@ def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: 
     if handle.inverse is None or handle.order.numel() != T * k:  # a handle that dropped assignments
         return moe_unpermute(back, handle.order, topk_weights, T)
     return _weighted_rows(back, handle.inverse.view(T, k), topk_weights, y.dtype)
+
+
+def _combine_tokens(y: torch.Tensor, handle: EPTokenHandle, topk_weights: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.row_token.shape[0], None])
+    check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
+    D = y.shape[1]
+    n_recv = sum(handle.recv_tokens)
+    # Each received token's assignments, weighted and summed here, in fp32, in bounded row blocks.
+    partial = torch.zeros((n_recv, D), dtype=torch.float32, device=y.device)
+    step = max(1, _COMBINE_CHUNK_BYTES // max(1, D * 4))
+    for r0 in range(0, y.shape[0], step):
+        r1 = min(y.shape[0], r0 + step)
+        partial.index_add_(0, handle.row_token[r0:r1], y[r0:r1].float() * handle.row_weight[r0:r1, None])
+    back = partial.new_empty((sum(handle.send_tokens), D))
+    dist.all_to_all_single(back, partial, handle.send_tokens, handle.recv_tokens, group=group)
+    out = torch.zeros((handle.num_tokens, D), dtype=torch.float32, device=y.device)
+    out.index_add_(0, handle.sent_token, back)
+    return out.to(y.dtype)
 
 
 def _combine_capacity(y: torch.Tensor, handle: EPCapacityHandle, topk_weights: torch.Tensor,
