@@ -2,14 +2,15 @@
 
 Part 1, per MoE layer: ``ep_dispatch + ep_combine`` (generic hwlayer ops, expert compute left out:
 the combine sends back the delivered rows) against its peer, a bare ``all_to_all_single`` pair
-moving exactly the same bytes with the same split sizes (rows out, rows back) on buffers prepared
-beforehand. The gap is what the ops add: routing bookkeeping, the counts exchange, the gather into
-rank order and the weighted un-permute. ``legacy`` is the generic implementation before the
-one-round-trip dispatch and batched-matmul combine, ``before`` the generic implementation before the
-issue-24 round (485127a: blocking counts exchange, whole-buffer inverse permutation and fp32 upcast),
-both kept here for the record. ``--capacity`` adds the fixed-capacity form (``capacity = --tokens``,
-every rank sends every rank ``C * k`` rows, zero-padded) against bare all-to-alls of those buffers. Each figure is the
-median over iterations of the slowest rank's time; variants alternate within every iteration.
+moving one row per assignment out and back (the rows the contract delivers, same split sizes) on
+buffers prepared beforehand. The ops run as the model calls them (routing weights at dispatch: each
+token travels once per rank, one fp32 row per token comes back) and without weights at dispatch
+(one row per assignment); ``bare a2a x2, token bytes`` moves exactly the bytes of the former, the
+peer for its overhead. ``before`` (485127a) and ``legacy`` are the generic implementations of the
+two previous rounds, kept here for the record. ``--capacity`` adds the fixed-capacity form
+(``capacity = --tokens``, every rank sends every rank ``C * k`` rows, zero-padded) against bare
+all-to-alls of those buffers. Each figure is the median over iterations of the slowest rank's time;
+variants alternate within every iteration.
 
 Part 2: greedy generation with a small GLM-5-shaped checkpoint (``model.tiny`` with a larger
 config), EP=1 in one process, EP=2/4 as spawned gloo ranks sharing this machine's cores.
