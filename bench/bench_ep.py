@@ -23,7 +23,7 @@ tokens/s say little about a multi-device node; the per-rank work and cache are t
 
     PYTHONPATH=. .venv/bin/python bench/bench_ep.py [--worlds 2 4] [--tokens 256] [--hidden 2048]
         [--experts 64] [--top-k 8] [--dtype bf16] [--iters 20] [--skip-model] [--skip-comm] [--skip-serve]
-        [--serve-streams 8] [--serve-prompt 32] [--serve-new-tokens 32] [--json]
+        [--capacity] [--serve-streams 8] [--serve-prompt 32] [--serve-new-tokens 32] [--json]
 """
 
 from __future__ import annotations
