@@ -341,21 +341,31 @@ def _native_calls() -> dict[str, int]:
 
 
 def _run_bad_input(plan: Any, rank: int, world: int) -> None:
-    """Both calls must raise ValueError before any collective, on every rank."""
-    x = torch.zeros(3, HIDDEN, device=plan.device)
+    """Every call must raise ValueError before any collective, on every rank: in the exact form with
+    and without weights at dispatch and in the fixed-capacity form, in bf16 at a width the native
+    paths take (so an adapter, not only the generic op, is held to it)."""
+    E = 4 * world
+    weights = torch.ones(3, 1, device=plan.device)
     cases = [
-        ("topk_ids", torch.tensor([[0], [4 * world], [1]], dtype=torch.int32), 4 * world),  # id == E
-        ("topk_ids", torch.tensor([[0], [-1], [1]], dtype=torch.int32), 4 * world),  # negative id
-        ("num_experts", torch.zeros(3, 1, dtype=torch.int32), 4 * world + 1),  # not divisible by world
+        ("topk_ids", [[0], [E], [1]], E, {}),  # id == E
+        ("topk_ids", [[0], [-1], [1]], E, {}),  # negative id
+        ("num_experts", [[0], [0], [0]], E + 1, {}),  # not divisible by world
+        ("topk_ids", [[0], [E], [1]], E, {"topk_weights": weights}),
+        ("topk_ids", [[0], [E], [1]], E, {"topk_weights": weights, "capacity": 4}),
+        ("capacity", [[0], [1], [2]], E, {"topk_weights": weights, "capacity": 2}),  # fewer than T = 3
     ]
-    for arg, ids, E in cases:
-        try:
-            plan.ep_dispatch(x, ids.to(plan.device), E)
-        except ValueError as exc:
-            if arg not in str(exc):
-                raise AssertionError(f"ep_dispatch: ValueError does not name '{arg}': {exc}") from None
-        else:
-            raise AssertionError(f"ep_dispatch accepted bad {arg} (E={E}, ids={ids.flatten().tolist()})")
+    for dtype, hidden in ((torch.float32, HIDDEN), (torch.bfloat16, CAPACITY_HIDDEN)):
+        x = torch.zeros(3, hidden, device=plan.device, dtype=dtype)
+        for arg, ids, num_experts, kwargs in cases:
+            ids_t = torch.tensor(ids, dtype=torch.int32, device=plan.device)
+            try:
+                plan.ep_dispatch(x, ids_t, num_experts, None, kwargs.get("topk_weights"), kwargs.get("capacity"))
+            except ValueError as exc:
+                if arg not in str(exc):
+                    raise AssertionError(f"ep_dispatch: ValueError does not name '{arg}': {exc}") from None
+            else:
+                raise AssertionError(f"ep_dispatch accepted bad {arg} ({dtype}, E={num_experts}, ids={ids}, "
+                                     f"{sorted(kwargs)})")
 
 
 def _worker(rank: int, world: int, port: int, backend: str, out_dir: str, emulated: bool = False) -> None:

@@ -91,6 +91,15 @@ class EPCapacityHandle:
     world: int
 
 
+def check_dispatch_args(op: str, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                        capacity: int | None) -> None:
+    """The per-rank checks every ``ep_dispatch`` makes (adapters too): ``capacity`` covers this rank's
+    tokens; ids in range (a value check: only under ``HWLAYER_CHECK=1``)."""
+    if capacity is not None and (not isinstance(capacity, int) or capacity < x.shape[0]):
+        fail(op, "capacity", f"an int >= this rank's {x.shape[0]} tokens, the same on every rank", capacity)
+    _check_ids(op, topk_ids.reshape(-1), num_experts)
+
+
 def _check_ids(op: str, flat: torch.Tensor, num_experts: int) -> None:
     if value_checks() and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         got = f"ids in [{int(flat.min())}, {int(flat.max())}]"
@@ -144,12 +153,10 @@ def ep_dispatch(
     world = dist.get_world_size(group)
     if num_experts % world:
         fail(op, "num_experts", f"a multiple of the EP world size {world}", num_experts)
-    if capacity is not None and (not isinstance(capacity, int) or capacity < x.shape[0]):
-        fail(op, "capacity", f"an int >= this rank's {x.shape[0]} tokens, the same on every rank", capacity)
+    check_dispatch_args(op, x, topk_ids, num_experts, capacity)
     per_rank = num_experts // world
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
-    _check_ids(op, flat, num_experts)
     dest = flat // per_rank
     if capacity is not None:
         return _dispatch_capacity(x, flat, dest, per_rank, world, k, capacity, group)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hwlayer.ops.ep import check_dispatch_args
 from hwlayer.ops.layout import check_tensor
 
 from .device import device_type
@@ -99,6 +100,7 @@ def mc2_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, grou
     check_tensor(op, "x", x, ndim=2)
     check_tensor(op, "topk_ids", topk_ids, ndim=2, shape=[x.shape[0], None])
     assert capacity is not None  # supports() declined the exact form
+    check_dispatch_args(op, x, topk_ids, num_experts, capacity)
     group = _group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     T, k = topk_ids.shape

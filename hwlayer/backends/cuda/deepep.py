@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from hwlayer.ops.ep import check_dispatch_args
 from hwlayer.ops.layout import check_tensor
 
 from . import native
@@ -116,6 +117,7 @@ def deepep_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, g
     op = "ep_dispatch"
     check_tensor(op, "x", x, ndim=2)
     check_tensor(op, "topk_ids", topk_ids, ndim=2, shape=[x.shape[0], None])
+    check_dispatch_args(op, x, topk_ids, num_experts, capacity)
     group = _group(group)
     T, k = topk_ids.shape
     D = x.shape[1]
