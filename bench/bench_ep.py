@@ -2,11 +2,15 @@
 
 Part 1, per MoE layer: ``ep_dispatch + ep_combine`` (generic hwlayer ops, expert compute left out:
 the combine sends back the delivered rows) against its peer, a bare ``all_to_all_single`` pair
-moving exactly the same bytes with the same split sizes (rows out, rows back) on buffers prepared
-beforehand. The gap is what the ops add: routing bookkeeping, the counts exchange, the gather into
-rank order and the weighted un-permute. ``legacy`` is the generic implementation before the
-one-round-trip dispatch and batched-matmul combine (kept here for the record). Each figure is the
-median over iterations of the slowest rank's time; variants alternate within every iteration.
+moving one row per assignment out and back (the rows the contract delivers, same split sizes) on
+buffers prepared beforehand. The ops run as the model calls them (routing weights at dispatch: each
+token travels once per rank, one fp32 row per token comes back) and without weights at dispatch
+(one row per assignment); ``bare a2a x2, token bytes`` moves exactly the bytes of the former, the
+peer for its overhead. ``before`` (485127a) and ``legacy`` are the generic implementations of the
+two previous rounds, kept here for the record. ``--capacity`` adds the fixed-capacity form
+(``capacity = --tokens``, every rank sends every rank ``C * k`` rows, zero-padded) against bare
+all-to-alls of those buffers. Each figure is the median over iterations of the slowest rank's time;
+variants alternate within every iteration.
 
 Part 2: greedy generation with a small GLM-5-shaped checkpoint (``model.tiny`` with a larger
 config), EP=1 in one process, EP=2/4 as spawned gloo ranks sharing this machine's cores.
@@ -19,7 +23,7 @@ tokens/s say little about a multi-device node; the per-rank work and cache are t
 
     PYTHONPATH=. .venv/bin/python bench/bench_ep.py [--worlds 2 4] [--tokens 256] [--hidden 2048]
         [--experts 64] [--top-k 8] [--dtype bf16] [--iters 20] [--skip-model] [--skip-comm] [--skip-serve]
-        [--serve-streams 8] [--serve-prompt 32] [--serve-new-tokens 32] [--json]
+        [--capacity] [--serve-streams 8] [--serve-prompt 32] [--serve-new-tokens 32] [--json]
 """
 
 from __future__ import annotations
@@ -79,6 +83,37 @@ def legacy_ep_combine(y: torch.Tensor, handle: EPHandle, topk_weights: torch.Ten
     return moe_unpermute(back, handle.order, topk_weights, handle.num_tokens)
 
 
+def before_ep_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> tuple:
+    """The generic ep_dispatch before the issue-24 round (485127a): blocking counts exchange, then
+    the gather, ids under the rows."""
+    world = dist.get_world_size()
+    per_rank = num_experts // world
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    dest = flat // per_rank
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.zeros(world, dtype=torch.int64).scatter_add_(0, dest, torch.ones_like(dest))
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    local_ids = (flat.index_select(0, order) % per_rank).to(torch.int32)
+    recv_ids = local_ids.new_empty(sum(recv))
+    ids_work = dist.all_to_all_single(recv_ids, local_ids, recv, send, async_op=True)
+    recv_x = all_to_all(x.index_select(0, order // k), recv, send)
+    ids_work.wait()
+    return recv_x, recv_ids, EPHandle(order, send, recv, x.shape[0], k)
+
+
+def before_ep_combine(y: torch.Tensor, handle: EPHandle, topk_weights: torch.Tensor) -> torch.Tensor:
+    """... and its combine: inverse permutation of the whole buffer, fp32 upcast, one bmm."""
+    back = all_to_all(y, handle.send_counts, handle.recv_counts)
+    T, k = handle.num_tokens, handle.top_k
+    inverse = torch.empty_like(handle.order)
+    inverse[handle.order] = torch.arange(T * k)
+    rows = back.index_select(0, inverse).view(T, k, y.shape[1]).float()
+    return torch.bmm(topk_weights.float().view(T, 1, k), rows).view(T, y.shape[1]).to(y.dtype)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,22 +142,53 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     x = torch.randn(args.tokens, args.hidden, generator=g).to(dtype)
     ids = torch.rand(args.tokens, args.experts, generator=g).topk(args.top_k, dim=1).indices.to(torch.int32)
     w = torch.rand(args.tokens, args.top_k, generator=g)
-    recv_x, _, handle = ops.ep_dispatch(x, ids, args.experts)
+    recv_x, _, handle = ops.ep_dispatch(x, ids, args.experts)  # weights at combine: one row per assignment
     send_rows = x.index_select(0, handle.order // args.top_k)  # the bare exchange's prepared buffer
+    # Weights at dispatch (as the model calls it): tokens travel once per rank, fp32 partial sums come back.
+    _, _, tok = ops.ep_dispatch(x, ids, args.experts, None, w)
+    tok_send = x.index_select(0, tok.sent_token)
+    tok_back = torch.zeros(sum(tok.recv_tokens), args.hidden)
+    capacity = args.tokens  # the fixed-capacity form: every rank sends every rank C * k rows
+    block = [capacity * args.top_k] * world
+    cap_send = x.new_zeros(world * capacity * args.top_k, args.hidden)
 
     def bare() -> None:
         all_to_all(send_rows, handle.recv_counts, handle.send_counts)
         all_to_all(recv_x, handle.send_counts, handle.recv_counts)
 
-    def hwlayer_ops() -> None:
+    def hwlayer_ops() -> None:  # as the model calls them
+        rx, _, h = ops.ep_dispatch(x, ids, args.experts, None, w)
+        ops.ep_combine(rx, h, w)
+
+    def per_assignment_ops() -> None:
         rx, _, h = ops.ep_dispatch(x, ids, args.experts)
+        ops.ep_combine(rx, h, w)
+
+    def bare_tokens() -> None:  # the bytes the weights-at-dispatch path moves: bf16 tokens out, fp32 rows back
+        all_to_all(tok_send, tok.recv_tokens, tok.send_tokens)
+        all_to_all(tok_back, tok.send_tokens, tok.recv_tokens)
+
+    def before() -> None:
+        rx, _, h = before_ep_dispatch(x, ids, args.experts)
+        before_ep_combine(rx, h, w)
+
+    def bare_capacity() -> None:
+        back = all_to_all(cap_send, block, block)
+        all_to_all(back, block, block)
+
+    def capacity_ops() -> None:
+        rx, _, h = ops.ep_dispatch(x, ids, args.experts, None, w, capacity)
         ops.ep_combine(rx, h, w)
 
     def legacy() -> None:
         rx, _, h = legacy_ep_dispatch(x, ids, args.experts)
         legacy_ep_combine(rx, h, w)
 
-    variants = {"bare all_to_all_single x2": bare, "ep_dispatch + ep_combine": hwlayer_ops, "legacy": legacy}
+    variants = {"bare all_to_all_single x2": bare, "ep_dispatch + ep_combine": hwlayer_ops,
+                "ops, weights at combine": per_assignment_ops, "before": before, "legacy": legacy,
+                "bare a2a x2, token bytes": bare_tokens}
+    if args.capacity:
+        variants.update({"bare a2a x2, capacity buffers": bare_capacity, "capacity form ops": capacity_ops})
     times: dict[str, list[float]] = {name: [] for name in variants}
     for it in range(args.iters + 3):
         names = list(variants) if it % 2 == 0 else list(reversed(variants))
@@ -262,6 +328,8 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--capacity", action="store_true",
+                   help="also time the fixed-capacity form (C = --tokens) against bare all-to-alls of its buffers")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-comm", action="store_true", help="only the whole-model tokens/s")
     p.add_argument("--model-batch", type=int, default=4)
@@ -282,6 +350,10 @@ def main() -> int:
         r = _spawn(_comm_worker, world, args)
         base = r["median_ms"]["bare all_to_all_single x2"]
         r["ratio_vs_bare"] = {n: v / base for n, v in r["median_ms"].items()}
+        if "capacity form ops" in r["median_ms"]:  # the fixed-capacity form against its own peer
+            cap_base = r["median_ms"]["bare a2a x2, capacity buffers"]
+            for n in ("bare a2a x2, capacity buffers", "capacity form ops"):
+                r["ratio_vs_bare"][n] = r["median_ms"][n] / cap_base
         report["comm"].append(r)
         if not args.json:
             print(f"EP={world} T={args.tokens}/rank D={args.hidden} E={args.experts} top-{args.top_k} {args.dtype} "

@@ -84,16 +84,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         emulators.deactivate()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("--emulated"):
-        return
-    skip = pytest.mark.skip(reason="--emulated: EP cases spawn worker processes, which do not carry the test-only "
-                                   "emulators (EP runs the generic all_to_all on every backend)")
-    for item in items:
-        if "test_ep_" in item.nodeid:
-            item.add_marker(skip)
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dtype" in metafunc.fixturenames:
         metafunc.parametrize("dtype", _dtypes(metafunc.config))

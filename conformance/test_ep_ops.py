@@ -26,6 +26,7 @@ dtypes follow ``--dtype``) read its per-rank results, and ``--report`` records t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -207,7 +208,10 @@ def _run_step(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed
             findings.append(str(exc))
 
     # 1. delivery, exact
-    recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, E)
+    # Weights at dispatch (as the model passes them) in even-seeded steps, without them in odd ones:
+    # implementations may take a different road with them (DeepEP's normal mode needs them).
+    with_weights = seed % 2 == 0
+    recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, E, None, weights if with_weights else None)
     want_rows, want_ids = _golden_delivery(p, rank, world)
 
     def check_delivery() -> None:
@@ -259,25 +263,112 @@ def _run_step(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed
         raise AssertionError(f"{name}: " + "; ".join(findings))
 
 
+CAPACITY_SCENARIOS = ("uniform", "all_to_one_rank", "rank_without_tokens", "uneven_tokens", "no_tokens_anywhere")
+CAPACITY_HIDDEN = 2048  # inside DeepEP's low-latency SWITCH_HIDDEN and MC2's Atlas A3 [1024, 8192]
+
+
+def _run_capacity(plan: Any, rank: int, world: int, name: str, dtype_name: str, seed: int) -> None:
+    """The fixed-capacity form: every routed assignment delivered once (any order, padding ids -1),
+    combine and dispatch -> experts -> combine against the same float64 goldens."""
+    global HIDDEN
+    saved, HIDDEN = HIDDEN, CAPACITY_HIDDEN
+    try:
+        dtype = DTYPES[dtype_name]
+        p = _problem(world, name, dtype, seed)
+        dev = plan.device
+        E = p["E"]
+        per_rank = E // world
+        capacity = max(1, max(x.shape[0] for x in p["x"]))
+        x, ids, weights = p["x"][rank].to(dev), p["ids"][rank].to(dev), p["weights"][rank].to(dev)
+        findings: list[str] = []
+
+        def expect(check: Callable[[], None]) -> None:
+            try:
+                check()
+            except AssertionError as exc:
+                findings.append(str(exc))
+
+        recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, E, None, weights, capacity)
+        want_rows, want_ids = _golden_delivery(p, rank, world)
+
+        def check_delivery() -> None:
+            if recv_ids.dtype != torch.int32 or recv_x.shape[0] != recv_ids.shape[0]:
+                raise AssertionError(f"ep_dispatch(capacity): {recv_ids.dtype} ids for {recv_x.shape[0]} rows")
+            ids_host = recv_ids.cpu()
+            valid = ((ids_host >= 0) & (ids_host < per_rank)).nonzero().view(-1)
+            if not bool(((ids_host == -1) | ((ids_host >= 0) & (ids_host < per_rank))).all()):
+                raise AssertionError("ep_dispatch(capacity): local ids outside [0, E/W) other than -1")
+            got = sorted(int(i) for i in ids_host[valid])
+            if got != sorted(want_ids):
+                raise AssertionError(f"ep_dispatch(capacity): valid local ids {got}, expected {sorted(want_ids)}")
+            rows = recv_x.cpu().double().index_select(0, valid)
+            used = torch.zeros(rows.shape[0], dtype=torch.bool)
+            for row, e in zip(want_rows, want_ids, strict=True):
+                match = ((ids_host[valid] == e) & ~used & (rows == row).all(1)).nonzero().view(-1)
+                if not match.numel():
+                    raise AssertionError(f"ep_dispatch(capacity): a row routed to local expert {e} was not delivered")
+                used[match[0]] = True
+
+        expect(check_delivery)
+        out = plan.ep_combine(recv_x, handle, weights)
+        expect(lambda: _close("ep_combine(capacity, identity experts)", out, _golden_moe(p, rank, expert=False),
+                              *TOLERANCE[("combine", dtype_name)]))
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=dev)
+        y = plan.fused_experts(recv_x, p["w13"][mine].to(dev), p["w2"][mine].to(dev), ones, recv_ids.unsqueeze(1))
+        moe = plan.ep_combine(y, handle, weights)
+        expect(lambda: _close("capacity dispatch -> fused_experts -> combine vs dense MoE", moe,
+                              _golden_moe(p, rank, expert=True), *TOLERANCE[("moe", dtype_name)]))
+        if findings:
+            raise AssertionError(f"capacity {name}: " + "; ".join(findings))
+    finally:
+        HIDDEN = saved
+
+
+def _native_calls() -> dict[str, int]:
+    """Calls the EP adapters and the emulated vendor kernels served in this process."""
+    import sys
+
+    calls: dict[str, int] = {}
+    for module, prefix in (("hwlayer.backends.cuda.deepep", "adapter:deepep."),
+                           ("hwlayer.backends.ascend.mc2", "adapter:mc2."),
+                           ("conformance.emulators.deep_ep", "emulator:deep_ep."),
+                           ("conformance.emulators.torch_npu_mc2", "emulator:torch_npu.")):
+        mod = sys.modules.get(module)
+        for key, n in (getattr(mod, "CALLS", None) or {}).items():
+            calls[prefix + key] = n
+    return calls
+
+
 def _run_bad_input(plan: Any, rank: int, world: int) -> None:
-    """Both calls must raise ValueError before any collective, on every rank."""
-    x = torch.zeros(3, HIDDEN, device=plan.device)
+    """Every call must raise ValueError before any collective, on every rank: in the exact form with
+    and without weights at dispatch and in the fixed-capacity form, in bf16 at a width the native
+    paths take (so an adapter, not only the generic op, is held to it)."""
+    E = 4 * world
+    weights = torch.ones(3, 1, device=plan.device)
     cases = [
-        ("topk_ids", torch.tensor([[0], [4 * world], [1]], dtype=torch.int32), 4 * world),  # id == E
-        ("topk_ids", torch.tensor([[0], [-1], [1]], dtype=torch.int32), 4 * world),  # negative id
-        ("num_experts", torch.zeros(3, 1, dtype=torch.int32), 4 * world + 1),  # not divisible by world
+        ("topk_ids", [[0], [E], [1]], E, {}),  # id == E
+        ("topk_ids", [[0], [-1], [1]], E, {}),  # negative id
+        ("num_experts", [[0], [0], [0]], E + 1, {}),  # not divisible by world
+        ("topk_ids", [[0], [E], [1]], E, {"topk_weights": weights}),
+        ("topk_ids", [[0], [E], [1]], E, {"topk_weights": weights, "capacity": 4}),
+        ("capacity", [[0], [1], [2]], E, {"topk_weights": weights, "capacity": 2}),  # fewer than T = 3
     ]
-    for arg, ids, E in cases:
-        try:
-            plan.ep_dispatch(x, ids.to(plan.device), E)
-        except ValueError as exc:
-            if arg not in str(exc):
-                raise AssertionError(f"ep_dispatch: ValueError does not name '{arg}': {exc}") from None
-        else:
-            raise AssertionError(f"ep_dispatch accepted bad {arg} (E={E}, ids={ids.flatten().tolist()})")
+    for dtype, hidden in ((torch.float32, HIDDEN), (torch.bfloat16, CAPACITY_HIDDEN)):
+        x = torch.zeros(3, hidden, device=plan.device, dtype=dtype)
+        for arg, ids, num_experts, kwargs in cases:
+            ids_t = torch.tensor(ids, dtype=torch.int32, device=plan.device)
+            try:
+                plan.ep_dispatch(x, ids_t, num_experts, None, kwargs.get("topk_weights"), kwargs.get("capacity"))
+            except ValueError as exc:
+                if arg not in str(exc):
+                    raise AssertionError(f"ep_dispatch: ValueError does not name '{arg}': {exc}") from None
+            else:
+                raise AssertionError(f"ep_dispatch accepted bad {arg} ({dtype}, E={num_experts}, ids={ids}, "
+                                     f"{sorted(kwargs)})")
 
 
-def _worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, out_dir: str, emulated: bool = False) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -287,6 +378,10 @@ def _worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> Non
     from hwlayer.distributed import init_distributed, shutdown
 
     try:
+        if emulated:  # the parent ran --emulated: the same CPU emulators of the vendor libraries here
+            from conformance import emulators
+
+            emulators.activate(backend)
         plan = hwlayer.plan(backend)
         init_distributed(plan, timeout_s=COLLECTIVE_TIMEOUT_S)
         checks: list[tuple[str, Callable[[], None]]] = []
@@ -294,6 +389,10 @@ def _worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> Non
             for dtype_name in DTYPES:
                 checks.append((f"{name}-{dtype_name}", lambda n=name, d=dtype_name, s=i: _run_scenario(
                     plan, rank, world, n, d, 1000 * world + s)))
+        for i, name in enumerate(CAPACITY_SCENARIOS):
+            for dtype_name in DTYPES:
+                checks.append((f"capacity-{name}-{dtype_name}", lambda n=name, d=dtype_name, s=i: _run_capacity(
+                    plan, rank, world, n, d, 5000 * world + s)))
         checks.append(("bad_input", lambda: _run_bad_input(plan, rank, world)))
         broken = None
         for key, check in checks:
@@ -310,6 +409,7 @@ def _worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> Non
             except Exception as exc:
                 results[key] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
                 broken = key
+        results["native_calls"] = json.dumps(_native_calls())  # type: ignore[assignment]
         save()
         shutdown()
     except Exception as exc:
@@ -323,12 +423,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, backend: str) -> dict[str, dict[int, str | None]]:
+def _spawn(world: int, backend: str, emulated: bool = False) -> dict[str, dict[int, str | None]]:
     """Run every check on ``world`` ranks; {check: {rank: error or None}}. Bounded in time."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), backend, out_dir), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), backend, out_dir, emulated), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
         trouble = ""
@@ -358,18 +458,19 @@ def _spawn(world: int, backend: str) -> dict[str, dict[int, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def ep_results(backend_name: str, conformance_report: Any) -> Callable[[int], dict[str, dict[int, str | None]]]:
+def ep_results(backend_name: str, conformance_report: Any,
+               pytestconfig: pytest.Config) -> Callable[[int], dict[str, dict[int, str | None]]]:
     """Results of one spawn per world size (all scenarios and dtypes), made on first use; also
     attached to the conformance report (``--report``) as ``expert_parallel``."""
     cache: dict[int, dict[str, dict[int, str | None]]] = {}
 
     def get(world: int) -> dict[str, dict[int, str | None]]:
         if world not in cache:
-            cache[world] = _spawn(world, backend_name)
+            cache[world] = _spawn(world, backend_name, bool(pytestconfig.getoption("--emulated")))
             conformance_report.add_extra("expert_parallel", {
                 f"{w} ranks": {key: "pass" if all(e is None for e in per_rank.values()) else
                                "; ".join(f"rank {r}: {e}" for r, e in per_rank.items() if e is not None)
-                               for key, per_rank in results.items()}
+                               for key, per_rank in results.items() if key != "native_calls"}
                 for w, results in sorted(cache.items())
             })
         return cache[world]
@@ -387,14 +488,69 @@ def _check(results: dict[str, dict[int, str | None]], world: int, key: str) -> N
     assert not errors, "\n".join(f"rank {r}: {e}" for r, e in sorted(errors.items()))
 
 
+# The native EP paths each emulated backend must have served (in every rank), by mode.
+NATIVE_EP = {
+    "cuda": ("adapter:deepep.normal_dispatch", "adapter:deepep.normal_combine", "adapter:deepep.low_latency_dispatch",
+             "adapter:deepep.low_latency_combine", "emulator:deep_ep.dispatch", "emulator:deep_ep.combine",
+             "emulator:deep_ep.low_latency_dispatch", "emulator:deep_ep.low_latency_combine"),
+    "ascend": ("adapter:mc2.dispatch_v2", "adapter:mc2.combine_v2", "emulator:torch_npu.dispatch_v2",
+               "emulator:torch_npu.combine_v2"),
+}
+
+
+
+
+def _emulated_skip(pytestconfig: pytest.Config, backend: str, world: int) -> None:
+    """Under --emulated the suite runs where a native EP path exists, on 2 ranks: the generic path
+    (every other backend's) and 4 ranks are covered by the plain run, and each spawn costs ~30 s."""
+    if not pytestconfig.getoption("--emulated"):
+        return
+    if backend not in NATIVE_EP:
+        pytest.skip(f"{backend} has no native EP path: the generic one is covered by --backend cpu")
+    if world != 2:
+        pytest.skip("emulated EP runs use 2 ranks; 4 ranks run in the plain (generic) suite")
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_ep_dispatch_combine(ep_results: Callable, world: int, scenario: str, dtype: str) -> None:
+def test_ep_dispatch_combine(ep_results: Callable, world: int, scenario: str, dtype: str, backend_name: str,
+                             pytestconfig: pytest.Config) -> None:
     """Delivery (exact), combine and dispatch -> experts -> combine vs the float64 dense MoE."""
+    _emulated_skip(pytestconfig, backend_name, world)
     _check(ep_results(world), world, f"{scenario}-{dtype}")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_ep_dispatch_bad_input(ep_results: Callable, world: int) -> None:
+def test_ep_dispatch_bad_input(ep_results: Callable, world: int, backend_name: str,
+                               pytestconfig: pytest.Config) -> None:
     """Out-of-range ids and an expert count the world does not divide: ValueError on every rank."""
+    _emulated_skip(pytestconfig, backend_name, world)
     _check(ep_results(world), world, "bad_input")
+
+
+@pytest.mark.parametrize("scenario", CAPACITY_SCENARIOS)
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ep_dispatch_combine_capacity(ep_results: Callable, world: int, scenario: str, dtype: str, backend_name: str,
+                                      pytestconfig: pytest.Config) -> None:
+    """The fixed-capacity (graph-capturable) form: delivery as a multiset, combine and MoE vs float64."""
+    _emulated_skip(pytestconfig, backend_name, world)
+    _check(ep_results(world), world, f"capacity-{scenario}-{dtype}")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ep_native_served(ep_results: Callable, world: int, backend_name: str, pytestconfig: pytest.Config) -> None:
+    """Under --emulated, the vendor dispatch/combine served the suite (traced calls in every rank):
+    the cases above compared the native path with the goldens, not the generic one with itself."""
+    expected = NATIVE_EP.get(backend_name, ())
+    if not expected:
+        pytest.skip(f"no native EP path for {backend_name}")
+    _emulated_skip(pytestconfig, backend_name, world)
+    library = {"cuda": "deep_ep", "ascend": "torch_npu"}[backend_name]
+    if not pytestconfig.getoption("--emulated") and importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} is not installed (the native EP path runs with it or under --emulated)")
+    results = ep_results(world)
+    for rank, raw in sorted((results.get("native_calls") or {}).items()):
+        calls = json.loads(raw or "{}")
+        missing = [name for name in expected if not calls.get(name)]
+        assert not missing, f"rank {rank}: native EP path(s) never served: {missing} (calls: {calls})"
+    assert len(results.get("native_calls") or {}) == world, "some ranks reported no native call counts"

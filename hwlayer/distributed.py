@@ -130,11 +130,14 @@ def check_dist_backend(backend: Backend, dist_backend: str | None) -> str:
     """The collective backend to use with ``backend``: its own ``dist_backend``. A different
     request (argument or ``HWLAYER_DIST_BACKEND``) is a :class:`DistConfigError`, as is one this
     torch build lacks."""
-    wanted = (dist_backend or os.environ.get(DIST_BACKEND_ENV) or backend.dist_backend).strip().lower()
-    if wanted != backend.dist_backend:
+    # Tensors on the CPU travel on gloo whatever the vendor's library: an emulated backend (its
+    # device type turned to cpu by the test-only emulators) runs its EP collectives there.
+    own = "gloo" if backend.device_type == "cpu" else backend.dist_backend
+    wanted = (dist_backend or os.environ.get(DIST_BACKEND_ENV) or own).strip().lower()
+    if wanted != own:
         raise DistConfigError(
             f"collective backend {wanted!r} is not supported by hwlayer backend {backend.name!r} "
-            f"(device {backend.device_type!r}); it runs its collectives on {backend.dist_backend!r}"
+            f"(device {backend.device_type!r}); it runs its collectives on {own!r}"
         )
     if not dist.is_available() or not dist.is_backend_available(wanted):
         raise DistConfigError(

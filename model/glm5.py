@@ -263,7 +263,7 @@ class MoE:
         if self.ep == 1:
             y = experts(x, self.w13, self.w2, weights, ids)
         else:
-            recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, cfg.n_routed_experts, self.ep_group)
+            recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, cfg.n_routed_experts, self.ep_group, weights)
             ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=x.device)
             y_local = experts(recv_x, self.w13, self.w2, ones, recv_ids.view(-1, 1))
             y = plan.ep_combine(y_local, handle, weights, self.ep_group)

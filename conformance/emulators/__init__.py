@@ -87,11 +87,24 @@ ENVIRONMENT: dict[str, dict[str, str]] = {}
 
 def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
     """Module name -> function filling that module, for one emulated backend."""
-    from . import deep_gemm, flash_mla, lightop, mate, mcoplib, torch_mlu_ops, torch_npu, torch_npu_quant, vllm_c
+    from . import (
+        deep_ep,
+        deep_gemm,
+        flash_mla,
+        lightop,
+        mate,
+        mcoplib,
+        torch_mlu_ops,
+        torch_npu,
+        torch_npu_mc2,
+        torch_npu_quant,
+        vllm_c,
+    )
 
-    def torch_npu_all(module: types.ModuleType) -> None:  # the quantized ops live in their own module
+    def torch_npu_all(module: types.ModuleType) -> None:  # quantized and MC2 ops live in modules of their own
         torch_npu.install(module)
         torch_npu_quant.install(module)
+        torch_npu_mc2.install(module)
 
     table: dict[str, dict[str, Callable[[types.ModuleType], None]]] = {
         "ascend": {"torch_npu": torch_npu_all},
@@ -100,6 +113,7 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
             "deep_gemm": deep_gemm.install_nvidia,
             "vllm": vllm_c.install_package,
             "vllm._C": vllm_c.install_extension,
+            "deep_ep": deep_ep.install,
         },
         "metax": {
             "mcoplib": mcoplib.install_package,
@@ -188,7 +202,7 @@ def deactivate() -> None:
 
     import hwlayer
 
-    from . import vllm_c
+    from . import torch_npu_mc2, vllm_c
 
     if not _STATE:
         return
@@ -204,6 +218,7 @@ def deactivate() -> None:
         else:
             os.environ[key] = value
     vllm_c.unregister()
+    torch_npu_mc2.unpatch()  # the emulated get_hccl_comm_name on gloo
     _STATE.clear()
     _clear_caches()
     hwlayer.reset()

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import kv_cache_write, lightning_indexer, sparse_mla_attention
-from .ep import EPHandle, all_to_all, ep_combine, ep_dispatch
+from .ep import EPCapacityHandle, EPHandle, EPTokenHandle, all_to_all, ep_combine, ep_dispatch
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -134,7 +134,9 @@ __all__ = [
     "AttentionMetadata",
     "INDEX_DTYPES",
     "OP_NAMES",
+    "EPCapacityHandle",
     "EPHandle",
+    "EPTokenHandle",
     "OpSpec",
     "QuantizedWeight",
     "all_to_all",

@@ -1,4 +1,18 @@
-"""Expert-parallel communication: ``all_to_all``, ``ep_dispatch`` / ``ep_combine`` and their ``EPHandle``."""
+"""Expert-parallel communication: ``all_to_all``, ``ep_dispatch`` / ``ep_combine`` and their handles.
+
+Two forms of one contract (``ep_dispatch``'s docstring is the contract):
+
+* **exact** (``capacity=None``, prefill): exactly the delivered rows, in source-rank order. The
+  row count depends on the routing, so the host learns it (one counts exchange); DeepEP's normal
+  mode (``Buffer.dispatch`` / ``combine``) is the native form on NVIDIA.
+* **fixed capacity** (``capacity=C``, decode, graph-capturable): every shape follows from ``C``
+  and the group; no value is read on the host. Padding rows carry local id ``-1``. DeepEP's
+  low-latency mode and Ascend's MC2 ``npu_moe_distribute_dispatch_v2`` / ``combine_v2`` are the
+  native forms; both deliver rows grouped by expert, so the row order in this form belongs to the
+  implementation.
+
+The generic implementations below are the reference on every backend (gloo on CPU, nccl, hccl...).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +23,10 @@ import torch
 
 from .layout import INDEX_DTYPES, check_tensor, fail, value_checks
 from .moe import moe_unpermute
+
+# Rows the generic combine reduces per step: bounds its fp32 working set (~1 MiB) so the weighted
+# sum reads each returned row once, from cache, with no full-size gathered or upcast copy.
+_COMBINE_CHUNK_BYTES = 1 << 20
 
 
 def all_to_all(
@@ -32,80 +50,291 @@ def all_to_all(
 
 @dataclass
 class EPHandle:
-    """What ``ep_combine`` needs to send expert outputs back: produced by ``ep_dispatch``.
-    ``order`` (int64 ``[T*k kept]``) maps send-buffer rows to token-slot ``t * k + slot``."""
+    """What the generic ``ep_combine`` needs to send expert outputs back (exact form).
+
+    ``order`` (int64 ``[T*k]``): send-buffer row ``j`` is assignment ``order[j] = t * k + slot``;
+    ``inverse`` is its inverse permutation (assignment -> row), or None where a caller built a
+    handle without it (then ``order`` may also drop assignments: ``moe_unpermute`` serves)."""
 
     order: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
     top_k: int
+    inverse: torch.Tensor | None = None
+
+
+@dataclass
+class EPTokenHandle:
+    """The generic exact form when the weights came with the dispatch: each token travelled once per
+    destination rank. ``sent_token`` (int64): the token of each sent row, destination by destination;
+    ``row_token`` / ``row_weight``: the received token and weight of each delivered assignment row."""
+
+    sent_token: torch.Tensor
+    send_tokens: list[int]
+    recv_tokens: list[int]
+    row_token: torch.Tensor
+    row_weight: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+@dataclass
+class EPCapacityHandle:
+    """What the generic ``ep_combine`` needs in the fixed-capacity form. ``slot_rows`` (int64
+    ``[T*k]``): the row of the returned buffer that holds assignment ``t * k + slot``."""
+
+    slot_rows: torch.Tensor
+    capacity: int
+    num_tokens: int
+    top_k: int
+    world: int
+
+
+def check_dispatch_args(op: str, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                        capacity: int | None) -> None:
+    """The per-rank checks every ``ep_dispatch`` makes (adapters too): ``capacity`` covers this rank's
+    tokens; ids in range (a value check: only under ``HWLAYER_CHECK=1``)."""
+    if capacity is not None and (not isinstance(capacity, int) or capacity < x.shape[0]):
+        fail(op, "capacity", f"an int >= this rank's {x.shape[0]} tokens, the same on every rank", capacity)
+    _check_ids(op, topk_ids.reshape(-1), num_experts)
+
+
+def _check_ids(op: str, flat: torch.Tensor, num_experts: int) -> None:
+    if value_checks() and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        got = f"ids in [{int(flat.min())}, {int(flat.max())}]"
+        fail(op, "topk_ids", f"global expert ids in [0, {num_experts})", got)
 
 
 def ep_dispatch(
-    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, group: Any = None
-) -> tuple[torch.Tensor, torch.Tensor, EPHandle]:
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    group: Any = None,
+    topk_weights: torch.Tensor | None = None,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Expert-parallel dispatch: send each (token, expert) assignment to the expert's owner.
 
     Experts are sharded evenly and contiguously: rank ``r`` of the ``W``-rank ``group`` owns
     global experts ``[r * E/W, (r + 1) * E/W)``. ``x``: ``[T, D]``; ``topk_ids``: int
     ``[T, k]`` global ids. ``T`` is this rank's own and may differ between ranks, zero included
     (with data-parallel attention each rank brings its own sequences' tokens, an idle one none);
-    ``k`` and ``D`` are the same on every rank. Every rank must call it (collective). Returns
+    ``k`` and ``D`` are the same on every rank. Every rank must call it (collective), with the
+    same ``capacity`` and whether or not ``topk_weights`` is given. Returns
     ``(recv_x [R, D], recv_local_ids int32 [R], handle)``: the rows this rank's experts must
-    process, the local expert id (``global - r * E/W``) of each, and a handle for ``ep_combine``.
-    Rows arrive grouped by source rank, each source's rows in its token-slot order.
+    process, the local expert id (``global - r * E/W``) of each, and a handle for ``ep_combine``
+    (opaque: only the ``ep_combine`` of the same plan reads it).
+
+    ``topk_weights`` (optional, fp32 ``[T, k]``, hook specs 2.x): the routing weights, when the
+    caller has them at dispatch (the model does). A backend may send them with the rows and do the
+    weighted sum on the expert's rank (DeepEP's normal mode reduces that way); ``ep_combine`` must
+    then get the same weights. Results do not depend on whether it is given; an implementation may
+    decline the call without them.
+
+    **Exact form** (``capacity=None``): ``R`` = the assignments routed to this rank, rows grouped
+    by source rank, each source's rows in its token-slot order (``t * k + slot`` ascending). ``R``
+    depends on the routing: the host learns it (one small exchange).
+
+    **Fixed-capacity form** (``capacity=C``, an int ``>= T`` on every rank, the same on every
+    rank): graph-capturable, no value read on the host. ``R`` depends only on ``(C, W, E, k)`` and
+    the implementation (generic: ``W * C * k``; DeepEP low-latency: ``E/W * W * C``; MC2:
+    ``W * C * min(E/W, k)``). Every assignment routed here is delivered once; the other rows are
+    padding with local id ``-1`` and unspecified contents (``fused_experts`` skips ids outside
+    ``[0, E/W)``; ``ep_combine`` never reads padding). Row order is the implementation's.
     """
     import torch.distributed as dist
 
     op = "ep_dispatch"
     check_tensor(op, "x", x, ndim=2)
     check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, shape=[x.shape[0], None])
+    if topk_weights is not None:
+        check_tensor(op, "topk_weights", topk_weights, ndim=2, shape=list(topk_ids.shape))
     world = dist.get_world_size(group)
     if num_experts % world:
         fail(op, "num_experts", f"a multiple of the EP world size {world}", num_experts)
+    check_dispatch_args(op, x, topk_ids, num_experts, capacity)
     per_rank = num_experts // world
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).long()
-    if value_checks() and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
-        got = f"ids in [{int(flat.min())}, {int(flat.max())}]"
-        fail(op, "topk_ids", f"global expert ids in [0, {num_experts})", got)
     dest = flat // per_rank
+    if capacity is not None:
+        return _dispatch_capacity(x, flat, dest, per_rank, world, k, capacity, group)
+    if topk_weights is not None:
+        return _dispatch_tokens(x, topk_ids.long(), topk_weights, dest.view(-1, k), per_rank, world, group)
     order = torch.argsort(dest, stable=True)
-    send_counts = torch.zeros(world, dtype=torch.int64, device=dest.device).scatter_add_(0, dest, torch.ones_like(dest))
+    send_counts = torch.bincount(dest, minlength=world)
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    # The one host read EP needs: NCCL/HCCL all-to-all-v take host split sizes (DeepEP's normal
-    # mode reads them too; a fixed-capacity low-latency dispatch would be the graph-capturable form).
+    # The counts exchange runs while the send buffer is gathered; the one host read EP needs
+    # follows (all-to-all-v takes host split sizes; the fixed-capacity form has none).
+    counts_work = dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True)
+    send_x = x.index_select(0, order // k)
+    local_ids = (flat.index_select(0, order) % per_rank).to(torch.int32)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts_work.wait()
     send, recv = send_counts.tolist(), recv_counts.tolist()
     # The small id exchange runs asynchronously under the row exchange: one round trip, not two.
-    local_ids = (flat.index_select(0, order) % per_rank).to(torch.int32)
     recv_ids = local_ids.new_empty(sum(recv))
     ids_work = dist.all_to_all_single(recv_ids, local_ids, recv, send, group=group, async_op=True)
-    recv_x = all_to_all(x.index_select(0, order // k), recv, send, group)
+    recv_x = x.new_empty((sum(recv), x.shape[1]))
+    dist.all_to_all_single(recv_x, send_x, recv, send, group=group)
     ids_work.wait()
-    return recv_x, recv_ids, EPHandle(order, send, recv, x.shape[0], k)
+    return recv_x, recv_ids, EPHandle(order, send, recv, x.shape[0], k, inverse)
 
 
-def ep_combine(y: torch.Tensor, handle: EPHandle, topk_weights: torch.Tensor, group: Any = None) -> torch.Tensor:
+def _dispatch_tokens(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor, per_rank: int,
+                     world: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, EPTokenHandle]:
+    """Exact form with the weights at hand, DeepEP's normal-mode scheme on plain all-to-alls: a token
+    goes once to each rank that owns one of its experts (with its ``k`` local ids, ``-1`` for other
+    ranks', and weights), the receiver expands it to one row per assignment; ``ep_combine`` then sums
+    each token's local assignments on the expert's rank (fp32) and sends one fp32 row per token back."""
+    import torch.distributed as dist
+
+    T, k = ids.shape
+    D = x.shape[1]
+    hits = torch.zeros((world, T), dtype=torch.bool, device=x.device)
+    if T:
+        hits.scatter_(0, dest.t().contiguous(), True)  # hits[r, t]: token t has an expert on rank r
+    counts = torch.stack([hits.sum(1), torch.bincount(dest.reshape(-1), minlength=world)], 1)  # [W, 2]
+    recv_counts = torch.empty_like(counts)  # tokens and assignments per rank, in one small exchange
+    work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
+    send = [c[0] for c in counts.tolist()]
+    n_send = sum(send)
+    pairs = torch.argsort((~hits).view(-1).to(torch.uint8), stable=True)[:n_send]  # destination-major, tokens ascending
+    sent_token, sent_dest = pairs % max(T, 1), pairs // max(T, 1)
+    tok_ids = ids.index_select(0, sent_token)
+    mine = dest.index_select(0, sent_token) == sent_dest.view(-1, 1)
+    meta = torch.cat([torch.where(mine, tok_ids % per_rank, -1).to(torch.int32),
+                      torch.where(mine, weights.float().index_select(0, sent_token), 0.0).view(torch.int32)], 1)
+    # Ids and weights ride in extra columns of the row buffer (as DeepEP's kernels send them with the
+    # token): one exchange for all three.
+    packable = (meta.shape[1] * 4) % x.element_size() == 0
+    work.wait()
+    recv_both = recv_counts.tolist()
+    recv = [c[0] for c in recv_both]
+    R = sum(c[1] for c in recv_both)
+    if packable:
+        send_buf = torch.cat([x.index_select(0, sent_token), meta.view(x.dtype)], 1)
+        recv_buf = x.new_empty((sum(recv), send_buf.shape[1]))
+        dist.all_to_all_single(recv_buf, send_buf, recv, send, group=group)
+        recv_x, recv_meta = recv_buf[:, :D], recv_buf[:, D:].contiguous().view(torch.int32)
+    else:  # an element size that does not divide 4 bytes: ids and weights in their own exchange
+        recv_meta = meta.new_empty((sum(recv), 2 * k))
+        meta_work = dist.all_to_all_single(recv_meta, meta, recv, send, group=group, async_op=True)
+        recv_x = x.new_empty((sum(recv), D))
+        dist.all_to_all_single(recv_x, x.index_select(0, sent_token), recv, send, group=group)
+        meta_work.wait()
+    local = recv_meta[:, :k]
+    valid = (local >= 0).view(-1)
+    # The delivered assignments, row-major over (received token, slot): source rank, token, slot.
+    pos = torch.argsort((~valid).to(torch.uint8), stable=True)[:R]
+    row_token = pos // k
+    rows = recv_x.index_select(0, row_token)
+    row_ids = local.reshape(-1).index_select(0, pos)
+    row_weight = recv_meta[:, k:].contiguous().view(torch.float32).reshape(-1).index_select(0, pos)
+    return rows, row_ids, EPTokenHandle(sent_token, send, recv, row_token, row_weight, T, k)
+
+
+def _dispatch_capacity(x: torch.Tensor, flat: torch.Tensor, dest: torch.Tensor, per_rank: int, world: int, k: int,
+                       capacity: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, EPCapacityHandle]:
+    """Fixed capacity: every rank sends every rank one block of ``C * k`` rows (assignments first,
+    in token-slot order, then zero padding), so all split sizes are known on the host in advance."""
+    import torch.distributed as dist
+
+    T, D = x.shape
+    block = capacity * k
+    n = flat.numel()
+    # Position of each assignment within its destination's block: its rank among the earlier
+    # assignments to the same destination (a cumulative count per destination, all on the device).
+    onehot = torch.nn.functional.one_hot(dest, world) if n else dest.new_zeros((0, world))
+    pos = (onehot.cumsum(0) - onehot).gather(1, dest.view(-1, 1)).view(-1) if n else dest
+    slot_rows = dest * block + pos
+    send_x = x.new_zeros((world * block, D))
+    send_x.index_copy_(0, slot_rows, x.repeat_interleave(k, dim=0) if k > 1 else x)
+    send_ids = torch.full((world * block,), -1, dtype=torch.int32, device=x.device)
+    send_ids.index_copy_(0, slot_rows, (flat % per_rank).to(torch.int32))
+    splits = [block] * world
+    recv_ids = torch.empty_like(send_ids)
+    ids_work = dist.all_to_all_single(recv_ids, send_ids, splits, splits, group=group, async_op=True)
+    recv_x = torch.empty_like(send_x)
+    dist.all_to_all_single(recv_x, send_x, splits, splits, group=group)
+    ids_work.wait()
+    return recv_x, recv_ids, EPCapacityHandle(slot_rows, capacity, T, k, world)
+
+
+def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Expert-parallel combine, the inverse of ``ep_dispatch``.
 
     ``y``: ``[R, D]`` expert outputs for the rows ``ep_dispatch`` delivered, same order,
-    unweighted (``R`` may be zero, as may this rank's ``T``). Sends them back and returns ``[T, D]`` in ``y.dtype`` with
+    unweighted (``R`` may be zero, as may this rank's ``T``; padding rows of the fixed-capacity
+    form are ignored, whatever they hold). ``handle``: from the same plan's ``ep_dispatch``.
+    Sends them back and returns ``[T, D]`` in ``y.dtype`` with
     ``out[t] = sum_slot topk_weights[t, slot] * y_slot``, accumulated in fp32. Collective.
+    ``topk_weights`` must equal the weights given to ``ep_dispatch``, if any were given there (a
+    backend that reduces on the expert's rank, DeepEP's normal mode, uses those and rounds each
+    rank's partial sum to ``y.dtype`` once before the cross-rank sum).
     """
     op = "ep_combine"
+    if isinstance(handle, EPCapacityHandle):
+        return _combine_capacity(y, handle, topk_weights, group)
+    if isinstance(handle, EPTokenHandle):
+        return _combine_tokens(y, handle, topk_weights, group)
+    if not isinstance(handle, EPHandle):
+        fail(op, "handle", "the handle the generic ep_dispatch returned", type(handle).__name__)
     check_tensor(op, "y", y, ndim=2, shape=[sum(handle.recv_counts), None])
     check_tensor(op, "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
-    back = all_to_all(y, handle.send_counts, handle.recv_counts, group)
     T, k = handle.num_tokens, handle.top_k
-    if handle.order.numel() != T * k:  # a handle that dropped assignments: the general scatter-add
+    back = all_to_all(y, handle.send_counts, handle.recv_counts, group)
+    if handle.inverse is None or handle.order.numel() != T * k:  # a handle that dropped assignments
         return moe_unpermute(back, handle.order, topk_weights, T)
-    # Every assignment came back: undo the permutation, then one fp32 batched [1, k] x [k, D]
-    # product per token does the weighted sum (about 2x faster than a scatter-add on CPU).
-    inverse = torch.empty_like(handle.order)
-    inverse[handle.order] = torch.arange(T * k, device=handle.order.device)
+    return _weighted_rows(back, handle.inverse.view(T, k), topk_weights, y.dtype)
+
+
+def _combine_tokens(y: torch.Tensor, handle: EPTokenHandle, topk_weights: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.row_token.shape[0], None])
+    check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
     D = y.shape[1]
-    rows = back.index_select(0, inverse).view(T, k, D).float()
-    out = torch.bmm(topk_weights.float().view(T, 1, k), rows).view(T, D)
+    n_recv = sum(handle.recv_tokens)
+    # Each received token's assignments, weighted and summed here, in fp32, in bounded row blocks.
+    partial = torch.zeros((n_recv, D), dtype=torch.float32, device=y.device)
+    step = max(1, _COMBINE_CHUNK_BYTES // max(1, D * 4))
+    for r0 in range(0, y.shape[0], step):
+        r1 = min(y.shape[0], r0 + step)
+        partial.index_add_(0, handle.row_token[r0:r1], y[r0:r1].float() * handle.row_weight[r0:r1, None])
+    back = partial.new_empty((sum(handle.send_tokens), D))
+    dist.all_to_all_single(back, partial, handle.send_tokens, handle.recv_tokens, group=group)
+    out = torch.zeros((handle.num_tokens, D), dtype=torch.float32, device=y.device)
+    out.index_add_(0, handle.sent_token, back)
     return out.to(y.dtype)
+
+
+def _combine_capacity(y: torch.Tensor, handle: EPCapacityHandle, topk_weights: torch.Tensor,
+                      group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    block = handle.capacity * handle.top_k
+    check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.world * block, None])
+    check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
+    splits = [block] * handle.world
+    back = torch.empty_like(y)
+    dist.all_to_all_single(back, y.contiguous(), splits, splits, group=group)
+    return _weighted_rows(back, handle.slot_rows.view(handle.num_tokens, handle.top_k), topk_weights, y.dtype)
+
+
+def _weighted_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_s weights[t, s] * rows[index[t, s]]`` in fp32, in token blocks: each block
+    gathers its ``k`` rows per token and does one batched ``[1, k] x [k, D]`` product, so no
+    full-size gathered or upcast copy of ``rows`` is ever made."""
+    T, k = index.shape
+    D = rows.shape[1]
+    out = torch.empty((T, D), dtype=dtype, device=rows.device)
+    step = max(1, _COMBINE_CHUNK_BYTES // max(1, k * D * 4))
+    w = weights.float()
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        block = rows.index_select(0, index[t0:t1].reshape(-1)).view(t1 - t0, k, D).float()
+        out[t0:t1] = torch.bmm(w[t0:t1].view(t1 - t0, 1, k), block).view(t1 - t0, D)
+    return out

@@ -30,6 +30,7 @@ from typing import Callable
 from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
+from . import mc2
 from .adapters import IMPLEMENTATIONS
 from .device import emulation_note
 from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
@@ -101,3 +102,4 @@ def hwlayer_register_backends(register: Callable) -> None:
 def hwlayer_register_ops(register: Callable) -> None:
     for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
         register(op, fn, backend="ascend", supports=supports)
+    mc2.register(register, backend="ascend")  # fixed-capacity ep_dispatch / ep_combine through MC2

@@ -19,7 +19,7 @@ from typing import Callable
 from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
-from . import native
+from . import deepep, native
 from .detect import detect
 
 HWLAYER_HOOKSPEC_VERSION = "1.2"
@@ -166,3 +166,4 @@ def hwlayer_register_ops(register: Callable) -> None:
              supports=native.deep_gemm_indexer_supports)
 
     register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)
+    deepep.register(register, backend="cuda")  # ep_dispatch / ep_combine through DeepEP
