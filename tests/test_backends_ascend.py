@@ -152,3 +152,59 @@ def test_ascend_detection_reasons_without_hardware(monkeypatch: pytest.MonkeyPat
     status = ascend.BACKEND.availability()
     assert not status.available and "CANN environment is not set" in status.reason
     assert "torch_npu" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------
+# npu_moe_token_unpermute: a gather index (op-plugin's own test), emulator and adapter
+
+
+def _megatron_unpermute(permuted: torch.Tensor, sorted_indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The Python reference op-plugin's test compares the fused op with (Megatron's unpermute, written
+    here from its definition): permuted row j goes back to flat assignment ``sorted_indices[j]``."""
+    out = torch.zeros(permuted.shape, dtype=torch.float32).index_copy_(0, sorted_indices.long(), permuted.float())
+    return (out.view(probs.shape[0], probs.shape[1], -1) * probs.float().unsqueeze(-1)).sum(1)
+
+
+def test_npu_moe_token_unpermute_emulator_follows_op_plugins_test() -> None:
+    """Ascend/op-plugin@517f2e7d0f20 test/test_custom_ops/test_npu_moe_token_permute_and_unpermute.py
+    (test_unpermute): fused(tokens, idx) == unpermute(tokens, argsort(idx)); so idx is a gather index."""
+    from conformance.emulators import torch_npu as emu
+
+    # A hand vector: 2 tokens, top-2; output slot i reads permuted row idx[i].
+    rows = torch.tensor([[1.0], [10.0], [100.0], [1000.0]]).bfloat16()
+    idx = torch.tensor([2, 0, 3, 1], dtype=torch.int32)
+    probs = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).bfloat16()
+    got = emu.npu_moe_token_unpermute(rows, idx, probs=probs)
+    assert got.float().view(-1).tolist() == [100.0 * 1 + 1.0 * 2, 1000.0 * 3 + 10.0 * 4]
+    # Vectors derived from the reference as op-plugin's test builds them: idx = argsort of routed ids.
+    gen = torch.Generator().manual_seed(0)
+    for num_tokens, topk in ((7, 1), (9, 4), (16, 8)):
+        ids = torch.randint(0, 5, (num_tokens, topk), generator=gen)
+        sorted_idx = torch.argsort(ids.view(-1), stable=True).to(torch.int32)
+        permuted = torch.randn(num_tokens * topk, 8, generator=gen).bfloat16()
+        p = torch.rand(num_tokens, topk, generator=gen).bfloat16()
+        want = _megatron_unpermute(permuted, torch.argsort(sorted_idx, stable=True), p)
+        torch.testing.assert_close(emu.npu_moe_token_unpermute(permuted, sorted_idx, probs=p).float(), want,
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_ascend_moe_unpermute_adapter_passes_the_gather_index() -> None:
+    """The adapter inverts our scatter ``order`` (which the old adapter passed as is) before the op."""
+    import hwlayer
+    from conformance import emulators
+
+    emulators.activate("ascend")
+    try:
+        plan = hwlayer.plan("ascend", trace=True)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(12, 16, generator=gen).bfloat16()
+        ids = torch.randint(0, 6, (12, 4), generator=gen, dtype=torch.int32)
+        ids[3, 2] = -1  # a dropped assignment
+        _, _, order = ops.moe_permute(x, ids, 6)
+        y = torch.randn(48, 16, generator=gen).bfloat16()
+        w = torch.rand(12, 4, generator=gen)
+        torch.testing.assert_close(plan.moe_unpermute(y, order, w, 12).float(),
+                                   ops.moe_unpermute(y, order, w, 12).float(), atol=2e-2, rtol=2e-2)
+        assert plan.call_counts().get(("moe_unpermute", "native"), 0) == 1
+    finally:
+        emulators.deactivate()

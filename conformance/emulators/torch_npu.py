@@ -605,9 +605,14 @@ def npu_moe_token_unpermute(
     padded_mode: bool = False,
     restore_shape: list[int] | None = None,
 ) -> torch.Tensor:
-    """Megatron-style unpermute: row ``j`` of ``permuted_tokens`` goes back to flat assignment
-    ``sorted_indices[j]``; with ``probs`` ``[num_tokens, topK]`` the ``topK`` rows of a token are
-    weighted and summed. bf16 only, padded_mode False only, topK <= 512."""
+    """``npu_moe_token_unpermute`` as op-plugin's own test defines it (Ascend/op-plugin@517f2e7d0f20
+    ``test/test_custom_ops/test_npu_moe_token_permute_and_unpermute.py``, ``test_unpermute``): the fused op
+    on ``sorted_indices`` equals the test's Megatron-style Python ``unpermute`` on
+    ``argsort(sorted_indices)``, so ``sorted_indices`` is a GATHER index: flat output slot ``t*topK + s``
+    reads permuted row ``sorted_indices[t*topK + s]`` (what ``npu_moe_init_routing_v2`` returns with
+    ``row_idx_type=0``, as vllm-ascend@182b75e ``ops/fused_moe/token_dispatcher.py:424-455`` feeds it).
+    With ``probs`` ``[num_tokens, topK]`` the ``topK`` rows of a token are weighted and summed.
+    bf16 only, padded_mode False only, topK <= 512."""
     check(not padded_mode, "npu_moe_token_unpermute: padded_mode only supports False")
     check(
         permuted_tokens.dim() == 2 and permuted_tokens.dtype == torch.bfloat16,
@@ -631,9 +636,7 @@ def npu_moe_token_unpermute(
         bool((sorted_indices >= 0).all() and (sorted_indices < M).all()),
         "npu_moe_token_unpermute: indices in [0, rows)",
     )
-    flat = torch.zeros(M, H, dtype=torch.float32)
-    flat[sorted_indices.long()] = permuted_tokens.float()
-    flat = flat.view(M // topk, topk, H)
+    flat = permuted_tokens.float().index_select(0, sorted_indices.long()).view(M // topk, topk, H)
     if probs is not None:
         flat = flat * probs.float().unsqueeze(-1)
     return flat.sum(1).to(torch.bfloat16)

@@ -348,20 +348,24 @@ def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: in
 
 
 def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    # Row j goes back to flat assignment order[j] (Megatron's sorted_indices), then each token's topK
-    # rows are weighted by probs and summed; probs are bf16 per the doc. The op wants a full permutation:
-    # the dropped rows (order -1, always last) are zeroed and sent to the assignments no kept row names,
-    # found on the device (no host read): a stable sort puts the unnamed flat indices first, in order.
+    # npu_moe_token_unpermute takes a GATHER index: flat output slot t*k+s reads permuted row idx[t*k+s]
+    # (op-plugin@517f2e7d0f20 test/test_custom_ops/test_npu_moe_token_permute_and_unpermute.py: the op on
+    # idx equals Megatron's unpermute on argsort(idx); vllm-ascend@182b75e token_dispatcher.py:424-455 feeds
+    # it npu_moe_init_routing_v2's row_idx_type=0 output). Our `order` is the SCATTER index (row j came from
+    # assignment order[j]), so it is inverted here, on the device. The op wants a full permutation: the
+    # dropped rows (order -1, always last) are zeroed and given the assignments no kept row names (a
+    # stable sort puts those flat indices first, in order); probs are bf16 per the doc.
     order = order.long()
     n = order.shape[0]
     kept = order >= 0
     named = torch.zeros(n + 1, dtype=torch.int32, device=order.device)
     named.scatter_(0, torch.where(kept, order, n), torch.ones_like(order, dtype=torch.int32))
     unnamed = torch.argsort(named[:n], stable=True)  # flat indices no kept row names, ascending, first
-    slot = (torch.arange(n, device=order.device) - kept.sum()).clamp(min=0)
-    perm = torch.where(kept, order, unnamed[slot])
+    rows = torch.arange(n, device=order.device)
+    scatter = torch.where(kept, order, unnamed[(rows - kept.sum()).clamp(min=0)])  # row j -> assignment
+    gather = torch.empty_like(scatter).scatter_(0, scatter, rows)  # assignment i <- row gather[i]
     y = torch.where(kept.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return _npu().npu_moe_token_unpermute(y, perm, probs=topk_weights.to(torch.bfloat16))
+    return _npu().npu_moe_token_unpermute(y, gather, probs=topk_weights.to(torch.bfloat16))
 
 
 IMPLEMENTATIONS = {
