@@ -208,3 +208,26 @@ def test_ascend_moe_unpermute_adapter_passes_the_gather_index() -> None:
         assert plan.call_counts().get(("moe_unpermute", "native"), 0) == 1
     finally:
         emulators.deactivate()
+
+
+def test_emulated_torch_npu_ops_are_opaque_under_fake_tensor_mode() -> None:
+    """Each emulated op is one custom op with a fake kernel (as torch_npu's meta registrations): the
+    emulator's value checks (host reads) run only in the real kernel, never under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from conformance.emulators import torch_npu as emu
+
+    with FakeTensorMode():
+        y = emu.npu_moe_token_unpermute(torch.empty(8, 16, dtype=torch.bfloat16), torch.empty(8, dtype=torch.int32),
+                                        probs=torch.empty(4, 2, dtype=torch.bfloat16))
+        assert y.shape == (4, 16) and y.dtype == torch.bfloat16
+        (out,) = emu.npu_grouped_matmul([torch.empty(6, 8)], [torch.empty(3, 8, 5)], split_item=2, group_type=0,
+                                        group_list=torch.empty(3, dtype=torch.int64), group_list_type=1)
+        assert out.shape == (6, 5)
+        x, row_idx, counts, _ = emu.npu_moe_init_routing_v2(
+            torch.empty(4, 8), torch.empty(4, 2, dtype=torch.int32), expert_num=6, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, active_expert_range=[0, 6])
+        assert x.shape == (8, 8) and row_idx.shape == (8,) and counts.shape == (6,)
+    assert set(emu.KERNELS) == {f.__name__ for f in emu.FUNCTIONS}
+    for name in emu.KERNELS:
+        assert hasattr(torch.ops.hwlayer_emulated_npu, name)
