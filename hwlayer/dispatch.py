@@ -107,10 +107,50 @@ def _without_meta(fn: Callable) -> Callable:
     return call
 
 
-def _compatible(op: str, fn: Callable) -> Callable:
-    """``fn`` as the plan calls it: pre-1.2 implementations of a META_OPS op drop ``meta``
-    (decided once, when the plan is built: no cost per call for those that take it)."""
-    return _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
+# Ops that take the backend's cache objects (hook specs 2.0); 1.x implementations take canonical tensors.
+CACHE_OPS = frozenset({"kv_cache_write", "lightning_indexer", "sparse_mla_attention"})
+
+
+def _canonical_caches(fn: Callable) -> Callable:
+    """``fn`` (a 1.x cache op) called with each cache object replaced by its canonical tensor."""
+    from .ops.cache import PagedKV
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.canonical if isinstance(a, PagedKV) else a for a in args)
+        kwargs = {k: v.canonical if isinstance(v, PagedKV) else v for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _lse_on_request(fn: Callable, is_supports: bool) -> Callable:
+    """A 1.x ``sparse_mla_attention`` (always ``(out, lse)``, no ``return_lse``) under the 2.0 contract."""
+    if is_supports:
+        def supports(*args: Any, return_lse: bool = False, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        supports.__wrapped__ = fn  # type: ignore[attr-defined]
+        return supports
+
+    def call(*args: Any, return_lse: bool = False, **kwargs: Any) -> Any:
+        out, lse = fn(*args, **kwargs)
+        return (out, lse) if return_lse else out
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _compatible(op: str, fn: Callable, spec: tuple[int, int] = (2, 0), is_supports: bool = False) -> Callable:
+    """``fn`` as the plan calls it, decided once when the plan is built (no cost per call for current
+    implementations): pre-1.2 implementations of a META_OPS op drop ``meta``; 1.x implementations of
+    a CACHE_OPS op get canonical tensors, and 1.x ``sparse_mla_attention`` returns the lse on request."""
+    fn = _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
+    if spec < (2, 0) and op in CACHE_OPS:
+        if op == "sparse_mla_attention":
+            fn = _lse_on_request(fn, is_supports)
+        fn = _canonical_caches(fn)
+    return fn
 
 
 def _counted(fn: Callable, key: tuple[str, str], counts: collections.Counter) -> Callable:
@@ -148,8 +188,11 @@ class DispatchPlan:
 
     def _resolve(self, op: str, generic: Callable, reg: Registry, composite: bool = False) -> None:
         candidates = []  # (backend name, registration), most preferred first
+        # A 1.x cache op needs the canonical tensor: on a backend whose layout has none it is left out.
+        legacy_ok = op not in CACHE_OPS or self.backend.layout().canonical
         for bname in _tiers(self.backend, op):
-            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))]
+            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))
+                           if legacy_ok or r.spec >= (2, 0)]
         # Conditional implementations up to the first unconditional one, which ends the chain.
         chain, terminal = [], None
         for bname, r in candidates:
@@ -158,13 +201,14 @@ class DispatchPlan:
                 break
             chain.append((bname, r))
         if terminal is not None:
-            fn = self._wrap(_compatible(op, terminal[1].fn), op, self._label(terminal[0]))
+            fn = self._wrap(_compatible(op, terminal[1].fn, terminal[1].spec), op, self._label(terminal[0]))
             fallback_name = self._label(terminal[0])
         else:
             fn = self._wrap(generic, op, "generic")
             fallback_name = "generic"
         for bname, r in reversed(chain):
-            fn = _guarded(self._wrap(_compatible(op, r.fn), op, self._label(bname)), _compatible(op, r.supports), fn)
+            fn = _guarded(self._wrap(_compatible(op, r.fn, r.spec), op, self._label(bname)),
+                          _compatible(op, r.supports, r.spec, is_supports=True), fn)
         setattr(self, op, fn)
 
         if chain:

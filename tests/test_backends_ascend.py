@@ -49,12 +49,17 @@ def test_pa_bsnd_is_a_view_with_one_kv_head() -> None:
     assert torch.equal(pa[2, 5, 0], cache[2, 5])
 
 
-def test_latent_cache_and_query_split() -> None:
-    kv = torch.randn(3, 8, 576)
-    c, pe = convert.split_latent_cache(kv, 512)
-    assert c.shape == (3, 8, 1, 512) and pe.shape == (3, 8, 1, 64)
-    assert c.is_contiguous() and pe.is_contiguous()
-    assert torch.equal(torch.cat((c, pe), dim=-1).squeeze(2), kv)
+def test_ascend_layout_keeps_nope_and_rope_caches_apart_and_the_canonical_view_right() -> None:
+    from hwlayer.backends.ascend.adapters import LAYOUT
+
+    kv = LAYOUT.latent_cache(3, 16, 512, 64, torch.float32, torch.device("cpu"))
+    c, pe = kv.parts
+    assert c.shape == (3, 16, 512) and pe.shape == (3, 16, 64) and c.is_contiguous() and pe.is_contiguous()
+    rows, slots = torch.randn(5, 576), torch.tensor([0, 17, 33, 47, 20])
+    kv.write(slots, rows)
+    assert torch.equal(kv.rows(slots), rows) and torch.equal(c.view(-1, 512)[17], rows[1, :512])
+    assert LAYOUT.bytes_per_token(512, 64, 128, torch.bfloat16) == (576 + 128) * 2
+    assert LAYOUT.block_size_ok(128) is True and "multiple of 16" in LAYOUT.block_size_ok(8)
     q = torch.randn(5, 4, 576)
     q_nope, q_rope = convert.split_query(q, 512)
     assert torch.equal(torch.cat((q_nope, q_rope), -1), q)
@@ -107,21 +112,6 @@ def test_indexer_output_conversion() -> None:
     raw = torch.tensor([[[5, 2, -1, -1]], [[0, -1, -1, -1]]], dtype=torch.int32)  # TND [T, 1, sparse_count]
     assert convert.indexer_output_to_positions(raw, 3).tolist() == [[5, 2, -1], [0, -1, -1]]
     assert convert.indexer_output_to_positions((raw, torch.zeros(2, 1, 4)), 4).shape == (2, 4)
-
-
-def test_lse_over_positions_matches_the_contract_in_small_chunks() -> None:
-    torch.manual_seed(0)
-    bs, H, Dk = 4, 3, 10
-    kv = torch.randn(6, bs, Dk)
-    block_table = torch.tensor([[2, 0, 5], [1, 3, 4]], dtype=torch.int32)
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    seq_lens = torch.tensor([9, 11], dtype=torch.int32)
-    q = torch.randn(5, H, Dk)
-    indices = torch.tensor([[0, 8, -1], [3, -1, -1], [10, 2, 7], [-1, -1, -1], [5, 1, 0]], dtype=torch.int32)
-    _, want = ops.sparse_mla_attention(q, kv, indices, block_table, cu, seq_lens, 0.3, 6)
-    got = convert.lse_over_positions(q, kv, indices, block_table, cu, seq_lens, 0.3, budget=1)  # one token a chunk
-    torch.testing.assert_close(got, want)
-    assert got[3].eq(float("-inf")).all()
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:

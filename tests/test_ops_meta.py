@@ -82,7 +82,7 @@ def indexer_call(s: dict, gen: torch.Generator, meta) -> torch.Tensor:
 def attention_call(s: dict, gen: torch.Generator, meta) -> tuple[torch.Tensor, torch.Tensor]:
     q, kv = torch.randn(T, 2, 10, generator=gen), torch.randn(4, BLOCK, 10, generator=gen)
     indices = torch.tensor([[0, 2, -1], [1, 3, 0], [4, 2, -1], [3, 1, -1]], dtype=torch.int32)
-    return ops.sparse_mla_attention(q, kv, indices, s["table"], s["cu"], s["lens"], 0.3, 8, meta=meta)
+    return ops.sparse_mla_attention(q, kv, indices, s["table"], s["cu"], s["lens"], 0.3, 8, meta=meta, return_lse=True)
 
 
 CALLS = {"rope": rope_call, "kv_cache_write": kv_write_call, "lightning_indexer": indexer_call,

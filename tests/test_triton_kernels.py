@@ -198,8 +198,8 @@ def test_sparse_mla_attention_out_and_lse(tp, dtype: torch.dtype) -> None:
     idx[5, ::2] = -1  # holes in the middle of a row
     args = (q, b["kv_cache"], idx, b["block_table"], b["cu"], b["seq_lens"], 0.15, 40)
     with served_by_triton(tp, "sparse_mla_attention", calls=1):
-        out, lse = tp.sparse_mla_attention(*args)
-    out_ref, lse_ref = ops.sparse_mla_attention(*args)
+        out, lse = tp.sparse_mla_attention(*args, return_lse=True)
+    out_ref, lse_ref = ops.sparse_mla_attention(*args, return_lse=True)
     close(out, out_ref, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and bool(torch.isinf(lse[2]).all())
     assert bool((out[2] == 0).all())
@@ -285,10 +285,10 @@ def test_sparse_mla_split_k_decode(tp, dtype: torch.dtype) -> None:
     scale = (q.shape[-1]) ** -0.5
     with served_by_triton(tp, "sparse_mla_attention", calls=2), launched(
             {"sparse_mla_split": 2, "sparse_mla_merge": 2}):
-        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V)
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V, return_lse=True)
         empty = torch.full_like(idx, -1)
-        out0, lse0 = tp.sparse_mla_attention(q, kv, empty, table, cu, lens, scale, V)
-    _mla_close(got, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V), dtype)
+        out0, lse0 = tp.sparse_mla_attention(q, kv, empty, table, cu, lens, scale, V, return_lse=True)
+    _mla_close(got, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V, return_lse=True), dtype)
     assert bool((out0 == 0).all()) and bool(torch.isinf(lse0).all())
 
 
@@ -297,11 +297,11 @@ def test_sparse_mla_prefill_with_large_logits(tp) -> None:
     # overflow fp32 exp() (above ~88) unless the running max is subtracted.
     q, kv, idx, table, cu, lens, V = _mla_inputs(torch.float32, [0, 16, 24], [16, 90], 72, 5, 8.0)
     with served_by_triton(tp, "sparse_mla_attention", calls=1), launched({"sparse_mla_prefill": 1}):
-        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V, return_lse=True)
     assert float(got[1].max()) > 100  # the logits really are large
     # fp32 logits of a few hundred carry ~1e-4 absolute rounding (summation order differs from the
     # generic's), hence 1e-3; without the max subtraction the result would be inf/NaN.
-    out_ref, lse_ref = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+    out_ref, lse_ref = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V, return_lse=True)
     assert bool(torch.isfinite(got[0]).all()) and bool(torch.isfinite(got[1]).all())
     torch.testing.assert_close(got[0], out_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got[1], lse_ref, rtol=1e-5, atol=1e-3)

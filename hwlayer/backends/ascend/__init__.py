@@ -8,7 +8,8 @@ torch-npu version that does not match torch, or no NPU visible.
 
 Native adapters (``adapters.py``, each behind a ``supports`` check): npu_rms_norm / npu_add_rms_norm,
 npu_rotary_mul, npu_lightning_indexer + npu_sparse_flash_attention (absorbed MLA, TND query,
-PA_BSND caches) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + npu_swiglu for the
+PA_BSND caches: the backend's layout keeps the latent ``c`` and ``k_pe`` in separate caches, so
+nothing is copied per call) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + npu_swiglu for the
 expert GEMMs (the ``fused_experts`` composite picks them up). Expert-parallel dispatch/combine use the
 generic ``all_to_all_single`` over hccl: ``npu_moe_distribute_dispatch_v2`` delivers rows grouped by
 expert with its own combine metadata, not the source-rank order the ``ep_dispatch`` contract fixes.
@@ -30,11 +31,11 @@ from typing import Callable
 from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 
-from .adapters import IMPLEMENTATIONS
+from .adapters import IMPLEMENTATIONS, LAYOUT
 from .device import emulation_note
 from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 INSTALL_HINT = (
     "pip install .[ascend] with the torch-npu release matching your torch (torch-npu X.Y needs torch X.Y), "
@@ -84,6 +85,7 @@ BACKEND = Backend(
     # ACL graphs: torch_npu's torch.npu.NPUGraph / torch.npu.graph (what vllm-ascend captures with)
     device_graph=DeviceGraph("torch.npu", "NPUGraph", "written against torch_npu's NPUGraph API docs, not run"),
     weight_formats=("int8",),  # 910B has int8 cube units, no FP8: W8A8 dynamic (quant.py)
+    attention_layout=LAYOUT,  # separate nope / rope latent caches, per-step int32 tables (adapters.py)
 )
 
 
