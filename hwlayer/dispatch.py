@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import torch
 
 from .backend import Backend
 from .ops import CATALOGUE
-from .registry import Registry, registry, strict_mode
+from .registry import HwlayerPluginWarning, OpRegistration, Registry, registry, strict_mode
 
 
 class BackendError(RuntimeError):
@@ -134,7 +135,13 @@ def _lse_on_request(fn: Callable, is_supports: bool) -> Callable:
         return supports
 
     def call(*args: Any, return_lse: bool = False, **kwargs: Any) -> Any:
-        out, lse = fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        if isinstance(result, torch.Tensor):  # a 1.x implementation that already returns out alone
+            if return_lse:
+                raise TypeError(f"{_qualname(fn)} (hook specs 1.x) returned no lse; return (out, lse) as 1.x "
+                                "requires, or declare HWLAYER_HOOKSPEC_VERSION = '2.0' and honour return_lse")
+            return result
+        out, lse = result
         return (out, lse) if return_lse else out
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -171,6 +178,7 @@ class DispatchPlan:
         self.entries: dict[str, PlanEntry] = {}
         self._counts: collections.Counter = collections.Counter()
         self.trace = trace
+        self.left_out: list[str] = []  # registrations this plan cannot call, and why
         composites = []
         for name, spec in CATALOGUE.items():
             if spec.composite:
@@ -180,6 +188,19 @@ class DispatchPlan:
         for name in composites:
             self._resolve(name, CATALOGUE[name].default(self), reg, composite=True)
 
+    def _servable(self, op: str, r: OpRegistration) -> bool:
+        """A 1.x cache op needs the canonical tensor: on a backend whose layout has none it is left out,
+        with one line saying what to change."""
+        if op not in CACHE_OPS or r.spec >= (2, 0) or self.backend.layout().canonical:
+            return True
+        why = (f"{op} of plugin {r.plugin!r} (hook specs {r.spec[0]}.{r.spec[1]}) left out of backend "
+               f"{self.backend.name!r}: its cache layout {self.backend.layout().name!r} has no canonical tensor; "
+               "declare HWLAYER_HOOKSPEC_VERSION = '2.0' and take hwlayer.ops.cache.PagedKV "
+               "(docs/CONTRIBUTING-BACKEND.md)")
+        self.left_out.append(why)
+        warnings.warn(f"hwlayer: {why}", HwlayerPluginWarning, stacklevel=4)
+        return False
+
     def _wrap(self, fn: Callable, op: str, label: str) -> Callable:
         return _counted(fn, (op, label), self._counts) if self.trace else fn
 
@@ -188,11 +209,8 @@ class DispatchPlan:
 
     def _resolve(self, op: str, generic: Callable, reg: Registry, composite: bool = False) -> None:
         candidates = []  # (backend name, registration), most preferred first
-        # A 1.x cache op needs the canonical tensor: on a backend whose layout has none it is left out.
-        legacy_ok = op not in CACHE_OPS or self.backend.layout().canonical
         for bname in _tiers(self.backend, op):
-            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))
-                           if legacy_ok or r.spec >= (2, 0)]
+            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname)) if self._servable(op, r)]
         # Conditional implementations up to the first unconditional one, which ends the chain.
         chain, terminal = [], None
         for bname, r in candidates:
