@@ -29,6 +29,7 @@ import torch
 
 from .backend import Backend
 from .ops import CATALOGUE
+from .ops.contracts import validated
 from .registry import HwlayerPluginWarning, OpRegistration, Registry, registry, strict_mode
 
 
@@ -227,6 +228,8 @@ class DispatchPlan:
         for bname, r in reversed(chain):
             fn = _guarded(self._wrap(_compatible(op, r.fn, r.spec), op, self._label(bname)),
                           _compatible(op, r.supports, r.spec, is_supports=True), fn)
+        if chain or terminal is not None:  # the contract checked once, before any backend code sees the call
+            fn = validated(op, fn)
         setattr(self, op, fn)
 
         if chain:

@@ -108,13 +108,26 @@ def global_reg(reg, monkeypatch):
 
 def test_plan_attribute_is_the_registered_function(reg):
     p = DispatchPlan(reg.backends["plainbk"], reg)
-    assert p.rms_norm is fast_rms_norm  # no wrapper on the hot path
-    assert p.layer_norm is ops.layer_norm  # generic fallback, also unwrapped
+    assert p.rms_norm.__wrapped__ is fast_rms_norm  # one wrapper: the contract check (hook specs 2.0)
+    assert p.layer_norm is ops.layer_norm  # generic fallback, unwrapped (it validates itself)
     assert p.entries["rms_norm"].origin == "native" and p.entries["rms_norm"].plugin == "testvendor"
     assert p.entries["layer_norm"].origin == "generic"
     x, w = torch.randn(3, 16), torch.rand(16)
     torch.testing.assert_close(p.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6))
     assert CALLS == ["fast_rms_norm"]
+
+
+def test_the_dispatcher_checks_the_contract_before_a_backend_sees_the_call(reg):
+    """supports() states kernel limits only: a call outside the contract is the dispatcher's one-line
+    ValueError, and neither the native implementation nor its supports() runs."""
+    for name in ("plainbk", "guardedbk"):
+        p = DispatchPlan(reg.backends[name], reg)
+        CALLS.clear()
+        with pytest.raises(ValueError, match=r"rms_norm: argument 'weight' expected shape \[8\], got \[4\]"):
+            p.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
+        with pytest.raises(ValueError, match="rms_norm: argument 'x' expected dtype"):
+            p.rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8), 1e-6)
+        assert CALLS == []
 
 
 def test_supports_declining_falls_back_to_generic_and_tracing_counts_it(reg):
@@ -129,7 +142,7 @@ def test_supports_declining_falls_back_to_generic_and_tracing_counts_it(reg):
 
 def test_untraced_plan_with_supports_wraps_only_that_op(reg):
     p = DispatchPlan(reg.backends["guardedbk"], reg)
-    assert p.rms_norm.__wrapped__ is fast_rms_norm
+    assert p.rms_norm.__wrapped__.__wrapped__ is fast_rms_norm  # contract check -> supports guard -> native
     assert p.silu_and_mul is ops.silu_and_mul
     assert p.call_counts() == {}
 
