@@ -23,16 +23,15 @@ conformance/emulators/torch_npu.py); not run on Ascend hardware.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from typing import Callable
 
 from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
+from hwlayer.plugin import as_registered, register_all
 
 from .adapters import IMPLEMENTATIONS, LAYOUT
-from .device import emulation_note
 from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
 HWLAYER_HOOKSPEC_VERSION = "2.0"
@@ -91,15 +90,9 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    note = emulation_note()
-    if note is None:
-        register(BACKEND)
-        return
-    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
-                                 verified=f"{note}; written against torch_npu 2.14 API docs"))
+    register(as_registered(BACKEND))  # under the test-only emulation: a CPU twin saying "emulated"
 
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
-        register(op, fn, backend="ascend", supports=supports)
+    register_all(register, "ascend", IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS)
