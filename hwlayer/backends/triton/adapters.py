@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from hwlayer.ops.cache import PagedKV
 from hwlayer.ops.layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -173,9 +174,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # kv_cache_write
 
 
+def _canonical(cache: Any) -> Any:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (hook specs 2.0: a ``PagedKV``), or
+    None for a layout without one (the kernels address that layout only)."""
+    return cache.canonical if isinstance(cache, PagedKV) else cache
+
+
 def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any, *, meta: Any = None) -> bool | str:
     if (ok := meta_supported(meta, rows)) is not True:
         return ok
+    if (cache := _canonical(cache)) is None:
+        return "the kernel writes the canonical cache layout"
     if not cache.is_contiguous():
         return "the kernel writes a contiguous cache"
     if value_checks() and slot_mapping.numel() and int(slot_mapping.max()) >= cache.shape[0] * cache.shape[1]:
@@ -183,8 +192,9 @@ def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any, *, meta: A
     return _device_ok(cache, rows, slot_mapping)
 
 
-def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
+def kv_cache_write(cache: PagedKV | torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
                    meta: AttentionMetadata | None = None) -> None:
+    cache = _canonical(cache)
     T, D = rows.shape
     if T and D:
         block = min(1024, _p2(D))
@@ -244,6 +254,8 @@ def lightning_indexer_supports(
     if (ok := meta_supported(meta, q)) is not True:
         return ok
     T, Hi, Di = q.shape
+    if (k_cache := _canonical(k_cache)) is None:
+        return "the kernel reads the canonical cache layout"
     if Hi > MAX_INDEXER_HEADS or Di > MAX_INDEXER_DIM:
         return f"indexer heads {Hi} / head dim {Di} above {MAX_INDEXER_HEADS}/{MAX_INDEXER_DIM}"
     ok = _varlen_ok("lightning_indexer", cu_seqlens_q, seq_lens, T)
@@ -284,7 +296,7 @@ def lightning_indexer(
     # Scoring is the Triton kernel; the selection is torch.topk on the scored tile, on the device:
     # sizes come from shapes and max_seqlen_k, so the whole op can sit in a captured graph (a Triton
     # radix-select would save the [T, S] tile; not written yet).
-    scores = indexer_scores(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_k)
+    scores = indexer_scores(q, weights, _canonical(k_cache), block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_k)
     T, S = scores.shape
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     k = min(topk, S)
@@ -296,10 +308,12 @@ def lightning_indexer(
 
 def sparse_mla_attention_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
-    *, meta: Any = None,
+    *, meta: Any = None, return_lse: bool = False,
 ) -> bool | str:
     if (ok := meta_supported(meta, q)) is not True:
         return ok
+    if (kv_cache := _canonical(kv_cache)) is None:
+        return "the kernel reads the canonical cache layout"
     T, H, Dk = q.shape
     if value_checks() and indices.numel() and seq_lens.numel() and int(indices.max()) >= int(seq_lens.max()):
         return "indices past the longest context"  # the generic op names it
@@ -345,9 +359,18 @@ def mla_num_splits(num_tokens: int, num_heads: int, num_keys: int, v_dim: int, p
 
 
 def sparse_mla_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, kv_cache: PagedKV | torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-    meta: AttentionMetadata | None = None,
+    meta: AttentionMetadata | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    # The kernels produce the lse anyway (split-K merges through it): returning it costs nothing.
+    out, lse = _sparse_mla(q, _canonical(kv_cache), indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim)
+    return (out, lse) if return_lse else out
+
+
+def _sparse_mla(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two launch shapes of one kernel, chosen from host-known sizes (:func:`mla_num_splits`):
     prefill: grid (T, head tiles), each program one pass over its token's K rows; decode (split-K):
