@@ -77,6 +77,7 @@ def hwlayer_register_ops(register: Callable) -> None:
     signature, same semantics). ``supports``, when given, is called with the op's arguments
     before every call and returns ``True`` to take the call or a string saying why it declines
     (for example ``"head_dim 96 not in (64, 128)"``); a declined call goes to the next
-    implementation and finally to the generic torch one. Leave ``supports`` out when ``fn``
-    takes every call the contract allows: the dispatch plan then calls ``fn`` directly.
+    implementation and finally to the generic torch one. The dispatcher has already checked the
+    call against the op's contract, so ``supports`` states only the kernel's limits (2.0). Leave
+    ``supports`` out when ``fn`` takes every call the contract allows.
     """

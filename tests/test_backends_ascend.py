@@ -309,3 +309,23 @@ def test_emulated_ascend_decode_forward_reads_nothing_on_the_host(monkeypatch: p
             assert m.forward_context(ctx, cache).shape == (1, m.config.vocab_size)
     finally:
         emulators.deactivate()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "ascend"])
+def test_kv_bytes_per_token_is_exact_for_the_backends_layout(backend: str) -> None:
+    """The serving layer sizes its cache with model.kv_bytes_per_token(): it must match what new_cache
+    allocates under the backend's layout (canonical, or Ascend's split nope / rope caches)."""
+    from conformance import emulators
+    from model import load_model
+    from model.tiny import ensure_default_model
+
+    if backend == "ascend":
+        emulators.activate("ascend")
+    try:
+        m = load_model(ensure_default_model(), backend=backend, dtype="bf16")
+        cache = m.new_cache(3, 16)
+        allocated = sum(c.nbytes for c in cache.latent + cache.indexer if c is not None)
+        assert m.kv_bytes_per_token(16) * 3 * 16 == allocated == m.kv_bytes_per_token() * 3 * 16
+        assert type(cache.latent[0]).__name__ == ("SplitKV" if backend == "ascend" else "ContiguousKV")
+    finally:
+        emulators.deactivate()

@@ -124,7 +124,9 @@ class AscendLayout(AttentionLayout):
     """The MLA latent cache as two contiguous caches, ``c`` ``[blocks, bs, kv_lora_rank]`` and ``k_pe``
     ``[blocks, bs, rope_dim]``: Atlas A2/A3's ``npu_sparse_flash_attention`` takes ``key`` and
     ``key_rope`` as separate contiguous PA_BSND tensors (no strided views), and vllm-ascend keeps them
-    apart likewise (``attention/sfa_v1.py``, written by ``npu_kv_rmsnorm_rope_cache``). The indexer
+    apart likewise (vllm-ascend@182b75e ``vllm_ascend/attention/sfa_v1.py:903``: ``kv_cache[0]`` (nope)
+    and ``kv_cache[1]`` (rope), written by ``npu_kv_rmsnorm_rope_cache``; here the generic
+    ``kv_cache_write`` writes both through ``SplitKV.write``, two indexed copies). The indexer
     cache stays canonical (PA_BSND is a view of it). Block sizes: the PA_BSND kernels take multiples
     of 16 up to 1024; others are allocatable and served by the generic ops."""
 
