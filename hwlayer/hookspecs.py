@@ -25,8 +25,8 @@ Changelog:
   (:class:`hwlayer.ops.cache.PagedKV`) where 1.x took tensors (1.x implementations still get the
   canonical tensor, and are left out on a non-canonical layout). ``sparse_mla_attention`` returns
   ``out`` alone unless called with ``return_lse=True``. The dispatcher validates each op's
-  arguments against its contract once, so ``supports`` states only kernel limits.
-
+  arguments against its contract once, so ``supports`` states only kernel limits. Plugin
+  boilerplate (lazy import, the test emulation marker) is in :mod:`hwlayer.plugin`.
 * 1.2: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention`` take an
   optional keyword argument ``meta`` (:class:`hwlayer.ops.layout.AttentionMetadata`, the step's
   tables built once for every layer; implementations may use it or ignore it, results never
