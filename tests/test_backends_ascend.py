@@ -329,3 +329,36 @@ def test_kv_bytes_per_token_is_exact_for_the_backends_layout(backend: str) -> No
         assert type(cache.latent[0]).__name__ == ("SplitKV" if backend == "ascend" else "ContiguousKV")
     finally:
         emulators.deactivate()
+
+
+def test_ascend_step_tables_are_built_once_per_step_not_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout builds the int32 sequence-length tables once (AttentionMetadata.backend); the DSA
+    adapters of every layer take them from ``meta`` instead of converting again."""
+    import hwlayer
+    from conformance import emulators
+    from hwlayer.backends.ascend import adapters
+    from hwlayer.ops.layout import attention_metadata, with_backend_tables
+
+    conversions = []
+    real = convert.tnd_actual_seq_lengths
+    monkeypatch.setattr(convert, "tnd_actual_seq_lengths", lambda cu: conversions.append(1) or real(cu))
+    emulators.activate("ascend")
+    try:
+        plan = hwlayer.plan("ascend", trace=True)
+        gen = torch.Generator().manual_seed(5)
+        nb, bs, T = 8, 16, 2
+        table = torch.arange(nb, dtype=torch.int32).view(2, 4)
+        cu, lens = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([40, 60], dtype=torch.int32)
+        latent = plan.backend.layout().latent_cache(nb, bs, 512, 64, torch.bfloat16, torch.device("cpu"))
+        latent.write(torch.arange(nb * bs), torch.randn(nb * bs, 576, generator=gen).bfloat16())
+        meta = attention_metadata(cu, lens, table, lens.long() - 1, block_size=bs, max_seqlen_k=64, has_padding=False)
+        meta = with_backend_tables(meta, plan.backend.layout(), cu, lens, table)
+        assert isinstance(meta.backend, adapters.AscendStepTables) and conversions == [1]
+        q = torch.randn(T, 8, 576, generator=gen).bfloat16()
+        idx = torch.randint(0, 40, (T, 16), generator=gen, dtype=torch.int32)
+        outs = [plan.sparse_mla_attention(q, latent, idx, table, cu, lens, 0.05, 512, meta=meta) for _ in range(3)]
+        assert conversions == [1] and plan.call_counts()[("sparse_mla_attention", "native")] == 3
+        torch.testing.assert_close(outs[0].float(), ops.sparse_mla_attention(
+            q, latent, idx, table, cu, lens, 0.05, 512).float(), atol=2e-2, rtol=2e-2)
+    finally:
+        emulators.deactivate()
