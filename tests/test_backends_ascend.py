@@ -351,9 +351,22 @@ def test_ascend_step_tables_are_built_once_per_step_not_per_layer(monkeypatch: p
         cu, lens = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([40, 60], dtype=torch.int32)
         latent = plan.backend.layout().latent_cache(nb, bs, 512, 64, torch.bfloat16, torch.device("cpu"))
         latent.write(torch.arange(nb * bs), torch.randn(nb * bs, 576, generator=gen).bfloat16())
-        meta = attention_metadata(cu, lens, table, lens.long() - 1, block_size=bs, max_seqlen_k=64, has_padding=False)
+        cos_sin = torch.randn(128, 64, generator=gen)
+        meta = attention_metadata(cu, lens, table, lens.long() - 1, block_size=bs, max_seqlen_k=64, has_padding=False,
+                                  cos_sin_cache=cos_sin)
         meta = with_backend_tables(meta, plan.backend.layout(), cu, lens, table)
         assert isinstance(meta.backend, adapters.AscendStepTables) and conversions == [1]
+        # rope: the full-width npu_rotary_mul tables come from the step's tables too
+        rope_tables = []
+        real_rope = convert.rope_cos_sin
+        monkeypatch.setattr(convert, "rope_cos_sin", lambda *a: rope_tables.append(1) or real_rope(*a))
+        x = torch.randn(T, 9, 64, generator=gen).bfloat16()
+        for _ in range(2):
+            torch.testing.assert_close(plan.rope(x, lens.long() - 1, cos_sin, True, meta=meta),
+                                       ops.rope(x, lens.long() - 1, cos_sin, True), atol=1e-2, rtol=1e-2)
+        assert rope_tables == [] and plan.call_counts()[("rope", "native")] == 2
+        without = plan.rope(x, lens.long() - 1, cos_sin, True)  # without meta: converted for the call
+        assert rope_tables == [1] and torch.equal(without, plan.rope(x, lens.long() - 1, cos_sin, True, meta=meta))
         q = torch.randn(T, 8, 576, generator=gen).bfloat16()
         idx = torch.randint(0, 40, (T, 16), generator=gen, dtype=torch.int32)
         outs = [plan.sparse_mla_attention(q, latent, idx, table, cu, lens, 0.05, 512, meta=meta) for _ in range(3)]

@@ -96,7 +96,11 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool,
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool, *,
          meta: AttentionMetadata | None = None) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
-    r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
+    tables = meta.backend if meta is not None and isinstance(meta.backend, AscendStepTables) else None
+    if interleaved and tables is not None and tables.rope_cache is cos_sin_cache and tables.rope_r1.shape[-1] == D:
+        r1, r2 = tables.rope_r1, tables.rope_r2  # built once per step, not per layer
+    else:
+        r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
     # SBND with S = tokens, B = 1, N = heads; r1/r2 as S11D, the one broadcast form the doc lists for
     # both "half" and "interleave" modes.
     # All three in fp32 (a documented dtype for each): the contract rotates with fp32 cos/sin, and
@@ -118,6 +122,11 @@ class AscendStepTables:
     actual_seq_lengths_query: torch.Tensor  # int32 [B]: TND cumulative query ends
     actual_seq_lengths_kv: torch.Tensor  # int32 [B]: each sequence's context length
     block_table: torch.Tensor  # int32 [B, max_blocks]
+    # npu_rotary_mul's full-width "interleave" tables (fp32 [T, D]) from meta's rope rows, and the cache
+    # they come from (None when the step's meta has no rope rows)
+    rope_r1: torch.Tensor | None = None
+    rope_r2: torch.Tensor | None = None
+    rope_cache: torch.Tensor | None = None
 
 
 class AscendLayout(AttentionLayout):
@@ -146,8 +155,11 @@ class AscendLayout(AttentionLayout):
 
     def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor) -> AscendStepTables:
+        r1 = r2 = None
+        if getattr(meta, "rope_cos", None) is not None:  # GPT-J pairs: cos_i at 2i, 2i+1; sin likewise (+sin at 2i+1)
+            r1, r2 = meta.rope_cos[:, 0], meta.rope_sin[:, 0, 1::2].repeat_interleave(2, dim=-1)
         return AscendStepTables(convert.tnd_actual_seq_lengths(cu_seqlens_q), convert.kv_actual_seq_lengths(seq_lens),
-                                block_table.to(torch.int32))
+                                block_table.to(torch.int32), r1, r2, getattr(meta, "cos_sin_cache", None))
 
 
 LAYOUT = AscendLayout()
