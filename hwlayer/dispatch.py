@@ -3,8 +3,11 @@
 A :class:`DispatchPlan` is resolved once per backend: for every op in the catalogue it picks the
 implementation (the backend's own, then those of the backends it inherits from, then the generic
 torch default) and binds it as a plain attribute, so ``plan.rms_norm(x, w, eps)`` is an ordinary
-function call with no hook call and no registry lookup. Only implementations registered with a
-``supports`` predicate pay for a guard, and only on their op.
+function call with no hook call and no registry lookup. In front of a backend's implementation the
+plan checks the call against the op's contract (:mod:`hwlayer.ops.contracts`, shapes and dtypes,
+no values) so ``supports`` predicates state kernel limits only; only implementations registered
+with a ``supports`` predicate pay for a guard, and only on their op. Implementations written for
+hook specs 1.x are called the 1.x way (canonical cache tensors, ``(out, lse)``), decided once here.
 
 Environment:
     GLM_BACKEND=name   select a backend (unset: the available backend with the highest priority).
