@@ -68,9 +68,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwlayer.certificate import json_safe, served_origin, tier_name
+from hwlayer.certificate import REPORT_SCHEMA, json_safe, report_record, served_origin, tier_name
 
-SCHEMA = "hwlayer-conformance-report/1"
+SCHEMA = REPORT_SCHEMA  # the one schema, shared with hwlayer/certificate.py (which reads it)
 RESERVED_KEYS = frozenset(
     "schema backend device torch hwlayer python created dtypes pytest_exit_status passed tolerances "
     "plan records cases".split()
@@ -159,30 +159,28 @@ class Recorder:
             entry = self.plan.get(op, {})
             plan_origin = entry.get("origin", "unknown")
             override = next((c.override for c in cases if c.override), None)
-            out.append(
-                {
-                    "op": op,
-                    "dtype": dtype,
-                    "cases": len(cases),
-                    "passed": all(c.passed for c in cases),
-                    "failed_cases": [c.case for c in cases if not c.passed],
-                    "max_abs_err": max(c.max_abs_err for c in cases),
-                    "max_rel_err": max(c.max_rel_err for c in cases),
-                    "atol": worst.atol,
-                    "rtol": worst.rtol,
-                    "error_ratio": worst.error_ratio,
-                    "origin": served_origin(calls),
-                    "plan_origin": plan_origin,
-                    "implementation": entry.get("implementation"),
-                    "calls": calls,
-                    "implementations": implementations,
-                    "tolerance_override": override,
-                    "recall": sum(recalls) / len(recalls) if recalls else None,
-                    "recall_min": min(mins) if mins else None,
-                    "timing": self.timings.get((op, dtype)),
-                    "message": next((c.message for c in cases if not c.passed), None),
-                }
-            )
+            out.append(report_record(
+                op=op,
+                dtype=dtype,
+                cases=len(cases),
+                passed=all(c.passed for c in cases),
+                failed_cases=[c.case for c in cases if not c.passed],
+                max_abs_err=max(c.max_abs_err for c in cases),
+                max_rel_err=max(c.max_rel_err for c in cases),
+                atol=worst.atol,
+                rtol=worst.rtol,
+                error_ratio=worst.error_ratio,
+                origin=served_origin(calls),
+                plan_origin=plan_origin,
+                implementation=entry.get("implementation"),
+                calls=calls,
+                implementations=implementations,
+                tolerance_override=override,
+                recall=sum(recalls) / len(recalls) if recalls else None,
+                recall_min=min(mins) if mins else None,
+                timing=self.timings.get((op, dtype)),
+                message=next((c.message for c in cases if not c.passed), None),
+            ))
         return out
 
     def to_dict(self, exit_status: int) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def test_sparse_mla_attention(checker, dtype, device, case, with_meta):
     block_table, cu, lens = batch.tensors(device)
 
     meta = {"meta": batch.meta(device)} if with_meta else {}
-    out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT, **meta)
+    out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT, **meta, return_lse=True)
     ck.shape_dtype("out", out, (T, HEADS, LATENT), ck.dtype)
     ck.shape_dtype("lse", lse, (T, HEADS), torch.float32)
     g_out, g_lse = golden.sparse_mla_attention(q, kv_cache, indices, batch.block_table, batch.cu_seqlens_q,
@@ -141,5 +141,11 @@ def test_sparse_mla_attention(checker, dtype, device, case, with_meta):
         lse_tol = Tolerance(lse_tol.atol + tol.atol - ck.tol.atol, lse_tol.rtol, lse_tol.atol_per_k)
     ck.close("lse (fp32 tolerance)", lse, g_lse, k=Dk, tol=lse_tol)
     ck.close("out", out, g_out, k=Dk, tol=tol)
+    # The model's call: the backend's own cache layout (hook specs 2.0), no lse asked for.
+    paged = ck.plan.backend.layout().latent_cache(batch.num_blocks, BLOCK_SIZE, LATENT, ROPE_DIM, ck.dtype, device)
+    paged.write(torch.arange(batch.num_blocks * BLOCK_SIZE, device=device), kv_cache.reshape(-1, Dk))
+    out_only = ck.fn(q, paged, indices.to(device), block_table, cu, lens, SCALE, LATENT, **meta)
+    ck.shape_dtype("out (backend layout)", out_only, (T, HEADS, LATENT), ck.dtype)
+    ck.close("out (backend layout, no lse)", out_only, g_out, k=Dk, tol=tol)
     if case == "varlen-prefill-with-padding" and not with_meta:
         ck.time(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)

@@ -97,7 +97,7 @@ def test_sparse_mla_attention_paths(checker, plan, dtype, device, case):
     block_table, cu, lens = batch.tensors(device)
 
     with triton_paths(plan, "sparse_mla_attention", _expected_attention_path(q.device, T)):
-        out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT)
+        out, lse = ck.fn(q, kv_cache, indices.to(device), block_table, cu, lens, SCALE, LATENT, return_lse=True)
     ck.shape_dtype("out", out, (T, heads, LATENT), ck.dtype)
     ck.shape_dtype("lse", lse, (T, heads), torch.float32)
     g_out, g_lse = golden.sparse_mla_attention(q, kv_cache, indices, batch.block_table, batch.cu_seqlens_q,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+if TYPE_CHECKING:
+    from .ops.cache import AttentionLayout
 
 
 class Availability(NamedTuple):
@@ -71,6 +74,9 @@ class Backend:
             e.g. to read the device's compute capability). The default, for 1.0 plugins, is the
             unquantized formats only; the model loader converts a quantized checkpoint to what the
             backend declares (see :meth:`native_weight_formats`).
+        attention_layout: how the backend stores a model's paged caches and which per-step tables it
+            builds (hook specs 2.0, :class:`hwlayer.ops.cache.AttentionLayout`); None, the default,
+            is the canonical layout (one latent cache, one indexer cache, no tables).
     """
 
     name: str
@@ -88,6 +94,13 @@ class Backend:
     device_graph: DeviceGraph | None = None
     weight_formats: tuple[str, ...] | Callable[[], tuple[str, ...]] = field(
         default=("bf16", "fp16", "fp32"), compare=False)
+    attention_layout: AttentionLayout | None = field(default=None, compare=False)
+
+    def layout(self) -> AttentionLayout:
+        """The backend's :class:`~hwlayer.ops.cache.AttentionLayout` (the canonical one unless it declares one)."""
+        from .ops.cache import CANONICAL
+
+        return self.attention_layout or CANONICAL
 
     def availability(self) -> Availability:
         """Run detection, turning an exception into an 'unavailable' answer with its message."""

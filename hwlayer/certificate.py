@@ -50,8 +50,25 @@ KNOWN_VENDOR_DISTRIBUTIONS = (
     "flash_mla",
 )
 
-# Where records may live in a report, in order of preference (the suite's schema first).
-_RECORD_KEYS = ("records", "results", "ops")
+# The one report schema: what conformance/report.py writes (documented there) and this module reads.
+REPORT_SCHEMA = "hwlayer-conformance-report/1"
+# The fields of one op x dtype record of a report, in the order the report writes them.
+REPORT_RECORD_FIELDS = (
+    "op", "dtype", "cases", "passed", "failed_cases", "max_abs_err", "max_rel_err", "atol", "rtol", "error_ratio",
+    "origin", "plan_origin", "implementation", "calls", "implementations", "tolerance_override", "recall",
+    "recall_min", "timing", "message",
+)
+
+
+def report_record(**fields: Any) -> dict[str, Any]:
+    """One report record with exactly :data:`REPORT_RECORD_FIELDS` (the writer's side of the schema:
+    a field added, renamed or dropped in one place fails here instead of silently in the reader)."""
+    if tuple(fields) != REPORT_RECORD_FIELDS:
+        missing = [f for f in REPORT_RECORD_FIELDS if f not in fields]
+        extra = [f for f in fields if f not in REPORT_RECORD_FIELDS]
+        raise ValueError(f"report record: expected the fields of {REPORT_SCHEMA} in order; missing {missing}, "
+                         f"unknown {extra}")
+    return fields
 
 
 class CertificateError(ValueError):
@@ -86,34 +103,20 @@ def _num(value: Any) -> float | None:
     return f
 
 
-def _first(d: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return None
-
-
 def _override_reason(rec: dict[str, Any]) -> str | None:
-    ov = _first(rec, "tolerance_override", "override")
+    """The override's reason: a report holds ``{"reason": ...}``, a certificate the reason itself."""
+    ov = rec.get("tolerance_override")
     if isinstance(ov, dict):
-        return ov.get("reason") or ov.get("why") or json.dumps(ov, sort_keys=True)
-    if isinstance(ov, str) and ov:
-        return ov
-    reason = _first(rec, "override_reason", "tolerance_override_reason")
-    return str(reason) if reason else None
+        return ov.get("reason") or json.dumps(ov, sort_keys=True)
+    return ov if isinstance(ov, str) and ov else None
 
 
 def _timing(rec: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(backend time, generic time) in milliseconds, from flat or nested timing fields."""
+    """(backend time, generic time) in milliseconds: a report's ``timing`` object, or a certificate's
+    own ``backend_ms`` / ``generic_ms``."""
     t = rec.get("timing")
     src = t if isinstance(t, dict) else rec
-    backend_ms = _num(_first(src, "backend_ms", "time_ms", "ms", "backend_time_ms"))
-    generic_ms = _num(_first(src, "generic_ms", "generic_time_ms", "reference_ms"))
-    if backend_ms is None and _num(_first(src, "backend_us", "time_us")) is not None:
-        backend_ms = _num(_first(src, "backend_us", "time_us")) / 1000.0
-    if generic_ms is None and _num(_first(src, "generic_us")) is not None:
-        generic_ms = _num(src["generic_us"]) / 1000.0
-    return backend_ms, generic_ms
+    return _num(src.get("backend_ms")), _num(src.get("generic_ms"))
 
 
 _TIER_ORDER = ("native", "inherited", "generic")
@@ -154,19 +157,15 @@ def normalise_record(rec: dict[str, Any]) -> dict[str, Any]:
     """One op x dtype record in the certificate's own field names."""
     if not isinstance(rec, dict) or "op" not in rec:
         raise CertificateError(f"record without an 'op' field: {str(rec)[:80]}")
-    max_abs = _num(_first(rec, "max_abs_err", "max_abs_error"))
-    max_rel = _num(_first(rec, "max_rel_err", "max_rel_error"))
+    max_abs = _num(rec.get("max_abs_err"))
+    max_rel = _num(rec.get("max_rel_err"))
     atol = _num(rec.get("atol"))
     rtol = _num(rec.get("rtol"))
-    ratio = _num(_first(rec, "error_ratio", "ratio"))
+    ratio = _num(rec.get("error_ratio"))
     backend_ms, generic_ms = _timing(rec)
-    speedup = _num(_first(rec, "speedup", "speedup_vs_generic"))
-    if speedup is None and backend_ms and generic_ms:
-        speedup = generic_ms / backend_ms
-    origin = str(_first(rec, "origin", "implementation_origin") or "unknown")
+    speedup = generic_ms / backend_ms if backend_ms and generic_ms else None
+    origin = str(rec.get("origin") or "unknown")
     passed_raw = rec.get("passed")
-    if passed_raw is None and "status" in rec:
-        passed_raw = str(rec["status"]).lower() in ("pass", "passed", "ok")
     calls = rec.get("calls") if isinstance(rec.get("calls"), dict) else {}
     calls = {str(k): int(v) for k, v in calls.items() if isinstance(v, (int, float))}
     serving = _serving(origin, calls)
@@ -195,24 +194,16 @@ def normalise_record(rec: dict[str, Any]) -> dict[str, Any]:
         "backend_ms": backend_ms,
         "generic_ms": generic_ms,
         "speedup": speedup,
-        "message": rec.get("message") or rec.get("error"),
+        "message": rec.get("message"),
     }
 
 
 def normalise_records(report: dict[str, Any]) -> list[dict[str, Any]]:
     """All records of a report (or of a certificate, which stores them already normalised)."""
-    for key in _RECORD_KEYS:
-        raw = report.get(key)
-        if isinstance(raw, list):
-            return [normalise_record(r) for r in raw]
-        if isinstance(raw, dict):  # {"rms_norm": {"fp32": {...}}} or {"rms_norm/fp32": {...}}
-            out = []
-            for op, by_dtype in raw.items():
-                if isinstance(by_dtype, dict) and all(isinstance(v, dict) for v in by_dtype.values()):
-                    out += [normalise_record({"op": op, "dtype": dt, **v}) for dt, v in by_dtype.items()]
-            if out:
-                return out
-    raise CertificateError(f"report has no per-op records (looked for keys {', '.join(_RECORD_KEYS)})")
+    raw = report.get("records")
+    if not isinstance(raw, list):
+        raise CertificateError(f"report has no per-op records: expected a 'records' list (schema {REPORT_SCHEMA})")
+    return [normalise_record(r) for r in raw]
 
 
 def _merge_cases(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -338,7 +329,7 @@ def build_certificate(report: dict[str, Any], env: dict[str, Any] | None = None)
     env.setdefault("report_schema", report.get("schema"))
     failed = [f"{r['op']}/{r['dtype']}" for r in records if not r["passed"]]
     ratios = [r["error_ratio"] for r in records if r["error_ratio"] is not None and not math.isnan(r["error_ratio"])]
-    model = _first(report, "model", "end_to_end", "e2e")
+    model = report.get("model")
     return {
         "schema": CERTIFICATE_SCHEMA,
         "backend": backend,

@@ -50,6 +50,7 @@ def _info() -> dict[str, Any]:
                 "device_graph": b.device_graph.api if b.device_graph else None,
                 "device_graph_verified": b.device_graph.verified if b.device_graph else None,
                 "weight_formats": list(b.native_weight_formats()),
+                "cache_layout": b.layout().name,
                 "plugin": reg.backend_plugins[name],
             }
         )
@@ -88,6 +89,7 @@ def _print_info(info: dict[str, Any]) -> None:
         graph = f"{b['device_graph']} ({b['device_graph_verified']})" if b["device_graph"] else "none (eager steps)"
         print(f"{indent}device graphs: {graph}")
         print(f"{indent}weight formats: {', '.join(b['weight_formats'])}")
+        print(f"{indent}cache layout: {b['cache_layout']}")
     for name, why in info["skipped_plugins"].items():
         print(f"skipped plugin {name}: {why}")
 

@@ -3,8 +3,11 @@
 A :class:`DispatchPlan` is resolved once per backend: for every op in the catalogue it picks the
 implementation (the backend's own, then those of the backends it inherits from, then the generic
 torch default) and binds it as a plain attribute, so ``plan.rms_norm(x, w, eps)`` is an ordinary
-function call with no hook call and no registry lookup. Only implementations registered with a
-``supports`` predicate pay for a guard, and only on their op.
+function call with no hook call and no registry lookup. In front of a backend's implementation the
+plan checks the call against the op's contract (:mod:`hwlayer.ops.contracts`, shapes and dtypes,
+no values) so ``supports`` predicates state kernel limits only; only implementations registered
+with a ``supports`` predicate pay for a guard, and only on their op. Implementations written for
+hook specs 1.x are called the 1.x way (canonical cache tensors, ``(out, lse)``), decided once here.
 
 Environment:
     GLM_BACKEND=name   select a backend (unset: the available backend with the highest priority).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,7 +32,8 @@ import torch
 
 from .backend import Backend
 from .ops import CATALOGUE
-from .registry import Registry, registry, strict_mode
+from .ops.contracts import validated
+from .registry import HwlayerPluginWarning, OpRegistration, Registry, registry, strict_mode
 
 
 class BackendError(RuntimeError):
@@ -107,10 +112,56 @@ def _without_meta(fn: Callable) -> Callable:
     return call
 
 
-def _compatible(op: str, fn: Callable) -> Callable:
-    """``fn`` as the plan calls it: pre-1.2 implementations of a META_OPS op drop ``meta``
-    (decided once, when the plan is built: no cost per call for those that take it)."""
-    return _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
+# Ops that take the backend's cache objects (hook specs 2.0); 1.x implementations take canonical tensors.
+CACHE_OPS = frozenset({"kv_cache_write", "lightning_indexer", "sparse_mla_attention"})
+
+
+def _canonical_caches(fn: Callable) -> Callable:
+    """``fn`` (a 1.x cache op) called with each cache object replaced by its canonical tensor."""
+    from .ops.cache import PagedKV
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.canonical if isinstance(a, PagedKV) else a for a in args)
+        kwargs = {k: v.canonical if isinstance(v, PagedKV) else v for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _lse_on_request(fn: Callable, is_supports: bool) -> Callable:
+    """A 1.x ``sparse_mla_attention`` (always ``(out, lse)``, no ``return_lse``) under the 2.0 contract."""
+    if is_supports:
+        def supports(*args: Any, return_lse: bool = False, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        supports.__wrapped__ = fn  # type: ignore[attr-defined]
+        return supports
+
+    def call(*args: Any, return_lse: bool = False, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        if isinstance(result, torch.Tensor):  # a 1.x implementation that already returns out alone
+            if return_lse:
+                raise TypeError(f"{_qualname(fn)} (hook specs 1.x) returned no lse; return (out, lse) as 1.x "
+                                "requires, or declare HWLAYER_HOOKSPEC_VERSION = '2.0' and honour return_lse")
+            return result
+        out, lse = result
+        return (out, lse) if return_lse else out
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _compatible(op: str, fn: Callable, spec: tuple[int, int] = (2, 0), is_supports: bool = False) -> Callable:
+    """``fn`` as the plan calls it, decided once when the plan is built (no cost per call for current
+    implementations): pre-1.2 implementations of a META_OPS op drop ``meta``; 1.x implementations of
+    a CACHE_OPS op get canonical tensors, and 1.x ``sparse_mla_attention`` returns the lse on request."""
+    fn = _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
+    if spec < (2, 0) and op in CACHE_OPS:
+        if op == "sparse_mla_attention":
+            fn = _lse_on_request(fn, is_supports)
+        fn = _canonical_caches(fn)
+    return fn
 
 
 def _counted(fn: Callable, key: tuple[str, str], counts: collections.Counter) -> Callable:
@@ -131,6 +182,7 @@ class DispatchPlan:
         self.entries: dict[str, PlanEntry] = {}
         self._counts: collections.Counter = collections.Counter()
         self.trace = trace
+        self.left_out: list[str] = []  # registrations this plan cannot call, and why
         composites = []
         for name, spec in CATALOGUE.items():
             if spec.composite:
@@ -139,6 +191,19 @@ class DispatchPlan:
             self._resolve(name, spec.default, reg)
         for name in composites:
             self._resolve(name, CATALOGUE[name].default(self), reg, composite=True)
+
+    def _servable(self, op: str, r: OpRegistration) -> bool:
+        """A 1.x cache op needs the canonical tensor: on a backend whose layout has none it is left out,
+        with one line saying what to change."""
+        if op not in CACHE_OPS or r.spec >= (2, 0) or self.backend.layout().canonical:
+            return True
+        why = (f"{op} of plugin {r.plugin!r} (hook specs {r.spec[0]}.{r.spec[1]}) left out of backend "
+               f"{self.backend.name!r}: its cache layout {self.backend.layout().name!r} has no canonical tensor; "
+               "declare HWLAYER_HOOKSPEC_VERSION = '2.0' and take hwlayer.ops.cache.PagedKV "
+               "(docs/CONTRIBUTING-BACKEND.md)")
+        self.left_out.append(why)
+        warnings.warn(f"hwlayer: {why}", HwlayerPluginWarning, stacklevel=4)
+        return False
 
     def _wrap(self, fn: Callable, op: str, label: str) -> Callable:
         return _counted(fn, (op, label), self._counts) if self.trace else fn
@@ -149,7 +214,7 @@ class DispatchPlan:
     def _resolve(self, op: str, generic: Callable, reg: Registry, composite: bool = False) -> None:
         candidates = []  # (backend name, registration), most preferred first
         for bname in _tiers(self.backend, op):
-            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname))]
+            candidates += [(bname, r) for r in reversed(reg.implementations(op, bname)) if self._servable(op, r)]
         # Conditional implementations up to the first unconditional one, which ends the chain.
         chain, terminal = [], None
         for bname, r in candidates:
@@ -158,13 +223,16 @@ class DispatchPlan:
                 break
             chain.append((bname, r))
         if terminal is not None:
-            fn = self._wrap(_compatible(op, terminal[1].fn), op, self._label(terminal[0]))
+            fn = self._wrap(_compatible(op, terminal[1].fn, terminal[1].spec), op, self._label(terminal[0]))
             fallback_name = self._label(terminal[0])
         else:
             fn = self._wrap(generic, op, "generic")
             fallback_name = "generic"
         for bname, r in reversed(chain):
-            fn = _guarded(self._wrap(_compatible(op, r.fn), op, self._label(bname)), _compatible(op, r.supports), fn)
+            fn = _guarded(self._wrap(_compatible(op, r.fn, r.spec), op, self._label(bname)),
+                          _compatible(op, r.supports, r.spec, is_supports=True), fn)
+        if chain or terminal is not None:  # the contract checked once, before any backend code sees the call
+            fn = validated(op, fn)
         setattr(self, op, fn)
 
         if chain:

@@ -9,13 +9,24 @@ under the entry-point group ``hwlayer`` in its package metadata::
 Built-in backends (cpu, triton, cuda family, ascend) register through exactly these hooks.
 
 Versioning: :data:`HOOKSPEC_VERSION` is ``MAJOR.MINOR``. A plugin may declare the version it was
-written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "1.2"``. The promise: within one
+written for as a module attribute ``HWLAYER_HOOKSPEC_VERSION = "2.0"``. The promise: within one
 MAJOR, hooks and their arguments are only ever added (MINOR bumps), never removed or changed, so a
-plugin written for ``1.x`` with ``x <= MINOR`` keeps working. A plugin built for another MAJOR, or
-for a newer MINOR than this hwlayer knows, is refused with a message saying which versions match.
+plugin written for ``2.x`` with ``x <= MINOR`` keeps working. Plugins written for ``1.x`` (or that
+declare nothing) keep working on the canonical layouts: the dispatcher calls them the 1.x way
+(:data:`LEGACY_SPEC`). Any other version is refused with a message saying which versions match.
+Migrating from 1.x: docs/CONTRIBUTING-BACKEND.md.
 
 Changelog:
 
+* 2.0: backends own their layouts. ``Backend.attention_layout``
+  (:class:`hwlayer.ops.cache.AttentionLayout`, default canonical) allocates the paged caches and
+  builds the backend's per-step tables (``AttentionMetadata.backend``); ``kv_cache_write``,
+  ``lightning_indexer`` and ``sparse_mla_attention`` take the layout's cache objects
+  (:class:`hwlayer.ops.cache.PagedKV`) where 1.x took tensors (1.x implementations still get the
+  canonical tensor, and are left out on a non-canonical layout). ``sparse_mla_attention`` returns
+  ``out`` alone unless called with ``return_lse=True``. The dispatcher validates each op's
+  arguments against its contract once, so ``supports`` states only kernel limits. Plugin
+  boilerplate (lazy import, the test emulation marker) is in :mod:`hwlayer.plugin`.
 * 1.2: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention`` take an
   optional keyword argument ``meta`` (:class:`hwlayer.ops.layout.AttentionMetadata`, the step's
   tables built once for every layer; implementations may use it or ignore it, results never
@@ -39,7 +50,8 @@ import pluggy
 
 PROJECT_NAME = "hwlayer"
 ENTRY_POINT_GROUP = "hwlayer"
-HOOKSPEC_VERSION = "1.2"
+HOOKSPEC_VERSION = "2.0"
+LEGACY_SPEC = (1, 2)  # the newest 1.x: plugins declaring 1.0 .. 1.2 (or nothing) are served the 1.x way
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -65,6 +77,7 @@ def hwlayer_register_ops(register: Callable) -> None:
     signature, same semantics). ``supports``, when given, is called with the op's arguments
     before every call and returns ``True`` to take the call or a string saying why it declines
     (for example ``"head_dim 96 not in (64, 128)"``); a declined call goes to the next
-    implementation and finally to the generic torch one. Leave ``supports`` out when ``fn``
-    takes every call the contract allows: the dispatch plan then calls ``fn`` directly.
+    implementation and finally to the generic torch one. The dispatcher has already checked the
+    call against the op's contract, so ``supports`` states only the kernel's limits (2.0). Leave
+    ``supports`` out when ``fn`` takes every call the contract allows.
     """

@@ -43,6 +43,7 @@ class OpRegistration:
     fn: Callable
     supports: Callable | None
     plugin: str
+    spec: tuple[int, int] = hookspecs.LEGACY_SPEC  # the hook specs the plugin was written for
 
 
 @dataclass
@@ -63,10 +64,12 @@ def strict_mode() -> bool:
     return os.environ.get("HWLAYER_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _check_spec_version(name: str, plugin: Any) -> None:
+def _check_spec_version(name: str, plugin: Any) -> tuple[int, int]:
+    """The hook specs ``plugin`` was written for (undeclared: 1.x, the legacy calling convention);
+    raises :class:`PluginError` for a version this hwlayer cannot serve."""
     declared = getattr(plugin, "HWLAYER_HOOKSPEC_VERSION", None)
     if declared is None:
-        return
+        return hookspecs.LEGACY_SPEC
     ours_major, ours_minor = (int(p) for p in hookspecs.HOOKSPEC_VERSION.split("."))
     try:
         major, minor = (int(p) for p in str(declared).split("."))
@@ -74,11 +77,14 @@ def _check_spec_version(name: str, plugin: Any) -> None:
         raise PluginError(
             f"plugin {name!r} declares HWLAYER_HOOKSPEC_VERSION={declared!r}; expected 'MAJOR.MINOR'"
         ) from None
-    if major != ours_major or minor > ours_minor:
-        raise PluginError(
-            f"plugin {name!r} was built for hook specs {declared}, this hwlayer provides "
-            f"{hookspecs.HOOKSPEC_VERSION} (compatible: {ours_major}.0 to {hookspecs.HOOKSPEC_VERSION})"
-        )
+    legacy_major, legacy_minor = hookspecs.LEGACY_SPEC
+    if (major == ours_major and minor <= ours_minor) or (major == legacy_major and minor <= legacy_minor):
+        return major, minor
+    raise PluginError(
+        f"plugin {name!r} was built for hook specs {declared}, this hwlayer provides "
+        f"{hookspecs.HOOKSPEC_VERSION} (compatible: {legacy_major}.0 to {legacy_major}.{legacy_minor}, served on "
+        f"the canonical layouts, and {ours_major}.0 to {hookspecs.HOOKSPEC_VERSION}); see docs/CONTRIBUTING-BACKEND.md"
+    )
 
 
 def _skip(name: str, reason: str, skipped: dict[str, str]) -> None:
@@ -117,10 +123,11 @@ def load_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
     candidates += [(ep.name, ep.load) for ep in _entry_points()]
     candidates += [(getattr(p, "__name__", repr(p)), lambda p=p: p) for p in extra_plugins]
 
+    specs: dict[str, tuple[int, int]] = {}
     for name, load in candidates:
         try:
             plugin = load()
-            _check_spec_version(name, plugin)
+            specs[name] = _check_spec_version(name, plugin)
             pm.register(plugin, name=name)
         except PluginError as exc:
             _skip(name, str(exc), skipped)
@@ -145,11 +152,15 @@ def load_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
         except Exception as exc:
             _skip(name, f"hwlayer_register_backends raised {type(exc).__name__}: {exc}", skipped)
             continue
+        # A plugin that repeats a name already taken (by another plugin or by itself) is refused whole:
+        # none of its backends stays registered to serve generic torch without the plugin's ops.
+        names = [b.name for b in declared]
+        taken = next((n for n in names if n in backends or names.count(n) > 1), None)
+        if taken is not None:
+            owner = backend_plugins.get(taken, name)
+            _skip(name, f"backend {taken!r} already registered by {owner!r}", skipped)
+            continue
         for backend in declared:
-            if backend.name in backends:
-                owner = backend_plugins[backend.name]
-                _skip(name, f"backend {backend.name!r} already registered by {owner!r}", skipped)
-                continue
             backends[backend.name] = backend
             backend_plugins[backend.name] = name
 
@@ -175,7 +186,8 @@ def load_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
                 raise TypeError(f"implementation of {op_name!r} is not callable")
             if supports is not None and not callable(supports):
                 raise TypeError(f"supports for {op_name!r} is not callable")
-            _pending.append(OpRegistration(op_name, backend, fn, supports, _plugin))
+            spec = specs.get(_plugin, hookspecs.LEGACY_SPEC)
+            _pending.append(OpRegistration(op_name, backend, fn, supports, _plugin, spec))
 
         try:
             impl.function(register=register_op)

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwlayer.ops.layout import AttentionMetadata, attention_metadata, check_varlen_values, fp32_scalar
+from hwlayer.ops.cache import AttentionLayout, PagedKV
+from hwlayer.ops.layout import (
+    AttentionMetadata,
+    attention_metadata,
+    check_varlen_values,
+    fp32_scalar,
+    with_backend_tables,
+)
 from hwlayer.ops.quant import QuantizedWeight, concat_rows, linear
 
 from .config import ModelConfig, rope_inv_freq
@@ -41,19 +48,29 @@ class Batch:
 
 
 class PagedCache:
-    """Per layer: latent cache ``[num_blocks, block_size, dl + dr]`` and, for layers that run the
-    indexer, an indexer key cache ``[num_blocks, block_size, Di]`` (None on IndexShare "shared" layers)."""
+    """The model's paged caches, laid out by the backend (``plan.backend.layout()``, hook specs 2.0):
+    per layer a latent cache and, for layers that run the indexer, an indexer key cache (None on
+    IndexShare "shared" layers). The model hands these objects to the cache ops and never looks inside."""
 
     def __init__(self, cfg: ModelConfig, n_layers: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.kv = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.index_k = [
-            torch.zeros(num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, layout: AttentionLayout) -> None:
+        self.num_blocks, self.block_size, self.layout = num_blocks, block_size, layout
+        self.latent = [layout.latent_cache(num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
+                                           device) for _ in range(n_layers)]
+        self.indexer = [
+            layout.indexer_cache(num_blocks, block_size, cfg.index_head_dim, dtype, device)
             if cfg.layer_has_indexer(i) else None
             for i in range(n_layers)
         ]
+
+    # Inspection (tests, tools): the canonical tensors where the layout stores them so, else the objects.
+    @property
+    def kv(self) -> list:
+        return [c.canonical if c.canonical is not None else c for c in self.latent]
+
+    @property
+    def index_k(self) -> list:
+        return [None if c is None else c.canonical if c.canonical is not None else c for c in self.indexer]
 
 
 @dataclass
@@ -176,7 +193,7 @@ class Attention:
             self.k_norm_w, self.k_norm_b = w[ip + "k_norm.weight"], w[ip + "k_norm.bias"]
             self.weights_proj = w[ip + "weights_proj.weight"]  # fp32, as transformers keeps it
 
-    def indexer(self, x: torch.Tensor, cq: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor) -> torch.Tensor:
+    def indexer(self, x: torch.Tensor, cq: torch.Tensor, ctx: ForwardContext, k_cache: PagedKV) -> torch.Tensor:
         T = x.shape[0]
         q = linear(self.plan, cq, self.wq_b).view(T, self.Hi, self.Di)
         k = self.plan.layer_norm(linear(self.plan, x, self.wk), self.k_norm_w, self.k_norm_b, NORM_EPS_ATTN)
@@ -202,20 +219,20 @@ class Attention:
         pe = plan.rope(torch.cat([q[:, :, self.dn :], ckv[:, None, self.dl :]], dim=1), ctx.positions, ctx.cos_sin,
                        True, meta=ctx.attn)  # [T, H + 1, dr]
         q_nope, q_pe, k_pe = q[:, :, : self.dn], pe[:, : self.H], pe[:, self.H]
-        kv_cache = cache.kv[self.layer_idx]
+        kv_cache = cache.latent[self.layer_idx]
         plan.kv_cache_write(kv_cache, torch.cat([c, k_pe], dim=-1), ctx.slot_mapping, meta=ctx.attn)
 
         # DSA: this layer's own top-k, or the previous full layer's on an IndexShare "shared" layer.
         if self.has_indexer:
-            indices = self.indexer(x, cq, ctx, cache.index_k[self.layer_idx])
+            indices = self.indexer(x, cq, ctx, cache.indexer[self.layer_idx])
         else:
             indices = prev_indices
 
         # Absorbed MLA: score_t = (q~ . c_t + q_pe . k_pe_t) * scale over one latent MQA head.
         q_absorbed = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, dl], per head
         q_latent = torch.cat([q_absorbed, q_pe], dim=-1)  # [T, H, dl + dr]
-        o_latent, _ = plan.sparse_mla_attention(q_latent, kv_cache, indices, ctx.block_table, ctx.cu_seqlens_q,
-                                                ctx.seq_lens, self.scale, self.dl, meta=ctx.attn)  # [T, H, dl]
+        o_latent = plan.sparse_mla_attention(q_latent, kv_cache, indices, ctx.block_table, ctx.cu_seqlens_q,
+                                             ctx.seq_lens, self.scale, self.dl, meta=ctx.attn)  # [T, H, dl]
         o = torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).reshape(T, self.H * self.dv)
         return linear(plan, o, self.o_proj), indices
 
@@ -353,15 +370,17 @@ class GLM5:
     def new_cache(self, num_blocks: int, block_size: int = 64) -> PagedCache:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"new_cache: expected num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        return PagedCache(self.config, self.num_cache_layers, num_blocks, block_size, self.dtype, self.device)
+        return PagedCache(self.config, self.num_cache_layers, num_blocks, block_size, self.dtype, self.device,
+                          self.plan.backend.layout())
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of paged cache one token occupies over all cache layers (latent row + indexer key)."""
-        cfg = self.config
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = [cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.layer_has_indexer(i) else 0)
-                     for i in range(self.num_cache_layers)]
-        return sum(per_layer) * elem
+    def kv_bytes_per_token(self, block_size: int | None = None) -> int:
+        """Bytes of paged cache one token occupies over all cache layers, exact for the backend's layout
+        (``block_size``: the cache's, which matters only to layouts with per-block scales)."""
+        cfg, layout = self.config, self.plan.backend.layout()
+        return sum(layout.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                          cfg.index_head_dim if cfg.layer_has_indexer(i) else None, self.dtype,
+                                          block_size)
+                   for i in range(self.num_cache_layers))
 
     def context(self, batch: Batch, cache: PagedCache) -> ForwardContext:
         """The step's device context: host metadata (positions, slots, sizes) built and checked on the
@@ -371,12 +390,14 @@ class GLM5:
 
     def with_tables(self, ctx: ForwardContext, cache: PagedCache) -> ForwardContext:
         """``ctx`` with the ops' per-step tables (:class:`~hwlayer.ops.layout.AttentionMetadata`: token ->
-        sequence map, indexer key slots, rope rows), built once here for every layer, on the device."""
+        sequence map, indexer key slots, rope rows, and the backend's own tables), built once here for
+        every layer, on the device from the step's host sizes and tensors: nothing read back."""
         if ctx.attn is not None:
             return ctx
         attn = attention_metadata(ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_table, ctx.positions,
                                   block_size=cache.block_size, max_seqlen_k=ctx.max_seqlen_k,
                                   has_padding=ctx.has_padding, cos_sin_cache=ctx.cos_sin)
+        attn = with_backend_tables(attn, cache.layout, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_table)
         return replace(ctx, attn=attn)
 
     @torch.inference_mode()

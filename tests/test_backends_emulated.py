@@ -90,8 +90,8 @@ def mla_case(H: int, seed: int = 0):
 
 def check_mla(plan, H: int) -> None:
     q, kv, idx, table, cu, lens = mla_case(H)
-    out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
-    want_out, want_lse = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, return_lse=True)
+    want_out, want_lse = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, return_lse=True)
     torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=2e-3)  # natural log, -inf for the empty row
     torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
     assert served_natively(plan, "sparse_mla_attention"), plan.call_counts()
@@ -226,11 +226,24 @@ def test_emulators_raise_where_the_docs_say_the_op_fails():
 
 def test_ascend_dsa_adapters_at_documented_shapes(emulate):
     plan = emulate("ascend")
-    check_mla(plan, 8)  # N1 in {1, 2, 4, ..., 128}; lse from the torch pass, out from the kernel
+    # The Ascend layout (hook specs 2.0): nope / rope caches apart, handed to the kernel as they are.
+    q, kv, idx, table, cu, lens = mla_case(8)  # N1 in {1, 2, 4, ..., 128}
+    paged = plan.backend.layout().latent_cache(kv.shape[0], 16, 512, 64, kv.dtype, kv.device)
+    paged.write(torch.arange(kv.shape[0] * 16), kv.view(-1, 576))
+    out = plan.sparse_mla_attention(q, paged, idx, table, cu, lens, 0.05, 512)
+    want = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert served_natively(plan, "sparse_mla_attention"), plan.call_counts()
+    # An lse asked for: the kernel has none with a paged cache, so generic serves (no second pass).
+    _, lse = plan.sparse_mla_attention(q, paged, idx, table, cu, lens, 0.05, 512, return_lse=True)
+    torch.testing.assert_close(lse, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512,
+                                                             return_lse=True)[1], atol=2e-3, rtol=2e-3)
+    assert native_calls(plan, "sparse_mla_attention") == (1, 1)
     q, *rest = mla_case(6)
-    plan.sparse_mla_attention(q, *rest, 0.05, 512)
-    assert native_calls(plan, "sparse_mla_attention")[1] == 1  # 6 heads: declined, generic served
-    assert "1/2/4" in hwlayer.backends.ascend.adapters.sparse_mla_attention_supports(q, *rest, 0.05, 512)
+    paged6 = plan.backend.layout().latent_cache(rest[0].shape[0], 16, 512, 64, kv.dtype, kv.device)
+    plan.sparse_mla_attention(q, paged6, *rest[1:], 0.05, 512)
+    assert native_calls(plan, "sparse_mla_attention")[1] == 2  # 6 heads: declined, generic served
+    assert "1/2/4" in hwlayer.backends.ascend.adapters.sparse_mla_attention_supports(q, paged6, *rest[1:], 0.05, 512)
 
     args = indexer_case(torch.bfloat16)
     got = plan.lightning_indexer(*args)

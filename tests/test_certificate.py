@@ -175,3 +175,26 @@ def test_conformance_command_errors(tmp_path, capsys, monkeypatch):
     assert main(["conformance", "--backend", "cpu", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "conformance suite not found" in err
+
+
+def test_one_report_schema_shared_with_the_conformance_report():
+    """conformance/report.py writes records through ``report_record`` (exactly REPORT_RECORD_FIELDS) and
+    the certificate reads those fields only: aliases no producer writes are not read any more."""
+    from conformance.report import SCHEMA, Recorder
+
+    assert SCHEMA == cert_mod.REPORT_SCHEMA
+    rec = Recorder("acme", "cpu", ["fp32"], "conformance/tolerances.yaml")
+    case = rec.case("rms_norm", "fp32", "small", "n::id")
+    case.merge(passed=True, max_abs=1e-7, max_rel=1e-7, atol=1e-5, rtol=1e-6, ratio=0.01, message=None)
+    written = rec.to_dict(0)
+    assert written["schema"] == SCHEMA and tuple(written["records"][0]) == cert_mod.REPORT_RECORD_FIELDS
+    assert cert_mod.build_certificate(written)["records"][0]["max_abs_err"] == 1e-7
+    with pytest.raises(ValueError, match="unknown \\['time_ms'\\]"):
+        cert_mod.report_record(**dict(written["records"][0]), time_ms=1.0)
+    aliased = {"op": "rms_norm", "dtype": "fp32", "passed": True, "max_abs_error": 0.5, "ratio": 2.0,
+               "time_ms": 3.0, "generic_time_ms": 6.0, "error": "old field"}
+    got = cert_mod.normalise_record(aliased)
+    assert (got["max_abs_err"], got["error_ratio"], got["backend_ms"], got["speedup"], got["message"]) == \
+        (None, None, None, None, None)
+    with pytest.raises(cert_mod.CertificateError, match="'records' list"):
+        cert_mod.normalise_records({"results": [aliased]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import hwlayer
 from hwlayer import Availability, Backend, BackendError, hookimpl, ops
 from hwlayer.dispatch import DispatchPlan, select_backend
-from hwlayer.registry import load_registry
+from hwlayer.registry import HwlayerPluginWarning, load_registry
 
 
 @pytest.fixture(autouse=True)
@@ -107,13 +108,26 @@ def global_reg(reg, monkeypatch):
 
 def test_plan_attribute_is_the_registered_function(reg):
     p = DispatchPlan(reg.backends["plainbk"], reg)
-    assert p.rms_norm is fast_rms_norm  # no wrapper on the hot path
-    assert p.layer_norm is ops.layer_norm  # generic fallback, also unwrapped
+    assert p.rms_norm.__wrapped__ is fast_rms_norm  # one wrapper: the contract check (hook specs 2.0)
+    assert p.layer_norm is ops.layer_norm  # generic fallback, unwrapped (it validates itself)
     assert p.entries["rms_norm"].origin == "native" and p.entries["rms_norm"].plugin == "testvendor"
     assert p.entries["layer_norm"].origin == "generic"
     x, w = torch.randn(3, 16), torch.rand(16)
     torch.testing.assert_close(p.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6))
     assert CALLS == ["fast_rms_norm"]
+
+
+def test_the_dispatcher_checks_the_contract_before_a_backend_sees_the_call(reg):
+    """supports() states kernel limits only: a call outside the contract is the dispatcher's one-line
+    ValueError, and neither the native implementation nor its supports() runs."""
+    for name in ("plainbk", "guardedbk"):
+        p = DispatchPlan(reg.backends[name], reg)
+        CALLS.clear()
+        with pytest.raises(ValueError, match=r"rms_norm: argument 'weight' expected shape \[8\], got \[4\]"):
+            p.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
+        with pytest.raises(ValueError, match="rms_norm: argument 'x' expected dtype"):
+            p.rms_norm(torch.ones(2, 8, dtype=torch.int32), torch.ones(8), 1e-6)
+        assert CALLS == []
 
 
 def test_supports_declining_falls_back_to_generic_and_tracing_counts_it(reg):
@@ -128,7 +142,7 @@ def test_supports_declining_falls_back_to_generic_and_tracing_counts_it(reg):
 
 def test_untraced_plan_with_supports_wraps_only_that_op(reg):
     p = DispatchPlan(reg.backends["guardedbk"], reg)
-    assert p.rms_norm.__wrapped__ is fast_rms_norm
+    assert p.rms_norm.__wrapped__.__wrapped__ is fast_rms_norm  # contract check -> supports guard -> native
     assert p.silu_and_mul is ops.silu_and_mul
     assert p.call_counts() == {}
 
@@ -220,3 +234,59 @@ def test_op_input_validation(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert str(err.value) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook specs 1.x plugins under 2.0: served on the canonical layout, left out (one line) elsewhere
+
+BROKEN_PLUGIN_SRC = Path(__file__).resolve().parent / "plugins" / "hwlayer-broken"
+
+
+def test_a_1x_plugin_is_served_the_1x_way_on_the_canonical_layout(monkeypatch):
+    """tests/plugins/hwlayer-broken (declares 1.0): its sparse_mla_attention takes a tensor and returns
+    (out, lse); under 2.0 it gets the canonical tensor of the backend's cache object and the model's
+    out-only call gets ``out`` (its deliberate bug, the scale, proves which implementation served)."""
+    monkeypatch.syspath_prepend(str(BROKEN_PLUGIN_SRC))
+    import hwlayer_broken
+
+    from hwlayer.ops.cache import CANONICAL
+
+    reg = load_registry(extra_plugins=(hwlayer_broken,))
+    p = DispatchPlan(reg.backends["broken"], reg, trace=True)
+    gen = torch.Generator().manual_seed(0)
+    kv = CANONICAL.latent_cache(4, 4, 8, 4, torch.float32, torch.device("cpu"))
+    kv.write(torch.arange(16), torch.randn(16, 12, generator=gen))
+    q = torch.randn(3, 2, 12, generator=gen)
+    idx = torch.tensor([[0, 2, -1], [1, 3, 0], [4, 2, -1]], dtype=torch.int32)
+    table, cu, lens = torch.arange(4, dtype=torch.int32).view(1, 4), torch.tensor([0, 3], dtype=torch.int32), \
+        torch.tensor([8], dtype=torch.int32)
+    out = p.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.3, 8)
+    want = ops.sparse_mla_attention(q, kv.canonical, idx, table, cu, lens, 12**-0.5, 8)  # the plugin's scale bug
+    torch.testing.assert_close(out, want)
+    out2, lse = p.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.3, 8, return_lse=True)
+    assert torch.equal(out2, out) and lse.shape == (3, 2)
+    assert p.call_counts() == {("sparse_mla_attention", "native"): 2}
+
+
+def test_a_1x_cache_op_on_a_non_canonical_layout_is_left_out_with_one_line():
+    from conformance import emulators
+
+    mod = types.ModuleType("legacy_cache_ops")
+    mod.HWLAYER_HOOKSPEC_VERSION = "1.2"
+
+    @hookimpl
+    def hwlayer_register_ops(register):
+        register("kv_cache_write", lambda cache, rows, slot_mapping: None, backend="ascend")
+        register("rms_norm", lambda x, weight, eps, residual=None: x, backend="ascend")
+
+    mod.hwlayer_register_ops = hwlayer_register_ops
+    emulators.activate("ascend")
+    try:
+        reg = load_registry(extra_plugins=(mod,))
+        with pytest.warns(HwlayerPluginWarning, match="kv_cache_write of plugin 'legacy_cache_ops'.*VERSION = '2.0'"):
+            p = DispatchPlan(reg.backends["ascend"], reg)
+        assert p.entries["kv_cache_write"].origin == "generic" and len(p.left_out) == 1
+        assert "ascend-nope-rope" in p.left_out[0] and "\n" not in p.left_out[0]
+        assert p.entries["rms_norm"].plugin == "legacy_cache_ops"  # not a cache op: served as before
+    finally:
+        emulators.deactivate()

@@ -107,16 +107,33 @@ def test_unknown_op_and_duplicate_backend_are_skipped():
 V = hookspecs.HOOKSPEC_VERSION
 
 
-def test_hookspec_version_1_0_accepted():
-    reg = load_registry(extra_plugins=(make_plugin("v10", ("v10bk",), version="1.0"),))
-    assert "v10" in reg.plugins and "v10bk" in reg.backends
+@pytest.mark.parametrize("version", ["1.0", "1.2", "2.0"])
+def test_hookspec_versions_accepted(version):
+    reg = load_registry(extra_plugins=(make_plugin("vok", ("vokbk",), version=version),))
+    assert "vok" in reg.plugins and "vokbk" in reg.backends
+
+
+def test_a_plugin_repeating_a_taken_backend_name_is_refused_whole():
+    """Its other backends must not stay registered without its ops (they would serve generic torch)."""
+    both = make_plugin("half_dup", ("freshbk", "cpu"), ops=(("rms_norm", lambda *a: None, "freshbk"),))
+    with pytest.warns(HwlayerPluginWarning, match="half_dup"):
+        reg = load_registry(extra_plugins=(both,))
+    assert "already registered by 'hwlayer.backends.cpu'" in reg.skipped["half_dup"]
+    assert "freshbk" not in reg.backends and reg.backend_plugins["cpu"] == "hwlayer.backends.cpu"
+    assert not [r for r in reg.ops if r.plugin == "half_dup"]
+    twice = make_plugin("self_dup", ("samebk", "samebk"))
+    with pytest.warns(HwlayerPluginWarning, match="self_dup"):
+        reg = load_registry(extra_plugins=(twice,))
+    assert "samebk" not in reg.backends
 
 
 @pytest.mark.parametrize(
     "version, expected",
     [
-        ("2.0", f"built for hook specs 2.0, this hwlayer provides {V} (compatible: 1.0 to {V})"),
-        ("1.9", f"built for hook specs 1.9, this hwlayer provides {V} (compatible: 1.0 to {V})"),
+        ("3.0", f"built for hook specs 3.0, this hwlayer provides {V} (compatible: 1.0 to 1.2, served on the "
+                f"canonical layouts, and 2.0 to {V})"),
+        ("1.9", "built for hook specs 1.9"),
+        ("2.9", "built for hook specs 2.9"),
         ("garbage", "declares HWLAYER_HOOKSPEC_VERSION='garbage'; expected 'MAJOR.MINOR'"),
     ],
 )

@@ -198,8 +198,8 @@ def test_sparse_mla_attention_out_and_lse(tp, dtype: torch.dtype) -> None:
     idx[5, ::2] = -1  # holes in the middle of a row
     args = (q, b["kv_cache"], idx, b["block_table"], b["cu"], b["seq_lens"], 0.15, 40)
     with served_by_triton(tp, "sparse_mla_attention", calls=1):
-        out, lse = tp.sparse_mla_attention(*args)
-    out_ref, lse_ref = ops.sparse_mla_attention(*args)
+        out, lse = tp.sparse_mla_attention(*args, return_lse=True)
+    out_ref, lse_ref = ops.sparse_mla_attention(*args, return_lse=True)
     close(out, out_ref, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and bool(torch.isinf(lse[2]).all())
     assert bool((out[2] == 0).all())
@@ -207,18 +207,22 @@ def test_sparse_mla_attention_out_and_lse(tp, dtype: torch.dtype) -> None:
     torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_bad_input_reaches_the_generic_error(tp) -> None:
-    x = torch.randn(2, 8)
-    # supports() declines what the contract rejects, so the generic op names the bad argument.
-    with served_by_triton(tp, "rms_norm", calls=1, tier="generic"), pytest.raises(
-            ValueError, match="rms_norm: argument 'weight' expected shape \\[8\\]"):
-        tp.rms_norm(x, torch.ones(7), 1e-6)
+def test_bad_input_is_the_dispatchers_one_line_error(tp) -> None:
+    """Hook specs 2.0: the dispatcher checks the contract before any tier runs, so the error names the
+    bad argument and neither the Triton kernel nor its supports() sees the call."""
+    before = tp.call_counts()
+    with pytest.raises(ValueError, match="rms_norm: argument 'weight' expected shape \\[8\\]"):
+        tp.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="grouped_gemm: argument 'group_sizes' expected shape \\[2\\]"):
+        tp.grouped_gemm(torch.randn(5, 4), torch.randn(2, 3, 4), torch.tensor([4, 2, 1]))
+    with pytest.raises(ValueError, match="silu_and_mul: argument 'x' expected an even last dim"):
+        tp.silu_and_mul(torch.randn(2, 7))
+    assert tp.call_counts() == before
+    # A bad VALUE (counts summing past the rows) is not the contract check's (it reads no values): the
+    # generic op's HWLAYER_CHECK test names it.
     with served_by_triton(tp, "grouped_gemm", calls=1, tier="generic"), pytest.raises(
             ValueError, match="grouped_gemm: argument 'group_sizes'"):
         tp.grouped_gemm(torch.randn(5, 4), torch.randn(2, 3, 4), torch.tensor([4, 2]))
-    with served_by_triton(tp, "silu_and_mul", calls=1, tier="generic"), pytest.raises(
-            ValueError, match="silu_and_mul: argument 'x' expected an even last dim"):
-        tp.silu_and_mul(torch.randn(2, 7))
 
 
 def test_triton_backend_facts(tp) -> None:
@@ -285,10 +289,10 @@ def test_sparse_mla_split_k_decode(tp, dtype: torch.dtype) -> None:
     scale = (q.shape[-1]) ** -0.5
     with served_by_triton(tp, "sparse_mla_attention", calls=2), launched(
             {"sparse_mla_split": 2, "sparse_mla_merge": 2}):
-        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V)
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V, return_lse=True)
         empty = torch.full_like(idx, -1)
-        out0, lse0 = tp.sparse_mla_attention(q, kv, empty, table, cu, lens, scale, V)
-    _mla_close(got, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V), dtype)
+        out0, lse0 = tp.sparse_mla_attention(q, kv, empty, table, cu, lens, scale, V, return_lse=True)
+    _mla_close(got, ops.sparse_mla_attention(q, kv, idx, table, cu, lens, scale, V, return_lse=True), dtype)
     assert bool((out0 == 0).all()) and bool(torch.isinf(lse0).all())
 
 
@@ -297,11 +301,11 @@ def test_sparse_mla_prefill_with_large_logits(tp) -> None:
     # overflow fp32 exp() (above ~88) unless the running max is subtracted.
     q, kv, idx, table, cu, lens, V = _mla_inputs(torch.float32, [0, 16, 24], [16, 90], 72, 5, 8.0)
     with served_by_triton(tp, "sparse_mla_attention", calls=1), launched({"sparse_mla_prefill": 1}):
-        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+        got = tp.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V, return_lse=True)
     assert float(got[1].max()) > 100  # the logits really are large
     # fp32 logits of a few hundred carry ~1e-4 absolute rounding (summation order differs from the
     # generic's), hence 1e-3; without the max subtraction the result would be inf/NaN.
-    out_ref, lse_ref = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V)
+    out_ref, lse_ref = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 1.0, V, return_lse=True)
     assert bool(torch.isfinite(got[0]).all()) and bool(torch.isfinite(got[1]).all())
     torch.testing.assert_close(got[0], out_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got[1], lse_ref, rtol=1e-5, atol=1e-3)

@@ -148,7 +148,7 @@ def test_musa_sparse_indices_reproduce_sparse_mla_attention():
     lse = torch.logsumexp(s, -1)
     out = torch.einsum("thk,tkd->thd", torch.softmax(s, -1).nan_to_num(0.0), rows[..., :v_dim])
     out, lse = musa.empty_rows_to_contract(out, lse.masked_fill(torch.isinf(lse), float("inf")), kv_indices)
-    ref_out, ref_lse = generic.sparse_mla_attention(q, cache, indices, table, cu, lens, 0.3, v_dim)
+    ref_out, ref_lse = generic.sparse_mla_attention(q, cache, indices, table, cu, lens, 0.3, v_dim, return_lse=True)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     assert torch.isneginf(lse[-1]).all()
@@ -204,7 +204,7 @@ def _write_incompatible_plugin(root: Path) -> Path:
         '[tool.setuptools]\npackages = ["hwlayer_future"]\n'
     )
     (pkg / "hwlayer_future" / "__init__.py").write_text(
-        'HWLAYER_HOOKSPEC_VERSION = "2.0"\n\nfrom hwlayer import Backend, hookimpl\n\n\n'
+        'HWLAYER_HOOKSPEC_VERSION = "3.0"\n\nfrom hwlayer import Backend, hookimpl\n\n\n'
         "@hookimpl\ndef hwlayer_register_backends(register):\n"
         '    register(Backend(name="future", vendor="x", device_type="cpu", dist_backend="gloo"))\n'
     )
@@ -249,8 +249,8 @@ def test_installed_plugins_report_honest_status(tmp_path):
     assert "2.7" in musa_b["install_hint"]
     assert "not run on hardware" in musa_b["verified"]
 
-    # the hook-spec check: a plugin built for specs 2.0 is refused with a message, not loaded
+    # the hook-spec check: a plugin built for specs 3.0 is refused with a message, not loaded
     assert "future" not in backends
     why = info["skipped_plugins"]["future"]
-    assert "built for hook specs 2.0" in why and f"compatible: 1.0 to {HOOKSPEC_VERSION}" in why
+    assert "built for hook specs 3.0" in why and f"2.0 to {HOOKSPEC_VERSION}" in why
     assert info["chosen_backend"] == "cpu"  # neither plugin is auto-selected without its hardware

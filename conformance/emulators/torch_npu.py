@@ -19,8 +19,13 @@ raises ``NotImplementedError`` naming the emulator's limit, never a silent answe
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import math
+import numbers
 import types
+from typing import Callable
 
 import torch
 
@@ -605,9 +610,14 @@ def npu_moe_token_unpermute(
     padded_mode: bool = False,
     restore_shape: list[int] | None = None,
 ) -> torch.Tensor:
-    """Megatron-style unpermute: row ``j`` of ``permuted_tokens`` goes back to flat assignment
-    ``sorted_indices[j]``; with ``probs`` ``[num_tokens, topK]`` the ``topK`` rows of a token are
-    weighted and summed. bf16 only, padded_mode False only, topK <= 512."""
+    """``npu_moe_token_unpermute`` as op-plugin's own test defines it (Ascend/op-plugin@517f2e7d0f20
+    ``test/test_custom_ops/test_npu_moe_token_permute_and_unpermute.py``, ``test_unpermute``): the fused op
+    on ``sorted_indices`` equals the test's Megatron-style Python ``unpermute`` on
+    ``argsort(sorted_indices)``, so ``sorted_indices`` is a GATHER index: flat output slot ``t*topK + s``
+    reads permuted row ``sorted_indices[t*topK + s]`` (what ``npu_moe_init_routing_v2`` returns with
+    ``row_idx_type=0``, as vllm-ascend@182b75e ``ops/fused_moe/token_dispatcher.py:424-455`` feeds it).
+    With ``probs`` ``[num_tokens, topK]`` the ``topK`` rows of a token are weighted and summed.
+    bf16 only, padded_mode False only, topK <= 512."""
     check(not padded_mode, "npu_moe_token_unpermute: padded_mode only supports False")
     check(
         permuted_tokens.dim() == 2 and permuted_tokens.dtype == torch.bfloat16,
@@ -631,13 +641,174 @@ def npu_moe_token_unpermute(
         bool((sorted_indices >= 0).all() and (sorted_indices < M).all()),
         "npu_moe_token_unpermute: indices in [0, rows)",
     )
-    flat = torch.zeros(M, H, dtype=torch.float32)
-    flat[sorted_indices.long()] = permuted_tokens.float()
-    flat = flat.view(M // topk, topk, H)
+    flat = permuted_tokens.float().index_select(0, sorted_indices.long()).view(M // topk, topk, H)
     if probs is not None:
         flat = flat * probs.float().unsqueeze(-1)
     return flat.sum(1).to(torch.bfloat16)
 
+
+# --------------------------------------------------------------------------------------------
+# Opaque custom ops: torch_npu's ops are kernels with meta (fake) implementations
+# (torch_npu/op_plugin/meta/_meta_registrations.py in the wheel), so under FakeTensorMode or a
+# graph capture the caller sees one op, never the kernel's internals. Each emulated function
+# above is registered as one ``torch.library.custom_op`` with a ``register_fake`` kernel giving the
+# output shapes and dtypes; the emulator's own checks (which read values) then run only inside the
+# real kernel, and FakeTensorMode reports only the ADAPTER's host reads. The public functions keep
+# the wheel's signatures (``functools.wraps``): arguments are bound to them, tensors (and lists of
+# tensors) travel as one ``Tensor?[]``, everything else as a literal string.
+
+
+def _fake_rms_norm(self, gamma, epsilon=1e-06):
+    n = gamma.dim()
+    return self.new_empty(self.shape), self.new_empty((*self.shape[: self.dim() - n], *([1] * n)), dtype=torch.float32)
+
+
+def _fake_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    n = gamma.dim()
+    rstd = x1.new_empty((*x1.shape[: x1.dim() - n], *([1] * n)), dtype=torch.float32)
+    return x1.new_empty(x1.shape), rstd, x1.new_empty(x1.shape)
+
+
+def _fake_swiglu(self, dim=-1):
+    shape = list(self.shape)
+    shape[dim] //= 2
+    return self.new_empty(shape)
+
+
+def _fake_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
+    return input.new_empty(input.shape)
+
+
+def _fake_lightning_indexer(query, key, weights, *, sparse_count=2048, **_):
+    shape = (query.shape[0], 1, sparse_count)
+    return query.new_empty(shape, dtype=torch.int32), query.new_empty(shape)
+
+
+def _fake_sparse_flash_attention(query, *_, **__):
+    empty = query.new_empty(0, dtype=torch.float32)
+    return query.new_empty(query.shape), empty, empty.clone()
+
+
+def _fake_gating_top_k(x, k, *, out_flag=False, **_):
+    T, E = x.shape
+    scores = x.new_empty((T, E) if out_flag else (0,), dtype=torch.float32)
+    return x.new_empty(T, k), x.new_empty((T, k), dtype=torch.int32), scores
+
+
+def _fake_grouped_matmul(x, weight, *, output_dtype=None, **_):
+    return [x[0].new_empty((x[0].shape[0], weight[0].shape[2]), dtype=output_dtype or x[0].dtype)]
+
+
+def _fake_init_routing_v2(x, expert_idx, *, expert_num=-1, expert_tokens_num_type=0, expert_tokens_num_flag=False,
+                          active_expert_range=(), **_):
+    rows = expert_idx.numel()
+    start, end = (list(active_expert_range) or [0, expert_num])[:2]
+    if not expert_tokens_num_flag:
+        tokens = x.new_empty(0, dtype=torch.int64)
+    elif expert_tokens_num_type in (0, 1):
+        tokens = x.new_empty(end - start, dtype=torch.int64)
+    else:  # (expert, count) pairs of the non-empty experts: a data-dependent row count
+        tokens = x.new_empty((torch.library.get_ctx().new_dynamic_size(), 2), dtype=torch.int64)
+    return (x.new_empty((rows, x.shape[1])), x.new_empty(rows, dtype=torch.int32), tokens,
+            x.new_empty(0, dtype=torch.float32))
+
+
+def _fake_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+    topk = 1 if probs is None else probs.shape[1]
+    return permuted_tokens.new_empty((permuted_tokens.shape[0] // topk, permuted_tokens.shape[1]))
+
+
+def _encode(value, tensors: list) -> object:
+    """``value`` as a literal, its tensors appended to ``tensors`` and named by index."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("T", len(tensors) - 1)
+    if isinstance(value, torch.dtype):
+        return ("D", str(value).removeprefix("torch."))
+    if isinstance(value, (list, tuple)):
+        return ("L", [_encode(v, tensors) for v in value])
+    if isinstance(value, dict):
+        return ("M", {k: _encode(v, tensors) for k, v in value.items()})
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return ("V", value)
+    if isinstance(value, numbers.Integral):
+        return ("V", int(value))
+    if isinstance(value, numbers.Real):  # numpy scalars and inf/nan: exact, through float.hex
+        return ("F", float(value).hex())
+    raise TypeError(f"emulated torch_npu: cannot pass {type(value).__name__} to an op")
+
+
+def _decode(code, tensors: list) -> object:
+    kind, body = code
+    if kind == "T":
+        return tensors[body]
+    if kind == "D":
+        return getattr(torch, body)
+    if kind == "L":
+        return [_decode(c, tensors) for c in body]
+    if kind == "M":
+        return {k: _decode(c, tensors) for k, c in body.items()}
+    return float.fromhex(body) if kind == "F" else body
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """An op's result as a list of tensors (``None`` as an empty tensor, never returned by these ops)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [torch.empty(0) if t is None else t for t in out]
+
+
+def _opaque(fn: Callable, fake: Callable) -> Callable:
+    """``fn`` as an opaque ``hwlayer_emulated_npu::<name>`` custom op with ``fake`` as its fake kernel."""
+    sig = inspect.signature(fn)
+    returns_tensor = sig.return_annotation in ("torch.Tensor", torch.Tensor)
+    returns_list = str(sig.return_annotation).startswith("list")
+
+    def call_with(impl: Callable, tensors: list, spec: str) -> list[torch.Tensor]:
+        args, kwargs = _decode(ast.literal_eval(spec), tensors)
+        return _flat(impl(*args, **kwargs))
+
+    def kernel(tensors: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
+        # Outputs may alias neither inputs nor each other (custom-op rule): such an output is copied.
+        seen = {t.untyped_storage().data_ptr() for t in tensors if t is not None and t.numel()}
+        out = []
+        for t in call_with(fn, tensors, spec):
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+            out.append(t.clone() if ptr in seen or any(t is o for o in out) else t)
+            seen.add(ptr)
+        return out
+
+    op = torch.library.custom_op(f"hwlayer_emulated_npu::{fn.__name__}", kernel, mutates_args=())
+    op.register_fake(lambda tensors, spec: call_with(fake, tensors, spec))
+
+    @functools.wraps(fn)
+    def public(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        tensors: list = []
+        spec = repr(_encode([list(bound.args), bound.kwargs], tensors))
+        out = op(tensors, spec)
+        if returns_tensor:
+            return out[0]
+        return list(out) if returns_list else tuple(out)
+
+    return public
+
+
+_FAKES = {
+    "npu_rms_norm": _fake_rms_norm,
+    "npu_add_rms_norm": _fake_add_rms_norm,
+    "npu_swiglu": _fake_swiglu,
+    "npu_rotary_mul": _fake_rotary_mul,
+    "npu_lightning_indexer": _fake_lightning_indexer,
+    "npu_sparse_flash_attention": _fake_sparse_flash_attention,
+    "npu_moe_gating_top_k": _fake_gating_top_k,
+    "npu_grouped_matmul": _fake_grouped_matmul,
+    "npu_moe_init_routing_v2": _fake_init_routing_v2,
+    "npu_moe_token_unpermute": _fake_token_unpermute,
+}
+KERNELS = {name: globals()[name] for name in _FAKES}  # the plain emulations, for tests of their internals
+for _name, _fake in _FAKES.items():
+    globals()[_name] = _opaque(KERNELS[_name], _fake)
 
 FUNCTIONS = (
     npu_rms_norm,

@@ -18,6 +18,9 @@ cases) and its body is the generic torch implementation, the default on every de
 * :mod:`.layout` -- the validation and index helpers below layouts need (``check_tensor``,
   ``check_varlen``, ``token_positions``, ``positions_to_slots``, ``value_checks``, ...), public
   for adapters
+* :mod:`.cache` -- the paged-cache objects the cache ops take (:class:`~.cache.PagedKV`) and
+  :class:`~.cache.AttentionLayout`, what a backend declares about them (hook specs 2.0)
+* :mod:`.contracts` -- the shape / dtype check of each contract, run once by the dispatcher
 
 :data:`CATALOGUE` lists the ops in a fixed order (``hwlayer ops`` prints them in it). A backend overrides an op by
 registering a function with the same signature through ``hwlayer_register_ops``; it never changes
@@ -32,9 +35,12 @@ Layout conventions shared by all ops (the serving layout):
   The query tokens of sequence ``b`` are its last ``n_b = cu_seqlens_q[b+1] - cu_seqlens_q[b]``
   tokens, so query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - n_b + i`` and
   causally sees positions ``0 .. that position`` (right-aligned causal, Ascend ``sparse_mode=3``).
-* Paged caches: ``[num_blocks, block_size, dim]``; ``block_table`` (int32 ``[B, max_blocks]``)
-  maps sequence ``b``'s position ``p`` to slot ``block_table[b, p // block_size] * block_size +
-  p % block_size``. A ``slot_mapping`` addresses the flattened ``[num_blocks * block_size, dim]``.
+* Paged caches: the backend's cache objects (:class:`~.cache.PagedKV`, laid out as its
+  :class:`~.cache.AttentionLayout` decides), whose canonical view is ``[num_blocks, block_size,
+  dim]`` (the canonical layout stores exactly that tensor, which the ops also accept);
+  ``block_table`` (int32 ``[B, max_blocks]``) maps sequence ``b``'s position ``p`` to slot
+  ``block_table[b, p // block_size] * block_size + p % block_size``. A ``slot_mapping`` addresses
+  the flattened ``[num_blocks * block_size, dim]``.
 * Positions handed between ops (``lightning_indexer`` -> ``sparse_mla_attention``) are positions
   within the sequence, int32, ``-1`` meaning "no key".
 * Per-step tables: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention``
@@ -44,7 +50,9 @@ Layout conventions shared by all ops (the serving layout):
   implementation may ignore it (hook specs 1.2; older implementations are called without it).
 
 Generic implementations validate their inputs and raise ``ValueError`` naming the op, the
-argument, what was expected and what was given.
+argument, what was expected and what was given; in front of a backend's implementation the
+dispatcher runs the same shape / dtype checks (:mod:`.contracts`), so ``supports`` predicates
+state kernel limits only.
 
 No op reads a device tensor on the host to size or validate anything (a device->host read stalls
 the host until the device drains, and cannot be captured in a device graph): sizes come from
@@ -62,6 +70,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .attention import kv_cache_write, lightning_indexer, sparse_mla_attention
+from .cache import CANONICAL, AttentionLayout, ContiguousKV, PagedKV, SplitKV
 from .ep import EPCapacityHandle, EPHandle, EPTokenHandle, all_to_all, ep_combine, ep_dispatch
 from .layout import (
     FLOAT_DTYPES,
@@ -129,7 +138,12 @@ CATALOGUE: dict[str, OpSpec] = {
 OP_NAMES: tuple[str, ...] = tuple(CATALOGUE)
 
 __all__ = [
+    "CANONICAL",
     "CATALOGUE",
+    "AttentionLayout",
+    "ContiguousKV",
+    "PagedKV",
+    "SplitKV",
     "FLOAT_DTYPES",
     "AttentionMetadata",
     "INDEX_DTYPES",

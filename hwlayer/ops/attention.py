@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .cache import ContiguousKV, PagedKV, as_paged
 from .layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -25,34 +26,42 @@ from .layout import (
 # Paged cache
 
 
-def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
+def kv_cache_write(cache: PagedKV | torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
                    meta: AttentionMetadata | None = None) -> None:
     """Write ``rows[t]`` into flat slot ``slot_mapping[t]`` of a paged cache, in place.
 
-    ``cache``: contiguous ``[num_blocks, block_size, D]``; ``rows``: ``[T, D]`` (cast to the
-    cache dtype); ``slot_mapping``: int ``[T]``, ``-1`` skips the row (padding). Slots must be
-    distinct. Used for the MLA latent cache (D = kv_lora_rank + rope dim) and the indexer key cache.
-    ``meta``: the step's :class:`~hwlayer.ops.layout.AttentionMetadata` (optional); when it says
-    the step has no padding rows, the write is one indexed copy.
+    ``cache``: the backend's cache object (:class:`~hwlayer.ops.cache.PagedKV`, hook specs 2.0) or a
+    contiguous canonical ``[num_blocks, block_size, D]`` tensor; ``rows``: ``[T, D]`` canonical rows
+    (cast to the cache dtype); ``slot_mapping``: int ``[T]``, ``-1`` skips the row (padding). Slots
+    must be distinct. Used for the MLA latent cache (D = kv_lora_rank + rope dim) and the indexer
+    key cache. ``meta``: the step's :class:`~hwlayer.ops.layout.AttentionMetadata` (optional); when
+    it says the step has no padding rows, the write is one indexed copy.
     """
-    check_tensor("kv_cache_write", "cache", cache, ndim=3)
-    check_tensor("kv_cache_write", "rows", rows, ndim=2, shape=[None, cache.shape[-1]])
-    check_tensor("kv_cache_write", "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, shape=[rows.shape[0]])
-    if not cache.is_contiguous():
-        fail("kv_cache_write", "cache", "a contiguous tensor", "a strided view")
+    op = "kv_cache_write"
+    if isinstance(cache, torch.Tensor):
+        check_tensor(op, "cache", cache, ndim=3)
+        if not cache.is_contiguous():
+            fail(op, "cache", "a contiguous tensor", "a strided view")
+        paged: PagedKV = ContiguousKV(cache)
+    elif isinstance(cache, PagedKV):
+        paged = cache
+    else:
+        fail(op, "cache", "a PagedKV or a [num_blocks, block_size, D] tensor", type(cache).__name__)
+    check_tensor(op, "rows", rows, ndim=2, shape=[None, paged.width])
+    check_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES, shape=[rows.shape[0]])
     if rows.shape[0] == 0:
         return
-    flat = cache.view(-1, cache.shape[-1])
+    n_slots = paged.num_blocks * paged.block_size
     slots = slot_mapping.long()
-    if value_checks() and slots.numel() and int(slots.max()) >= flat.shape[0]:
-        fail("kv_cache_write", "slot_mapping", f"slots < {flat.shape[0]}", int(slots.max()))
-    rows = rows.to(cache.dtype)
+    if value_checks() and slots.numel() and int(slots.max()) >= n_slots:
+        fail(op, "slot_mapping", f"slots < {n_slots}", int(slots.max()))
+    rows = rows.to(paged.dtype)
     if meta is not None:
-        check_meta("kv_cache_write", meta, rows.shape[0])
+        check_meta(op, meta, rows.shape[0])
         if not meta.has_padding:  # every slot is real: nothing to skip
             if value_checks() and slots.numel() and int(slots.min()) < 0:
-                fail("kv_cache_write", "slot_mapping", "no -1 slot (meta.has_padding is False)", int(slots.min()))
-            flat.index_copy_(0, slots, rows)
+                fail(op, "slot_mapping", "no -1 slot (meta.has_padding is False)", int(slots.min()))
+            paged.write(slots, rows)
             return
     valid = slots >= 0
     # Skipping the -1 rows by boolean indexing would size a tensor by data (a host sync). Instead a
@@ -62,10 +71,10 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
     first = slots.argmax().view(1)  # a real row when there is one, on the device
     first_slot = slots.index_select(0, first)
     any_valid = first_slot >= 0
-    pad_row = torch.where(any_valid, rows.index_select(0, first), flat[:1])
+    pad_row = torch.where(any_valid, rows.index_select(0, first), paged.rows(torch.zeros_like(first)))
     slots = torch.where(valid, slots, first_slot.clamp(min=0))
     rows = torch.where(valid.unsqueeze(1), rows, pad_row)
-    flat.index_copy_(0, slots, rows)
+    paged.write(slots, rows)
 
 # --------------------------------------------------------------------------------------------
 # DeepSeek Sparse Attention
@@ -74,7 +83,7 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
 def lightning_indexer(
     q: torch.Tensor,
     weights: torch.Tensor,
-    k_cache: torch.Tensor,
+    k_cache: PagedKV | torch.Tensor,
     block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -88,8 +97,9 @@ def lightning_indexer(
     """DSA lightning indexer: the top-``topk`` past positions of every query token.
 
     ``q``: ``[T, Hi, Di]`` indexer queries (RoPE applied); ``weights``: fp32 ``[T, Hi]`` per-head
-    weights (already including ``Hi^-0.5``); ``k_cache``: paged indexer keys
-    ``[num_blocks, block_size, Di]`` holding every context position (write new keys first);
+    weights (already including ``Hi^-0.5``); ``k_cache``: paged indexer keys (the backend's
+    :class:`~hwlayer.ops.cache.PagedKV`, or a canonical ``[num_blocks, block_size, Di]`` tensor)
+    holding every context position (write new keys first);
     ``block_table``, ``cu_seqlens_q``, ``seq_lens``: see the module doc; ``scale``: ``Di^-0.5``.
     ``max_seqlen_q`` / ``max_seqlen_k``: host ints, upper bounds of any sequence's new-token
     count and context length (flash-attn varlen's arguments); they size temporaries and never
@@ -108,7 +118,7 @@ def lightning_indexer(
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     T, Hi, Di = q.shape
     check_tensor(op, "weights", weights, ndim=2, shape=[T, Hi])
-    check_tensor(op, "k_cache", k_cache, ndim=3, shape=[None, None, Di])
+    keys_of = _paged_arg(op, "k_cache", k_cache, Di)
     check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
     check_varlen(op, cu_seqlens_q, seq_lens, T)
     if topk < 1:
@@ -118,7 +128,7 @@ def lightning_indexer(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
     if max_seqlen_k is None:
         max_seqlen_k = int(seq_lens.max()) if B else 0
-    bs = k_cache.shape[1]
+    bs = keys_of.block_size
     if meta is not None:
         check_meta(op, meta, T)
         if meta.block_size != bs or meta.max_seqlen_k != max_seqlen_k:
@@ -132,7 +142,7 @@ def lightning_indexer(
     else:
         key_slots = sequence_key_slots(block_table, B, max_seqlen_k, bs)
         first_pos = seq_lens - cu_seqlens_q.diff()  # [B], the table's int dtype (promoted to int64 below)
-    keys = k_cache.reshape(-1, Di).index_select(0, key_slots.view(-1)).view(B, max_seqlen_k, Di).float()
+    keys = keys_of.rows(key_slots).float()  # [B, max_seqlen_k, Di]
     keys_t = keys.transpose(1, 2)  # [B, Di, max_seqlen_k]
     k = min(topk, max_seqlen_k)
     if max_seqlen_q == 1 and T == B:  # pure decode (known on the host): one row per sequence, no padding
@@ -179,7 +189,7 @@ def _indexer_topk(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, pos: t
 
 def sparse_mla_attention(
     q: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: PagedKV | torch.Tensor,
     indices: torch.Tensor,
     block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -188,27 +198,32 @@ def sparse_mla_attention(
     v_dim: int,
     *,
     meta: AttentionMetadata | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA attention over a paged latent cache, restricted to the given positions.
 
     ``q``: ``[T, H, Dk]`` with ``Dk = kv_lora_rank + rope_dim`` (absorbed ``q_nope @ W_uk``
-    concatenated with the roped ``q_pe``); ``kv_cache``: ``[num_blocks, block_size, Dk]``, one
-    latent head shared by all query heads (MQA), row = ``[c (kv_lora_rank), k_pe (rope_dim)]``;
+    concatenated with the roped ``q_pe``); ``kv_cache``: the backend's latent cache object
+    (:class:`~hwlayer.ops.cache.PagedKV`) or a canonical ``[num_blocks, block_size, Dk]`` tensor, one
+    latent head shared by all query heads (MQA), canonical row = ``[c (kv_lora_rank), k_pe (rope_dim)]``;
     ``indices``: int32 ``[T, K]`` positions within each token's sequence, ``-1`` = unused (as
     ``lightning_indexer`` returns; duplicates are not allowed); ``scale``: softmax scale;
     ``v_dim``: the value width, the first ``v_dim`` columns of each row (``kv_lora_rank``).
 
     ``p = softmax_k(q[t, h] . kv[idx_k] * scale)`` over valid ``k``;
-    returns ``(out, lse)``: ``out[t, h] = sum_k p_k kv[idx_k][:v_dim]`` as ``[T, H, v_dim]`` in
-    ``q.dtype`` and ``lse[t, h] = log(sum_k exp(q . kv * scale))`` fp32 ``[T, H]`` (natural log).
+    returns ``out[t, h] = sum_k p_k kv[idx_k][:v_dim]`` as ``[T, H, v_dim]`` in ``q.dtype``; with
+    ``return_lse=True`` (hook specs 2.0; only callers that merge attention results ask) returns
+    ``(out, lse)`` with ``lse[t, h] = log(sum_k exp(q . kv * scale))`` fp32 ``[T, H]`` (natural log).
     A token with no valid index gets ``out = 0`` and ``lse = -inf``. Softmax is computed in fp32.
-    ``meta``: the step's :class:`~hwlayer.ops.layout.AttentionMetadata` (optional; its token ->
-    sequence map replaces rebuilding it).
+    An implementation that cannot produce the lse with its kernel declines ``return_lse=True`` in
+    ``supports`` rather than computing a second pass. ``meta``: the step's
+    :class:`~hwlayer.ops.layout.AttentionMetadata` (optional; its token -> sequence map replaces
+    rebuilding it).
     """
     op = "sparse_mla_attention"
     check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     T, H, Dk = q.shape
-    check_tensor(op, "kv_cache", kv_cache, ndim=3, shape=[None, None, Dk])
+    paged = _paged_arg(op, "kv_cache", kv_cache, Dk)
     check_tensor(op, "indices", indices, ndim=2, dtypes=INDEX_DTYPES, shape=[T, None])
     check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
     check_varlen(op, cu_seqlens_q, seq_lens, T)
@@ -216,8 +231,7 @@ def sparse_mla_attention(
         fail(op, "indices", f"positions < the longest context ({int(seq_lens.max())})", int(indices.max()))
     if not 0 < v_dim <= Dk:
         fail(op, "v_dim", f"0 < v_dim <= {Dk}", v_dim)
-    bs = kv_cache.shape[1]
-    flat = kv_cache.view(-1, Dk) if kv_cache.is_contiguous() else kv_cache.reshape(-1, Dk)
+    bs = paged.block_size
     if meta is not None:
         check_meta(op, meta, T)
         if meta.block_size != bs:
@@ -234,21 +248,35 @@ def sparse_mla_attention(
     K = indices.shape[1]
     step = chunk_rows(T, K * (Dk + H))
     if step >= T:  # one chunk (decode): no per-chunk slicing and copies
-        return _sparse_mla_rows(q, flat, indices, slots_of(seq_idx, indices), scale, v_dim)
+        out, lse = _sparse_mla_rows(q, paged, indices, slots_of(seq_idx, indices), scale, v_dim)
+        return (out, lse) if return_lse else out
     out = torch.empty(T, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, step):
         c1 = min(T, c0 + step)
         idx = indices[c0:c1]
-        out[c0:c1], lse[c0:c1] = _sparse_mla_rows(q[c0:c1], flat, idx, slots_of(seq_idx[c0:c1], idx), scale, v_dim)
-    return out, lse
+        out[c0:c1], lse[c0:c1] = _sparse_mla_rows(q[c0:c1], paged, idx, slots_of(seq_idx[c0:c1], idx), scale, v_dim)
+    return (out, lse) if return_lse else out
 
 
-def _sparse_mla_rows(q: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, scale: float,
+def _paged_arg(op: str, arg: str, cache: object, width: int) -> PagedKV:
+    """A cache argument as a :class:`~hwlayer.ops.cache.PagedKV` of canonical rows ``width`` wide (raises
+    the op's one-line ``ValueError`` otherwise)."""
+    if isinstance(cache, torch.Tensor):
+        check_tensor(op, arg, cache, ndim=3, shape=[None, None, width])
+        return as_paged(cache if cache.is_contiguous() else cache.contiguous())
+    if not isinstance(cache, PagedKV):
+        fail(op, arg, "a PagedKV or a [num_blocks, block_size, D] tensor", type(cache).__name__)
+    if cache.width != width:
+        fail(op, arg, f"rows of width {width}", f"width {cache.width}")
+    return cache
+
+
+def _sparse_mla_rows(q: torch.Tensor, cache: PagedKV, idx: torch.Tensor, slots: torch.Tensor, scale: float,
                      v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_attention`` for a chunk of query rows (``slots``: the cache slot of each index, any
     slot where the index is -1): ``(out [t, H, v_dim] in q.dtype, lse fp32 [t, H])``."""
-    kv = flat.index_select(0, slots.view(-1)).view(*idx.shape, flat.shape[1]).float()  # [t, K, Dk]
+    kv = cache.rows(slots).float()  # [t, K, Dk]
     s = torch.bmm(q.float(), kv.transpose(1, 2)).mul_(fp32_scalar(scale))  # [t, H, K]
     s.masked_fill_((idx < 0).unsqueeze(1), float("-inf"))
     m = torch.logsumexp(s, dim=-1)  # [t, H]

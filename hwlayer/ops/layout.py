@@ -198,6 +198,9 @@ class AttentionMetadata:
     # -sin_i at 2i, +sin_i at 2i+1 (rope_sin). GPT-J rope is then x * cos + pair_swap(x) * sin.
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
+    # hook specs 2.0: the backend's own per-step tables (``AttentionLayout.step_tables``), e.g. Ascend's
+    # int32 actual sequence lengths; None when the backend has none or the caller built no tables.
+    backend: Any = None
 
 
 def attention_metadata(
@@ -234,6 +237,16 @@ def attention_metadata(
         sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
     return AttentionMetadata(T, block_size, max_seqlen_k, has_padding, seq_idx, first, key_slots,
                              cos_sin_cache, cos, sin)
+
+
+def with_backend_tables(meta: AttentionMetadata, layout: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                        block_table: torch.Tensor) -> AttentionMetadata:
+    """``meta`` with ``layout.step_tables(...)`` (an :class:`~hwlayer.ops.cache.AttentionLayout`) as its
+    ``backend`` field: once per step, before any layer."""
+    import dataclasses
+
+    tables = layout.step_tables(meta, cu_seqlens_q, seq_lens, block_table)
+    return meta if tables is None else dataclasses.replace(meta, backend=tables)
 
 
 def check_meta(op: str, meta: Any, num_tokens: int) -> None:

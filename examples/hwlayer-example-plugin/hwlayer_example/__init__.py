@@ -15,7 +15,7 @@ import torch
 
 from hwlayer import Availability, Backend, hookimpl
 
-HWLAYER_HOOKSPEC_VERSION = "1.0"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

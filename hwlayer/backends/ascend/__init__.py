@@ -8,7 +8,8 @@ torch-npu version that does not match torch, or no NPU visible.
 
 Native adapters (``adapters.py``, each behind a ``supports`` check): npu_rms_norm / npu_add_rms_norm,
 npu_rotary_mul, npu_lightning_indexer + npu_sparse_flash_attention (absorbed MLA, TND query,
-PA_BSND caches) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + npu_swiglu for the
+PA_BSND caches: the backend's layout keeps the latent ``c`` and ``k_pe`` in separate caches, so
+nothing is copied per call) for DSA, npu_moe_gating_top_k for routing, npu_grouped_matmul + npu_swiglu for the
 expert GEMMs (the ``fused_experts`` composite picks them up). Expert-parallel dispatch/combine use the
 generic ``all_to_all_single`` over hccl: ``npu_moe_distribute_dispatch_v2`` delivers rows grouped by
 expert with its own combine metadata, not the source-rank order the ``ep_dispatch`` contract fixes.
@@ -22,20 +23,19 @@ conformance/emulators/torch_npu.py); not run on Ascend hardware.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from typing import Callable
 
 from hwlayer.backend import Availability, Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
+from hwlayer.plugin import as_registered, register_all
 
 from . import mc2
-from .adapters import IMPLEMENTATIONS
-from .device import emulation_note
+from .adapters import IMPLEMENTATIONS, LAYOUT
 from .quant import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 INSTALL_HINT = (
     "pip install .[ascend] with the torch-npu release matching your torch (torch-npu X.Y needs torch X.Y), "
@@ -85,21 +85,16 @@ BACKEND = Backend(
     # ACL graphs: torch_npu's torch.npu.NPUGraph / torch.npu.graph (what vllm-ascend captures with)
     device_graph=DeviceGraph("torch.npu", "NPUGraph", "written against torch_npu's NPUGraph API docs, not run"),
     weight_formats=("int8", "w8a8_static", "w4a8"),  # 910B int8 cube units, no FP8: W8A8 (static, dynamic), W4A8
+    attention_layout=LAYOUT,  # separate nope / rope latent caches, per-step int32 tables (adapters.py)
 )
 
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    note = emulation_note()
-    if note is None:
-        register(BACKEND)
-        return
-    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
-                                 verified=f"{note}; written against torch_npu 2.14 API docs"))
+    register(as_registered(BACKEND))  # under the test-only emulation: a CPU twin saying "emulated"
 
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    for op, (fn, supports) in (IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS).items():
-        register(op, fn, backend="ascend", supports=supports)
+    register_all(register, "ascend", IMPLEMENTATIONS | QUANT_IMPLEMENTATIONS)
     mc2.register(register, backend="ascend")  # fixed-capacity ep_dispatch / ep_combine through MC2

@@ -5,16 +5,19 @@ Written against the torch_npu op documentation -- Ascend/op-plugin master 517f2e
 plus vllm-ascend's usage; NOT run on hardware. CI runs them against CPU emulators of those docs
 (``conformance/emulators/torch_npu.py``). ``torch_npu`` is imported inside the adapters only. Each
 ``*_supports`` declines calls whose tensors are not on the backend's device or whose shapes/dtypes
-the op's documentation excludes (Atlas A2/A3 limits); those go to generic torch.
+the op's documentation excludes (Atlas A2/A3 limits); those go to generic torch. Calls outside our
+contracts never get here: the dispatcher validates each call first (hook specs 2.0).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from hwlayer.ops.cache import AttentionLayout, PagedKV, SplitKV
 from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows, meta_supported
 
 from . import convert
@@ -40,11 +43,6 @@ RMS_NORM_PAIRS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32
 SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)  # npu_sparse_flash_attention N1 on Atlas A2/A3
 
 
-def _paged_block_ok(cache: torch.Tensor) -> bool:
-    """PA_BSND ``block_size``: a multiple of 16, at most 1024 (indexer and SFA docs)."""
-    return cache.shape[1] % 16 == 0 and cache.shape[1] <= 1024
-
-
 # --------------------------------------------------------------------------------------------
 # rms_norm: npu_rms_norm / npu_add_rms_norm
 
@@ -52,10 +50,8 @@ def _paged_block_ok(cache: torch.Tensor) -> bool:
 def rms_norm_supports(x: Any, weight: Any, eps: float, residual: Any = None) -> bool | str:
     if not _on_npu(x, weight) or (residual is not None and not _on_npu(residual)):
         return "needs NPU tensors"
-    if x.dtype not in FLOAT_DTYPES or not 2 <= x.dim() <= 8 or weight.dim() != 1:
-        return "npu_rms_norm takes 2-8-D fp16/bf16/fp32 input"
-    if weight.shape[0] != x.shape[-1] or (residual is not None and residual.shape != x.shape):
-        return "shapes outside the contract"
+    if not 2 <= x.dim() <= 8:
+        return "npu_rms_norm takes 2-8-D input"
     if residual is not None and (residual.dtype != x.dtype or x.numel() == 0):
         return "npu_add_rms_norm takes x2 of x1's dtype and no empty tensors"
     return True
@@ -89,22 +85,22 @@ def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool,
         return ok
     if not _on_npu(x, positions, cos_sin_cache):
         return "needs NPU tensors"
-    if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES:
-        return "x outside the contract"
     D = x.shape[-1]
     if D % 2 or D >= 896 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D:
         return "npu_rotary_mul takes an even D < 896"
     if x.dim() == 3 and x.shape[1] >= 1000:
         return "npu_rotary_mul takes fewer than 1000 heads (B*N < 1000)"
-    if positions.dim() != 1 or positions.shape[0] != x.shape[0]:
-        return "positions outside the contract"
     return True
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool, *,
          meta: AttentionMetadata | None = None) -> torch.Tensor:
     T, D = x.shape[0], x.shape[-1]
-    r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
+    tables = meta.backend if meta is not None and isinstance(meta.backend, AscendStepTables) else None
+    if interleaved and tables is not None and tables.rope_cache is cos_sin_cache and tables.rope_r1.shape[-1] == D:
+        r1, r2 = tables.rope_r1, tables.rope_r2  # built once per step, not per layer
+    else:
+        r1, r2 = convert.rope_cos_sin(cos_sin_cache, positions, interleaved)
     # SBND with S = tokens, B = 1, N = heads; r1/r2 as S11D, the one broadcast form the doc lists for
     # both "half" and "interleave" modes.
     # All three in fp32 (a documented dtype for each): the contract rotates with fp32 cos/sin, and
@@ -116,7 +112,70 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------------------------
-# DSA: npu_lightning_indexer, npu_sparse_flash_attention (absorbed MLA, TND query, PA_BSND cache)
+# The Ascend attention layout (hook specs 2.0): separate nope / rope latent caches, per-step tables
+
+
+@dataclass(frozen=True)
+class AscendStepTables:
+    """What the DSA kernels take per step, built once per step (not per layer) by the layout."""
+
+    actual_seq_lengths_query: torch.Tensor  # int32 [B]: TND cumulative query ends
+    actual_seq_lengths_kv: torch.Tensor  # int32 [B]: each sequence's context length
+    block_table: torch.Tensor  # int32 [B, max_blocks]
+    # npu_rotary_mul's full-width "interleave" tables (fp32 [T, D]) from meta's rope rows, and the cache
+    # they come from (None when the step's meta has no rope rows)
+    rope_r1: torch.Tensor | None = None
+    rope_r2: torch.Tensor | None = None
+    rope_cache: torch.Tensor | None = None
+
+
+class AscendLayout(AttentionLayout):
+    """The MLA latent cache as two contiguous caches, ``c`` ``[blocks, bs, kv_lora_rank]`` and ``k_pe``
+    ``[blocks, bs, rope_dim]``: Atlas A2/A3's ``npu_sparse_flash_attention`` takes ``key`` and
+    ``key_rope`` as separate contiguous PA_BSND tensors (no strided views), and vllm-ascend keeps them
+    apart likewise (vllm-ascend@182b75e ``vllm_ascend/attention/sfa_v1.py:903``: ``kv_cache[0]`` (nope)
+    and ``kv_cache[1]`` (rope), written by ``npu_kv_rmsnorm_rope_cache``; here the generic
+    ``kv_cache_write`` writes both through ``SplitKV.write``, two indexed copies). The indexer
+    cache stays canonical (PA_BSND is a view of it). Block sizes: the PA_BSND kernels take multiples
+    of 16 up to 1024; others are allocatable and served by the generic ops."""
+
+    name = "ascend-nope-rope"
+    canonical = False
+    default_block_size = 128
+
+    def block_size_ok(self, block_size: int) -> bool | str:
+        if block_size % 16 or block_size > 1024:
+            return f"PA_BSND block_size must be a multiple of 16 and <= 1024, got {block_size}"
+        return True
+
+    def latent_cache(self, num_blocks: int, block_size: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> PagedKV:
+        return SplitKV((torch.zeros(num_blocks, block_size, latent_dim, dtype=dtype, device=device),
+                        torch.zeros(num_blocks, block_size, rope_dim, dtype=dtype, device=device)))
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> AscendStepTables:
+        r1 = r2 = None
+        if getattr(meta, "rope_cos", None) is not None:  # GPT-J pairs: cos_i at 2i, 2i+1; sin likewise (+sin at 2i+1)
+            r1, r2 = meta.rope_cos[:, 0], meta.rope_sin[:, 0, 1::2].repeat_interleave(2, dim=-1)
+        return AscendStepTables(convert.tnd_actual_seq_lengths(cu_seqlens_q), convert.kv_actual_seq_lengths(seq_lens),
+                                block_table.to(torch.int32), r1, r2, getattr(meta, "cos_sin_cache", None))
+
+
+LAYOUT = AscendLayout()
+
+
+def _tables(meta: AttentionMetadata | None, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+            block_table: torch.Tensor) -> AscendStepTables:
+    """The step's tables from ``meta`` (built once per step), else converted for this call."""
+    if meta is not None and isinstance(meta.backend, AscendStepTables):
+        return meta.backend
+    return LAYOUT.step_tables(meta, cu_seqlens_q, seq_lens, block_table)
+
+
+# --------------------------------------------------------------------------------------------
+# DSA: npu_lightning_indexer, npu_sparse_flash_attention (absorbed MLA, TND query, PA_BSND caches)
+# The dispatcher has checked each call against the op's contract; these state kernel limits only.
 
 
 def lightning_indexer_supports(
@@ -125,14 +184,17 @@ def lightning_indexer_supports(
 ) -> bool | str:
     if (ok := meta_supported(meta, q)) is not True:
         return ok
-    if not _on_npu(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
+    keys = k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
+    if not isinstance(keys, torch.Tensor):
+        return "npu_lightning_indexer takes one contiguous key cache"
+    if not _on_npu(q, weights, keys, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
-    if q.dim() != 3 or q.dtype not in HALF_DTYPES or q.shape[1] > 64 or q.shape[2] != 128:
+    if q.dtype not in HALF_DTYPES or q.shape[1] > 64 or q.shape[2] != 128:
         return "npu_lightning_indexer takes fp16/bf16 query [T, N<=64, 128]"
-    if k_cache.dim() != 3 or k_cache.shape[-1] != 128 or weights.shape != q.shape[:2]:
-        return "k_cache/weights outside the contract"
-    if not _paged_block_ok(k_cache):
-        return f"PA_BSND block_size must be a multiple of 16 and <= 1024, got {k_cache.shape[1]}"
+    if keys.dtype != q.dtype:
+        return "npu_lightning_indexer takes a key cache of the query's dtype (converting would copy the cache)"
+    if (ok := LAYOUT.block_size_ok(keys.shape[1])) is not True:
+        return ok
     if not (1 <= topk <= 2048 or topk in (3072, 4096, 5120, 6144, 7168, 8192)):
         return "sparse_count must be 1..2048 or a documented larger size"
     if scale <= 0:
@@ -141,20 +203,22 @@ def lightning_indexer_supports(
 
 
 def lightning_indexer(
-    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, weights: torch.Tensor, k_cache: PagedKV | torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     # The NPU op scores sum_h w_h * relu(q_h . k). Our scale > 0 multiplies every score of a token
     # by the same factor (relu(s x) = s relu(x)), so the top-k is unchanged without it. Weights stay
     # fp32 (allowed on Atlas A2/A3 whatever the query dtype).
+    keys = k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
+    tables = _tables(meta, cu_seqlens_q, seq_lens, block_table)
     out = _npu().npu_lightning_indexer(
         q.contiguous(),
-        convert.to_pa_bsnd(k_cache.to(q.dtype)),
+        convert.to_pa_bsnd(keys),  # a view: the cache is the PA_BSND key as stored
         weights.float().contiguous(),
-        actual_seq_lengths_query=convert.tnd_actual_seq_lengths(cu_seqlens_q),
-        actual_seq_lengths_key=convert.kv_actual_seq_lengths(seq_lens),
-        block_table=block_table.to(torch.int32),
+        actual_seq_lengths_query=tables.actual_seq_lengths_query,
+        actual_seq_lengths_key=tables.actual_seq_lengths_kv,
+        block_table=tables.block_table,
         layout_query="TND",
         layout_key="PA_BSND",
         sparse_count=topk,
@@ -163,55 +227,63 @@ def lightning_indexer(
     return convert.indexer_output_to_positions(out, topk)
 
 
+def _sfa_caches(kv_cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Ascend layout's (nope, rope) caches, or None for another layout."""
+    if isinstance(kv_cache, SplitKV) and len(kv_cache.parts) == 2:
+        return kv_cache.parts
+    return None
+
+
 def sparse_mla_attention_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
-    *, meta: Any = None,
+    *, meta: Any = None, return_lse: bool = False,
 ) -> bool | str:
+    if return_lse:
+        return "npu_sparse_flash_attention gives no lse with a paged cache (return_softmax_lse is training-only)"
     if (ok := meta_supported(meta, q)) is not True:
         return ok
-    if not _on_npu(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
+    caches = _sfa_caches(kv_cache)
+    if caches is None:
+        return "npu_sparse_flash_attention takes separate nope / rope caches (the Ascend layout)"
+    nope, rope = caches
+    if not _on_npu(q, nope, rope, indices, block_table, cu_seqlens_q, seq_lens):
         return "needs NPU tensors"
-    if q.dim() != 3 or q.dtype not in HALF_DTYPES or kv_cache.dim() != 3 or kv_cache.shape[-1] != q.shape[-1]:
-        return "npu_sparse_flash_attention takes fp16/bf16 q and cache of one width"
-    if q.shape[-1] != 576 or v_dim != 512:
+    if q.dtype not in HALF_DTYPES or nope.dtype != q.dtype or rope.dtype != q.dtype:
+        return "npu_sparse_flash_attention takes fp16/bf16 q and caches of q's dtype"
+    if nope.shape[-1] != 512 or rope.shape[-1] != 64 or v_dim != 512:
         return "npu_sparse_flash_attention takes D 512 with a rope part of 64 (Dk 576, v_dim 512)"
     if q.shape[1] not in SFA_HEADS:
         return f"npu_sparse_flash_attention takes 1/2/4/.../128 query heads on Atlas A2/A3, got {q.shape[1]}"
-    if not _paged_block_ok(kv_cache):
-        return f"PA_BSND block_size must be a multiple of 16 and <= 1024, got {kv_cache.shape[1]}"
-    if indices.dim() != 2 or indices.shape[0] != q.shape[0] or indices.shape[1] == 0:
-        return "indices outside the contract"
+    if (ok := LAYOUT.block_size_ok(nope.shape[1])) is not True:
+        return ok
+    if indices.shape[1] == 0:
+        return "npu_sparse_flash_attention takes at least one sparse index per token"
     return True
 
 
 def sparse_mla_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, kv_cache: PagedKV, indices: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-    meta: AttentionMetadata | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    meta: AttentionMetadata | None = None, return_lse: bool = False,
+) -> torch.Tensor:
+    nope, rope = kv_cache.parts  # the Ascend layout: two contiguous caches, passed as PA_BSND views
     q_nope, q_rope = convert.split_query(q, v_dim)
-    # Two contiguous caches: Atlas A2/A3 take no non-contiguous key/key_rope, and our contract keeps
-    # one [.., 576] latent cache, so this is a copy per call (vllm-ascend stores them separately).
-    c_cache, pe_cache = convert.split_latent_cache(kv_cache.to(q.dtype), v_dim)
     sparse = convert.valid_first(indices.to(torch.int32)).unsqueeze(1).contiguous()  # [T, KV_N=1, K]
-    # return_softmax_lse is documented for training with layout_kv other than PA_BSND only, so the
-    # kernel gives `out` and the lse comes from one extra scores pass in torch (chunked).
+    tables = _tables(meta, cu_seqlens_q, seq_lens, block_table)
     out, _softmax_max, _softmax_sum = _npu().npu_sparse_flash_attention(
-        q_nope, c_cache, c_cache, sparse, scale,
-        block_table=block_table.to(torch.int32),
-        actual_seq_lengths_query=convert.tnd_actual_seq_lengths(cu_seqlens_q),
-        actual_seq_lengths_kv=convert.kv_actual_seq_lengths(seq_lens),
-        query_rope=q_rope, key_rope=pe_cache,
+        q_nope, convert.to_pa_bsnd(nope), convert.to_pa_bsnd(nope), sparse, scale,
+        block_table=tables.block_table,
+        actual_seq_lengths_query=tables.actual_seq_lengths_query,
+        actual_seq_lengths_kv=tables.actual_seq_lengths_kv,
+        query_rope=q_rope, key_rope=convert.to_pa_bsnd(rope),
         sparse_block_size=1,
         layout_query="TND", layout_kv="PA_BSND",
         sparse_mode=0,  # attend to exactly the given positions (the indexer already applied causality)
         attention_mode=2,  # absorbed MLA: key and value are the same latent cache
-        return_softmax_lse=False,
+        return_softmax_lse=False,  # training-only with a paged cache; no caller of ours asks (supports)
     )
-    lse = convert.lse_over_positions(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale)
     empty = ~(indices >= 0).any(dim=1)
-    out = out.masked_fill(empty[:, None, None], 0.0)
-    return out, lse
+    return out.masked_fill(empty[:, None, None], 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,8 +297,6 @@ def moe_route_supports(
 ) -> bool | str:
     if not _on_npu(router_logits) or (correction_bias is not None and not _on_npu(correction_bias)):
         return "needs NPU tensors"
-    if router_logits.dim() != 2:
-        return "router_logits outside the contract"
     E = router_logits.shape[1]
     if not renormalize:
         return "npu_moe_gating_top_k (sigmoid) always renormalises the top-k weights"
@@ -261,10 +331,6 @@ def moe_route(
 def grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
     if not _on_npu(x, w, group_sizes):
         return "needs NPU tensors"
-    if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1] or group_sizes.shape != (w.shape[0],):
-        return "shapes outside the contract"
-    if x.dtype not in FLOAT_DTYPES:
-        return "npu_grouped_matmul takes fp16/bf16/fp32"
     if w.shape[0] > 1024:
         return "npu_grouped_matmul takes at most 1024 groups"
     return True
@@ -287,8 +353,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
 def silu_and_mul_supports(x: Any) -> bool | str:
     if not _on_npu(x):
         return "needs NPU tensors"
-    if x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2 or not 1 <= x.dim() <= 8:
-        return "x outside the contract"
+    if not 1 <= x.dim() <= 8:
+        return "npu_swiglu takes 1-8-D input"
     if x.numel() == 0:
         return "npu_swiglu takes no empty tensors"
     return True
@@ -302,8 +368,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def moe_permute_supports(x: Any, topk_ids: Any, num_experts: int) -> bool | str:
     if not _on_npu(x, topk_ids):
         return "needs NPU tensors"
-    if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or x.dtype not in FLOAT_DTYPES:
-        return "x / topk_ids outside the contract"
+    if x.dtype not in FLOAT_DTYPES:
+        return "npu_moe_init_routing_v2 takes fp16/bf16/fp32 x unquantised"
     if not 1 <= num_experts <= 10240:
         return "npu_moe_init_routing_v2 takes expert_num in [1, 10240]"
     if topk_ids.numel() == 0:
@@ -336,8 +402,6 @@ def moe_permute(
 def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: int) -> bool | str:
     if not _on_npu(y, order, topk_weights):
         return "needs NPU tensors"
-    if y.dim() != 2 or order.dim() != 1 or topk_weights.dim() != 2 or topk_weights.shape[0] != num_tokens:
-        return "shapes outside the contract"
     if y.dtype != torch.bfloat16:
         return "npu_moe_token_unpermute takes bfloat16 tokens only"
     if num_tokens < 1 or y.shape[0] != num_tokens * topk_weights.shape[1] or order.shape[0] != y.shape[0]:
@@ -348,20 +412,24 @@ def moe_unpermute_supports(y: Any, order: Any, topk_weights: Any, num_tokens: in
 
 
 def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    # Row j goes back to flat assignment order[j] (Megatron's sorted_indices), then each token's topK
-    # rows are weighted by probs and summed; probs are bf16 per the doc. The op wants a full permutation:
-    # the dropped rows (order -1, always last) are zeroed and sent to the assignments no kept row names,
-    # found on the device (no host read): a stable sort puts the unnamed flat indices first, in order.
+    # npu_moe_token_unpermute takes a GATHER index: flat output slot t*k+s reads permuted row idx[t*k+s]
+    # (op-plugin@517f2e7d0f20 test/test_custom_ops/test_npu_moe_token_permute_and_unpermute.py: the op on
+    # idx equals Megatron's unpermute on argsort(idx); vllm-ascend@182b75e token_dispatcher.py:424-455 feeds
+    # it npu_moe_init_routing_v2's row_idx_type=0 output). Our `order` is the SCATTER index (row j came from
+    # assignment order[j]), so it is inverted here, on the device. The op wants a full permutation: the
+    # dropped rows (order -1, always last) are zeroed and given the assignments no kept row names (a
+    # stable sort puts those flat indices first, in order); probs are bf16 per the doc.
     order = order.long()
     n = order.shape[0]
     kept = order >= 0
     named = torch.zeros(n + 1, dtype=torch.int32, device=order.device)
     named.scatter_(0, torch.where(kept, order, n), torch.ones_like(order, dtype=torch.int32))
     unnamed = torch.argsort(named[:n], stable=True)  # flat indices no kept row names, ascending, first
-    slot = (torch.arange(n, device=order.device) - kept.sum()).clamp(min=0)
-    perm = torch.where(kept, order, unnamed[slot])
+    rows = torch.arange(n, device=order.device)
+    scatter = torch.where(kept, order, unnamed[(rows - kept.sum()).clamp(min=0)])  # row j -> assignment
+    gather = torch.empty_like(scatter).scatter_(0, scatter, rows)  # assignment i <- row gather[i]
     y = torch.where(kept.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return _npu().npu_moe_token_unpermute(y, perm, probs=topk_weights.to(torch.bfloat16))
+    return _npu().npu_moe_token_unpermute(y, gather, probs=topk_weights.to(torch.bfloat16))
 
 
 IMPLEMENTATIONS = {

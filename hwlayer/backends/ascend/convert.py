@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from hwlayer.ops import positions_to_slots, token_positions
-
 
 def counts_to_cumulative(group_sizes: torch.Tensor) -> torch.Tensor:
     """Per-expert row counts -> cumulative row ends, int64 (``group_list_type=0``).
@@ -58,13 +56,6 @@ def to_pa_bsnd(cache: torch.Tensor) -> torch.Tensor:
     """Our paged cache ``[num_blocks, block_size, D]`` -> ``PA_BSND`` ``[num_blocks, block_size, 1, D]``
     (one KV head), a view of the same memory."""
     return cache.unsqueeze(2)
-
-
-def split_latent_cache(kv_cache: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our MLA latent cache rows ``[c (v_dim), k_pe]`` -> the separate contiguous ``PA_BSND`` caches
-    the absorbed-MLA NPU kernel takes: ``(c [nb, bs, 1, v_dim], k_pe [nb, bs, 1, rope_dim])``.
-    This copies: the NPU op does not take strided views."""
-    return to_pa_bsnd(kv_cache[..., :v_dim].contiguous()), to_pa_bsnd(kv_cache[..., v_dim:].contiguous())
 
 
 def split_query(q: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,27 +103,3 @@ def indexer_output_to_positions(out: torch.Tensor | tuple, topk: int) -> torch.T
     indices = out[0] if isinstance(out, tuple) else out
     indices = indices.reshape(indices.shape[0], -1)[:, :topk].to(torch.int32)
     return torch.where(indices >= 0, indices, torch.full_like(indices, -1))
-
-
-def lse_over_positions(
-    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, budget: int = 1 << 25,
-) -> torch.Tensor:
-    """Natural-log ``lse[t, h] = log(sum_k exp(q[t, h] . kv[idx_k] * scale))`` over the valid
-    ``indices`` (fp32 ``[T, H]``, ``-inf`` for a token with none), computed in torch in token chunks
-    of about ``budget`` elements. ``npu_sparse_flash_attention`` documents ``return_softmax_lse``
-    only for training with a non-paged cache, so the Ascend adapter gets the lse this way."""
-    T, H, Dk = q.shape
-    K = indices.shape[1]
-    flat = kv_cache.reshape(-1, Dk)
-    seq_idx, _ = token_positions(cu_seqlens_q, seq_lens)
-    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    step = max(1, budget // max(1, K * (Dk + H)))
-    for c0 in range(0, T, step):
-        c1 = min(T, c0 + step)
-        idx = indices[c0:c1]
-        kv = flat[positions_to_slots(block_table, seq_idx[c0:c1], idx, kv_cache.shape[1])].float()
-        s = torch.einsum("thd,tkd->thk", q[c0:c1].float(), kv) * scale
-        s.masked_fill_(~(idx >= 0)[:, None, :], float("-inf"))
-        lse[c0:c1] = torch.logsumexp(s, dim=-1)
-    return lse

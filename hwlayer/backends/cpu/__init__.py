@@ -14,7 +14,7 @@ from hwlayer.hookspecs import hookimpl
 
 from . import graph
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 
 def _detect() -> Availability:

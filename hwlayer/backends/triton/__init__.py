@@ -37,7 +37,7 @@ from hwlayer.hookspecs import hookimpl
 from .adapters import IMPLEMENTATIONS, interpreter_problem, interpreting
 from .quant_adapters import IMPLEMENTATIONS as QUANT_IMPLEMENTATIONS
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 INSTALL_HINT = "pip install .[triton] (or triton>=3.0); on CPU set TRITON_INTERPRET=1 before starting"
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from hwlayer.ops.cache import PagedKV
 from hwlayer.ops.layout import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -123,12 +124,8 @@ def _f32_dot(dtype: torch.dtype) -> bool:
 
 
 def rms_norm_supports(x: Any, weight: Any, eps: float, residual: Any = None) -> bool | str:
-    if not _is_tensor(x, weight) or (residual is not None and not _is_tensor(residual)):
-        return "non-tensor argument"
-    if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        return "shape or dtype outside the contract"
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        return "residual shape/dtype differs from x"
+    if x.dim() < 1:
+        return "a 0-D x has no row to normalise"
     if x.shape[-1] > MAX_NORM_DIM:
         return f"last dim {x.shape[-1]} > {MAX_NORM_DIM}"
     return _device_ok(x, weight, *(() if residual is None else (residual,)))
@@ -154,12 +151,8 @@ def rms_norm(
 
 
 def layer_norm_supports(x: Any, weight: Any, bias: Any, eps: float) -> bool | str:
-    if not _is_tensor(x, weight) or (bias is not None and not _is_tensor(bias)):
-        return "non-tensor argument"
-    if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or weight.shape != (x.shape[-1],):
-        return "shape or dtype outside the contract"
-    if bias is not None and bias.shape != (x.shape[-1],):
-        return "bias shape outside the contract"
+    if x.dim() < 1:
+        return "a 0-D x has no row to normalise"
     if x.shape[-1] > MAX_NORM_DIM:
         return f"last dim {x.shape[-1]} > {MAX_NORM_DIM}"
     return _device_ok(x, weight, *(() if bias is None else (bias,)))
@@ -181,22 +174,27 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # kv_cache_write
 
 
+def _canonical(cache: Any) -> Any:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (hook specs 2.0: a ``PagedKV``), or
+    None for a layout without one (the kernels address that layout only)."""
+    return cache.canonical if isinstance(cache, PagedKV) else cache
+
+
 def kv_cache_write_supports(cache: Any, rows: Any, slot_mapping: Any, *, meta: Any = None) -> bool | str:
     if (ok := meta_supported(meta, rows)) is not True:
         return ok
-    if not _is_tensor(cache, rows, slot_mapping):
-        return "non-tensor argument"
-    if cache.dim() != 3 or not cache.is_contiguous() or rows.dim() != 2 or rows.shape[1] != cache.shape[2]:
-        return "cache/rows outside the contract"
-    if slot_mapping.dim() != 1 or slot_mapping.dtype not in INDEX_DTYPES or slot_mapping.shape[0] != rows.shape[0]:
-        return "slot_mapping outside the contract"
+    if (cache := _canonical(cache)) is None:
+        return "the kernel writes the canonical cache layout"
+    if not cache.is_contiguous():
+        return "the kernel writes a contiguous cache"
     if value_checks() and slot_mapping.numel() and int(slot_mapping.max()) >= cache.shape[0] * cache.shape[1]:
         return "slot out of range"  # the generic op names it
     return _device_ok(cache, rows, slot_mapping)
 
 
-def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
+def kv_cache_write(cache: PagedKV | torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor, *,
                    meta: AttentionMetadata | None = None) -> None:
+    cache = _canonical(cache)
     T, D = rows.shape
     if T and D:
         block = min(1024, _p2(D))
@@ -214,14 +212,6 @@ def kv_cache_write(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.
 def rope_supports(x: Any, positions: Any, cos_sin_cache: Any, interleaved: bool, *, meta: Any = None) -> bool | str:
     if (ok := meta_supported(meta, x)) is not True:
         return ok
-    if not _is_tensor(x, positions, cos_sin_cache):
-        return "non-tensor argument"
-    if x.dim() not in (2, 3) or x.dtype not in FLOAT_DTYPES or x.shape[-1] % 2:
-        return "x outside the contract"
-    if positions.dim() != 1 or positions.dtype not in INDEX_DTYPES or positions.shape[0] != x.shape[0]:
-        return "positions outside the contract"
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != x.shape[-1]:
-        return "cos_sin_cache outside the contract"
     if x.shape[-1] // 2 * (x.shape[1] if x.dim() == 3 else 1) > MAX_NORM_DIM:
         return "heads x rotary dim too large for one program"
     if value_checks() and positions.numel() and (
@@ -263,15 +253,9 @@ def lightning_indexer_supports(
 ) -> bool | str:
     if (ok := meta_supported(meta, q)) is not True:
         return ok
-    if not _is_tensor(q, weights, k_cache, block_table):
-        return "non-tensor argument"
-    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
-        return "q outside the contract"
     T, Hi, Di = q.shape
-    if weights.shape != (T, Hi) or k_cache.dim() != 3 or k_cache.shape[2] != Di:
-        return "weights/k_cache shapes outside the contract"
-    if block_table.dim() != 2 or block_table.dtype not in INDEX_DTYPES or topk < 1:
-        return "block_table/topk outside the contract"
+    if (k_cache := _canonical(k_cache)) is None:
+        return "the kernel reads the canonical cache layout"
     if Hi > MAX_INDEXER_HEADS or Di > MAX_INDEXER_DIM:
         return f"indexer heads {Hi} / head dim {Di} above {MAX_INDEXER_HEADS}/{MAX_INDEXER_DIM}"
     ok = _varlen_ok("lightning_indexer", cu_seqlens_q, seq_lens, T)
@@ -312,7 +296,7 @@ def lightning_indexer(
     # Scoring is the Triton kernel; the selection is torch.topk on the scored tile, on the device:
     # sizes come from shapes and max_seqlen_k, so the whole op can sit in a captured graph (a Triton
     # radix-select would save the [T, S] tile; not written yet).
-    scores = indexer_scores(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_k)
+    scores = indexer_scores(q, weights, _canonical(k_cache), block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_k)
     T, S = scores.shape
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     k = min(topk, S)
@@ -324,21 +308,13 @@ def lightning_indexer(
 
 def sparse_mla_attention_supports(
     q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float, v_dim: int,
-    *, meta: Any = None,
+    *, meta: Any = None, return_lse: bool = False,
 ) -> bool | str:
     if (ok := meta_supported(meta, q)) is not True:
         return ok
-    if not _is_tensor(q, kv_cache, indices, block_table):
-        return "non-tensor argument"
-    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
-        return "q outside the contract"
+    if (kv_cache := _canonical(kv_cache)) is None:
+        return "the kernel reads the canonical cache layout"
     T, H, Dk = q.shape
-    if kv_cache.dim() != 3 or kv_cache.shape[2] != Dk or indices.dim() != 2 or indices.shape[0] != T:
-        return "kv_cache/indices shapes outside the contract"
-    if indices.dtype not in INDEX_DTYPES or block_table.dim() != 2 or block_table.dtype not in INDEX_DTYPES:
-        return "indices/block_table dtypes outside the contract"
-    if not 0 < v_dim <= Dk:
-        return "v_dim outside the contract"
     if value_checks() and indices.numel() and seq_lens.numel() and int(indices.max()) >= int(seq_lens.max()):
         return "indices past the longest context"  # the generic op names it
     if v_dim > MAX_LATENT_DIM or Dk - v_dim > MAX_ROPE_DIM:
@@ -383,9 +359,18 @@ def mla_num_splits(num_tokens: int, num_heads: int, num_keys: int, v_dim: int, p
 
 
 def sparse_mla_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, kv_cache: PagedKV | torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-    meta: AttentionMetadata | None = None,
+    meta: AttentionMetadata | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    # The kernels produce the lse anyway (split-K merges through it): returning it costs nothing.
+    out, lse = _sparse_mla(q, _canonical(kv_cache), indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim)
+    return (out, lse) if return_lse else out
+
+
+def _sparse_mla(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two launch shapes of one kernel, chosen from host-known sizes (:func:`mla_num_splits`):
     prefill: grid (T, head tiles), each program one pass over its token's K rows; decode (split-K):
@@ -435,13 +420,7 @@ def moe_route_supports(
     router_logits: Any, correction_bias: Any, top_k: int, n_group: int, topk_group: int,
     renormalize: bool, routed_scaling_factor: float,
 ) -> bool | str:
-    if not _is_tensor(router_logits) or router_logits.dim() != 2 or router_logits.dtype not in FLOAT_DTYPES:
-        return "router_logits outside the contract"
     E = router_logits.shape[1]
-    if correction_bias is not None and (not _is_tensor(correction_bias) or correction_bias.shape != (E,)):
-        return "correction_bias outside the contract"
-    if not 1 <= top_k <= E or n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
-        return "top_k/n_group/topk_group outside the contract"
     if E > MAX_EXPERTS or top_k > MAX_ROUTE_TOPK:
         return f"{E} experts / top_k {top_k} above {MAX_EXPERTS}/{MAX_ROUTE_TOPK}"
     if top_k > topk_group * (E // n_group):
@@ -470,12 +449,6 @@ def moe_route(
 
 
 def grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
-    if not _is_tensor(x, w, group_sizes):
-        return "non-tensor argument"
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES or w.dim() != 3 or w.shape[2] != x.shape[1]:
-        return "x/w outside the contract"
-    if group_sizes.dim() != 1 or group_sizes.dtype not in INDEX_DTYPES or group_sizes.shape[0] != w.shape[0]:
-        return "group_sizes outside the contract"
     if value_checks() and (int(group_sizes.sum()) > x.shape[0] or bool((group_sizes < 0).any())):
         return "group_sizes do not fit the rows"  # the generic op names it
     return _device_ok(x, w, group_sizes)
@@ -514,8 +487,6 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
 
 
 def silu_and_mul_supports(x: Any) -> bool | str:
-    if not _is_tensor(x) or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] % 2:
-        return "x outside the contract"
     return _device_ok(x)
 
 

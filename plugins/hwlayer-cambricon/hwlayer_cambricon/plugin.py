@@ -7,10 +7,10 @@ registration. Ops: rms_norm, rope, moe_route, grouped_gemm on torch_mlu_ops, eac
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
+from hwlayer.plugin import as_registered
 
 from . import adapters
 
@@ -54,13 +54,7 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    note = adapters.emulation_note()
-    if note is None:
-        register(BACKEND)
-        return
-    # A test process emulating this backend's libraries on CPU (hwlayer's conformance/emulators).
-    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
-                                 verified=f"{note}; {VERIFIED}"))
+    register(as_registered(BACKEND))  # under hwlayer's test-only emulation: a CPU twin saying "emulated"
 
 
 @hookimpl

@@ -8,10 +8,10 @@ guarded by a ``supports_*`` check; everything else runs hwlayer's generic torch 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
+from hwlayer.plugin import as_registered
 
 from . import adapters, convert
 
@@ -67,13 +67,7 @@ BACKEND = Backend(
 
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
-    note = adapters.emulation_note()
-    if note is None:
-        register(BACKEND)
-        return
-    # A test process emulating this backend's libraries on CPU (hwlayer's conformance/emulators).
-    register(dataclasses.replace(BACKEND, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
-                                 verified=f"{note}; {VERIFIED}"))
+    register(as_registered(BACKEND))  # under hwlayer's test-only emulation: a CPU twin saying "emulated"
 
 
 @hookimpl

@@ -40,7 +40,9 @@ HWLAYER_HOOKSPEC_VERSION = "1.0"
 
 def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim):
     wrong_scale = q.shape[-1] ** -0.5  # bug: ignores the scale argument
-    return generic.sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, wrong_scale, v_dim)
+    # a 1.x implementation returns (out, lse); the 2.0 generic gives the lse when asked
+    return generic.sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, wrong_scale, v_dim,
+                                        return_lse=True)
 
 
 def rope(x, positions, cos_sin_cache, interleaved):

@@ -1,0 +1,165 @@
+"""Paged caches owned by the backend (hook specs 2.0): the cache objects the cache ops take, and
+:class:`AttentionLayout`, what a backend declares about them (vLLM's ``get_kv_cache_shape`` plus its
+attention metadata builder).
+
+A model asks the backend's layout for one cache object per layer and kind (the MLA latent cache;
+the DSA indexer key cache) and hands those objects to ``kv_cache_write``, ``lightning_indexer`` and
+``sparse_mla_attention`` without looking inside. Every object is a :class:`PagedKV`: whatever its
+storage (one tensor, separate nope / rope tensors, later FP8 rows with scales), it offers the
+*canonical view*: rows of width ``width`` addressed by flat slot (``block * block_size + offset``),
+read with :meth:`PagedKV.rows` and written with :meth:`PagedKV.write`.
+
+Mixing rule (a native op and a generic fallback on one cache): the generic ops read and write any
+layout through that canonical view, touching only the rows they address (what the generic ops
+gather anyway), never converting a whole cache; so a ``supports()`` that declines one call, or a
+plan that serves ``kv_cache_write`` generically and ``sparse_mla_attention`` natively, stays
+correct. Implementations written for hook specs 1.x take the canonical ``[blocks, block_size,
+width]`` tensor (``PagedKV.canonical``); the dispatcher passes it to them, and leaves them out of
+the plan of a backend whose layout has no such tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+class PagedKV:
+    """One layer's paged cache of ``width``-wide rows, ``num_blocks * block_size`` flat slots."""
+
+    def __init__(self, num_blocks: int, block_size: int, width: int) -> None:
+        self.num_blocks, self.block_size, self.width = num_blocks, block_size, width
+
+    @property
+    def canonical(self) -> torch.Tensor | None:
+        """The ``[num_blocks, block_size, width]`` tensor when the cache is stored that way, else None."""
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The storage (what occupies memory)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Canonical rows at flat ``slots`` (int, any shape, every slot valid): ``[*slots.shape, width]``."""
+        raise NotImplementedError
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``rows [n, width]`` (cast to the cache's dtype) into flat ``slots [n]`` (distinct, valid), in place."""
+        raise NotImplementedError
+
+
+class ContiguousKV(PagedKV):
+    """The canonical layout: one contiguous ``[num_blocks, block_size, width]`` tensor."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        super().__init__(*data.shape)
+        self.data = data
+
+    @property
+    def canonical(self) -> torch.Tensor:
+        return self.data
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.data,)
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.data.view(-1, self.width).index_select(0, slots.reshape(-1)).view(*slots.shape, self.width)
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self.data.view(-1, self.width).index_copy_(0, slots, rows.to(self.data.dtype))
+
+
+class SplitKV(PagedKV):
+    """Rows split by columns into separate contiguous caches ``[num_blocks, block_size, w_i]``
+    (Ascend: the latent ``c`` and ``k_pe`` apart, as its attention kernels take them); the canonical
+    row is their concatenation."""
+
+    def __init__(self, parts: tuple[torch.Tensor, ...]) -> None:
+        nb, bs = parts[0].shape[:2]
+        super().__init__(nb, bs, sum(p.shape[-1] for p in parts))
+        self.parts = parts
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.parts
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        flat = slots.reshape(-1)
+        got = [p.view(-1, p.shape[-1]).index_select(0, flat) for p in self.parts]
+        return torch.cat(got, dim=-1).view(*slots.shape, self.width)
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        at = 0
+        for p in self.parts:
+            w = p.shape[-1]
+            p.view(-1, w).index_copy_(0, slots, rows[:, at:at + w].to(p.dtype))
+            at += w
+
+
+def as_paged(cache: Any) -> PagedKV:
+    """A cache argument as a :class:`PagedKV` (a bare ``[blocks, bs, D]`` tensor is the canonical layout)."""
+    return ContiguousKV(cache) if isinstance(cache, torch.Tensor) else cache
+
+
+class AttentionLayout:
+    """What a backend owns about attention (``Backend.attention_layout``, hook specs 2.0): how the
+    paged caches of a model are stored, and the backend's per-step tables.
+
+    Subclass and override what differs; this base is the canonical layout (one latent cache
+    ``[blocks, bs, latent + rope]``, one indexer cache ``[blocks, bs, Di]``, no backend tables).
+    A layout may store FP8 rows with scales: its :class:`PagedKV` then dequantizes in ``rows`` and
+    quantizes in ``write``, and the bytes per token follow from its storage.
+    """
+
+    name = "canonical"
+    canonical = True  # every cache it makes has a ``canonical`` tensor (1.x implementations can take it)
+    default_block_size = 64
+
+    def block_size_ok(self, block_size: int) -> bool | str:
+        """True when the backend's kernels take caches of this block size, else why not (the generic
+        ops then serve; any block size >= 1 is allocatable)."""
+        return True
+
+    def latent_cache(self, num_blocks: int, block_size: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> PagedKV:
+        """One layer's MLA latent cache; canonical rows ``[c (latent_dim), k_pe (rope_dim)]``."""
+        return ContiguousKV(torch.zeros(num_blocks, block_size, latent_dim + rope_dim, dtype=dtype, device=device))
+
+    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> PagedKV:
+        """One layer's DSA indexer key cache; canonical rows ``[index_dim]``."""
+        return ContiguousKV(torch.zeros(num_blocks, block_size, index_dim, dtype=dtype, device=device))
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> Any:
+        """The backend's own per-step tables (``AttentionMetadata.backend``), built once per step from
+        the step's host facts (``meta``'s ints) and its device tensors, before any layer runs: device
+        arithmetic only, never a read back. None: the backend has none."""
+        return None
+
+    def bytes_per_token(self, latent_dim: int, rope_dim: int, index_dim: int | None, dtype: torch.dtype,
+                        block_size: int | None = None) -> int:
+        """Exact bytes one token occupies in one layer's caches (``index_dim`` None: no indexer cache),
+        measured from the storage this layout allocates (on the meta device, nothing allocated)."""
+        bs = block_size or self.default_block_size
+        meta = torch.device("meta")
+        total = self.latent_cache(1, bs, latent_dim, rope_dim, dtype, meta).nbytes
+        if index_dim:
+            total += self.indexer_cache(1, bs, index_dim, dtype, meta).nbytes
+        return math.ceil(total / bs)
+
+
+CANONICAL = AttentionLayout()
