@@ -58,15 +58,6 @@ ALSO_NATIVE = {
 }
 FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1"}
 
-# Known failures on this branch, for the lead to remove when the fixing branch lands (strict: an
-# unexpected pass fails, so a stale mark cannot linger).
-ASCEND_HOST_READ = pytest.mark.xfail(
-    strict=True, raises=HOST_READS,
-    reason="ascend reads the device in decode: the torch_npu emulator's kernels are not opaque custom ops yet "
-           "(npu_lightning_indexer reads its lengths on the host) and ascend/convert.py calls token_positions "
-           "without num_tokens; both are H1's part of issue 20 (remove this mark when that branch lands)")
-
-
 def i32(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)
 
@@ -150,8 +141,7 @@ def _decode_reads_nothing(backend: str, checkpoint) -> None:
     assert all(counts.get((op, "native"), 0) for op in NATIVE[backend] + ALSO_NATIVE[backend]), counts
 
 
-@pytest.mark.parametrize("backend", [pytest.param("ascend", marks=ASCEND_HOST_READ),
-                                     *(b for b in emulators.BACKENDS if b != "ascend")])
+@pytest.mark.parametrize("backend", emulators.BACKENDS)
 def test_real_width_decode_step_reads_nothing_on_the_host(backend, checkpoint):
     _decode_reads_nothing(backend, checkpoint)
 
