@@ -152,15 +152,48 @@ def _lse_on_request(fn: Callable, is_supports: bool) -> Callable:
     return call
 
 
+# Ops whose 2.0 signature gained optional arguments (``ep_dispatch``: ``topk_weights``, ``capacity``).
+EP_OPS = frozenset({"ep_dispatch", "ep_combine"})
+
+
+def _ep_1x(op: str, fn: Callable, is_supports: bool) -> Callable:
+    """A 1.x ``ep_dispatch`` / ``ep_combine`` under the 2.0 contract: the dispatch drops
+    ``topk_weights`` (its combine applies them, as 1.x did) and the fixed-capacity form, which 1.x
+    has no notion of, goes to the generic op together with its combine (recognised by its handle)."""
+    from .ops import ep as generic
+
+    if op == "ep_dispatch":
+        def dispatch(x: Any, topk_ids: Any, num_experts: int, group: Any = None, topk_weights: Any = None,
+                     capacity: int | None = None) -> Any:
+            if capacity is not None:
+                return True if is_supports else generic.ep_dispatch(x, topk_ids, num_experts, group,
+                                                                     topk_weights, capacity)
+            return fn(x, topk_ids, num_experts, group)
+
+        dispatch.__wrapped__ = fn  # type: ignore[attr-defined]
+        return dispatch
+
+    def combine(y: Any, handle: Any, topk_weights: Any, group: Any = None) -> Any:
+        if isinstance(handle, generic.EPCapacityHandle):
+            return True if is_supports else generic.ep_combine(y, handle, topk_weights, group)
+        return fn(y, handle, topk_weights, group)
+
+    combine.__wrapped__ = fn  # type: ignore[attr-defined]
+    return combine
+
+
 def _compatible(op: str, fn: Callable, spec: tuple[int, int] = (2, 0), is_supports: bool = False) -> Callable:
     """``fn`` as the plan calls it, decided once when the plan is built (no cost per call for current
     implementations): pre-1.2 implementations of a META_OPS op drop ``meta``; 1.x implementations of
-    a CACHE_OPS op get canonical tensors, and 1.x ``sparse_mla_attention`` returns the lse on request."""
+    a CACHE_OPS op get canonical tensors, 1.x ``sparse_mla_attention`` returns the lse on request, and
+    1.x EP ops keep their 1.x signature (``_ep_1x``)."""
     fn = _without_meta(fn) if op in META_OPS and not _takes_meta(fn) else fn
     if spec < (2, 0) and op in CACHE_OPS:
         if op == "sparse_mla_attention":
             fn = _lse_on_request(fn, is_supports)
         fn = _canonical_caches(fn)
+    if spec < (2, 0) and op in EP_OPS:
+        fn = _ep_1x(op, fn, is_supports)
     return fn
 
 

@@ -290,3 +290,46 @@ def test_a_1x_cache_op_on_a_non_canonical_layout_is_left_out_with_one_line():
         assert p.entries["rms_norm"].plugin == "legacy_cache_ops"  # not a cache op: served as before
     finally:
         emulators.deactivate()
+
+
+def test_a_1x_ep_plugin_keeps_its_signature_and_the_capacity_form_goes_generic(tmp_path):
+    """Hook specs 2.0 gave ``ep_dispatch`` ``topk_weights`` and ``capacity``: a 1.x implementation is
+    called with its own four arguments (its combine applies the weights), and the fixed-capacity form,
+    which 1.x does not know, is served by the generic pair, combine included (one real gloo rank)."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def old_dispatch(x, topk_ids, num_experts, group=None):  # hook specs 1.2: exactly four arguments
+        calls.append("dispatch")
+        return ops.ep_dispatch(x, topk_ids, num_experts, group)
+
+    def old_combine(y, handle, topk_weights, group=None):
+        calls.append("combine")
+        return ops.ep_combine(y, handle, topk_weights, group)
+
+    mod = types.ModuleType("legacy_ep")
+    mod.HWLAYER_HOOKSPEC_VERSION = "1.2"
+
+    @hookimpl
+    def hwlayer_register_ops(register):
+        register("ep_dispatch", old_dispatch, backend="cpu")
+        register("ep_combine", old_combine, backend="cpu")
+
+    mod.hwlayer_register_ops = hwlayer_register_ops
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        reg = load_registry(extra_plugins=(mod,))
+        p = DispatchPlan(reg.backends["cpu"], reg)
+        x, ids = torch.randn(3, 4), torch.tensor([[0, 1], [1, 2], [3, 0]])
+        w = torch.rand(3, 2)
+        want = ops.ep_combine(*ops.ep_dispatch(x, ids, 4)[::2], w)
+        recv, local, handle = p.ep_dispatch(x, ids, 4, None, w)  # as the model calls it
+        torch.testing.assert_close(p.ep_combine(recv, handle, w), want)
+        assert calls == ["dispatch", "combine"]
+        recv, local, handle = p.ep_dispatch(x, ids, 4, None, w, 4)  # fixed capacity: the generic pair
+        assert isinstance(handle, ops.EPCapacityHandle)
+        torch.testing.assert_close(p.ep_combine(recv, handle, w), want)
+        assert calls == ["dispatch", "combine"]
+    finally:
+        dist.destroy_process_group()
