@@ -27,6 +27,11 @@ Changelog:
   ``out`` alone unless called with ``return_lse=True``. The dispatcher validates each op's
   arguments against its contract once, so ``supports`` states only kernel limits. Plugin
   boilerplate (lazy import, the test emulation marker) is in :mod:`hwlayer.plugin`.
+  ``ep_dispatch`` takes optional ``topk_weights`` (combine may then sum on the expert's rank) and
+  ``capacity`` (the fixed-capacity, graph-capturable form) and returns an opaque handle (1.x
+  implementations keep their four arguments; the fixed-capacity form goes to the generic pair).
+  New ops: ``prepare_weight`` (a weight converted once at load, identity by default), and the
+  weight formats ``w8a8_static`` and ``w4a8`` (msmodelslim W8A8 / W4A8).
 * 1.2: ``rope``, ``kv_cache_write``, ``lightning_indexer`` and ``sparse_mla_attention`` take an
   optional keyword argument ``meta`` (:class:`hwlayer.ops.layout.AttentionMetadata`, the step's
   tables built once for every layer; implementations may use it or ignore it, results never
