@@ -96,12 +96,16 @@ def _guarded(native: Callable, supports: Callable, fallback: Callable) -> Callab
 META_OPS = frozenset({"rope", "kv_cache_write", "lightning_indexer", "sparse_mla_attention"})
 
 
-def _takes_meta(fn: Callable) -> bool:
+def _takes(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: assume the old one
         return False
-    return any(p.name == "meta" or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _takes_meta(fn: Callable) -> bool:
+    return _takes(fn, "meta")
 
 
 def _without_meta(fn: Callable) -> Callable:
@@ -192,8 +196,8 @@ def _compatible(op: str, fn: Callable, spec: tuple[int, int] = (2, 0), is_suppor
         if op == "sparse_mla_attention":
             fn = _lse_on_request(fn, is_supports)
         fn = _canonical_caches(fn)
-    if spec < (2, 0) and op in EP_OPS:
-        fn = _ep_1x(op, fn, is_supports)
+    if spec < (2, 0) and op in EP_OPS and not (op == "ep_dispatch" and _takes(fn, "capacity")):
+        fn = _ep_1x(op, fn, is_supports)  # (an ep_dispatch with the 2.0 signature is taken as such)
     return fn
 
 
