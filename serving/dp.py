@@ -34,6 +34,7 @@ from hwlayer import distributed as hd
 from . import ep as ep_mod
 from .block_manager import BlockManager
 from .engine import Engine, Sequence
+from .scheduler import Scheduler
 
 
 class DPBlockAllocator:
@@ -91,37 +92,28 @@ class DPBlockAllocator:
     hit_rate = 0.0
 
 
-class DPEngine(Engine):
-    """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
+class DPScheduler(Scheduler):
+    """The scheduler with one block pool per rank: a sequence lives on one rank, a new one goes to the
+    least loaded rank with room (fewest KV blocks in use, then fewest tokens), a shortage preempts the
+    newest sequence of the short rank only, and the headroom kept at admission is that rank's."""
 
-    ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
-    the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
-    distributed step); a test may pass another that takes the same global-block batch.
-    Everything else is :class:`serving.engine.Engine`: only where a sequence's blocks come from
-    differs (:meth:`_grow`), which sequence a shortage preempts (:meth:`_preempt`) and what can fit
-    (:meth:`check_fits`).
-    """
+    def __init__(self, allocator: DPBlockAllocator, **kwargs: Any) -> None:
+        super().__init__(allocator, **kwargs)
+        self.world = allocator.world
+        self.preemptions_by_rank = [0] * self.world
 
-    def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int,
-                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
-        if world < 1:
-            raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
-        leader = forward or DPLeader(model, world, num_blocks, block_size)
-        kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
-        super().__init__(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
-                         max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
-                         forward=leader, **kwargs)
-        self.world = world
-        self.allocator = DPBlockAllocator(world, num_blocks, block_size)  # rank 0's cache holds num_blocks
-        self.preemptions_by_rank = [0] * world
-        self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
-        self._admit_rank: int | None = None  # the rank _admit chose for the sequence it is admitting
+    @property
+    def pool_blocks(self) -> int:
+        return self.allocator.blocks_per_rank
 
     def rank_of(self, seq: Sequence) -> int | None:
         """The rank a sequence lives on, or None while it holds no blocks."""
         blocks = seq.blocks  # one read: /metrics calls this off the engine thread, which may replace the list
         return self.allocator.rank_of(blocks[0]) if blocks else None
+
+    def _home(self, seq: Sequence) -> int | None:
+        rank = self.rank_of(seq)
+        return rank if rank is not None else getattr(seq, "dp_rank", None)
 
     def choose_rank(self, need: int, among: list[int] | None = None) -> int | None:
         """Least loaded rank with ``need`` free blocks: fewest blocks in use, then fewest tokens."""
@@ -130,75 +122,93 @@ class DPEngine(Engine):
             r = self.rank_of(s)
             if r is not None:
                 tokens[r] += s.num_tokens
-        fits = [r for r in (range(self.world) if among is None else among) if self.allocator.ranks[r].num_free >= need]
-        return min(fits, key=lambda r: (self.allocator.ranks[r].num_used, tokens[r], r), default=None)
+        ranks = self.allocator.ranks
+        fits = [r for r in (range(self.world) if among is None else among) if ranks[r].num_free >= need]
+        return min(fits, key=lambda r: (ranks[r].num_used, tokens[r], r), default=None)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks_needed(num_tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        rank = self.rank_of(seq)
-        if rank is None:
-            rank = self._admit_rank if self._admit_rank is not None else self.choose_rank(need)
-            if rank is None:
-                return False
-        if need > self.allocator.ranks[rank].num_free:
-            self._short_rank = rank
+        rank = self._home(seq)
+        if rank is None or need > self.allocator.ranks[rank].num_free:
             return False
         seq.blocks += self.allocator.allocate_on(rank, need)
         return True
 
-    def _admit(self, seq: Sequence, budget: int, reserved: int) -> int | None:
-        """Admission with the blocks to finish reserved per rank: the least loaded rank whose free blocks
-        cover this sequence's and its running sequences' needs, or None (it keeps waiting)."""
-        need = self.blocks_needed(self._final_len(seq))
-        held = [0] * self.world
-        for s in self.running:
-            r = self.rank_of(s)
-            if r is not None:
-                held[r] += self._blocks_to_finish(s)
-        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free - held[r] >= need]
-        if not fits:
-            return None
-        self._admit_rank = self.choose_rank(0, among=fits)
-        try:
-            return super()._admit(seq, budget, 0)  # the global check passes: one rank alone has room
-        finally:
-            self._admit_rank = None
+    def _victim(self, seq: Sequence) -> Sequence:
+        """The newest running sequence on ``seq``'s rank (only those free blocks it can use)."""
+        rank = self._home(seq)
+        return [s for s in self.running if self._home(s) == rank][-1]
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq``, preempting the newest running sequences of its own rank while its blocks are short."""
-        rank = self.rank_of(seq)
-        while not self._grow(seq, num_tokens):
-            victim = [s for s in self.running if self.rank_of(s) == rank][-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        """The scheduler preempts the newest sequence when one cannot grow; only a sequence on the
-        rank that lacks blocks frees any, so the newest one there goes instead (possibly the one
-        that wanted to grow: it comes back on whichever rank then has room)."""
-        short = None
-        if short is not None and self.rank_of(seq) != short:
-            same = [s for s in self.running if self.rank_of(s) == short]
-            seq = same[-1] if same else seq
-        rank = self.rank_of(seq)
+    def preempt(self, seq: Sequence) -> None:
+        rank = self._home(seq)
         if rank is not None:
             self.preemptions_by_rank[rank] += 1
-        super()._preempt(seq)
+        super().preempt(seq)
+        seq.dp_rank = None  # it comes back on whichever rank then has room
+
+    def _room_to_admit(self, seq: Sequence, hits: list[int], need: int) -> bool:
+        """Place ``seq`` on the least loaded rank whose free blocks cover ``need`` plus the headroom of
+        that rank's running sequences; False when none does."""
+        running = [0] * self.world
+        for s in self.running:
+            r = self._home(s)
+            if r is not None:
+                running[r] += 1
+        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free >= need + running[r]]
+        seq.dp_rank = self.choose_rank(0, among=fits) if fits else None
+        return seq.dp_rank is not None
+
+
+class DPEngine(Engine):
+    """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
+
+    ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
+    the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
+    distributed step); a test may pass another that takes the same global-block batch.
+    Everything else is :class:`serving.engine.Engine`; the per-rank block pools are
+    :class:`DPScheduler`'s.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
+        if world < 1:
+            raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
+        self.world = world
+        leader = forward or DPLeader(model, world, num_blocks, block_size)
+        kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
+        kwargs.pop("enable_prefix_caching", None)  # no prefix caching across ranks
+        self._blocks_per_rank = num_blocks
+        super().__init__(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
+                         max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
+                         forward=leader, enable_prefix_caching=False, **kwargs)
+
+    def _make_scheduler(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> Scheduler:
+        # rank 0's cache holds num_blocks: the runner's cache is rank 0's share
+        return DPScheduler(DPBlockAllocator(self.world, num_blocks, block_size), block_size=block_size,
+                           max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                           max_model_len=self.max_model_len, metrics=self.metrics)
+
+    @property
+    def preemptions_by_rank(self) -> list[int]:
+        return self.scheduler.preemptions_by_rank
+
+    def rank_of(self, seq: Sequence) -> int | None:
+        return self.scheduler.rank_of(seq)
+
+    def choose_rank(self, need: int, among: list[int] | None = None) -> int | None:
+        return self.scheduler.choose_rank(need, among)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
-        why = super().check_fits(prompt_len, max_tokens)
-        if why:
-            return why
-        total, per_rank = prompt_len + max_tokens, self.allocator.blocks_per_rank
-        if self.blocks_needed(total) > per_rank:
+        why = self.scheduler.check_fits(prompt_len, max_tokens)
+        if why and "KV blocks" in why:
+            total = prompt_len + max_tokens
             return (f"the request needs {self.blocks_needed(total)} KV blocks ({total} tokens) but one rank's cache "
-                    f"has {per_rank} (with --dp-attention a sequence lives on one rank); lower max_tokens or start "
-                    "the server with more --num-kv-blocks")
-        return None
+                    f"has {self.scheduler.pool_blocks} (with --dp-attention a sequence lives on one rank); lower "
+                    "max_tokens or start the server with a larger per-rank KV cache")
+        return why
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: running sequences, KV blocks used and in all (read at /metrics scrape time)."""
