@@ -137,12 +137,17 @@ class ModelRunner:
 
     def __init__(self, model: GLM5, *, max_num_seqs: int, max_model_len: int,
                  graphs: str | Callable[[], StepGraph] | None = "auto",
-                 capture_sizes: tuple[int, ...] | None = None, buckets: tuple[int, ...] | None = None) -> None:
+                 capture_sizes: tuple[int, ...] | None = None, buckets: tuple[int, ...] | None = None,
+                 num_speculative_tokens: int = 0) -> None:
         if max_num_seqs < 1 or max_model_len < 1:
             raise ValueError(f"ModelRunner: expected max_num_seqs >= 1 and max_model_len >= 1, got "
                              f"{max_num_seqs}, {max_model_len}")
         self.model = model
         self.max_model_len = max_model_len
+        # Tokens per row of a captured step: 1 (decode), or 1 + N under speculative decoding, whose
+        # verify steps (the pending token and N drafts per sequence) are what the graphs capture; they
+        # return the hidden states of every row (the engine runner takes logits and MTP drafts from them).
+        self.q = 1 + num_speculative_tokens
         self.make_graph = graph_maker(model) if graphs == "auto" else graphs
         if isinstance(self.make_graph, str):
             raise ValueError(f"ModelRunner: graphs expected 'auto', None or a callable, got {graphs!r}")
@@ -166,11 +171,39 @@ class ModelRunner:
     def uses_graphs(self) -> bool:
         return bool(self.capture_sizes)
 
+    supports_rows = True  # __call__ takes ``rows`` (serving/runner.py: prompt logprobs)
+
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+    def __call__(self, batch: Batch, cache: PagedCache, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Logits of each sequence's last new token, or (``rows``: flat token indices) of those rows,
+        eagerly (prefill rows for prompt logprobs)."""
         meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
                                        self.model.config.max_position_embeddings)
+        if rows is not None or self.q != 1:  # not a plain decode step the graphs hold
+            self.eager_steps += 1
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            if rows is None:
+                return self.model.forward_context(ctx, cache)
+            h = self.model.hidden_states(ctx.input_ids, ctx, cache)
+            return self.model.logits(h[torch.from_numpy(np.asarray(rows)).to(h.device)])
+        return self._run(meta, cache)
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        """Final hidden states ``[T, D]`` of every new token: speculative verify steps replayed from the
+        graphs (captured with ``num_speculative_tokens``), everything else eager."""
+        meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
+                                       self.model.config.max_position_embeddings)
+        if self.q == 1:
+            self.eager_steps += 1
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            return self.model.hidden_states(ctx.input_ids, ctx, cache)
+        return self._run(meta, cache)
+
+    def _run(self, meta: StepMetadata, cache: PagedCache) -> torch.Tensor:
+        """The step of ``meta`` from its graph when one holds it, else eagerly: logits of the last rows
+        (``q`` 1) or hidden states of all rows (``q`` > 1)."""
         B = meta.seq_lens.shape[0]
         key = self._graph_key(meta, cache)
         if key is not None:
@@ -182,18 +215,26 @@ class ModelRunner:
                 key = None
         if key is None:
             self.eager_steps += 1
-            return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            return self._step(ctx, cache)
         graph, out = self.graphs[key]
         self._load(meta)
         graph.replay()
         self.replays += 1
-        return out[:B].clone()
+        return out[:B * self.q].clone()
+
+    def _step(self, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
+        if self.q == 1:
+            return self.model.forward_context(ctx, cache)
+        return self.model.hidden_states(ctx.input_ids, ctx, cache)
 
     def _graph_key(self, meta: StepMetadata, cache: PagedCache) -> tuple[int, int] | None:
         """(ladder size, context bucket) of the graph that runs this step, or None for an eager step."""
         B = meta.seq_lens.shape[0]
-        if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != 1:
+        if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != self.q:
             return None  # prefill or mixed steps, or nothing captured
+        if meta.input_ids.shape[0] != B * self.q:
+            return None  # rows of different lengths (a sequence verifying fewer drafts)
         if self.graph_cache is not None and cache is not self.graph_cache:
             return None
         if meta.max_seqlen_k > self.max_model_len or meta.block_table.shape[1] > self._max_blocks(cache):
@@ -205,28 +246,33 @@ class ModelRunner:
         return -(-self.max_model_len // cache.block_size)
 
     def _layout(self, n: int, W: int) -> list[int]:
-        """Segment sizes of the packed buffer for ``n`` rows: ids, positions, slots, cu, seq_lens, table."""
-        return [n, n, n, n + 1, n, n * W]
+        """Segment sizes of the packed buffer for ``n`` rows of ``q`` tokens: ids, positions, slots, cu,
+        seq_lens, table."""
+        t = n * self.q
+        return [t, t, t, n + 1, n, n * W]
 
     def _views(self, buf: torch.Tensor, bs: int, max_seqlen_k: int, cache: PagedCache) -> ForwardContext:
         """The forward context of ladder size ``bs`` and context bucket ``max_seqlen_k``: views into the
         static buffer (int64, which the op contracts accept for every index argument)."""
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         ids, positions, slots, cu, lens, table = buf.split(self._layout(n, W))
-        return ForwardContext(positions[:bs], slots[:bs], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
-                              self.model.cos_sin, max_seqlen_q=1, max_seqlen_k=max_seqlen_k, input_ids=ids[:bs])
+        t = bs * self.q
+        return ForwardContext(positions[:t], slots[:t], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
+                              self.model.cos_sin, max_seqlen_q=self.q, max_seqlen_k=max_seqlen_k, input_ids=ids[:t])
 
     def _host_buffer(self, meta: StepMetadata | None, cache: PagedCache) -> torch.Tensor:
         """The packed host copy of a padded decode step (``meta`` None: all rows padding)."""
-        n, W = self.capture_sizes[-1], self._max_blocks(cache)
-        ids, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        slots = np.full(n, -1, np.int64)  # padding rows write nowhere
-        cu = np.arange(n + 1, dtype=np.int64)  # one token per row, padding rows included
-        lens = np.ones(n, np.int64)  # a padding row: a 1-token context (position 0)
+        n, W, q = self.capture_sizes[-1], self._max_blocks(cache), self.q
+        ids = np.zeros(n * q, np.int64)
+        positions = np.tile(np.arange(q, dtype=np.int64), n)  # a padding row: positions 0 .. q-1
+        slots = np.full(n * q, -1, np.int64)  # padding rows write nowhere
+        cu = np.arange(n + 1, dtype=np.int64) * q  # q tokens per row, padding rows included
+        lens = np.full(n, q, np.int64)  # a padding row: a q-token context
         table = np.zeros((n, W), np.int64)
         if meta is not None:
             B, w = meta.seq_lens.shape[0], meta.block_table.shape[1]
-            ids[:B], positions[:B], slots[:B], lens[:B] = (meta.input_ids, meta.positions, meta.slot_mapping,
+            t = B * q
+            ids[:t], positions[:t], slots[:t], lens[:B] = (meta.input_ids, meta.positions, meta.slot_mapping,
                                                            meta.seq_lens)
             table[:B, :w] = meta.block_table
         return torch.from_numpy(np.concatenate([ids, positions, slots, cu, lens, table.reshape(-1)]))
@@ -263,7 +309,7 @@ class ModelRunner:
         ctx = self._views(self._static, bs, max_seqlen_k, cache)
         graph = self.make_graph()
         try:
-            out = graph.capture(lambda: self.model.forward_context(ctx, cache))
+            out = graph.capture(lambda: self._step(ctx, cache))
         except Exception as exc:
             if not self._eager_if_capture_fails:
                 raise

@@ -50,7 +50,11 @@ class Engine:
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: list[int],
                  forward: Callable[..., torch.Tensor] | None = None, metrics: Any = None,
                  on_idle: Callable[[], None] | None = None, idle_interval: float = 10.0,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, num_speculative_tokens: int = 0) -> None:
+        if num_speculative_tokens and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative decoding with method mtp needs the checkpoint's MTP layer "
+                             "(num_nextn_predict_layers >= 1 with its weights)")
+        self.num_speculative_tokens = num_speculative_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.block_size = block_size
@@ -66,7 +70,10 @@ class Engine:
         self.output = OutputProcessor(tokenizer, eos_token_ids=self.eos_token_ids, max_model_len=max_model_len,
                                       metrics=metrics, release=self.scheduler.release)
         self.runner = EngineRunner(model, num_blocks=num_blocks, block_size=block_size, forward=forward,
-                                   stop_ids=self.output.stop_ids)
+                                   stop_ids=self.output.stop_ids, num_speculative_tokens=num_speculative_tokens,
+                                   max_model_len=max_model_len)
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified and accepted, for benchmarks
+        self.num_accepted_tokens = 0
         self.special_ids = self.output.special_ids
 
         self._inbox: list[Sequence] = []
@@ -83,7 +90,8 @@ class Engine:
     def _make_scheduler(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> Scheduler:
         return Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), block_size=block_size,
                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                         max_model_len=self.max_model_len, metrics=self.metrics)
+                         max_model_len=self.max_model_len, metrics=self.metrics,
+                         num_lookahead_tokens=self.num_speculative_tokens)
 
     # ---- the parts' state, by their old names -------------------------------------------------
     @property
@@ -252,17 +260,32 @@ class Engine:
             if b in out.errors:
                 self._finish(seq, "error", error=out.errors[b])
                 continue
+            if out.verified and out.verified[b] is not None:
+                self._count_verified(*out.verified[b])
+            if out.num_valid and out.num_valid[b] is not None:
+                n = out.num_valid[b]  # rejected drafts' rows are stale: overwritten by later steps
+            if out.drafts:
+                seq.draft_ids = out.drafts[b] or []
             self._update(seq, n, out.tokens[b], out.logprobs[b], out.prompt_logprobs[b], now)
         if self.metrics:
             self.metrics.step_seconds.observe(time.perf_counter() - started)
         return len(scheduled)
+
+    def _count_verified(self, drafts: int, accepted: int) -> None:
+        self.num_draft_tokens += drafts
+        self.num_accepted_tokens += accepted
+        if self.metrics:
+            self.metrics.spec_num_drafts.inc()
+            self.metrics.spec_num_draft_tokens.inc(drafts)
+            self.metrics.spec_num_accepted_tokens.inc(accepted)
+            for pos in range(accepted):
+                self.metrics.spec_accepted_per_pos.labels(position=str(pos)).inc()
 
     def _update(self, seq: Sequence, n: int, tokens: list[int], logprobs: list | None, prompt_logprobs: list | None,
                 now: float) -> None:
         """Advance ``seq`` by a step that computed ``n`` rows and sampled ``tokens``."""
         seq.num_computed += n
         self.num_computed_tokens += n
-        self.scheduler.register_full_blocks(seq)
         if prompt_logprobs:
             seq.prompt_logprobs.extend(prompt_logprobs)
         if seq.num_computed >= seq.num_tokens and seq.params.max_tokens == 0:
@@ -272,6 +295,7 @@ class Engine:
             last = i == len(tokens) - 1
             if self.output.append_token(seq, int(token), now, logprobs[i] if logprobs else None, emit=last):
                 return
+        self.scheduler.register_full_blocks(seq)  # after the tokens: accepted drafts are computed rows too
 
     # ---- finishing ----------------------------------------------------------------------------
     def _append_token(self, seq: Sequence, token: int, now: float, logprob: Any = None) -> None:

@@ -49,12 +49,18 @@ def leader_forward(model: Any) -> Callable[[Any, Any], torch.Tensor]:
     """Rank 0's ``forward``: send the batch to the followers, then run it here too."""
     step = {"n": 0}
 
-    def forward(batch: Any, cache: Any) -> torch.Tensor:
+    def forward(batch: Any, cache: Any, rows: Any = None) -> torch.Tensor:
         step["n"] += 1
         _broadcast([("step", batch)], f"serving step {step['n']} (broadcast)")
         with hd.rank_failure_guard(f"serving step {step['n']} (forward)"):
-            return model.forward_batch(batch, cache)
+            if rows is None:
+                return model.forward_batch(batch, cache)
+            # prompt logprobs: the same layers (and all-to-alls) as the followers' forward_batch, other rows
+            from .runner import logits_of_rows
 
+            return logits_of_rows(model, batch, cache, rows)
+
+    forward.supports_rows = True
     return forward
 
 

@@ -56,6 +56,11 @@ class StepOutput:
     logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # per sampled token, when asked
     prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # new prompt rows' logprobs
     errors: dict[int, str] = field(default_factory=dict)  # row -> why that sequence cannot go on
+    # speculative decoding, per scheduled sequence: cache rows that stay valid (None: all it ran), the
+    # next drafts (None: leave them), and (drafts verified, accepted) of a verify step
+    num_valid: list[int | None] = field(default_factory=list)
+    drafts: list[list[int] | None] = field(default_factory=list)
+    verified: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 class EngineRunner:
@@ -66,7 +71,8 @@ class EngineRunner:
 
     def __init__(self, model: Any, *, num_blocks: int, block_size: int,
                  forward: Callable[..., torch.Tensor] | None = None,
-                 stop_ids: Callable[[Any], set[int]] = lambda params: set()) -> None:
+                 stop_ids: Callable[[Any], set[int]] = lambda params: set(), num_speculative_tokens: int = 0,
+                 max_model_len: int | None = None) -> None:
         from model import Batch  # the model package defines the batch layout
 
         self._Batch = Batch
@@ -77,6 +83,8 @@ class EngineRunner:
         self.stop_ids = stop_ids
         self.device = getattr(model, "device", torch.device("cpu"))
         self.last_forward_seconds = 0.0
+        self.num_speculative_tokens = num_speculative_tokens  # MTP drafts per step (0: no speculation)
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
 
     # ---- host buffers -----------------------------------------------------------------------
     def build_batch(self, scheduled: list[tuple[Sequence, int]]) -> Any:
@@ -104,6 +112,8 @@ class EngineRunner:
         """Run one step and sample every sequence whose context is complete after it."""
         import time
 
+        if self.num_speculative_tokens:
+            return self._execute_speculative(scheduled)
         batch = self.build_batch(scheduled)
         cu = batch.cu_seqlens_q.numpy()
         out = StepOutput(tokens=[[] for _ in scheduled], logprobs=[None] * len(scheduled),
@@ -152,6 +162,136 @@ class EngineRunner:
                 out.tokens[ready[i]] = [token]
                 out.logprobs[ready[i]] = None if lp is None else [lp]
         return out
+
+    # ---- speculative decoding (serving/speculative.py) ---------------------------------------
+    @torch.inference_mode()
+    def _execute_speculative(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
+        """A step with MTP drafting: target forward over every row (verify rows included), sampling
+        and verification, then the MTP layer over the same rows proposes each sequence's next drafts."""
+        import time
+
+        from .speculative import target_probs, verify_greedy, verify_sampled
+
+        model = self.model
+        B = len(scheduled)
+        out = StepOutput(tokens=[[] for _ in scheduled], logprobs=[None] * B, prompt_logprobs=[None] * B,
+                         num_valid=[None] * B, drafts=[None] * B, verified=[None] * B)
+        batch = self.build_batch(scheduled)
+        cu = batch.cu_seqlens_q.numpy()
+        started = time.perf_counter()
+        hidden_of = getattr(self.forward, "hidden_states", None)  # a ModelRunner replays verify steps in graphs
+        ctx = model.context(batch, self.cache)
+        h = hidden_of(batch, self.cache) if hidden_of is not None else model.hidden_states(ctx.input_ids, ctx,
+                                                                                           self.cache)
+        # Rows whose logits the step needs: verify rows, each other ready row's last, prompt-logprob rows.
+        rows: list[int] = []
+        where: dict[int, tuple[int, int]] = {}  # b -> (first index into rows, count) of its sampling rows
+        prompt_at: dict[int, tuple[int, int, int]] = {}  # b -> (first index into rows, count, first position)
+        for b, (seq, n) in enumerate(scheduled):
+            k = n - (seq.num_tokens - seq.num_computed)  # drafts carried (> 0: a verify step)
+            if k > 0:
+                where[b] = (len(rows), k + 1)
+                rows += range(int(cu[b]), int(cu[b + 1]))
+            elif seq.num_computed + n >= seq.num_tokens and seq.params.max_tokens > 0:
+                where[b] = (len(rows), 1)
+                rows.append(int(cu[b + 1]) - 1)
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+                first = max(seq.num_computed, len(seq.prompt_logprobs) - 1)
+                last = min(seq.num_computed + n, len(seq.prompt_ids) - 1)
+                if last > first:
+                    prompt_at[b] = (len(rows), last - first, first)
+                    rows += range(int(cu[b]) + first - seq.num_computed, int(cu[b]) + last - seq.num_computed)
+        logits = model.logits(h[torch.tensor(rows, dtype=torch.int64, device=h.device)]) if rows else None
+        self.last_forward_seconds = time.perf_counter() - started
+        for b, (at, count, first) in prompt_at.items():
+            seq = scheduled[b][0]
+            out.prompt_logprobs[b] = _logprobs_of_targets(logits[at:at + count],
+                                                          seq.prompt_ids[first + 1:first + 1 + count],
+                                                          seq.params.prompt_logprobs)
+        # Sample plain rows together; verify the draft rows per sequence.
+        plain = [b for b, (at, count) in where.items() if count == 1]
+        if plain:
+            ids, lps = self.sample(logits[[where[b][0] for b in plain]], [scheduled[b][0] for b in plain])
+            for b, token, lp in zip(plain, ids, lps, strict=True):
+                out.tokens[b] = [token]
+                out.logprobs[b] = None if lp is None else [lp]
+        verifying = [b for b, (at, count) in where.items() if count > 1]
+        greedy = [b for b in verifying if scheduled[b][0].params.temperature <= 0]
+        if greedy:
+            argmax = logits.argmax(-1).tolist()
+        for b in verifying:
+            seq, (at, count) = scheduled[b][0], where[b]
+            drafts = seq.draft_ids[:count - 1]
+            if seq.params.temperature <= 0:
+                accepted, token = verify_greedy(argmax[at:at + count], drafts)
+            else:
+                p = seq.params
+                R = torch.arange(at, at + count, device=logits.device)
+                probs = target_probs(logits[R], torch.full((count,), p.temperature, device=logits.device),
+                                     torch.full((count,), p.top_k, dtype=torch.int64, device=logits.device),
+                                     torch.full((count,), p.top_p, device=logits.device))
+                accepted, token = verify_sampled(probs, drafts, seq.generator)
+            out.tokens[b] = drafts[:accepted] + [token]
+            out.num_valid[b] = 1 + accepted  # the pending token and the accepted drafts; later rows are stale
+            out.verified[b] = (len(drafts), accepted)
+        if model.mtp is not None:
+            self._propose(scheduled, batch, ctx, h, out)
+        return out
+
+    def _propose(self, scheduled: list[tuple[Sequence, int]], batch: Any, ctx: Any, h: torch.Tensor,
+                 out: StepOutput) -> None:
+        """Run the MTP layer over this step's rows (row i: ``h_i`` and token ``i + 1``), writing its cache
+        layer, and draft up to N tokens for each sequence that decodes on (chaining the layer)."""
+        from .speculative import uses_drafts
+
+        model, N, bs = self.model, self.num_speculative_tokens, self.block_size
+        cu = batch.cu_seqlens_q.numpy()
+        ids = batch.input_ids.numpy()
+        nxt = np.zeros(ids.shape[0], dtype=np.int64)
+        draft_rows, who = [], []
+        for b, (seq, n) in enumerate(scheduled):
+            start = int(cu[b])
+            if out.num_valid[b] is not None:  # verify: after row j comes the j-th accepted draft, then the new token
+                valid, follow = out.num_valid[b], out.tokens[b]
+            else:  # rows c..c+n-1 are followed by the tokens at c+1..c+n: known ones, then the sampled one
+                valid = n
+                follow = (seq.token_slice(seq.num_computed + 1, n) + out.tokens[b])[:n]
+            nxt[start:start + len(follow)] = follow
+            pos = seq.num_computed + valid  # the new pending token's position (not cached yet)
+            room = min(N, self.max_model_len - pos - 1, len(seq.blocks) * bs - pos)
+            if out.tokens[b] and len(follow) == valid and uses_drafts(seq) and room > 0 and b not in out.errors:
+                draft_rows.append(start + valid - 1)
+                who.append((b, room))
+        rows = torch.tensor(draft_rows, dtype=torch.int64, device=h.device)
+        tokens = torch.from_numpy(nxt).to(h.device)
+        logits, x = model.mtp(tokens, h, ctx, self.cache, return_hidden=True, rows=rows)
+        drafts = logits.argmax(-1) if draft_rows else None
+        chain = [[d] for d in drafts.tolist()] if drafts is not None else []
+        # Further drafts: the MTP layer again on its own output, one token per sequence per application.
+        hidden = x[rows] if draft_rows else None
+        for j in range(1, N):
+            live = [i for i, (b, room) in enumerate(who) if room > j]
+            if not live:
+                break
+            seqs = [scheduled[who[i][0]][0] for i in live]
+            positions = [s.num_computed + (out.num_valid[who[i][0]] or scheduled[who[i][0]][1]) + j - 1
+                         for s, i in zip(seqs, live, strict=True)]
+            width = max(len(s.blocks) for s in seqs)
+            table = np.zeros((len(live), width), dtype=np.int32)
+            for r, s in enumerate(seqs):
+                table[r, :len(s.blocks)] = s.blocks
+            step = self._Batch(input_ids=torch.tensor([chain[i][-1] for i in live], dtype=torch.int64),
+                               cu_seqlens_q=torch.arange(len(live) + 1, dtype=torch.int32),
+                               seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+                               block_table=torch.from_numpy(table))
+            sub = model.context(step, self.cache)
+            logits, x = model.mtp(sub.input_ids, hidden[live], sub, self.cache, return_hidden=True)
+            for i, d in zip(live, logits.argmax(-1).tolist(), strict=True):
+                chain[i].append(d)
+            hidden = hidden.clone()
+            hidden[live] = x
+        for (b, _), c in zip(who, chain, strict=True):
+            out.drafts[b] = c
 
     # ---- sampling ---------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -113,7 +113,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._tokens_to_run(seq, budget)
-            if not self._make_room(seq, seq.num_computed + n):
+            if not self._make_room(seq, self._rows_to_hold(seq, n)):
                 continue  # seq itself went (the newest of its pool): the next one now sits at i
             scheduled.append((seq, n))
             budget -= n
@@ -142,6 +142,15 @@ class Scheduler:
         if pending == 1 and seq.draft_ids:  # a decode with drafts: verify them in the same step
             return 1 + len(seq.draft_ids) if budget >= 1 + len(seq.draft_ids) else 1
         return min(pending, budget)
+
+    def _rows_to_hold(self, seq: Sequence, n: int) -> int:
+        """Cache rows ``seq`` holds blocks for in a step computing ``n`` rows: those, plus room for the
+        draft slots of the next steps (speculative decoding), never beyond what it can need at most."""
+        rows = seq.num_computed + n
+        if not self.num_lookahead_tokens:
+            return rows
+        final = self._final_len(len(seq.prompt_ids), seq.params.max_tokens)
+        return max(rows, min(rows + self.num_lookahead_tokens, final))
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow running ``seq`` to ``num_tokens`` cache rows, preempting the newest running sequences of
@@ -202,7 +211,7 @@ class Scheduler:
         """Admit the head of the queue when the free blocks cover its whole current context (prompt, or
         prompt + output for a preempted one) plus the headroom: its first chunk's size, or None."""
         hits = self._cached_prefix(seq)
-        need = self.blocks_needed(seq.num_tokens) - len(hits)
+        need = self.blocks_needed(seq.num_tokens + self.num_lookahead_tokens) - len(hits)
         if not self._room_to_admit(seq, hits, need):
             return None
         self.allocator.acquire(hits)
@@ -219,7 +228,7 @@ class Scheduler:
                     self.metrics.prefix_cache_queries.inc(len(seq.prompt_ids))
                     self.metrics.prefix_cache_hits.inc(seq.num_cached_tokens)
         n = min(seq.num_tokens - seq.num_computed, budget)
-        if not self._grow(seq, seq.num_computed + n):  # cannot happen: need covers the first chunk
+        if not self._grow(seq, self._rows_to_hold(seq, n)):  # cannot happen: need covers the first chunk
             raise RuntimeError(f"KV accounting: {seq.request_id} admitted without blocks for its first chunk")
         return n
 
