@@ -93,7 +93,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def release(self, seq: Sequence) -> None:
-        """``seq`` is finished: out of the queue or the batch, its blocks back to the pool."""
+        """``seq`` is finished: out of the queue or the batch, its blocks back to the pool (its computed
+        full blocks first offered to the prefix cache)."""
+        self.register_full_blocks(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -235,7 +237,8 @@ class Scheduler:
     # ---- after a step -----------------------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:
         """Offer ``seq``'s newly completed full blocks to the prefix cache."""
-        full = seq.num_computed // self.block_size
+        # rows whose tokens are known (a verify step's accepted drafts join the tokens after it)
+        full = min(seq.num_computed, seq.num_tokens, len(seq.blocks) * self.block_size) // self.block_size
         if not self.allocator.enable_prefix_caching or full <= seq.num_registered:
             return
         self.allocator.hash_blocks(seq.tokens, seq.block_hashes)
