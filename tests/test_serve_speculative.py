@@ -10,7 +10,7 @@ import re
 import httpx
 import pytest
 from server_process import ServerProcess
-from test_serve_graphs import REQUESTS, completions
+from test_serve_graphs import completions
 
 pytestmark = pytest.mark.slow  # real server processes
 
