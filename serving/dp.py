@@ -16,14 +16,18 @@ sequence goes to the least loaded rank (fewest KV blocks in use, then fewest tok
 blocks are taken; a preempted one may land elsewhere when it comes back (it recomputes anyway).
 
 Each step (:class:`DPLeader`) rank 0 splits the batch into one sub-batch per rank
-(:func:`split_batch`, block ids made local), broadcasts them, runs its own, and gathers every
-rank's logits (padded to the largest sub-batch) to sample on rank 0. Followers run
-:func:`follower_loop`. Failures are handled as in :mod:`serving.ep`: a collective that fails is a
+(:func:`split_batch`, block ids made local) and broadcasts them with what each rank samples
+(:class:`RankSampling`); every rank runs its own and samples its own rows, and rank 0 gathers token
+ids (8 bytes a row) instead of fp32 logits (4 x vocab bytes a row, 0.6 MB at GLM-5's vocabulary).
+Only rows rank 0 must process itself (logits processors, logprobs, a grammar, a seeded generator:
+that state lives on rank 0) send their logits. Followers run :func:`follower_loop`. Failures are
+handled as in :mod:`serving.ep`: a collective that fails is a
 :class:`hwlayer.distributed.RankFailure` naming the rank; rank 0 answers 503 and exits non-zero.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -261,6 +265,66 @@ def split_batch(batch: Any, world: int, blocks_per_rank: int, block_size: int) -
     return subs, rows
 
 
+@dataclass
+class RankSampling:
+    """What one rank samples after its forward, decided on rank 0 and broadcast with the step:
+    ``rows`` (local rows) with their temperature / top-k / top-p, drawn with the rank's own default
+    generator (greedy rows by argmax, no sort when all are greedy); ``logits_rows``: local rows whose
+    logits go to rank 0 instead."""
+
+    rows: list[int] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+
+
+def sample_rows(model: Any, logits: torch.Tensor, s: RankSampling) -> torch.Tensor:
+    """int64 ``[len(s.rows)]``: this rank's tokens for ``s.rows`` of its ``logits``."""
+    if not s.rows:
+        return torch.zeros(0, dtype=torch.int64, device=logits.device)
+    sub = logits[torch.tensor(s.rows, device=logits.device)]
+    if all(t <= 0 for t in s.temperature):
+        return sub.argmax(-1)
+    dev = logits.device
+    return model.plan.sample(sub, torch.tensor(s.temperature, dtype=torch.float32, device=dev),
+                             torch.tensor(s.top_k, dtype=torch.int64, device=dev),
+                             torch.tensor(s.top_p, dtype=torch.float32, device=dev))
+
+
+def _gather_padded(t: torch.Tensor, width: int, rank: int, world: int) -> list[torch.Tensor] | None:
+    """Gather ``t`` (``[rows, ...]``, padded to ``width`` rows) from every rank to rank 0."""
+    padded = t.new_zeros(width, *t.shape[1:])
+    padded[:t.shape[0]] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    return gathered
+
+
+def run_sampled_step(model: Any, subs: list[Any], sampling: list[RankSampling], cache: Any,
+                     rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Every rank: run its own sub-batch, sample its rows, gather token ids (and the few logits rows
+    rank 0 samples itself) to rank 0. Returns, on rank 0, per rank ``(token ids, logits rows)``; None
+    elsewhere. Every rank knows ``sampling`` for all ranks, so all agree on which gathers run."""
+    logits = model.forward_batch(subs[rank], cache)
+    mine = sampling[rank]
+    world = len(subs)
+    ids = sample_rows(model, logits, mine)
+    width = max(len(s.rows) for s in sampling)
+    id_parts = _gather_padded(ids, width, rank, world) if width else [ids[:0]] * world
+    lwidth = max(len(s.logits_rows) for s in sampling)
+    logit_parts = None
+    if lwidth:
+        sub = logits[torch.tensor(mine.logits_rows, dtype=torch.int64, device=logits.device)]
+        logit_parts = _gather_padded(sub, lwidth, rank, world)
+    if rank != 0:
+        return None
+    ids_out = [part[:len(s.rows)] for part, s in zip(id_parts, sampling, strict=True)]
+    logits_out = ([part[:len(s.logits_rows)] for part, s in zip(logit_parts, sampling, strict=True)]
+                  if logit_parts is not None else [logits[:0]] * world)
+    return ids_out, logits_out
+
+
 def run_step(model: Any, subs: list[Any], cache: Any, rank: int) -> list[torch.Tensor] | None:
     """Every rank: run its own sub-batch, then gather all ranks' logits to rank 0.
 
@@ -289,6 +353,8 @@ class DPLeader:
         self.steps = 0
         self.tokens = [0] * world
         self.last_tokens = [0] * world
+        self.sampled = [0] * world  # tokens each rank sampled itself (sent to rank 0 as ids)
+        self.logits_rows = 0  # rows whose logits were gathered to rank 0 instead
 
     def __call__(self, batch: Any, cache: Any) -> torch.Tensor:
         subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
@@ -304,6 +370,46 @@ class DPLeader:
             if rows[r]:
                 out[torch.tensor(rows[r], device=out.device)] = part
         return out
+
+    def sample_step(self, batch: Any, cache: Any,
+                    wants: list[tuple[float, int, float] | str | None]) -> tuple[dict[int, int], torch.Tensor]:
+        """Run a step with the ranks sampling their own rows. ``wants[b]`` for batch row ``b``: None (no
+        token this step), ``(temperature, top_k, top_p)`` (the row's rank samples it), or ``"logits"``
+        (rank 0 samples it: its logits come back). Returns ``({row: token id}, logits of the "logits"
+        rows in row order)``."""
+        subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
+        sampling = []
+        for r in range(self.world):
+            s = RankSampling()
+            for j, b in enumerate(rows[r]):
+                want = wants[b]
+                if want == "logits":
+                    s.logits_rows.append(j)
+                elif want is not None:
+                    s.rows.append(j)
+                    s.temperature.append(want[0])
+                    s.top_k.append(want[1])
+                    s.top_p.append(want[2])
+            sampling.append(s)
+        self.steps += 1
+        step = self.steps
+        ep_mod._broadcast([("dp_step", (subs, sampling))], f"serving step {step} (broadcast)")
+        with hd.rank_failure_guard(f"serving step {step} (forward)"):
+            ids, logits = run_sampled_step(self.model, subs, sampling, cache, 0)
+        self.last_tokens = [int(s.input_ids.numel()) for s in subs]
+        self.tokens = [a + b for a, b in zip(self.tokens, self.last_tokens, strict=True)]
+        tokens: dict[int, int] = {}
+        back: list[tuple[int, torch.Tensor]] = []
+        for r, s in enumerate(sampling):
+            self.sampled[r] += len(s.rows)
+            for j, t in zip(s.rows, ids[r].tolist(), strict=True):
+                tokens[rows[r][j]] = t
+            back += [(rows[r][j], logits[r][i]) for i, j in enumerate(s.logits_rows)]
+        back.sort(key=lambda x: x[0])
+        self.logits_rows += len(back)
+        vocab = self.model.config.vocab_size
+        out = torch.stack([t for _, t in back]) if back else torch.zeros(0, vocab)
+        return tokens, out
 
 
 def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
@@ -321,7 +427,10 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
             break
         if kind == "dp_step":
             with hd.rank_failure_guard(f"rank {rank} forward"):
-                run_step(model, payload, cache, rank)
+                if isinstance(payload, tuple):  # (sub-batches, what each rank samples)
+                    run_sampled_step(model, payload[0], payload[1], cache, rank)
+                else:
+                    run_step(model, payload, cache, rank)
         elif kind != "noop":
             raise RuntimeError(f"rank {rank}: rank 0 sent a {kind!r} step; with --dp-attention every rank must be "
                                "started with the same flags")
@@ -343,6 +452,9 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
                                       labels=["rank"])
             tokens = CounterMetricFamily("hwlayer_rank_attention_tokens",
                                          "Tokens whose attention this rank computed", labels=["rank"])
+            sampled = CounterMetricFamily("hwlayer_rank_sampled_tokens",
+                                          "Tokens this rank sampled itself (sent to rank 0 as ids, not logits)",
+                                          labels=["rank"])
             preempted = CounterMetricFamily("hwlayer_rank_preemptions",
                                             "Sequences preempted for lack of this rank's KV blocks", labels=["rank"])
             leader = engine.forward if isinstance(engine.forward, DPLeader) else None
@@ -353,6 +465,7 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
                 preempted.add_metric([str(r)], engine.preemptions_by_rank[r])
                 if leader is not None:
                     tokens.add_metric([str(r)], leader.tokens[r])
-            yield from (running, used, total, preempted, tokens)
+                    sampled.add_metric([str(r)], leader.sampled[r])
+            yield from (running, used, total, preempted, tokens, sampled)
 
     metrics.registry.register(RankCollector())

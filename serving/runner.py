@@ -149,6 +149,8 @@ class EngineRunner:
                 out.prompt_logprobs[b] = _logprobs_of_targets(logits_all[at:at + count], targets,
                                                               seq.params.prompt_logprobs)
                 at += count
+        elif getattr(self.forward, "sample_step", None) is not None:  # the ranks sample (serving/dp.py)
+            return self._execute_ranks_sample(scheduled, batch, ready, out, started)
         else:
             logits = self.forward(batch, self.cache)
             sample_logits = logits[ready] if len(ready) < len(scheduled) else logits
@@ -161,6 +163,33 @@ class EngineRunner:
             for i, token, lp in zip(sample, ids, lps, strict=True):
                 out.tokens[ready[i]] = [token]
                 out.logprobs[ready[i]] = None if lp is None else [lp]
+        return out
+
+    def _execute_ranks_sample(self, scheduled: list[tuple[Sequence, int]], batch: Any, ready: list[int],
+                              out: StepOutput, started: float) -> StepOutput:
+        """A step whose forward samples on the ranks that ran the rows (data-parallel attention): rows
+        with plain temperature / top-k / top-p come back as token ids; rows that need rank 0's state
+        (processors, logprobs, a grammar, a seeded generator) come back as logits and are sampled here."""
+        import time
+
+        wants: list[tuple[float, int, float] | str | None] = [None] * len(scheduled)
+        for b in ready:
+            seq = scheduled[b][0]
+            p = seq.params
+            if p.max_tokens <= 0:
+                continue
+            local = p.needs_processing or p.logprobs is not None or seq.matcher is not None or seq.generator
+            wants[b] = "logits" if local else (p.temperature, p.top_k, p.top_p)
+        tokens, logits = self.forward.sample_step(batch, self.cache, wants)
+        self.last_forward_seconds = time.perf_counter() - started
+        for b, token in tokens.items():
+            out.tokens[b] = [int(token)]
+        here = [b for b, w in enumerate(wants) if w == "logits"]
+        if here:
+            ids, lps = self.sample(logits, [scheduled[b][0] for b in here])
+            for b, token, lp in zip(here, ids, lps, strict=True):
+                out.tokens[b] = [token]
+                out.logprobs[b] = None if lp is None else [lp]
         return out
 
     # ---- speculative decoding (serving/speculative.py) ---------------------------------------
