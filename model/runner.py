@@ -160,6 +160,14 @@ class ModelRunner:
         else:
             self.buckets = tuple(sorted({b for b in buckets if 1 <= b < max_model_len} | {max_model_len}))
         self._eager_if_capture_fails = cheap  # a traced step that cannot be traced: eager, with a warning
+        # Speculative decoding: the MTP draft step of each verify graph, captured on first use; it reads
+        # the verify graph's hidden-state output, the same static step buffer, and two more: the token
+        # after each row, and the row each sequence drafts from.
+        self.draft_graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
+        self._last_key: tuple[int, int] | None = None  # the graph that ran the last hidden_states step
+        self._draft_ids: torch.Tensor | None = None
+        self._draft_rows: torch.Tensor | None = None
+        self.draft_replays = 0
         # (bs, max_seqlen_k bucket) -> (graph, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
         self.graph_cache: PagedCache | None = None
@@ -206,6 +214,7 @@ class ModelRunner:
         (``q`` 1) or hidden states of all rows (``q`` > 1)."""
         B = meta.seq_lens.shape[0]
         key = self._graph_key(meta, cache)
+        self._last_key = None
         if key is not None:
             if cache is not self.graph_cache:
                 self.capture(cache)
@@ -221,7 +230,54 @@ class ModelRunner:
         self._load(meta)
         graph.replay()
         self.replays += 1
+        self._last_key = key
         return out[:B * self.q].clone()
+
+    @torch.inference_mode()
+    def draft(self, next_ids: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MTP draft step on the verify step :meth:`hidden_states` just replayed, from its graph:
+        ``next_ids`` (the token after each row of that step), ``rows`` (the row each sequence drafts
+        from). Returns (draft logits ``[len(rows), V]``, the MTP's hidden state at those rows), or None
+        when the last step did not run in a graph (the caller runs the MTP layer eagerly)."""
+        key = self._last_key
+        if key is None or self.model.mtp is None or len(rows) > key[0]:
+            return None
+        cache = self.graph_cache
+        if self._draft_ids is None:
+            n = self.capture_sizes[-1]
+            self._draft_ids = torch.zeros(n * self.q, dtype=torch.int64, device=self.model.device)
+            self._draft_rows = torch.zeros(n, dtype=torch.int64, device=self.model.device)
+        host_ids = np.zeros(self._draft_ids.shape[0], np.int64)
+        host_ids[:len(next_ids)] = next_ids
+        host_rows = np.zeros(self._draft_rows.shape[0], np.int64)
+        host_rows[:len(rows)] = rows
+        self._draft_ids.copy_(torch.from_numpy(host_ids), non_blocking=True)
+        self._draft_rows.copy_(torch.from_numpy(host_rows), non_blocking=True)
+        if key not in self.draft_graphs:
+            bs, bucket = key
+            ctx = self._views(self._static, bs, bucket, cache)
+            hidden = self.graphs[key][1]
+            ids, sel = self._draft_ids[:bs * self.q], self._draft_rows[:bs]
+
+            def step() -> torch.Tensor:
+                logits, x = self.model.mtp(ids, hidden, ctx, cache, return_hidden=True, rows=sel)
+                return torch.cat([logits, x[sel].float()], dim=1)
+
+            graph = self.make_graph()
+            try:  # captured on the step's real inputs: the capture run writes this step's MTP rows
+                self.draft_graphs[key] = (graph, graph.capture(step))
+            except Exception as exc:
+                if not self._eager_if_capture_fails:
+                    raise
+                log.warning("draft graph capture failed, drafting eagerly: %s", str(exc).splitlines()[0])
+                self._last_key = None
+                return None
+        else:
+            self.draft_graphs[key][0].replay()
+        self.draft_replays += 1
+        out = self.draft_graphs[key][1][:len(rows)]
+        V = self.model.config.vocab_size
+        return out[:, :V].clone(), out[:, V:].to(self.model.dtype)
 
     def _step(self, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
         if self.q == 1:
@@ -293,6 +349,7 @@ class ModelRunner:
         if not self.capture_sizes:
             return
         self.graphs.clear()
+        self.draft_graphs.clear()
         self.graph_cache = cache
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         self._static = torch.zeros(sum(self._layout(n, W)), dtype=torch.int64, device=self.model.device)

@@ -209,9 +209,12 @@ class EngineRunner:
         cu = batch.cu_seqlens_q.numpy()
         started = time.perf_counter()
         hidden_of = getattr(self.forward, "hidden_states", None)  # a ModelRunner replays verify steps in graphs
-        ctx = model.context(batch, self.cache)
-        h = hidden_of(batch, self.cache) if hidden_of is not None else model.hidden_states(ctx.input_ids, ctx,
-                                                                                           self.cache)
+        ctx = None
+        if hidden_of is not None:
+            h = hidden_of(batch, self.cache)
+        else:
+            ctx = model.context(batch, self.cache)
+            h = model.hidden_states(ctx.input_ids, ctx, self.cache)
         # Rows whose logits the step needs: verify rows, each other ready row's last, prompt-logprob rows.
         rows: list[int] = []
         where: dict[int, tuple[int, int]] = {}  # b -> (first index into rows, count) of its sampling rows
@@ -291,13 +294,19 @@ class EngineRunner:
             if out.tokens[b] and len(follow) == valid and uses_drafts(seq) and room > 0 and b not in out.errors:
                 draft_rows.append(start + valid - 1)
                 who.append((b, room))
-        rows = torch.tensor(draft_rows, dtype=torch.int64, device=h.device)
-        tokens = torch.from_numpy(nxt).to(h.device)
-        logits, x = model.mtp(tokens, h, ctx, self.cache, return_hidden=True, rows=rows)
-        drafts = logits.argmax(-1) if draft_rows else None
-        chain = [[d] for d in drafts.tolist()] if drafts is not None else []
+        drafter = getattr(self.forward, "draft", None)  # a ModelRunner replays the draft step in a graph
+        served = drafter(nxt, np.asarray(draft_rows, dtype=np.int64)) if drafter is not None else None
+        if served is not None:
+            logits, hidden = served
+        else:
+            if ctx is None:
+                ctx = model.context(batch, self.cache)
+            rows = torch.tensor(draft_rows, dtype=torch.int64, device=h.device)
+            tokens = torch.from_numpy(nxt).to(h.device)
+            logits, x = model.mtp(tokens, h, ctx, self.cache, return_hidden=True, rows=rows)
+            hidden = x[rows]
+        chain = [[d] for d in logits.argmax(-1).tolist()] if draft_rows else []
         # Further drafts: the MTP layer again on its own output, one token per sequence per application.
-        hidden = x[rows] if draft_rows else None
         for j in range(1, N):
             live = [i for i, (b, room) in enumerate(who) if room > j]
             if not live:

@@ -242,7 +242,7 @@ def test_a_step_the_tracer_cannot_record_runs_eagerly(tiny, monkeypatch, caplog)
 @pytest.mark.parametrize("graphs", ["auto", RecordedGraph])
 def test_speculative_verify_steps_replay_from_graphs_with_the_same_tokens(graphs, tmp_path):
     """With ``num_speculative_tokens`` the decode graphs hold verify steps (1 + N tokens per row,
-    hidden states out): on the bigram checkpoint (drafts accepted) the engine's greedy tokens equal
+    hidden states out) and the MTP draft step after them: on the bigram checkpoint (drafts accepted) the engine's greedy tokens equal
     the eager speculative engine's and the plain engine's, and the graphs served most steps."""
     from model.tiny import make_bigram_checkpoint
     from model.tokenizer import load_tokenizer
@@ -267,3 +267,4 @@ def test_speculative_verify_steps_replay_from_graphs_with_the_same_tokens(graphs
     assert got == eager == plain
     assert engine.num_accepted_tokens > 0.8 * engine.num_draft_tokens
     assert runner.replays > 3 and runner.replays > runner.eager_steps // 2
+    assert runner.draft_replays > 3  # the MTP draft step ran from its graph too
