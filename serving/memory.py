@@ -99,6 +99,22 @@ def size_cache(*, num_kv_blocks: int | None, kv_cache_memory_bytes: int | None, 
                     f"profiled peak {seen['peak'] / 2**30:.2f} GiB")
 
 
+def agree_on_blocks(num_blocks: int) -> int:
+    """Under torchrun: the smallest block count of all ranks (each sized its own cache from its own
+    free memory, but expert parallelism needs one geometry and DP attention one per-rank size)."""
+    import torch
+    import torch.distributed as dist
+
+    from hwlayer import distributed as hd
+
+    ctx = hd.current()
+    device = ctx.device if ctx is not None and ctx.dist_backend != "gloo" else "cpu"
+    t = torch.tensor([num_blocks], dtype=torch.int64, device=device)
+    with hd.rank_failure_guard("agreeing on the KV cache size"):
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def capacity(num_blocks: int, block_size: int, max_model_len: int) -> tuple[int, float]:
     """(tokens the cache holds, how many full --max-model-len contexts fit at once)."""
     tokens = num_blocks * block_size

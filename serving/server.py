@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens)
     except ValueError as exc:
         fail(str(exc))
+    if dist_ctx is not None:  # every rank's cache has rank 0's geometry: the smallest any rank can hold
+        from .memory import agree_on_blocks
+
+        num_blocks = agree_on_blocks(num_blocks)
     if num_blocks < blocks_per_context:
         fail(f"the KV cache ({sized_by}) holds {num_blocks} blocks x --kv-block-size {block_size} = "
              f"{num_blocks * block_size} tokens, less than one {max_model_len}-token context; give it at least "
