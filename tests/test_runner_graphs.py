@@ -242,8 +242,9 @@ def test_a_step_the_tracer_cannot_record_runs_eagerly(tiny, monkeypatch, caplog)
 @pytest.mark.parametrize("graphs", ["auto", RecordedGraph])
 def test_speculative_verify_steps_replay_from_graphs_with_the_same_tokens(graphs, tmp_path):
     """With ``num_speculative_tokens`` the decode graphs hold verify steps (1 + N tokens per row,
-    hidden states out) and the MTP draft step after them: on the bigram checkpoint (drafts accepted) the engine's greedy tokens equal
-    the eager speculative engine's and the plain engine's, and the graphs served most steps."""
+    hidden states out) and the MTP draft step after them: on the bigram checkpoint (drafts accepted)
+    the engine's greedy tokens equal the eager speculative engine's and the plain engine's, and the
+    graphs served most steps."""
     from model.tiny import make_bigram_checkpoint
     from model.tokenizer import load_tokenizer
 
