@@ -241,7 +241,8 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def make_bigram_checkpoint(path: str | Path, seed: int = 0, mtp_noise: float = 0.0) -> Path:
+def make_bigram_checkpoint(path: str | Path, seed: int = 0, mtp_noise: float = 0.0,
+                           config_overrides: dict[str, Any] | None = None) -> Path:
     """A tiny checkpoint on which the MTP layer agrees with the model: speculative decoding's test bed.
 
     Every attention ``o_proj`` and every MLP ``down_proj`` (dense, routed and shared experts) is zeroed,
@@ -250,8 +251,9 @@ def make_bigram_checkpoint(path: str | Path, seed: int = 0, mtp_noise: float = 0
     ``eh_proj = [I, 0]`` (it keeps the embedding half and drops the hidden half), and its decoder
     layer is zeroed too, so it predicts token ``i + 2`` from token ``i + 1`` with the same bigram
     table: its greedy draft is the model's greedy token (up to rms-norm epsilon). ``mtp_noise`` > 0
-    adds Gaussian noise of that std to ``eh_proj`` (lower agreement)."""
-    path = make_tiny_checkpoint(path, seed=seed)
+    adds Gaussian noise of that std to ``eh_proj`` (lower agreement); ``config_overrides`` as for
+    :func:`make_tiny_checkpoint` (e.g. more layers)."""
+    path = make_tiny_checkpoint(path, config_overrides=config_overrides, seed=seed)
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "model.safetensors"))
