@@ -74,10 +74,10 @@ def test_batched_chunked_greedy_matches_uncached_reference(tiny):
     assert not engine.running and not engine.waiting
 
 
-def test_preemption_safety_net_keeps_results_and_returns_blocks(tiny):
-    """Admission reserves every block a request needs to finish, so preemption is only a safety net: here
-    the free blocks are taken behind the scheduler's back, the newest sequences get preempted, recompute
-    later and still produce the greedy tokens."""
+def test_preemption_keeps_results_and_returns_blocks(tiny):
+    """Blocks are taken on demand: when they run out (here the free blocks are taken behind the
+    scheduler's back) the newest sequences are preempted, recompute later and still produce the
+    greedy tokens, while the oldest keeps going."""
     model, tokenizer = tiny
     batch = prompts(tokenizer, 3)
     engine = make_engine(tiny, enable_prefix_caching=False)
