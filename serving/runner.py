@@ -322,8 +322,12 @@ class EngineRunner:
                                cu_seqlens_q=torch.arange(len(live) + 1, dtype=torch.int32),
                                seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
                                block_table=torch.from_numpy(table))
-            sub = model.context(step, self.cache)
-            logits, x = model.mtp(sub.input_ids, hidden[live], sub, self.cache, return_hidden=True)
+            chained = getattr(self.forward, "draft_chain", None)  # expert parallelism: every rank runs it
+            if chained is not None:
+                logits, x = chained(step, live)
+            else:
+                sub = model.context(step, self.cache)
+                logits, x = model.mtp(sub.input_ids, hidden[live], sub, self.cache, return_hidden=True)
             for i, d in zip(live, logits.argmax(-1).tolist(), strict=True):
                 chain[i].append(d)
             hidden = hidden.clone()

@@ -150,9 +150,9 @@ def check_flags(args: argparse.Namespace) -> None:
             args.speculative_config = parse_speculative_config(args.speculative_config)
         except ValueError as exc:
             fail(f"--speculative-config {exc}")
-        if args.ep > 1:
-            fail("--speculative-config with --ep N > 1 is not supported yet (the MTP draft step runs on rank 0 "
-                 "only); serve speculative decoding on one process")
+        if args.dp_attention:
+            fail("--speculative-config with --dp-attention is not supported yet (each rank would have to verify "
+                 "and draft its own sequences); use --ep N without --dp-attention, or one process")
 
 
 def parse_origins(value: str) -> list[str]:
