@@ -26,6 +26,15 @@ with prefix caching and one with ``--no-enable-prefix-caching`` (the peer): time
 and the prefix-cache hit rate from ``/metrics``.
 
     .venv/bin/python bench/bench_serve.py --scenario multi-turn
+
+``--scenario chat-no-max-tokens``: ``--requests`` streaming chat requests WITHOUT ``max_tokens`` (OpenAI
+clients' default: up to the context limit) at once, on a server whose cache holds ``--contexts`` full
+``--max-model-len`` contexts (default 12 requests on 3 contexts). Each client reads ``--max-tokens``
+tokens and disconnects. Reports how many streamed at the same time (received a token before any
+stream ended), preemptions, and the KV blocks still held a moment after the last disconnect (0: every
+block came back).
+
+    .venv/bin/python bench/bench_serve.py --scenario chat-no-max-tokens
 """
 
 from __future__ import annotations
@@ -207,9 +216,59 @@ def multi_turn(args: argparse.Namespace, extra: list[str]) -> dict:
     return out
 
 
+def chat_no_max_tokens(args: argparse.Namespace, extra: list[str]) -> dict:
+    """``args.requests`` chat streams without max_tokens, on a cache of ``args.contexts`` contexts."""
+    max_len = 256
+    flags = [*extra, "--max-model-len", str(max_len), "--kv-block-size", "16",
+             "--num-kv-blocks", str(args.contexts * max_len // 16), "--max-num-seqs", str(max(16, args.requests))]
+    with ServerProcess(flags) as server:
+        url = server.url
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        first: list[float] = []
+        ends: list[float] = []
+
+        async def one(i: int) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": f"Tell me a long story, number {i}."}],
+                    "stream": True, "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
+            got = 0
+            async with httpx.AsyncClient(timeout=600) as client:
+                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        for choice in json.loads(line[6:]).get("choices", []):
+                            delta = choice["delta"]
+                            if delta.get("content") or delta.get("reasoning_content"):
+                                got += 1
+                                if got == 1:
+                                    first.append(time.perf_counter())
+                        if got >= args.max_tokens:
+                            break  # the client goes away mid-stream
+            ends.append(time.perf_counter())
+            return got
+
+        async def run() -> list[int]:
+            return await asyncio.gather(*(one(i) for i in range(args.requests)))
+
+        start = time.perf_counter()
+        got = asyncio.run(run())
+        wall = time.perf_counter() - start
+        time.sleep(1.0)  # the engine frees an aborted request's blocks at its next step
+        return {"requests": args.requests, "contexts": args.contexts, "max_model_len": max_len,
+                "tokens_read": got, "wall_s": wall,
+                "streaming_at_once": sum(1 for t in first if t < min(ends)),
+                "preemptions": metric(url, "hwlayer_preemptions_total"),
+                "kv_blocks_total": metric(url, "hwlayer_kv_blocks_total"),
+                "kv_blocks_used_after": metric(url, "hwlayer_kv_blocks_used"),
+                "running_after": metric(url, "hwlayer_num_requests_running")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", default="throughput", choices=["throughput", "kv-pressure", "multi-turn"])
+    ap.add_argument("--scenario", default="throughput",
+                    choices=["throughput", "kv-pressure", "multi-turn", "chat-no-max-tokens"])
+    ap.add_argument("--contexts", type=int, default=3, help="chat-no-max-tokens: cache size in full contexts")
     ap.add_argument("--url", help="an already running server (default: start serve.py here; not for multi-turn)")
     ap.add_argument("--server-args", default="", help="extra serve.py flags when starting one")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -224,8 +283,22 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if args.max_tokens is None:
-        args.max_tokens = {"throughput": 128, "kv-pressure": 600, "multi-turn": 32}[args.scenario]
+        args.max_tokens = {"throughput": 128, "kv-pressure": 600, "multi-turn": 32,
+                           "chat-no-max-tokens": 100}[args.scenario]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.scenario == "chat-no-max-tokens":
+        result = chat_no_max_tokens(args, shlex.split(args.server_args))
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"chat-no-max-tokens: {args.requests} streaming chats without max_tokens, cache of {args.contexts} "
+              f"contexts x {result['max_model_len']} tokens ({result['kv_blocks_total']:.0f} blocks); each client "
+              f"reads {args.max_tokens} tokens, then disconnects; {machine}")
+        print(f"streaming at once: {result['streaming_at_once']}/{args.requests}; tokens read "
+              f"{min(result['tokens_read'])}-{max(result['tokens_read'])}; preemptions {result['preemptions']:.0f}; "
+              f"wall {result['wall_s']:.1f} s; after the disconnects: {result['kv_blocks_used_after']:.0f} KV blocks "
+              f"held, {result['running_after']:.0f} running")
+        return 0
     if args.scenario == "multi-turn":
         result = multi_turn(args, shlex.split(args.server_args))
         if args.json:

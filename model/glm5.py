@@ -328,7 +328,10 @@ class MTPLayer:
         self.layer = DecoderLayer(model, w, i)
 
     def __call__(self, tokens: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
-                 cache: PagedCache) -> torch.Tensor:
+                 cache: PagedCache, return_hidden: bool = False,
+                 rows: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Draft logits (fp32 ``[T, vocab]``, or of ``rows`` only); with ``return_hidden`` also the
+        head-normed hidden state, which chains the layer for a further draft (as vLLM chains one MTP layer)."""
         e = F.embedding(tokens, self.embed)
         e = torch.where(ctx.positions[:, None] == 0, 0.0, e).to(e.dtype)  # position 0 has no previous token (vLLM)
         e = self.plan.rms_norm(e, self.enorm, self.eps)
@@ -336,7 +339,8 @@ class MTPLayer:
         u = linear(self.plan, torch.cat([e, h], dim=-1), self.eh_proj)
         x, residual, _ = self.layer(u, None, ctx, cache, None)
         x, _ = self.plan.rms_norm(x, self.head_norm, self.eps, residual)
-        return F.linear(x, self.lm_head).float()
+        logits = F.linear(x if rows is None else x[rows], self.lm_head).float()
+        return (logits, x) if return_hidden else logits
 
 
 def rope_cos_sin_cache(cfg: ModelConfig, device: torch.device) -> torch.Tensor:

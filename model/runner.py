@@ -137,12 +137,17 @@ class ModelRunner:
 
     def __init__(self, model: GLM5, *, max_num_seqs: int, max_model_len: int,
                  graphs: str | Callable[[], StepGraph] | None = "auto",
-                 capture_sizes: tuple[int, ...] | None = None, buckets: tuple[int, ...] | None = None) -> None:
+                 capture_sizes: tuple[int, ...] | None = None, buckets: tuple[int, ...] | None = None,
+                 num_speculative_tokens: int = 0) -> None:
         if max_num_seqs < 1 or max_model_len < 1:
             raise ValueError(f"ModelRunner: expected max_num_seqs >= 1 and max_model_len >= 1, got "
                              f"{max_num_seqs}, {max_model_len}")
         self.model = model
         self.max_model_len = max_model_len
+        # Tokens per row of a captured step: 1 (decode), or 1 + N under speculative decoding, whose
+        # verify steps (the pending token and N drafts per sequence) are what the graphs capture; they
+        # return the hidden states of every row (the engine runner takes logits and MTP drafts from them).
+        self.q = 1 + num_speculative_tokens
         self.make_graph = graph_maker(model) if graphs == "auto" else graphs
         if isinstance(self.make_graph, str):
             raise ValueError(f"ModelRunner: graphs expected 'auto', None or a callable, got {graphs!r}")
@@ -155,6 +160,14 @@ class ModelRunner:
         else:
             self.buckets = tuple(sorted({b for b in buckets if 1 <= b < max_model_len} | {max_model_len}))
         self._eager_if_capture_fails = cheap  # a traced step that cannot be traced: eager, with a warning
+        # Speculative decoding: the MTP draft step of each verify graph, captured on first use; it reads
+        # the verify graph's hidden-state output, the same static step buffer, and two more: the token
+        # after each row, and the row each sequence drafts from.
+        self.draft_graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
+        self._last_key: tuple[int, int] | None = None  # the graph that ran the last hidden_states step
+        self._draft_ids: torch.Tensor | None = None
+        self._draft_rows: torch.Tensor | None = None
+        self.draft_replays = 0
         # (bs, max_seqlen_k bucket) -> (graph, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[StepGraph, torch.Tensor]] = {}
         self.graph_cache: PagedCache | None = None
@@ -166,13 +179,42 @@ class ModelRunner:
     def uses_graphs(self) -> bool:
         return bool(self.capture_sizes)
 
+    supports_rows = True  # __call__ takes ``rows`` (serving/runner.py: prompt logprobs)
+
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+    def __call__(self, batch: Batch, cache: PagedCache, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Logits of each sequence's last new token, or (``rows``: flat token indices) of those rows,
+        eagerly (prefill rows for prompt logprobs)."""
         meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
                                        self.model.config.max_position_embeddings)
+        if rows is not None or self.q != 1:  # not a plain decode step the graphs hold
+            self.eager_steps += 1
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            if rows is None:
+                return self.model.forward_context(ctx, cache)
+            h = self.model.hidden_states(ctx.input_ids, ctx, cache)
+            return self.model.logits(h[torch.from_numpy(np.asarray(rows)).to(h.device)])
+        return self._run(meta, cache)
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        """Final hidden states ``[T, D]`` of every new token: speculative verify steps replayed from the
+        graphs (captured with ``num_speculative_tokens``), everything else eager."""
+        meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
+                                       self.model.config.max_position_embeddings)
+        if self.q == 1:
+            self.eager_steps += 1
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            return self.model.hidden_states(ctx.input_ids, ctx, cache)
+        return self._run(meta, cache)
+
+    def _run(self, meta: StepMetadata, cache: PagedCache) -> torch.Tensor:
+        """The step of ``meta`` from its graph when one holds it, else eagerly: logits of the last rows
+        (``q`` 1) or hidden states of all rows (``q`` > 1)."""
         B = meta.seq_lens.shape[0]
         key = self._graph_key(meta, cache)
+        self._last_key = None
         if key is not None:
             if cache is not self.graph_cache:
                 self.capture(cache)
@@ -182,18 +224,73 @@ class ModelRunner:
                 key = None
         if key is None:
             self.eager_steps += 1
-            return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
+            ctx = meta.to_device(self.model.device, self.model.cos_sin)
+            return self._step(ctx, cache)
         graph, out = self.graphs[key]
         self._load(meta)
         graph.replay()
         self.replays += 1
-        return out[:B].clone()
+        self._last_key = key
+        return out[:B * self.q].clone()
+
+    @torch.inference_mode()
+    def draft(self, next_ids: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The MTP draft step on the verify step :meth:`hidden_states` just replayed, from its graph:
+        ``next_ids`` (the token after each row of that step), ``rows`` (the row each sequence drafts
+        from). Returns (draft logits ``[len(rows), V]``, the MTP's hidden state at those rows), or None
+        when the last step did not run in a graph (the caller runs the MTP layer eagerly)."""
+        key = self._last_key
+        if key is None or self.model.mtp is None or len(rows) > key[0]:
+            return None
+        cache = self.graph_cache
+        if self._draft_ids is None:
+            n = self.capture_sizes[-1]
+            self._draft_ids = torch.zeros(n * self.q, dtype=torch.int64, device=self.model.device)
+            self._draft_rows = torch.zeros(n, dtype=torch.int64, device=self.model.device)
+        host_ids = np.zeros(self._draft_ids.shape[0], np.int64)
+        host_ids[:len(next_ids)] = next_ids
+        host_rows = np.zeros(self._draft_rows.shape[0], np.int64)
+        host_rows[:len(rows)] = rows
+        self._draft_ids.copy_(torch.from_numpy(host_ids), non_blocking=True)
+        self._draft_rows.copy_(torch.from_numpy(host_rows), non_blocking=True)
+        if key not in self.draft_graphs:
+            bs, bucket = key
+            ctx = self._views(self._static, bs, bucket, cache)
+            hidden = self.graphs[key][1]
+            ids, sel = self._draft_ids[:bs * self.q], self._draft_rows[:bs]
+
+            def step() -> torch.Tensor:
+                logits, x = self.model.mtp(ids, hidden, ctx, cache, return_hidden=True, rows=sel)
+                return torch.cat([logits, x[sel].float()], dim=1)
+
+            graph = self.make_graph()
+            try:  # captured on the step's real inputs: the capture run writes this step's MTP rows
+                self.draft_graphs[key] = (graph, graph.capture(step))
+            except Exception as exc:
+                if not self._eager_if_capture_fails:
+                    raise
+                log.warning("draft graph capture failed, drafting eagerly: %s", str(exc).splitlines()[0])
+                self._last_key = None
+                return None
+        else:
+            self.draft_graphs[key][0].replay()
+        self.draft_replays += 1
+        out = self.draft_graphs[key][1][:len(rows)]
+        V = self.model.config.vocab_size
+        return out[:, :V].clone(), out[:, V:].to(self.model.dtype)
+
+    def _step(self, ctx: ForwardContext, cache: PagedCache) -> torch.Tensor:
+        if self.q == 1:
+            return self.model.forward_context(ctx, cache)
+        return self.model.hidden_states(ctx.input_ids, ctx, cache)
 
     def _graph_key(self, meta: StepMetadata, cache: PagedCache) -> tuple[int, int] | None:
         """(ladder size, context bucket) of the graph that runs this step, or None for an eager step."""
         B = meta.seq_lens.shape[0]
-        if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != 1:
+        if not self.capture_sizes or B == 0 or B > self.capture_sizes[-1] or meta.max_seqlen_q != self.q:
             return None  # prefill or mixed steps, or nothing captured
+        if meta.input_ids.shape[0] != B * self.q:
+            return None  # rows of different lengths (a sequence verifying fewer drafts)
         if self.graph_cache is not None and cache is not self.graph_cache:
             return None
         if meta.max_seqlen_k > self.max_model_len or meta.block_table.shape[1] > self._max_blocks(cache):
@@ -205,28 +302,33 @@ class ModelRunner:
         return -(-self.max_model_len // cache.block_size)
 
     def _layout(self, n: int, W: int) -> list[int]:
-        """Segment sizes of the packed buffer for ``n`` rows: ids, positions, slots, cu, seq_lens, table."""
-        return [n, n, n, n + 1, n, n * W]
+        """Segment sizes of the packed buffer for ``n`` rows of ``q`` tokens: ids, positions, slots, cu,
+        seq_lens, table."""
+        t = n * self.q
+        return [t, t, t, n + 1, n, n * W]
 
     def _views(self, buf: torch.Tensor, bs: int, max_seqlen_k: int, cache: PagedCache) -> ForwardContext:
         """The forward context of ladder size ``bs`` and context bucket ``max_seqlen_k``: views into the
         static buffer (int64, which the op contracts accept for every index argument)."""
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         ids, positions, slots, cu, lens, table = buf.split(self._layout(n, W))
-        return ForwardContext(positions[:bs], slots[:bs], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
-                              self.model.cos_sin, max_seqlen_q=1, max_seqlen_k=max_seqlen_k, input_ids=ids[:bs])
+        t = bs * self.q
+        return ForwardContext(positions[:t], slots[:t], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
+                              self.model.cos_sin, max_seqlen_q=self.q, max_seqlen_k=max_seqlen_k, input_ids=ids[:t])
 
     def _host_buffer(self, meta: StepMetadata | None, cache: PagedCache) -> torch.Tensor:
         """The packed host copy of a padded decode step (``meta`` None: all rows padding)."""
-        n, W = self.capture_sizes[-1], self._max_blocks(cache)
-        ids, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        slots = np.full(n, -1, np.int64)  # padding rows write nowhere
-        cu = np.arange(n + 1, dtype=np.int64)  # one token per row, padding rows included
-        lens = np.ones(n, np.int64)  # a padding row: a 1-token context (position 0)
+        n, W, q = self.capture_sizes[-1], self._max_blocks(cache), self.q
+        ids = np.zeros(n * q, np.int64)
+        positions = np.tile(np.arange(q, dtype=np.int64), n)  # a padding row: positions 0 .. q-1
+        slots = np.full(n * q, -1, np.int64)  # padding rows write nowhere
+        cu = np.arange(n + 1, dtype=np.int64) * q  # q tokens per row, padding rows included
+        lens = np.full(n, q, np.int64)  # a padding row: a q-token context
         table = np.zeros((n, W), np.int64)
         if meta is not None:
             B, w = meta.seq_lens.shape[0], meta.block_table.shape[1]
-            ids[:B], positions[:B], slots[:B], lens[:B] = (meta.input_ids, meta.positions, meta.slot_mapping,
+            t = B * q
+            ids[:t], positions[:t], slots[:t], lens[:B] = (meta.input_ids, meta.positions, meta.slot_mapping,
                                                            meta.seq_lens)
             table[:B, :w] = meta.block_table
         return torch.from_numpy(np.concatenate([ids, positions, slots, cu, lens, table.reshape(-1)]))
@@ -247,6 +349,7 @@ class ModelRunner:
         if not self.capture_sizes:
             return
         self.graphs.clear()
+        self.draft_graphs.clear()
         self.graph_cache = cache
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         self._static = torch.zeros(sum(self._layout(n, W)), dtype=torch.int64, device=self.model.device)
@@ -263,7 +366,7 @@ class ModelRunner:
         ctx = self._views(self._static, bs, max_seqlen_k, cache)
         graph = self.make_graph()
         try:
-            out = graph.capture(lambda: self.model.forward_context(ctx, cache))
+            out = graph.capture(lambda: self._step(ctx, cache))
         except Exception as exc:
             if not self._eager_if_capture_fails:
                 raise

@@ -501,4 +501,36 @@ def make_compressed_tensors_checkpoint(path: str | Path, scheme: str = "int8",
     raw["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
                                   "config_groups": {"group_0": group}, "ignore": list(ignore)}
     (path / "config.json").write_text(json.dumps(raw, indent=2))
+
+
+def make_bigram_checkpoint(path: str | Path, seed: int = 0, mtp_noise: float = 0.0,
+                           config_overrides: dict[str, Any] | None = None) -> Path:
+    """A tiny checkpoint on which the MTP layer agrees with the model: speculative decoding's test bed.
+
+    Every attention ``o_proj`` and every MLP ``down_proj`` (dense, routed and shared experts) is zeroed,
+    so each decoder layer adds nothing to the residual stream: the model's logits at a position are
+    ``lm_head(norm(embed(token)))``, a bigram table. The MTP layer gets all-ones norms and
+    ``eh_proj = [I, 0]`` (it keeps the embedding half and drops the hidden half), and its decoder
+    layer is zeroed too, so it predicts token ``i + 2`` from token ``i + 1`` with the same bigram
+    table: its greedy draft is the model's greedy token (up to rms-norm epsilon). ``mtp_noise`` > 0
+    adds Gaussian noise of that std to ``eh_proj`` (lower agreement); ``config_overrides`` as for
+    :func:`make_tiny_checkpoint` (e.g. more layers)."""
+    path = make_tiny_checkpoint(path, config_overrides=config_overrides, seed=seed)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    D = int(TINY_CONFIG["hidden_size"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, t in tensors.items():
+        if name.endswith(("self_attn.o_proj.weight", "down_proj.weight")):
+            tensors[name] = torch.zeros_like(t)
+        elif name.endswith(("enorm.weight", "hnorm.weight", "shared_head.norm.weight")) or name == "model.norm.weight":
+            tensors[name] = torch.ones_like(t)
+        elif name.endswith("eh_proj.weight"):
+            eh = torch.zeros_like(t)
+            eh[:, :D] = torch.eye(D, dtype=t.dtype)
+            if mtp_noise > 0:
+                eh += mtp_noise * torch.randn(eh.shape, generator=gen, dtype=t.dtype)
+            tensors[name] = eh
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path

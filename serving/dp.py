@@ -16,14 +16,18 @@ sequence goes to the least loaded rank (fewest KV blocks in use, then fewest tok
 blocks are taken; a preempted one may land elsewhere when it comes back (it recomputes anyway).
 
 Each step (:class:`DPLeader`) rank 0 splits the batch into one sub-batch per rank
-(:func:`split_batch`, block ids made local), broadcasts them, runs its own, and gathers every
-rank's logits (padded to the largest sub-batch) to sample on rank 0. Followers run
-:func:`follower_loop`. Failures are handled as in :mod:`serving.ep`: a collective that fails is a
+(:func:`split_batch`, block ids made local) and broadcasts them with what each rank samples
+(:class:`RankSampling`); every rank runs its own and samples its own rows, and rank 0 gathers token
+ids (8 bytes a row) instead of fp32 logits (4 x vocab bytes a row, 0.6 MB at GLM-5's vocabulary).
+Only rows rank 0 must process itself (logits processors, logprobs, a grammar, a seeded generator:
+that state lives on rank 0) send their logits. Followers run :func:`follower_loop`. Failures are
+handled as in :mod:`serving.ep`: a collective that fails is a
 :class:`hwlayer.distributed.RankFailure` naming the rank; rank 0 answers 503 and exits non-zero.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,6 +38,7 @@ from hwlayer import distributed as hd
 from . import ep as ep_mod
 from .block_manager import BlockManager
 from .engine import Engine, Sequence
+from .scheduler import Scheduler
 
 
 class DPBlockAllocator:
@@ -91,37 +96,28 @@ class DPBlockAllocator:
     hit_rate = 0.0
 
 
-class DPEngine(Engine):
-    """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
+class DPScheduler(Scheduler):
+    """The scheduler with one block pool per rank: a sequence lives on one rank, a new one goes to the
+    least loaded rank with room (fewest KV blocks in use, then fewest tokens), a shortage preempts the
+    newest sequence of the short rank only, and the headroom kept at admission is that rank's."""
 
-    ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
-    the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
-    distributed step); a test may pass another that takes the same global-block batch.
-    Everything else is :class:`serving.engine.Engine`: only where a sequence's blocks come from
-    differs (:meth:`_grow`), which sequence a shortage preempts (:meth:`_preempt`) and what can fit
-    (:meth:`check_fits`).
-    """
+    def __init__(self, allocator: DPBlockAllocator, **kwargs: Any) -> None:
+        super().__init__(allocator, **kwargs)
+        self.world = allocator.world
+        self.preemptions_by_rank = [0] * self.world
 
-    def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int,
-                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
-        if world < 1:
-            raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
-        leader = forward or DPLeader(model, world, num_blocks, block_size)
-        kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
-        super().__init__(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
-                         max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
-                         forward=leader, **kwargs)
-        self.world = world
-        self.allocator = DPBlockAllocator(world, num_blocks, block_size)  # rank 0's cache holds num_blocks
-        self.preemptions_by_rank = [0] * world
-        self._short_rank: int | None = None  # the rank whose blocks the last failed _grow lacked
-        self._admit_rank: int | None = None  # the rank _admit chose for the sequence it is admitting
+    @property
+    def pool_blocks(self) -> int:
+        return self.allocator.blocks_per_rank
 
     def rank_of(self, seq: Sequence) -> int | None:
         """The rank a sequence lives on, or None while it holds no blocks."""
         blocks = seq.blocks  # one read: /metrics calls this off the engine thread, which may replace the list
         return self.allocator.rank_of(blocks[0]) if blocks else None
+
+    def _home(self, seq: Sequence) -> int | None:
+        rank = self.rank_of(seq)
+        return rank if rank is not None else getattr(seq, "dp_rank", None)
 
     def choose_rank(self, need: int, among: list[int] | None = None) -> int | None:
         """Least loaded rank with ``need`` free blocks: fewest blocks in use, then fewest tokens."""
@@ -130,75 +126,93 @@ class DPEngine(Engine):
             r = self.rank_of(s)
             if r is not None:
                 tokens[r] += s.num_tokens
-        fits = [r for r in (range(self.world) if among is None else among) if self.allocator.ranks[r].num_free >= need]
-        return min(fits, key=lambda r: (self.allocator.ranks[r].num_used, tokens[r], r), default=None)
+        ranks = self.allocator.ranks
+        fits = [r for r in (range(self.world) if among is None else among) if ranks[r].num_free >= need]
+        return min(fits, key=lambda r: (ranks[r].num_used, tokens[r], r), default=None)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks_needed(num_tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        rank = self.rank_of(seq)
-        if rank is None:
-            rank = self._admit_rank if self._admit_rank is not None else self.choose_rank(need)
-            if rank is None:
-                return False
-        if need > self.allocator.ranks[rank].num_free:
-            self._short_rank = rank
+        rank = self._home(seq)
+        if rank is None or need > self.allocator.ranks[rank].num_free:
             return False
         seq.blocks += self.allocator.allocate_on(rank, need)
         return True
 
-    def _admit(self, seq: Sequence, budget: int, reserved: int) -> int | None:
-        """Admission with the blocks to finish reserved per rank: the least loaded rank whose free blocks
-        cover this sequence's and its running sequences' needs, or None (it keeps waiting)."""
-        need = self.blocks_needed(self._final_len(seq))
-        held = [0] * self.world
-        for s in self.running:
-            r = self.rank_of(s)
-            if r is not None:
-                held[r] += self._blocks_to_finish(s)
-        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free - held[r] >= need]
-        if not fits:
-            return None
-        self._admit_rank = self.choose_rank(0, among=fits)
-        try:
-            return super()._admit(seq, budget, 0)  # the global check passes: one rank alone has room
-        finally:
-            self._admit_rank = None
+    def _victim(self, seq: Sequence) -> Sequence:
+        """The newest running sequence on ``seq``'s rank (only those free blocks it can use)."""
+        rank = self._home(seq)
+        return [s for s in self.running if self._home(s) == rank][-1]
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq``, preempting the newest running sequences of its own rank while its blocks are short."""
-        rank = self.rank_of(seq)
-        while not self._grow(seq, num_tokens):
-            victim = [s for s in self.running if self.rank_of(s) == rank][-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        """The scheduler preempts the newest sequence when one cannot grow; only a sequence on the
-        rank that lacks blocks frees any, so the newest one there goes instead (possibly the one
-        that wanted to grow: it comes back on whichever rank then has room)."""
-        short = None
-        if short is not None and self.rank_of(seq) != short:
-            same = [s for s in self.running if self.rank_of(s) == short]
-            seq = same[-1] if same else seq
-        rank = self.rank_of(seq)
+    def preempt(self, seq: Sequence) -> None:
+        rank = self._home(seq)
         if rank is not None:
             self.preemptions_by_rank[rank] += 1
-        super()._preempt(seq)
+        super().preempt(seq)
+        seq.dp_rank = None  # it comes back on whichever rank then has room
+
+    def _room_to_admit(self, seq: Sequence, hits: list[int], need: int) -> bool:
+        """Place ``seq`` on the least loaded rank whose free blocks cover ``need`` plus the headroom of
+        that rank's running sequences; False when none does."""
+        running = [0] * self.world
+        for s in self.running:
+            r = self._home(s)
+            if r is not None:
+                running[r] += 1
+        fits = [r for r in range(self.world) if self.allocator.ranks[r].num_free >= need + running[r]]
+        seq.dp_rank = self.choose_rank(0, among=fits) if fits else None
+        return seq.dp_rank is not None
+
+
+class DPEngine(Engine):
+    """The continuous-batching engine of rank 0 with data-parallel attention over ``world`` ranks.
+
+    ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
+    the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
+    distributed step); a test may pass another that takes the same global-block batch.
+    Everything else is :class:`serving.engine.Engine`; the per-rank block pools are
+    :class:`DPScheduler`'s.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
+        if world < 1:
+            raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
+        self.world = world
+        leader = forward or DPLeader(model, world, num_blocks, block_size)
+        kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
+        kwargs.pop("enable_prefix_caching", None)  # no prefix caching across ranks
+        self._blocks_per_rank = num_blocks
+        super().__init__(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
+                         max_num_seqs=max_num_seqs * world, max_num_batched_tokens=max_num_batched_tokens * world,
+                         forward=leader, enable_prefix_caching=False, **kwargs)
+
+    def _make_scheduler(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> Scheduler:
+        # rank 0's cache holds num_blocks: the runner's cache is rank 0's share
+        return DPScheduler(DPBlockAllocator(self.world, num_blocks, block_size), block_size=block_size,
+                           max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                           max_model_len=self.max_model_len, metrics=self.metrics)
+
+    @property
+    def preemptions_by_rank(self) -> list[int]:
+        return self.scheduler.preemptions_by_rank
+
+    def rank_of(self, seq: Sequence) -> int | None:
+        return self.scheduler.rank_of(seq)
+
+    def choose_rank(self, need: int, among: list[int] | None = None) -> int | None:
+        return self.scheduler.choose_rank(need, among)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> str | None:
-        why = super().check_fits(prompt_len, max_tokens)
-        if why:
-            return why
-        total, per_rank = prompt_len + max_tokens, self.allocator.blocks_per_rank
-        if self.blocks_needed(total) > per_rank:
+        why = self.scheduler.check_fits(prompt_len, max_tokens)
+        if why and "KV blocks" in why:
+            total = prompt_len + max_tokens
             return (f"the request needs {self.blocks_needed(total)} KV blocks ({total} tokens) but one rank's cache "
-                    f"has {per_rank} (with --dp-attention a sequence lives on one rank); lower max_tokens or start "
-                    "the server with more --num-kv-blocks")
-        return None
+                    f"has {self.scheduler.pool_blocks} (with --dp-attention a sequence lives on one rank); lower "
+                    "max_tokens or start the server with a larger per-rank KV cache")
+        return why
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: running sequences, KV blocks used and in all (read at /metrics scrape time)."""
@@ -251,6 +265,66 @@ def split_batch(batch: Any, world: int, blocks_per_rank: int, block_size: int) -
     return subs, rows
 
 
+@dataclass
+class RankSampling:
+    """What one rank samples after its forward, decided on rank 0 and broadcast with the step:
+    ``rows`` (local rows) with their temperature / top-k / top-p, drawn with the rank's own default
+    generator (greedy rows by argmax, no sort when all are greedy); ``logits_rows``: local rows whose
+    logits go to rank 0 instead."""
+
+    rows: list[int] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+
+
+def sample_rows(model: Any, logits: torch.Tensor, s: RankSampling) -> torch.Tensor:
+    """int64 ``[len(s.rows)]``: this rank's tokens for ``s.rows`` of its ``logits``."""
+    if not s.rows:
+        return torch.zeros(0, dtype=torch.int64, device=logits.device)
+    sub = logits[torch.tensor(s.rows, device=logits.device)]
+    if all(t <= 0 for t in s.temperature):
+        return sub.argmax(-1)
+    dev = logits.device
+    return model.plan.sample(sub, torch.tensor(s.temperature, dtype=torch.float32, device=dev),
+                             torch.tensor(s.top_k, dtype=torch.int64, device=dev),
+                             torch.tensor(s.top_p, dtype=torch.float32, device=dev))
+
+
+def _gather_padded(t: torch.Tensor, width: int, rank: int, world: int) -> list[torch.Tensor] | None:
+    """Gather ``t`` (``[rows, ...]``, padded to ``width`` rows) from every rank to rank 0."""
+    padded = t.new_zeros(width, *t.shape[1:])
+    padded[:t.shape[0]] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    return gathered
+
+
+def run_sampled_step(model: Any, subs: list[Any], sampling: list[RankSampling], cache: Any,
+                     rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Every rank: run its own sub-batch, sample its rows, gather token ids (and the few logits rows
+    rank 0 samples itself) to rank 0. Returns, on rank 0, per rank ``(token ids, logits rows)``; None
+    elsewhere. Every rank knows ``sampling`` for all ranks, so all agree on which gathers run."""
+    logits = model.forward_batch(subs[rank], cache)
+    mine = sampling[rank]
+    world = len(subs)
+    ids = sample_rows(model, logits, mine)
+    width = max(len(s.rows) for s in sampling)
+    id_parts = _gather_padded(ids, width, rank, world) if width else [ids[:0]] * world
+    lwidth = max(len(s.logits_rows) for s in sampling)
+    logit_parts = None
+    if lwidth:
+        sub = logits[torch.tensor(mine.logits_rows, dtype=torch.int64, device=logits.device)]
+        logit_parts = _gather_padded(sub, lwidth, rank, world)
+    if rank != 0:
+        return None
+    ids_out = [part[:len(s.rows)] for part, s in zip(id_parts, sampling, strict=True)]
+    logits_out = ([part[:len(s.logits_rows)] for part, s in zip(logit_parts, sampling, strict=True)]
+                  if logit_parts is not None else [logits[:0]] * world)
+    return ids_out, logits_out
+
+
 def run_step(model: Any, subs: list[Any], cache: Any, rank: int) -> list[torch.Tensor] | None:
     """Every rank: run its own sub-batch, then gather all ranks' logits to rank 0.
 
@@ -279,6 +353,8 @@ class DPLeader:
         self.steps = 0
         self.tokens = [0] * world
         self.last_tokens = [0] * world
+        self.sampled = [0] * world  # tokens each rank sampled itself (sent to rank 0 as ids)
+        self.logits_rows = 0  # rows whose logits were gathered to rank 0 instead
 
     def __call__(self, batch: Any, cache: Any) -> torch.Tensor:
         subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
@@ -294,6 +370,46 @@ class DPLeader:
             if rows[r]:
                 out[torch.tensor(rows[r], device=out.device)] = part
         return out
+
+    def sample_step(self, batch: Any, cache: Any,
+                    wants: list[tuple[float, int, float] | str | None]) -> tuple[dict[int, int], torch.Tensor]:
+        """Run a step with the ranks sampling their own rows. ``wants[b]`` for batch row ``b``: None (no
+        token this step), ``(temperature, top_k, top_p)`` (the row's rank samples it), or ``"logits"``
+        (rank 0 samples it: its logits come back). Returns ``({row: token id}, logits of the "logits"
+        rows in row order)``."""
+        subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
+        sampling = []
+        for r in range(self.world):
+            s = RankSampling()
+            for j, b in enumerate(rows[r]):
+                want = wants[b]
+                if want == "logits":
+                    s.logits_rows.append(j)
+                elif want is not None:
+                    s.rows.append(j)
+                    s.temperature.append(want[0])
+                    s.top_k.append(want[1])
+                    s.top_p.append(want[2])
+            sampling.append(s)
+        self.steps += 1
+        step = self.steps
+        ep_mod._broadcast([("dp_step", (subs, sampling))], f"serving step {step} (broadcast)")
+        with hd.rank_failure_guard(f"serving step {step} (forward)"):
+            ids, logits = run_sampled_step(self.model, subs, sampling, cache, 0)
+        self.last_tokens = [int(s.input_ids.numel()) for s in subs]
+        self.tokens = [a + b for a, b in zip(self.tokens, self.last_tokens, strict=True)]
+        tokens: dict[int, int] = {}
+        back: list[tuple[int, torch.Tensor]] = []
+        for r, s in enumerate(sampling):
+            self.sampled[r] += len(s.rows)
+            for j, t in zip(s.rows, ids[r].tolist(), strict=True):
+                tokens[rows[r][j]] = t
+            back += [(rows[r][j], logits[r][i]) for i, j in enumerate(s.logits_rows)]
+        back.sort(key=lambda x: x[0])
+        self.logits_rows += len(back)
+        vocab = self.model.config.vocab_size
+        out = torch.stack([t for _, t in back]) if back else torch.zeros(0, vocab)
+        return tokens, out
 
 
 def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
@@ -311,7 +427,10 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
             break
         if kind == "dp_step":
             with hd.rank_failure_guard(f"rank {rank} forward"):
-                run_step(model, payload, cache, rank)
+                if isinstance(payload, tuple):  # (sub-batches, what each rank samples)
+                    run_sampled_step(model, payload[0], payload[1], cache, rank)
+                else:
+                    run_step(model, payload, cache, rank)
         elif kind != "noop":
             raise RuntimeError(f"rank {rank}: rank 0 sent a {kind!r} step; with --dp-attention every rank must be "
                                "started with the same flags")
@@ -333,6 +452,9 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
                                       labels=["rank"])
             tokens = CounterMetricFamily("hwlayer_rank_attention_tokens",
                                          "Tokens whose attention this rank computed", labels=["rank"])
+            sampled = CounterMetricFamily("hwlayer_rank_sampled_tokens",
+                                          "Tokens this rank sampled itself (sent to rank 0 as ids, not logits)",
+                                          labels=["rank"])
             preempted = CounterMetricFamily("hwlayer_rank_preemptions",
                                             "Sequences preempted for lack of this rank's KV blocks", labels=["rank"])
             leader = engine.forward if isinstance(engine.forward, DPLeader) else None
@@ -343,6 +465,7 @@ def register_rank_metrics(metrics: Any, engine: DPEngine) -> None:
                 preempted.add_metric([str(r)], engine.preemptions_by_rank[r])
                 if leader is not None:
                     tokens.add_metric([str(r)], leader.tokens[r])
-            yield from (running, used, total, preempted, tokens)
+                    sampled.add_metric([str(r)], leader.sampled[r])
+            yield from (running, used, total, preempted, tokens, sampled)
 
     metrics.registry.register(RankCollector())

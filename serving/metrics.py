@@ -41,6 +41,18 @@ class ServingMetrics:
         self.kv_used = Gauge("hwlayer_kv_blocks_used", "KV cache blocks held by sequences", registry=r)
         self.kv_free = Gauge("hwlayer_kv_blocks_free", "KV cache blocks free", registry=r)
         self.kv_total = Gauge("hwlayer_kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.kv_cache_tokens = Gauge("hwlayer_kv_cache_tokens", "Tokens the KV cache holds (all ranks)", registry=r)
+        self.kv_cache_max_concurrency = Gauge("hwlayer_kv_cache_max_concurrency",
+                                              "Full --max-model-len contexts the KV cache holds at once", registry=r)
+        self.spec_num_drafts = Counter("hwlayer_spec_decode_num_drafts", "Verify steps that carried drafts",
+                                       registry=r)
+        self.spec_num_draft_tokens = Counter("hwlayer_spec_decode_num_draft_tokens", "Draft tokens proposed",
+                                             registry=r)
+        self.spec_num_accepted_tokens = Counter("hwlayer_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                                registry=r)
+        self.spec_accepted_per_pos = Counter("hwlayer_spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by position in the draft", ["position"],
+                                             registry=r)
         self.kv_cached = Gauge("hwlayer_kv_blocks_cached", "KV cache blocks registered in the prefix cache "
                                "(held or free)", registry=r)
 
@@ -54,6 +66,11 @@ class ServingMetrics:
         self.kv_cached.set_function(lambda: engine.allocator.num_cached)
         self.prefix_cache_hit_rate.set_function(lambda: engine.allocator.hit_rate)
         self.info.info({"backend": backend, "device": device, "model": model_name, "kv_block_size": str(block_size)})
+
+    def bind_capacity(self, tokens: int, max_concurrency: float) -> None:
+        """What the KV cache holds: tokens, and full --max-model-len contexts at once (vLLM's start-up line)."""
+        self.kv_cache_tokens.set(tokens)
+        self.kv_cache_max_concurrency.set(max_concurrency)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

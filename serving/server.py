@@ -76,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context limit (default: min(max_position_embeddings, 4096))")
     p.add_argument("--kv-block-size", type=int, default=64, help="tokens per KV cache block (default 64)")
     p.add_argument("--num-kv-blocks", type=int,
-                   help="KV cache size in blocks (default: 4 full contexts, at least one block per sequence)")
+                   help="KV cache size in blocks: overrides --kv-cache-memory-bytes and --gpu-memory-utilization")
+    p.add_argument("--kv-cache-memory-bytes", metavar="BYTES",
+                   help="KV cache size in bytes (K/M/G: powers of 1000, Ki/Mi/Gi: powers of 1024, e.g. 30Gi); "
+                        "overrides --gpu-memory-utilization (per rank with --dp-attention)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the device's memory for weights, activations and the KV cache; the cache "
+                        "gets what a profiling step leaves (default 0.9). On the CPU (no device memory to "
+                        "profile) the cache defaults to 4 full contexts of --max-model-len")
+    p.add_argument("--speculative-config", metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "mtp", "num_speculative_tokens": N}\' '
+                        "(drafts with the checkpoint's MTP layer)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step (decodes + prefill chunks): the chunked-prefill budget (default 2048)")
@@ -130,6 +140,25 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.seed is not None and not 0 <= args.seed < 2**63:
         fail(f"--seed {args.seed}: expected an integer in [0, 2**63)")
     args.allowed_origins = parse_origins(args.allowed_origins)
+    if not 0 < args.gpu_memory_utilization <= 1:
+        fail(f"--gpu-memory-utilization {args.gpu_memory_utilization}: expected a fraction in (0, 1]")
+    if args.kv_cache_memory_bytes is not None:
+        from .memory import parse_bytes
+
+        try:
+            args.kv_cache_memory_bytes = parse_bytes(args.kv_cache_memory_bytes)
+        except ValueError as exc:
+            fail(f"--kv-cache-memory-bytes {exc}")
+    if args.speculative_config is not None:
+        from .speculative import parse_speculative_config
+
+        try:
+            args.speculative_config = parse_speculative_config(args.speculative_config)
+        except ValueError as exc:
+            fail(f"--speculative-config {exc}")
+        if args.dp_attention:
+            fail("--speculative-config with --dp-attention is not supported yet (each rank would have to verify "
+                 "and draft its own sequences); use --ep N without --dp-attention, or one process")
 
 
 def parse_origins(value: str) -> list[str]:
@@ -225,16 +254,35 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings ({max_pos})")
     block_size = args.kv_block_size
     blocks_per_context = -(-max_model_len // block_size)
-    num_blocks = args.num_kv_blocks or max(4 * blocks_per_context, args.max_num_seqs)
+    from .memory import capacity, size_cache
+
+    try:
+        num_blocks, sized_by = size_cache(
+            num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization, model=model, block_size=block_size,
+            max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens)
+    except ValueError as exc:
+        fail(str(exc))
+    if dist_ctx is not None:  # every rank's cache has rank 0's geometry: the smallest any rank can hold
+        from .memory import agree_on_blocks
+
+        num_blocks = agree_on_blocks(num_blocks)
     if num_blocks < blocks_per_context:
-        fail(f"--num-kv-blocks {num_blocks} x --kv-block-size {block_size} = {num_blocks * block_size} tokens cannot "
-             f"hold one {max_model_len}-token context; use at least {blocks_per_context} blocks or a smaller "
-             "--max-model-len")
+        fail(f"the KV cache ({sized_by}) holds {num_blocks} blocks x --kv-block-size {block_size} = "
+             f"{num_blocks * block_size} tokens, less than one {max_model_len}-token context; give it at least "
+             f"{blocks_per_context} blocks ({blocks_per_context * block_size * model.kv_bytes_per_token()} bytes) "
+             "or a smaller --max-model-len")
+    cache_tokens, max_concurrency = capacity(num_blocks, block_size, max_model_len)
 
     from .api import ServerConfig, create_app, read_tokenizer_config
     from .engine import Engine
     from .metrics import ServingMetrics
 
+    num_spec = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+    if num_spec and model.mtp is None:
+        fail(f"--speculative-config method mtp: {path} has no MTP layer (num_nextn_predict_layers = 0 or its "
+             "weights missing); serve without --speculative-config")
     eos_ids = set(getattr(model.config, "eos_token_ids", None) or [])
     for token in ("<|endoftext|>", "<|user|>", "<|observation|>"):
         token_id = tokenizer.token_to_id(token)
@@ -270,19 +318,21 @@ def main(argv: list[str] | None = None) -> int:
             from model.runner import ModelRunner
 
             runner = ModelRunner(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
-                                 graphs=None if args.enforce_eager else "auto")
+                                 graphs=None if args.enforce_eager else "auto", num_speculative_tokens=num_spec)
         engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
                         forward=ep_mod.leader_forward(model) if leader else runner,
                         on_idle=ep_mod.keepalive if leader else None,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching, num_speculative_tokens=num_spec)
     if runner is not None and runner.uses_graphs:
         runner.capture(engine.cache)  # at startup, so the first requests do not wait for it
     graph_mode = _graph_mode(runner, plan, args.enforce_eager)
     backend = plan.backend.name
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
+    ranks = args.ep if args.dp_attention else 1
+    metrics.bind_capacity(cache_tokens * ranks, max_concurrency * ranks)
     server_config = ServerConfig(model_name=model_name, max_model_len=max_model_len, backend=backend,
                                  device=str(plan.device), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                                  chat_template=chat_template, allowed_origins=args.allowed_origins,
@@ -292,10 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     app = DrainGate(create_app(engine, tokenizer, server_config, metrics))
     return run_uvicorn(app, engine, args, dist_ctx, (
         f"serving {model_name} ({path}) on backend {backend}, weights {model.weight_format}, "
-        f"{num_blocks} KV blocks x {block_size} tokens"
+        f"KV cache {num_blocks} blocks x {block_size} tokens = {cache_tokens} tokens"
         f"{f' per rank, data-parallel attention over {args.ep} ranks' if args.dp_attention else ''} "
-        f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB), "
-        f"max-model-len {max_model_len}, chat template: {chat_template.source}, decode graphs {graph_mode}, "
+        f"({num_blocks * block_size * model.kv_bytes_per_token() / 2**20:.1f} MiB, {sized_by}), "
+        f"max concurrency {max_concurrency:.2f}x at max-model-len {max_model_len}"
+        f"{' per rank' if args.dp_attention else ''}, "
+        f"chat template: {chat_template.source}, decode graphs {graph_mode}, "
+        f"{f'speculative decoding mtp x{num_spec}, ' if num_spec else ''}"
         f"at http://{args.host}:{args.port}"))
 
 

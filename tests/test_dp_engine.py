@@ -213,3 +213,17 @@ def test_an_idle_ranks_empty_batch_runs_through_the_model(tiny):
                   seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32))
     assert tuple(model.forward_batch(empty, cache).shape) == (0, model.config.vocab_size)
     assert all(not bool(layer.abs().sum()) for layer in cache.kv)  # nothing written
+
+
+def test_a_rank_samples_its_own_rows(tiny):
+    """What each rank does with its logits under DPLeader.sample_step: greedy rows by argmax (no
+    plan.sample), sampled rows through plan.sample with their temperature / top-k / top-p."""
+    from serving.dp import RankSampling, sample_rows
+
+    model, _ = tiny
+    logits = torch.randn(4, model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    greedy = RankSampling(rows=[3, 1], temperature=[0.0, 0.0], top_k=[0, 0], top_p=[1.0, 1.0])
+    assert sample_rows(model, logits, greedy).tolist() == [int(logits[3].argmax()), int(logits[1].argmax())]
+    top1 = RankSampling(rows=[0, 2], temperature=[1.0, 0.7], top_k=[1, 1], top_p=[1.0, 1.0])  # top-k 1: argmax
+    assert sample_rows(model, logits, top1).tolist() == [int(logits[0].argmax()), int(logits[2].argmax())]
+    assert sample_rows(model, logits, RankSampling()).numel() == 0

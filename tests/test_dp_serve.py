@@ -121,6 +121,8 @@ def test_dp2_spreads_requests_answers_like_one_process_and_a_dead_rank_gives_503
         assert after["hwlayer_rank_kv_blocks_used"] == {0: 0.0, 1: 0.0}, after
         tokens = after["hwlayer_rank_attention_tokens_total"]
         assert tokens[0] > 0 and tokens[1] > 0, after
+        sampled = after["hwlayer_rank_sampled_tokens_total"]  # each rank sampled its own rows: ids, not logits
+        assert sampled[0] >= 2 * MAX_TOKENS and sampled[1] >= 2 * MAX_TOKENS, after
 
         # a follower dies mid-generation
         first, result = threading.Event(), {}

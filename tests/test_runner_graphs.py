@@ -237,3 +237,35 @@ def test_a_step_the_tracer_cannot_record_runs_eagerly(tiny, monkeypatch, caplog)
     assert "decode graph capture failed, running decode steps eagerly: 0 INTERNAL ASSERT FAILED" in caplog.text
     with pytest.raises(RuntimeError, match="INTERNAL ASSERT"):  # an explicitly chosen graph class: no fallback
         ModelRunner(tiny, max_num_seqs=2, max_model_len=MAX_LEN, graphs=TracedStepGraph).capture(cache)
+
+
+@pytest.mark.parametrize("graphs", ["auto", RecordedGraph])
+def test_speculative_verify_steps_replay_from_graphs_with_the_same_tokens(graphs, tmp_path):
+    """With ``num_speculative_tokens`` the decode graphs hold verify steps (1 + N tokens per row,
+    hidden states out) and the MTP draft step after them: on the bigram checkpoint (drafts accepted)
+    the engine's greedy tokens equal the eager speculative engine's and the plain engine's, and the
+    graphs served most steps."""
+    from model.tiny import make_bigram_checkpoint
+    from model.tokenizer import load_tokenizer
+
+    path = make_bigram_checkpoint(tmp_path / "bigram")
+    model, tokenizer = load_model(path, backend="cpu"), load_tokenizer(path)
+    requests = [(list(range(3 + 5 * i, 9 + 7 * i)), SamplingParams(max_tokens=8 + 3 * i, temperature=0.0))
+                for i in range(4)]
+
+    def run(runner, N):
+        engine = Engine(model, tokenizer, num_blocks=64, block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=16,
+                        max_model_len=64, eos_token_ids=[], forward=runner, num_speculative_tokens=N)
+        seqs = [engine.submit(p, sp, lambda e: None) for p, sp in requests]
+        while engine.has_work():
+            engine.step()
+        return [s.output_ids for s in seqs], engine
+
+    plain, _ = run(None, 0)
+    eager, _ = run(ModelRunner(model, max_num_seqs=4, max_model_len=64, graphs=None, num_speculative_tokens=2), 2)
+    runner = ModelRunner(model, max_num_seqs=4, max_model_len=64, graphs=graphs, num_speculative_tokens=2)
+    got, engine = run(runner, 2)
+    assert got == eager == plain
+    assert engine.num_accepted_tokens > 0.8 * engine.num_draft_tokens
+    assert runner.replays > 3 and runner.replays > runner.eager_steps // 2
+    assert runner.draft_replays > 3  # the MTP draft step ran from its graph too

@@ -43,6 +43,14 @@ def test_unavailable_backend_exits_2_with_one_line_before_loading_weights(tmp_pa
     (["--model", "/nonexistent/dir"], "config.json"),
     (["--api-key", " "], "--api-key"),
     (["--ep", "2"], "--ep 2 needs exactly 2 processes"),  # not under torchrun: checked before any weight loads
+    (["--kv-cache-memory-bytes", "12X"], "--kv-cache-memory-bytes '12X' is not a size"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5"),
+    (["--speculative-config", "{mtp"], "--speculative-config"),
+    (["--speculative-config", '{"method": "eagle3", "num_speculative_tokens": 1}'],
+     "'eagle3' is not supported"),
+    (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 0}'], "num_speculative_tokens"),
+    (["--ep", "2", "--dp-attention", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'],
+     "--speculative-config with --dp-attention is not supported yet"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, words):
     result = run_serve(args, tmp_path)

@@ -74,10 +74,10 @@ def test_batched_chunked_greedy_matches_uncached_reference(tiny):
     assert not engine.running and not engine.waiting
 
 
-def test_preemption_safety_net_keeps_results_and_returns_blocks(tiny):
-    """Admission reserves every block a request needs to finish, so preemption is only a safety net: here
-    the free blocks are taken behind the scheduler's back, the newest sequences get preempted, recompute
-    later and still produce the greedy tokens."""
+def test_preemption_keeps_results_and_returns_blocks(tiny):
+    """Blocks are taken on demand: when they run out (here the free blocks are taken behind the
+    scheduler's back) the newest sequences are preempted, recompute later and still produce the
+    greedy tokens, while the oldest keeps going."""
     model, tokenizer = tiny
     batch = prompts(tokenizer, 3)
     engine = make_engine(tiny, enable_prefix_caching=False)
@@ -161,3 +161,63 @@ def test_check_fits(tiny):
     assert engine.check_fits(10, 20) is None
     assert "maximum context length is 256" in engine.check_fits(200, 100)
     assert "KV blocks" in engine.check_fits(10, 30)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_prompt_logprobs_match_a_full_forward_across_chunks_and_the_prefix_cache(tiny, prefix_caching):
+    """``prompt_logprobs=k``: each prompt token's logprob and the k best at its position (the first token
+    None), on the first event, equal to log_softmax of an uncached full forward; the prompt arrives in
+    chunks of 5 and, with prefix caching, its blocks are already cached by an earlier request."""
+    model, tokenizer = tiny
+    prompt = list(range(30, 53))
+    engine = make_engine(tiny, max_num_batched_tokens=5, enable_prefix_caching=prefix_caching)
+    run_all(engine, [(prompt, SamplingParams(max_tokens=2, temperature=0.0))])  # fills the prefix cache
+    (out,), (ev,) = run_all(engine, [(prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2))])
+    got = ev[0].prompt_logprobs
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+    assert all(e.prompt_logprobs is None for e in ev[1:])
+    want = score(model, torch.tensor([prompt]))[0].log_softmax(-1)
+    for i in range(1, len(prompt)):
+        lp = got[i]
+        assert lp.token_id == prompt[i] and abs(lp.logprob - float(want[i - 1, prompt[i]])) < 1e-4
+        top_vals, top_ids = want[i - 1].topk(2)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(lp.top, top_vals, strict=True))
+    assert len(out) == 3 and engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_max_tokens_zero_finishes_after_the_prefill(tiny):
+    model, tokenizer = tiny
+    prompt = list(range(40, 50))
+    engine = make_engine(tiny, max_num_batched_tokens=4)
+    (out,), (ev,) = run_all(engine, [(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))])
+    assert out == [] and len(ev) == 1 and ev[0].finished and ev[0].finish_reason == "length"
+    assert ev[0].completion_tokens == 0 and ev[0].text == ""
+    want = score(model, torch.tensor([prompt]))[0].log_softmax(-1)
+    assert [round(lp.logprob, 4) for lp in ev[0].prompt_logprobs[1:]] == \
+        [round(float(want[i - 1, prompt[i]]), 4) for i in range(1, len(prompt))]
+    assert engine.allocator.num_free == engine.allocator.num_blocks and engine.num_computed_tokens == len(prompt)
+
+
+def test_greedy_batch_skips_the_sort_of_plan_sample(tiny):
+    """A batch the host knows is all greedy takes argmax; a sampled row in it goes through plan.sample."""
+    model, tokenizer = tiny
+    engine = make_engine(tiny)
+    calls = []
+    real = model.plan.sample
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(model.plan, name)
+
+        def sample(self, *args, **kwargs):
+            calls.append(args[0].shape[0])
+            return real(*args, **kwargs)
+
+    spy = Spy()
+    engine.runner.model = type("M", (), {"plan": spy})()
+    run_all(engine, [(prompts(tokenizer, 1)[0], SamplingParams(max_tokens=3, temperature=0.0))])
+    assert calls == []
+    run_all(engine, [(prompts(tokenizer, 1)[0], SamplingParams(max_tokens=3, temperature=0.0)),
+                     (prompts(tokenizer, 2)[1], SamplingParams(max_tokens=3, temperature=0.8, seed=1))])
+    assert calls and max(calls) == 2
