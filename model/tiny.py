@@ -501,6 +501,7 @@ def make_compressed_tensors_checkpoint(path: str | Path, scheme: str = "int8",
     raw["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
                                   "config_groups": {"group_0": group}, "ignore": list(ignore)}
     (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return path
 
 
 def make_bigram_checkpoint(path: str | Path, seed: int = 0, mtp_noise: float = 0.0,
