@@ -8,7 +8,10 @@ Paths (all from the same seeded float weights, ``QUANT_TINY_OVERRIDES``):
 * ``fp8 native``      -- an fp8_block checkpoint (DeepSeek / GLM-5-FP8 layout) kept in fp8_block;
 * ``int8 from bf16``  -- the float checkpoint quantized to int8 per channel at load;
 * ``int8 from fp8``   -- the fp8_block checkpoint requantized to int8 at load (an int8-only backend);
-* ``msmodelslim W8A8`` -- attention static W8A8 (calibrated on the float model), MLP W8A8_DYNAMIC;
+* ``msmodelslim W8A8`` -- the GLM-5 recipe (msmodelslim@3de0a3c4 lab_practice/glm_5/glm_5_w8a8.yaml):
+  QuaRot + flex_smooth_quant fused into the float weights, then attention static W8A8 (minmax-calibrated
+  on the processed float model), MLP W8A8_DYNAMIC; and the same quant types without QuaRot /
+  smoothing, as an ablation;
 * ``msmodelslim W4A8`` -- routed experts int4 (W4A8_DYNAMIC), attention / dense / shared W8A8_DYNAMIC,
   the MTP layer float;
 * ``compressed-tensors int8 / FP8_BLOCK`` -- every Linear (kv_b_proj and the indexer's wk too) quantized.
@@ -142,6 +145,8 @@ def main() -> None:
         "int8 from bf16": lambda: load_model(flt, backend="cpu", weight_format="int8"),
         "int8 from fp8": lambda: load_model(fp8, backend="cpu", weight_format="int8"),
         "msmodelslim W8A8": lambda: load_model(make_msmodelslim_checkpoint(root / "w8a8", "w8a8"), backend="cpu"),
+        "msmodelslim W8A8 without QuaRot / smoothing (ablation)": lambda: load_model(
+            make_msmodelslim_checkpoint(root / "w8a8-raw", "w8a8", processes=()), backend="cpu"),
         "msmodelslim W4A8": lambda: load_model(make_msmodelslim_checkpoint(root / "w4a8", "w4a8"), backend="cpu"),
         "compressed-tensors int8": lambda: load_model(make_compressed_tensors_checkpoint(root / "ct8", "int8"),
                                                       backend="cpu"),
