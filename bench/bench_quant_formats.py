@@ -96,6 +96,8 @@ def projection_errors(root: Path, flt: Path, prompt: torch.Tensor, ref_logits: t
                 want = x @ getattr(float_models[key].layers[i].attn, attr).float().t()
                 got = Q.quant_linear(x, getattr(m.layers[i].attn, attr))
                 row[key] = float((got - want).norm() / want.norm())
+                # how much coarser one per-tensor scale is than per-token ones on this input
+                row[f"spread {key}"] = float(x.abs().max() / x.abs().amax(-1).median())
             rows.append(row)
     return rows
 
@@ -176,11 +178,13 @@ def main() -> None:
     print()
     print("msmodelslim W8A8 per projection: relative output error on the 128 sequences' activations; "
           "KL with it alone static (recipe), 128 seqs")
-    print("| projection | layer | int8 (per-token) | static W8A8, unprocessed | static W8A8, recipe | KL alone |")
-    print("|---|---|---|---|---|---|")
+    print("| projection | layer | int8 (per-token) | static W8A8, unprocessed | static W8A8, recipe | KL alone "
+          "| input absmax / median token absmax (unprocessed, recipe) |")
+    print("|---|---|---|---|---|---|---|")
     for r in breakdown:
         print(f"| {r['projection']} | {r['layer']} | {r['int8']:.2e} | {r['static, unprocessed']:.2e} "
-              f"| {r['static, recipe']:.2e} | {r['kl_alone'][0]:.4f} ± {r['kl_alone'][1]:.4f} |")
+              f"| {r['static, recipe']:.2e} | {r['kl_alone'][0]:.4f} ± {r['kl_alone'][1]:.4f} "
+              f"| {r['spread int8']:.1f}, {r['spread static, recipe']:.1f} |")
     print()
     print("quant_linear, x [64, 512] with 8 channels x50, W [256, 512]: relative output error")
     for name, e in ops.items():
