@@ -610,7 +610,9 @@ def make_msmodelslim_checkpoint(path: str | Path, kind: str = "w8a8", config_ove
     ``optional/quarot.safetensors`` as the saver writes them) and ``"flex_smooth_quant"``
     (:func:`flex_smooth_quant`), fused into the float weights in that order. W8A8 activation
     ranges: per-tensor min / max over the processed float model's inputs to each static projection
-    on its greedy continuations of :func:`calibration_prompts` (msmodelslim's ``minmax``).
+    on its greedy continuations of :func:`calibration_prompts` (msmodelslim's ``minmax``; msmodelslim
+    calibrates layer by layer on the previous layers' fake-quantized outputs, here every layer sees
+    the float model's).
     ``only``: quantize just the linears whose name contains it, the rest FLOAT (the per-projection
     error breakdown of bench/bench_quant_formats.py). ``keep_float``: also write the processed float
     model (rotated and smoothed, before quantization) there as a plain float checkpoint."""
