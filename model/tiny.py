@@ -277,6 +277,8 @@ def _hadamard(n: int) -> torch.Tensor:
 def _block_hadamard_shifted(n: int, block: int = 32, shift: int = 16) -> torch.Tensor:
     """``create_rot(BLOCK_HADAMARD_SHIFTED)`` (rot_step 1, block_size -1 -> 32): ``R @ P @ R``, ``R``
     the block-diagonal of ``block``-size Hadamards, ``P`` the cyclic shift of the columns by 16."""
+    if n % block:
+        raise ValueError(f"quarot: block Hadamard size {n} is not a multiple of {block}")
     r = torch.block_diag(*[_hadamard(block)] * (n // block))
     eye = torch.eye(n, dtype=torch.float64)
     return r @ torch.cat([eye[:, -shift:], eye[:, :-shift]], 1) @ r
