@@ -244,26 +244,150 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
 
 # ------------------------------------------------------------------------------------------------
 # msmodelslim (Ascend/msmodelslim@3de0a3c4) and compressed-tensors layouts of the same tiny model
+#
+# The GLM-5 W8A8 recipe (msmodelslim@3de0a3c4 lab_practice/glm_5/glm_5_w8a8.yaml) runs, in order:
+# ``quarot`` (export_extra_info), ``flex_smooth_quant`` on the ``norm-linear`` and ``ov`` subgraphs,
+# then ``linear_quant``: ``*self_attn*`` except kv_b_proj / wk / weights_proj static W8A8 (activations
+# per-tensor asymmetric ``minmax``, weights per-channel symmetric ``minmax``), ``*mlp*`` except the
+# router ``*gate`` W8A8_DYNAMIC (per-token symmetric activations), everything else float.
+# make_msmodelslim_checkpoint follows those steps; the W4A8 recipe's (quarot, flex_awq_ssz, ssz
+# int4 weights) are not reproduced: its tiny checkpoint is the recipe's quant types on unprocessed
+# weights (model/loader.py msmodelslim_recipe).
+
+RECIPE_PROCESSES: dict[str, tuple[str, ...]] = {"w8a8": ("quarot", "flex_smooth_quant"), "w4a8": ()}
+QUAROT_SEED = 1234  # create_rot seeds every rotation with seed_all(1234) (processor/quarot/common/quarot_utils.py)
+STATIC_ATTRS = {"q_a_proj.weight": "q_a_proj", "q_b_proj.weight": "q_b_proj", "kv_a_proj_with_mqa.weight": "kv_a_proj",
+                "o_proj.weight": "o_proj", "indexer.wq_b.weight": "wq_b"}  # checkpoint suffix -> Attention attr
 
 
-def _calibrate_static_ranges(path: Path, names: list[str], prompts: torch.Tensor
-                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per linear weight in ``names``: per-input-channel (min, max) ``[K]`` of its input activations
-    when the float checkpoint at ``path`` scores ``prompts`` -- msmodelslim's ``minmax`` calibration
-    (the per-tensor range is their min / max). A weight the prompts never reach (the MTP layer)
-    takes the range of the same projection in the other layers."""
+def _hadamard(n: int) -> torch.Tensor:
+    """msmodelslim's ``random_hadamard_matrix(n)`` under ``create_rot``'s seed (msmodelslim@3de0a3c4
+    ``processor/quarot/common/hadamard.py``): ``diag(random +-1) @ H_n / sqrt(n)`` with the Sylvester
+    ``H_n`` its fast Walsh-Hadamard transform produces (checked equal to it). float64, powers of two
+    only (the tiny model's sizes; msmodelslim also has 12 * 2^k, 20 * 2^k, ... tables)."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"quarot: Hadamard size must be a power of two here, got {n}")
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(QUAROT_SEED)).double() * 2 - 1
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return signs[:, None] * h / n**0.5
+
+
+def _block_hadamard_shifted(n: int, block: int = 32, shift: int = 16) -> torch.Tensor:
+    """``create_rot(BLOCK_HADAMARD_SHIFTED)`` (rot_step 1, block_size -1 -> 32): ``R @ P @ R``, ``R``
+    the block-diagonal of ``block``-size Hadamards, ``P`` the cyclic shift of the columns by 16."""
+    if n % block:
+        raise ValueError(f"quarot: block Hadamard size {n} is not a multiple of {block}")
+    r = torch.block_diag(*[_hadamard(block)] * (n // block))
+    eye = torch.eye(n, dtype=torch.float64)
+    return r @ torch.cat([eye[:, -shift:], eye[:, :-shift]], 1) @ r
+
+
+def quarot_glm5(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """msmodelslim's offline QuaRot for GLM-5, fused into the float ``tensors`` in place (msmodelslim@3de0a3c4
+    ``model/glm_5/quarot.py`` ``get_ln_fuse_map`` / ``get_rotate_map`` with ``model_adapter.py``'s
+    indexer additions; ``processor/quarot/common/quarot_utils.py`` ``fuse_ln_linear`` /
+    ``rotate_linear``): every RMSNorm weight is folded into the linears it feeds and set to 1, then
+    ``rot`` (Hadamard, hidden size) turns the residual stream (embedding, lm_head, q_a / kv_a / wk /
+    weights_proj / MLP / router inputs, o_proj / down_proj outputs, the MTP eh_proj), ``rot_b_proj``
+    (shifted block Hadamard) the q_a -> q_b / indexer wq_b latent, ``rot_uv`` (Hadamard, v_head_dim,
+    per head) the kv_b_proj value rows -> o_proj input, ``rot_kv_b_proj`` the kv_a -> kv_b latent.
+    The float model is unchanged (RMSNorm commutes with an orthogonal rotation). The MTP layer gets
+    its own embed_tokens / shared_head.head copies, as msmodelslim's MTP wrapper saves them.
+    Returns (global rotation ``Q``, ``rot.weight = Q^T diag(model.norm) Q``: ``ascendv1_save_postprocess``)."""
+    D, dn, dv, dl, dr = (cfg.hidden_size, cfg.qk_nope_head_dim, cfg.v_head_dim,
+                         cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    rot, rot_b, rot_uv, rot_kv = (_hadamard(D), _block_hadamard_shifted(cfg.q_lora_rank), _hadamard(dv),
+                                  _hadamard(dl))
+    dtypes = {k: v.dtype for k, v in tensors.items()}
+    t = {k: v.double() for k, v in tensors.items()}
+    n_all = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    mtp = [f"model.layers.{i}." for i in range(cfg.num_hidden_layers, n_all)]
+    for p in mtp:  # the MTP layer's own copies (glm_5/model_adapter.py get_mtp_layer)
+        for own, shared in (("embed_tokens.weight", "model.embed_tokens.weight"), ("shared_head.head.weight",
+                                                                                    "lm_head.weight")):
+            if p + own not in t:
+                t[p + own], dtypes[p + own] = t[shared].clone(), dtypes[shared]
+    rot_weight = rot.T @ torch.diag(t["model.norm.weight"]) @ rot
+
+    def fuse(norms: list[str], linears: list[str]) -> None:
+        ln = torch.cat([t[n] for n in norms])
+        for name in linears:
+            if name in t:
+                t[name] = t[name] * ln
+        for n in norms:
+            t[n] = torch.ones_like(t[n])
+
+    def turn(name: str, r: torch.Tensor, right: bool) -> None:
+        if name not in t:
+            return
+        dim = t[name].shape[1 if right else 0]
+        full = torch.block_diag(*[r] * (dim // r.shape[0]))  # rotate_linear's automatic block diagonal
+        t[name] = t[name] @ full if right else full.T @ t[name]
+
+    def mlp_modules(p: str) -> list[str]:
+        if p + "mlp.gate_proj.weight" in t:
+            return [p + "mlp."]
+        return [f"{p}mlp.experts.{e}." for e in range(cfg.n_routed_experts)] + [p + "mlp.shared_experts."]
+
+    # fuse_ln_linear first (the processor fuses, then rotates)
+    for i in range(n_all):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        fuse([p + "input_layernorm.weight"], [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight",
+                                              a + "indexer.wk.weight", a + "indexer.weights_proj.weight"])
+        fuse([a + "q_a_layernorm.weight"], [a + "q_b_proj.weight", a + "indexer.wq_b.weight"])
+        fuse([a + "kv_a_layernorm.weight"], [a + "kv_b_proj.weight"])
+        fuse([p + "post_attention_layernorm.weight"],
+             [m + w for m in mlp_modules(p) for w in ("gate_proj.weight", "up_proj.weight")] + [p + "mlp.gate.weight"])
+    fuse(["model.norm.weight"], ["lm_head.weight"])
+    for p in mtp:
+        fuse([p + "enorm.weight", p + "hnorm.weight"], [p + "eh_proj.weight"])
+        fuse([p + "shared_head.norm.weight"], [p + "shared_head.head.weight"])
+    # then the rotation pairs
+    turn("model.embed_tokens.weight", rot, True)
+    turn("lm_head.weight", rot, True)
+    for i in range(n_all):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        for name in ("q_a_proj", "kv_a_proj_with_mqa", "indexer.wk", "indexer.weights_proj"):
+            turn(a + name + ".weight", rot, True)
+        turn(a + "o_proj.weight", rot, False)
+        for m in mlp_modules(p):
+            turn(m + "gate_proj.weight", rot, True)
+            turn(m + "up_proj.weight", rot, True)
+            turn(m + "down_proj.weight", rot, False)
+        turn(p + "mlp.gate.weight", rot, True)
+        turn(a + "q_a_proj.weight", rot_b, False)
+        turn(a + "q_b_proj.weight", rot_b, True)
+        turn(a + "indexer.wq_b.weight", rot_b, True)
+        turn(a + "kv_b_proj.weight", torch.block_diag(torch.eye(dn, dtype=torch.float64), rot_uv), False)
+        turn(a + "o_proj.weight", rot_uv, True)
+        turn(a + "kv_a_proj_with_mqa.weight", torch.block_diag(rot_kv, torch.eye(dr, dtype=torch.float64)), False)
+        turn(a + "kv_b_proj.weight", rot_kv, True)
+    for p in mtp:
+        turn(p + "embed_tokens.weight", rot, True)
+        turn(p + "eh_proj.weight", torch.block_diag(rot, rot), True)
+        turn(p + "eh_proj.weight", rot, False)
+        turn(p + "shared_head.head.weight", rot, True)
+    for k, v in t.items():
+        tensors[k] = v.to(dtypes[k])
+    return rot.float(), rot_weight.to(dtypes["model.norm.weight"])
+
+
+def _record_attention_inputs(path: Path, prompts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every attention projection's input activations ``[tokens, K]`` (fp32) when the float
+    checkpoint at ``path`` scores ``prompts``: what msmodelslim's calibration hooks see (its flex
+    smooth stats collector and the ``minmax`` observers). Layers the prompts never reach (the MTP
+    layer: ``score`` does not run it) are absent."""
     from . import glm5, load_model
     from .generate import score
 
     model = load_model(path, backend="cpu", weight_format="fp32")
-    ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, list[torch.Tensor]] = {}
     original = glm5.linear
 
     def recording_linear(plan, x, w):
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        lo, hi = x2.amin(0), x2.amax(0)
-        old = ranges.get(id(w), (lo, hi))
-        ranges[id(w)] = (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        seen.setdefault(id(w), []).append(x.reshape(-1, x.shape[-1]).float().clone())
         return original(plan, x, w)
 
     glm5.linear = recording_linear  # the network's one linear call (hwlayer.ops.quant.linear)
@@ -271,75 +395,120 @@ def _calibrate_static_ranges(path: Path, names: list[str], prompts: torch.Tensor
         score(model, prompts)
     finally:
         glm5.linear = original
-    attrs = {"q_a_proj.weight": "q_a_proj", "q_b_proj.weight": "q_b_proj", "kv_a_proj_with_mqa.weight": "kv_a_proj",
-             "o_proj.weight": "o_proj", "indexer.wq_b.weight": "wq_b"}
-    by_name: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, layer in enumerate(model.layers):  # the model holds the loaded tensors themselves
-        for suffix, attr in attrs.items():
-            w = getattr(layer.attn, attr, None)
-            if w is not None and id(w) in ranges:
-                by_name[f"model.layers.{i}.self_attn.{suffix}"] = ranges[id(w)]
     out = {}
-    for name in names:
-        if name in by_name:
-            out[name] = by_name[name]
-            continue
-        same = [r for n, r in by_name.items() if n.split(".self_attn.")[1] == name.split(".self_attn.")[1]]
-        if not same:
-            raise ValueError(f"calibration: no activations reached {name} or its peers")
-        lo = torch.stack([r[0] for r in same]).amin(0)
-        hi = torch.stack([r[1] for r in same]).amax(0)
-        out[name] = (torch.full_like(lo, float(lo.min())), torch.full_like(hi, float(hi.max())))
+    for i, layer in enumerate(model.layers):  # the model holds the loaded tensors themselves
+        for suffix, attr in STATIC_ATTRS.items():
+            w = getattr(layer.attn, attr, None)
+            if w is not None and id(w) in seen:
+                out[f"model.layers.{i}.self_attn.{suffix}"] = torch.cat(seen[id(w)])
     return out
 
 
-SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength
+def _int8sym(x: torch.Tensor) -> torch.Tensor:
+    """alpha_beta_search.py ``quant_int8sym``: per-row symmetric int8 round trip."""
+    step = x.abs().amax(-1, keepdim=True) / 127
+    return (x / step).round().clamp(-127, 127) * step
 
 
-def smooth_attention(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-                     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     subgraphs: tuple[str, ...] = ("norm-linear", "ov"), alpha: float = SMOOTH_ALPHA) -> None:
-    """msmodelslim's ``flex_smooth_quant`` (GLM-5 W8A8 recipe: ``norm-linear`` and ``ov`` subgraphs)
-    fused into the float weights in place, as the tool does offline: per input channel ``k``,
-    ``s_k = amax|x_k|^a / amax|W[:, k]|^(1-a)``; the producer is divided by ``s`` (the RMSNorm
-    weight, or kv_b_proj's value rows for o_proj) and every consumer's column multiplied by it, so
-    the float model is unchanged and the static per-tensor range of ``x / s`` is narrower.
-    Subgraphs: input_layernorm -> q_a_proj, kv_a_proj_with_mqa (+ the indexer's wk and
-    weights_proj, which read the same input); q_a_layernorm -> q_b_proj, indexer.wq_b; kv_b_proj
-    (v rows) -> o_proj. ``ranges`` are divided by ``s`` accordingly. Layers the calibration did not
-    reach (flat ranges) are left alone."""
+def _flex_error(act: torch.Tensor, w: torch.Tensor, alpha: float, beta: float) -> float:
+    """``FlexSmoothAlphaBetaSearcher.evaluate_alpha_beta`` (act_sym=True): relative RMS error of the
+    int8 (per-token activations, per-row weights) product after smoothing with ``alpha, beta``."""
+    golden = act @ w.T
+    s = act.abs().amax(0, keepdim=True) ** alpha * w.abs().amax(0, keepdim=True) ** (-beta)
+    out = _int8sym(act / s) @ _int8sym(w * s).T
+    return float((out - golden).pow(2).mean().sqrt() / golden.pow(2).mean().sqrt())
+
+
+def flex_smooth_search(act: torch.Tensor, w: torch.Tensor, step: float = 0.05) -> tuple[float, float]:
+    """``FlexSmoothAlphaBetaSearcher.search_alpha_beta`` (msmodelslim@3de0a3c4
+    ``processor/anti_outlier/flex_smooth/alpha_beta_search.py``, as ``api.py``
+    ``get_optimal_alpha_beta_flex_smooth`` calls it when the recipe gives no alpha / beta): alpha
+    over 0, 0.05, .., 1 with beta = 1 - alpha, then beta over the same grid at that alpha; ties go
+    to the later value (``<=``)."""
+    grid = [round(i * step, 2) for i in range(int(round(1 / step)) + 1)]
+    best_a, best = 0.0, float("inf")
+    for a in grid:
+        e = _flex_error(act, w, a, 1.0 - a)
+        if e <= best:
+            best_a, best = a, e
+    best_b = 0.0
+    for b in grid:
+        e = _flex_error(act, w, best_a, b)
+        if e <= best:
+            best_b, best = b, e
+    return best_a, best_b
+
+
+def flex_smooth_quant(tensors: dict[str, torch.Tensor], cfg: ModelConfig, acts: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """msmodelslim's ``flex_smooth_quant`` on GLM-5's ``norm-linear`` and ``ov`` subgraphs (the W8A8
+    recipe's ``enable_subgraph_type``), fused into the float ``tensors`` in place (msmodelslim@3de0a3c4
+    ``processor/anti_outlier/flex_smooth/api.py``, ``common/scale_computation.py``
+    ``FlexSmoothScaleCalculator`` / ``compute_multi_weight_scale``, ``common/subgraph_fusion.py``;
+    subgraphs from ``model/glm_5/model_adapter.py`` ``get_adapter_config_for_subgraph``):
+    input_layernorm -> q_a_proj, kv_a_proj_with_mqa, indexer.wk, indexer.weights_proj;
+    q_a_layernorm -> q_b_proj, indexer.wq_b; kv_b_proj (value rows) -> o_proj (``group_method``
+    max; one KV group per head here). Per subgraph: (alpha, beta) from :func:`flex_smooth_search`
+    on the calibration activations and the stacked consumer weights, ``s = amax|x|^alpha /
+    amax|W|^beta`` (clamped at 1e-5), the producer divided by ``s`` and every consumer's columns
+    multiplied by it. Returns ``s`` per static weight (its input is now ``x / s``). Subgraphs
+    without calibration activations (the MTP layer) are left alone."""
     H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        groups = [("norm-linear", p + "input_layernorm.weight",
-                   [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight"],
-                   [a + "indexer.wk.weight", a + "indexer.weights_proj.weight"]),
-                  ("norm-linear", a + "q_a_layernorm.weight", [a + "q_b_proj.weight", a + "indexer.wq_b.weight"], []),
-                  ("ov", None, [a + "o_proj.weight"], [])]
-        for kind, producer, consumers, passengers in groups:
-            consumers = [c for c in consumers if c in tensors and c in ranges]
-            if not consumers or kind not in subgraphs:
+    scales: dict[str, torch.Tensor] = {}
+    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        subgraphs = [(p + "input_layernorm.weight", [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight",
+                                                     a + "indexer.wk.weight", a + "indexer.weights_proj.weight"]),
+                     (a + "q_a_layernorm.weight", [a + "q_b_proj.weight", a + "indexer.wq_b.weight"]),
+                     (None, [a + "o_proj.weight"])]  # ov: the producer is kv_b_proj's value rows
+        for producer, consumers in subgraphs:
+            consumers = [c for c in consumers if c in tensors]
+            if consumers[0] not in acts:
                 continue
-            lo, hi = ranges[consumers[0]]
-            xmax = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-5)
-            wmax = torch.stack([tensors[c].float().abs().amax(0) for c in consumers]).amax(0).clamp(min=1e-5)
-            sm = (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
-            for c in consumers + [t for t in passengers if t in tensors]:
-                tensors[c] = (tensors[c].float() * sm).to(tensors[c].dtype)
-            for c in consumers:
-                ranges[c] = (ranges[c][0] / sm, ranges[c][1] / sm)
+            act = acts[consumers[0]]
+            ws = [tensors[c].float() for c in consumers]
+            alpha, beta = flex_smooth_search(act, torch.cat(ws))
+            a_scale = act.abs().amax(0)
+            w_scale = torch.stack([w.abs().amax(0) for w in ws]).amax(0).clamp(min=1e-5)
+            s = (a_scale.pow(alpha) / w_scale.pow(beta)).clamp(min=1e-5)
+            for c, w in zip(consumers, ws, strict=True):
+                tensors[c] = (w * s).to(tensors[c].dtype)
+                scales[c] = s
             if producer is not None:
-                tensors[producer] = (tensors[producer].float() / sm).to(tensors[producer].dtype)
+                tensors[producer] = (tensors[producer].float() / s).to(tensors[producer].dtype)
             else:  # kv_b_proj [H*(dn+dv), dl]: value rows of head h are h*(dn+dv)+dn ..; o_proj column h*dv+d
                 kv_b = tensors[a + "kv_b_proj.weight"].float().view(H, dn + dv, -1).clone()
-                kv_b[:, dn:] /= sm.view(H, dv, 1)
+                kv_b[:, dn:] /= s.view(H, dv, 1)
                 tensors[a + "kv_b_proj.weight"] = kv_b.view(H * (dn + dv), -1).to(tensors[a + "kv_b_proj.weight"].dtype)
+    return scales
+
+
+def static_ranges(names: list[str], acts: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]
+                  ) -> dict[str, tuple[float, float]]:
+    """Per static W8A8 weight: the (min, max) of its input over every calibration token after
+    smoothing (``x / s``): msmodelslim's per-tensor ``minmax`` activation observer. A weight the
+    calibration never reached (the MTP layer) takes the widest range of the same projection in
+    the other layers."""
+    out: dict[str, tuple[float, float]] = {}
+    for name in names:
+        if name in acts:
+            x = acts[name] / scales[name] if name in scales else acts[name]
+            out[name] = (float(x.min()), float(x.max()))
+    for name in names:
+        if name in out:
+            continue
+        proj = name.split(".self_attn.")[1]
+        same = [r for n, r in out.items() if n.split(".self_attn.")[1] == proj]
+        if not same:
+            raise ValueError(f"calibration: no activations reached {name} or its peers")
+        out[name] = (min(r[0] for r in same), max(r[1] for r in same))
+    return out
 
 
 def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-                      ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, shards: int = 2,
-                      types: dict[str, str] | None = None) -> None:
+                      ranges: dict[str, tuple[float, float]] | None = None, shards: int = 2,
+                      types: dict[str, str] | None = None,
+                      rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Write ``tensors`` (a float checkpoint) into ``path`` as msmodelslim's AscendV1 saver does
     (Ascend/msmodelslim@3de0a3c4 ``core/quant_service/modelslim_v1/save/ascendv1.py``
     ``on_w8a8_static`` / ``on_w8a8_dynamic_per_channel`` / ``on_w4a8_dynamic``; ``save/utils/pack.py``
@@ -348,8 +517,13 @@ def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tens
     ``model_quant_type``, ``metadata``, ``group_size``, ``optional``), weights in
     ``quant_model_weights-0000i-of-0000N.safetensors`` (no safetensors metadata) + index.
     ``types``: tensor -> quant type (default: the GLM-5 recipe ``kind``, :func:`msmodelslim_recipe`);
-    ``ranges``: calibrated per-channel activation (min, max) of every W8A8 weight. ``deq_scale`` is the fp32 bit
-    pattern in int64 unless the model dtype is bfloat16 (``deqscale2int64_by_dtype``)."""
+    ``ranges``: calibrated activation (min, max) of every W8A8 weight. ``deq_scale`` is the fp32 bit
+    pattern in int64 unless the model dtype is bfloat16 (``deqscale2int64_by_dtype``). ``rotation``:
+    QuaRot's (global rotation, ``rot.weight``) from :func:`quarot_glm5`, written as the recipe's
+    ``export_extra_info`` has them written: ``optional/quarot.safetensors`` (``global_rotation``,
+    ``on_quarot_extra_info_wrapper``; ``optional.quarot.rotation_map`` in the description) and
+    ``rot.safetensors`` (``rot.weight``, in the index; ``is_rot_used: true`` appended to the
+    description: ``model/glm_5/model_adapter.py`` ``ascendv1_save_postprocess``)."""
     from hwlayer.ops.quant import quantize_weight, quantize_weight_static, static_activation_params
 
     from .loader import MSMODELSLIM_PREFIX, msmodelslim_recipe
@@ -368,7 +542,7 @@ def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tens
         qtype = types.get(name, "FLOAT")
         module = module_of(name)
         if qtype == "W8A8":
-            s, o = static_activation_params(float(ranges[name][0].min()), float(ranges[name][1].max()))
+            s, o = static_activation_params(*ranges[name])
             q = quantize_weight_static(t.float(), s, o)
             deq = q.scale if bf16 else q.scale.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
             put(name, qtype, q.data)
@@ -396,8 +570,13 @@ def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tens
             put(name, "FLOAT", t)
     ranks = {"W4A8_DYNAMIC": 3, "W8A8": 2, "W8A8_DYNAMIC": 1}  # the saver's QUANT_TYPE_PRIORITY, W4A8 hidden
     present = [t for t in desc.values() if t in ranks and t != "W4A8_DYNAMIC"]
+    optional: dict[str, Any] = {}
+    if rotation is not None:
+        (path / "optional").mkdir(exist_ok=True)
+        save_file({"global_rotation": rotation[0].contiguous()}, str(path / "optional" / "quarot.safetensors"))
+        optional["quarot"] = {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}
     desc |= {"version": "1.0.0", "model_quant_type": max(present, key=ranks.get) if present else "FLOAT",
-             "metadata": {}, "group_size": 0, "optional": {}}
+             "metadata": {}, "group_size": 0, "optional": optional}
     names = list(out)
     per = -(-len(names) // shards)
     weight_map: dict[str, str] = {}
@@ -408,6 +587,10 @@ def write_msmodelslim(path: str | Path, kind: str, tensors: dict[str, torch.Tens
         save_file(part, str(path / fname))
         weight_map |= {n: fname for n in part}
         total += sum(v.numel() * v.element_size() for v in part.values())
+    if rotation is not None:
+        save_file({"rot.weight": rotation[1].contiguous()}, str(path / "rot.safetensors"))
+        weight_map["rot.weight"] = "rot.safetensors"
+        desc["is_rot_used"] = True
     (path / f"{MSMODELSLIM_PREFIX}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "quant_model_description.json").write_text(json.dumps(desc, indent=2))
@@ -419,37 +602,55 @@ def calibration_prompts(n: int = 16, length: int = 8, seed: int = 1) -> torch.Te
 
 
 def make_msmodelslim_checkpoint(path: str | Path, kind: str = "w8a8", config_overrides: dict[str, Any] | None = None,
-                                seed: int = 0, shards: int = 2, smooth: tuple[str, ...] = ()) -> Path:
+                                seed: int = 0, shards: int = 2, processes: tuple[str, ...] | None = None,
+                                only: str | None = None, keep_float: str | Path | None = None) -> Path:
     """A tiny msmodelslim-layout checkpoint (``kind`` ``"w8a8"`` | ``"w4a8"``, the GLM-5 recipes) of the
     float model :func:`make_tiny_checkpoint` writes with the same arguments: config.json without
     ``quantization_config`` (the saver removes it), description, sharded ``quant_model_weights``.
-    W8A8: activation ranges calibrated on the float model's greedy continuations of
-    :func:`calibration_prompts`; ``smooth`` (e.g. ``("norm-linear", "ov")``, the recipe's
-    ``flex_smooth_quant``; default none) fuses :func:`smooth_attention` into the float weights
-    first. On this random-weight model smoothing raises the logits KL (no outlier channels to
-    migrate: docs/benchmarks.md), so it is off by default. No QuaRot (``is_rot_used`` absent): a
-    rotation is fused offline into weights and norms too and changes nothing at run time for the
-    main model."""
+    ``processes`` (default: the recipe's, :data:`RECIPE_PROCESSES`): ``"quarot"``
+    (:func:`quarot_glm5`; the checkpoint then carries ``is_rot_used``, ``rot.weight`` and
+    ``optional/quarot.safetensors`` as the saver writes them) and ``"flex_smooth_quant"``
+    (:func:`flex_smooth_quant`), fused into the float weights in that order. W8A8 activation
+    ranges: per-tensor min / max over the processed float model's inputs to each static projection
+    on its greedy continuations of :func:`calibration_prompts` (msmodelslim's ``minmax``; msmodelslim
+    calibrates layer by layer on the previous layers' fake-quantized outputs, here every layer sees
+    the float model's).
+    ``only``: quantize just the linears whose name contains it, the rest FLOAT (the per-projection
+    error breakdown of bench/bench_quant_formats.py). ``keep_float``: also write the processed float
+    model (rotated and smoothed, before quantization) there as a plain float checkpoint."""
     from safetensors.torch import load_file
 
     from .loader import msmodelslim_recipe
 
     path = Path(path)
+    processes = RECIPE_PROCESSES[kind] if processes is None else tuple(processes)
+    unknown = set(processes) - {"quarot", "flex_smooth_quant"}
+    if unknown:
+        raise ValueError(f"msmodelslim processes: expected 'quarot' / 'flex_smooth_quant', got {sorted(unknown)}")
     make_tiny_checkpoint(path, config_overrides if config_overrides is not None else QUANT_TINY_OVERRIDES, seed=seed)
     cfg = ModelConfig.from_json(path)
     types = msmodelslim_recipe(cfg, kind)
+    if only is not None:
+        types = {n: t for n, t in types.items() if only in n}
     static = [n for n, t in types.items() if t == "W8A8"]
     tensors = load_file(str(path / "model.safetensors"))
-    ranges = {}
-    if static:
+    rotation = None
+    if "quarot" in processes:  # data-free; the float model it leaves is what the later steps calibrate on
+        rotation = quarot_glm5(tensors, cfg)
+        save_file(tensors, str(path / "model.safetensors"))
+    ranges: dict[str, tuple[float, float]] = {}
+    if static or "flex_smooth_quant" in processes:
         from . import load_model
         from .generate import generate
 
         prompts = generate(load_model(path, backend="cpu", weight_format="fp32"), calibration_prompts(), 24)
-        ranges = _calibrate_static_ranges(path, static, prompts)
-        if smooth:
-            smooth_attention(tensors, cfg, ranges, smooth)
-    write_msmodelslim(path, kind, tensors, cfg, ranges, shards, types)
+        acts = _record_attention_inputs(path, prompts)
+        scales = flex_smooth_quant(tensors, cfg, acts) if "flex_smooth_quant" in processes else {}
+        ranges = static_ranges(static, acts, scales)
+    if keep_float is not None:
+        shutil.copytree(path, keep_float)
+        save_file(tensors, str(Path(keep_float) / "model.safetensors"))
+    write_msmodelslim(path, kind, tensors, cfg, ranges, shards, types, rotation)
     (path / "model.safetensors").unlink()
     return path
 
