@@ -17,6 +17,8 @@
 #   bench:       bench_gpu.{log,json}         bench/bench_gpu.py: GLM-5-shaped checkpoint vs transformers, decode
 #                                             1K/4K/16K batch 1, batch 32, prefill 4K, bandwidth floor, launches
 #                decode_step_profile.txt      torch.profiler table of one decode step (4K, batch 1)
+#                bench_spec.json              bench/bench_spec.py on the GPU: batch-1 decode tok/s with MTP
+#                                             speculation (N = 1, 2, 3) vs without, bigram checkpoint, 12 layers
 #   summary.txt  one line per step: name, exit status, seconds
 # A failing step does not stop the others. Without a CUDA device the script says so, runs the parts that
 # need none (env.txt, bench_gpu.py's no-GPU message) and exits 0.
@@ -125,6 +127,8 @@ if [ "$PART" != conformance ]; then
     step bench-gpu 360 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json" \
         --profile-table "$OUT/decode_step_profile.txt" ${BENCH_ARGS:-}
     cp "$OUT/bench-gpu.log" "$OUT/bench_gpu.log" 2>/dev/null
+    step bench-spec 240 env GLM_BACKEND=cuda "$PY" bench/bench_spec.py --layers 12 --max-tokens 128 --repeats 2 \
+        --num-speculative-tokens 1 2 3
 fi
 
 cat "$SUMMARY"
