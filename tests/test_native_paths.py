@@ -69,13 +69,13 @@ def test_dsa_adapters_read_nothing_on_the_host_in_decode(emulate, backend, monke
     w = torch.randn(2, 32, generator=gen)
     kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta)
+        out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta, return_lse=True)
         picked = plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
     assert out.shape == (2, 64, 512) and lse.shape == (2, 64) and picked.shape == (2, 2048)
     assert counts_of(plan, "sparse_mla_attention") == (1, 0) and counts_of(plan, "lightning_indexer") == (1, 0)
     # the same calls with real data, without meta: right answers (the meta path is not the only one)
-    got, got_lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
-    want, want_lse = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    got, got_lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, return_lse=True)
+    want, want_lse = ops.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, return_lse=True)
     torch.testing.assert_close(got_lse, want_lse, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     picked = plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192)
@@ -105,8 +105,8 @@ def test_maca_flash_mla_lse_is_natural_log_as_its_kernel_writes_it(emulate):
     # and the metax adapter passes it through unscaled (it used to multiply by ln 2)
     plan = emulate("metax")
     q2, kv2, idx2, table, cu, lens, meta = decode_batch()
-    _, got = plan.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512, meta=meta)
-    _, want = ops.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512)
+    _, got = plan.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512, meta=meta, return_lse=True)
+    _, want = ops.sparse_mla_attention(q2, kv2, idx2, table, cu, lens, 0.05, 512, return_lse=True)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     assert counts_of(plan, "sparse_mla_attention") == (1, 0)
 
@@ -138,7 +138,7 @@ def test_an_empty_index_tensor_is_answered_without_the_kernel(emulate, backend):
     idx = torch.zeros(2, 0, dtype=torch.int32)
     with pytest.raises(VendorCheckError, match="topk > 0"):
         fm.flash_mla_sparse_fwd(q, kv.view(-1, 1, 576), idx.unsqueeze(1), 0.05)
-    out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512)
+    out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, return_lse=True)
     assert not out.any() and torch.isneginf(lse).all()
     assert counts_of(plan, "sparse_mla_attention") == (1, 0)
 

@@ -45,7 +45,9 @@ from typing import Any
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.layout import AttentionMetadata, meta_supported, sequence_key_slots
+from hwlayer.ops.cache import PagedKV
+from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
+from hwlayer.plugin import emulation_note  # noqa: F401  (re-exported: the family's emulation switch)
 
 
 @functools.cache
@@ -61,15 +63,6 @@ def importable(module: str) -> bool:
 
 
 FAMILY = ("cuda", "hygon", "metax", "iluvatar", "kunlunxin")
-
-
-def emulation_note(backend: str) -> str | None:
-    """The note of a test-only emulation of ``backend``, else None (always None in production).
-
-    ``conformance/emulators`` installs a marker module ``hwlayer_emulation`` naming the emulated
-    backend next to CPU emulators of its libraries; nothing else creates it."""
-    marker = sys.modules.get("hwlayer_emulation")
-    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == backend else None
 
 
 def device_type() -> str:
@@ -99,12 +92,8 @@ def _vllm_c_ops(provider: str) -> Any:
 def _rms_norm_shape_ok(x: Any, weight: Any, residual: Any) -> bool | str:
     if not _cuda_tensors(x, weight) or (residual is not None and not _cuda_tensors(residual)):
         return "needs CUDA tensors"
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
+    if weight.dtype != x.dtype:
         return "the custom op wants x and weight in one dtype"  # it templates both on one scalar type
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.stride(-1) != 1:
-        return "shape outside the contract or non-unit last stride"
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        return "residual shape/dtype differs from x"
     return True
 
 
@@ -219,6 +208,12 @@ def flash_mla_arch_supported(device: torch.device) -> bool | str:
     return f"FlashMLA sparse prefill needs sm90a or sm100f; this device is sm{cap[0]}{cap[1]}"
 
 
+def canonical_tensor(kv_cache: Any) -> torch.Tensor | None:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (a :class:`PagedKV` or a bare tensor),
+    or None when the backend's layout stores it otherwise (then the generic op serves)."""
+    return kv_cache.canonical if isinstance(kv_cache, PagedKV) else kv_cache
+
+
 def to_global_slots(
     indices: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
     block_size: int, meta: AttentionMetadata | None = None,
@@ -254,19 +249,18 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
 
     def supports(
         q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float,
-        v_dim: int, *, meta: Any = None,
+        v_dim: int, *, meta: Any = None, return_lse: bool = False,
     ) -> bool | str:
-        if (ok := meta_supported(meta, q)) is not True:
-            return ok
-        if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
+        kv = canonical_tensor(kv_cache)
+        if kv is None:
+            return "FlashMLA reads one contiguous [slots, 1, 576] latent cache (the canonical layout)"
+        if not _cuda_tensors(q, kv, indices, block_table, cu_seqlens_q, seq_lens):
             return "needs CUDA tensors"
-        if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
             return "FlashMLA sparse prefill takes bf16 q and kv"
-        if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512 or kv_cache.dim() != 3 or kv_cache.shape[-1] != 576:
+        if q.shape[-1] != 576 or v_dim != 512:
             return "FlashMLA sparse prefill takes d_qk 576 with d_v 512"
-        if indices.dim() != 2 or indices.shape[0] != q.shape[0]:
-            return "indices outside the contract"
-        if not kv_cache.is_contiguous():
+        if not kv.is_contiguous():
             return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
         if not importable("flash_mla"):
             return "flash_mla is not importable"
@@ -279,16 +273,18 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
         return True
 
     def sparse_mla_attention(
-        q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+        q: torch.Tensor, kv_cache: PagedKV | torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-        meta: AttentionMetadata | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta: AttentionMetadata | None = None, return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from flash_mla import flash_mla_sparse_fwd
 
+        kv = canonical_tensor(kv_cache)
         T, H, Dk = q.shape
         if T == 0 or indices.shape[1] == 0:  # FlashMLA asserts topk > 0: no index, nothing to attend
-            return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
-        slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
+            out = q.new_zeros(T, H, v_dim)
+            return (out, torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)) if return_lse else out
+        slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv.shape[1], meta)
         # Pad topk to whole kernel blocks (extra entries invalid) and heads to what the kernel takes (zero queries).
         topk_pad = -slots.shape[1] % FLASH_MLA_TOPK_ALIGN
         if topk_pad:
@@ -297,16 +293,17 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
         heads = flash_mla_padded_heads(H, exact, q.device)
         q_in = q if heads == H else torch.nn.functional.pad(q, (0, 0, 0, heads - H))
         out, _max_logits, lse = flash_mla_sparse_fwd(
-            q_in.contiguous(), kv_cache.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
+            q_in.contiguous(), kv.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
         )
-        out, lse = out[:, :H].to(q.dtype), lse[:, :H].float()
-        if not natural:
-            lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
         # Our contract: no valid index -> out 0, lse -inf (FlashMLA: +inf). Masked on the device, no branch.
         empty = (indices < 0).all(dim=1)
-        out = out.masked_fill(empty[:, None, None], 0.0)
-        lse = lse.masked_fill(empty[:, None], float("-inf"))
-        return out, lse
+        out = out[:, :H].to(q.dtype).masked_fill(empty[:, None, None], 0.0)
+        if not return_lse:  # the kernel's lse comes for free; converting it is only done when asked
+            return out
+        lse = lse[:, :H].float()
+        if not natural:
+            lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
+        return out, lse.masked_fill(empty[:, None], float("-inf"))
 
     name = "mcflashmla" if maca else "flashmla"
     sparse_mla_attention.__qualname__ = f"sparse_mla_attention[{name}]"
@@ -338,17 +335,16 @@ def deep_gemm_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
-    if not _cuda_tensors(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
+    keys = canonical_tensor(k_cache)
+    if keys is None:
+        return "DeepGEMM's mqa logits read one contiguous key cache (the canonical layout)"
+    if not _cuda_tensors(q, weights, keys, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
-    if q.dim() != 3 or q.shape[-1] != 128 or q.shape[1] not in (32, 64):
+    if q.shape[-1] != 128 or q.shape[1] not in (32, 64):
         return "DeepGEMM mqa logits takes 32 or 64 heads of dim 128"
-    if k_cache.dim() != 3 or k_cache.shape[-1] != 128 or weights.shape != q.shape[:2]:
-        return "k_cache/weights outside the contract"
     if not importable("deep_gemm"):
         return "deep_gemm is not importable"
-    if not _use_bf16_logits(q, k_cache) and not fp8_indexer_enabled():
+    if not _use_bf16_logits(q, keys) and not fp8_indexer_enabled():
         return "FP8 scoring can change the top-k; opt in with HWLAYER_FP8_INDEXER=1"
     return True
 
@@ -405,12 +401,13 @@ def topk_positions(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, top
 
 
 def deep_gemm_lightning_indexer(
-    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, weights: torch.Tensor, k_cache: PagedKV | torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
     import deep_gemm
 
+    k_cache = canonical_tensor(k_cache)
     T = q.shape[0]
     # DeepGEMM's (non-paged) mqa logits read one contiguous key buffer: gather every sequence's keys
     # into it, [B * max_seqlen_k, D], sized by host ints (nothing read back). This gather -- and, for

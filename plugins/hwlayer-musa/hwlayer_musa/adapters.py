@@ -10,28 +10,23 @@ torch implementation.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
-import sys
 from functools import cache
 from types import ModuleType
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows, meta_supported
+from hwlayer import plugin
+from hwlayer.ops.cache import PagedKV
+from hwlayer.ops.layout import groups_covering_rows
 
 from . import convert
 
 LN2 = 0.6931471805599453
 
 
-@cache
-def _import(name: str) -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(name), ""
-    except Exception as exc:  # ImportError, or a runtime that fails to initialise
-        return None, f"{name} is not importable ({type(exc).__name__}: {exc})"
+_import = plugin.lazy_import  # (module, "") or (None, one-line reason)
 
 
 def _module(name: str) -> ModuleType:
@@ -41,15 +36,14 @@ def _module(name: str) -> ModuleType:
     return mod
 
 
-def emulation_note() -> str | None:
-    """The note of a test-only emulation of this backend (hwlayer's ``conformance/emulators``
-    installs a ``hwlayer_emulation`` marker module), else None -- always None in production."""
-    marker = sys.modules.get("hwlayer_emulation")
-    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == "musa" else None
-
-
 def device_type() -> str:
-    return "cpu" if emulation_note() else "musa"
+    """``musa``, or ``cpu`` under hwlayer's test-only emulation of this backend."""
+    return plugin.device_type("musa", "musa")
+
+
+def _canonical(cache: PagedKV | torch.Tensor) -> torch.Tensor | None:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (hook specs 2.0), or None."""
+    return cache.canonical if isinstance(cache, PagedKV) else cache
 
 
 def _common(x: torch.Tensor, module: str, dtypes: tuple[torch.dtype, ...]) -> bool | str:
@@ -78,25 +72,27 @@ def _natural_lse(fn) -> bool:
 
 
 def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *,
-                                   meta=None):
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
+                                   meta=None, return_lse=False):
     ok = _common(q, "mate.flashmla", (torch.bfloat16,))
     if ok is not True:
         return ok
-    if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512:
+    if q.shape[-1] != 576 or v_dim != 512:
         return f"head dims {q.shape[-1]}/{v_dim}: the sparse kernel is built for 576/512 (DeepSeek MLA)"
     if q.shape[1] > 128:
         return f"{q.shape[1]} query heads: the sparse kernel takes 64 or 128 (fewer are zero-padded)"
-    if kv_cache.dtype != torch.bfloat16 or not kv_cache.is_contiguous():
+    kv = _canonical(kv_cache)
+    if kv is None or kv.dtype != torch.bfloat16 or not kv.is_contiguous():
         return "kv_cache must be a contiguous bf16 latent cache (read as one flat [slots, 1, 576] tensor)"
     return True
 
 
-def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None):
+def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None,
+                         return_lse=False):
     T, H = q.shape[0], q.shape[1]
+    kv_cache = _canonical(kv_cache)
     if T == 0 or indices.shape[1] == 0:  # FlashMLA's API asserts topk > 0: no index, nothing to attend
-        return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+        out = q.new_zeros(T, H, v_dim)
+        return (out, torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)) if return_lse else out
     kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
     # Whole top-k blocks (FLASH_MLA_TOPK_BLOCK) and 64 or 128 heads (zero queries).
     kv_indices = convert.pad_last_dim(kv_indices, convert.FLASH_MLA_TOPK_BLOCK, value=-1)
@@ -105,7 +101,8 @@ def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_le
     sparse_fwd = _module("mate.flashmla").flash_mla_sparse_fwd
     out, _max_logits, lse = sparse_fwd(q_in.contiguous(), convert.flat_kv(kv_cache), kv_indices, scale, d_v=v_dim)
     lse = lse[:, :H].float() * (1.0 if _natural_lse(sparse_fwd) else LN2)
-    return convert.empty_rows_to_contract(out[:, :H].to(q.dtype), lse, kv_indices)
+    out, lse = convert.empty_rows_to_contract(out[:, :H].to(q.dtype), lse, kv_indices)
+    return (out, lse) if return_lse else out
 
 
 # ---- lightning_indexer: mate.deep_gemm.fp8_mqa_logits(q, (kv, kv_scale), weights, ks, ke,
@@ -124,12 +121,12 @@ MQA_LOGITS_HEAD_DIMS = (32, 64, 128)
 
 def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                                max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
-    if q.dim() != 3 or q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
+    if _canonical(k_cache) is None:
+        return "mate's fp8_mqa_logits reads one contiguous key cache (the canonical layout)"
+    if q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
         return (f"indexer q {tuple(q.shape)}: mate's fp8_mqa_logits takes {MQA_LOGITS_HEADS} heads of dim "
                 f"{MQA_LOGITS_HEAD_DIMS}")
     if scale <= 0:
@@ -142,6 +139,7 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                       max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
+    k_cache = _canonical(k_cache)
     T = q.shape[0]
     # One contiguous key buffer sized by host ints (mate's fp8_mqa_logits is not paged); the per-call
     # gather and FP8 quantisation of every key would go with an FP8 paged indexer cache
@@ -206,8 +204,6 @@ def supports_moe_route(router_logits, correction_bias, top_k, n_group, topk_grou
     E = router_logits.shape[1]
     if E % 32:
         return f"{E} experts: moe_fused_gate needs a multiple of 32 (num_experts % WARP_SIZE == 0)"
-    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or not 1 <= top_k <= E:
-        return "group arguments outside moe_fused_gate's checks"
     if routed_scaling_factor == 0:
         return "moe_fused_gate requires a non-zero routed_scaling_factor"
     return True

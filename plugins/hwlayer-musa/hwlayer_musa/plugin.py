@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
-from hwlayer.plugin import as_registered
+from hwlayer.plugin import as_registered, register_all
 
 from . import adapters, convert
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 NAME = "musa"
 MIN_TORCH_MUSA = (2, 7)
@@ -72,9 +72,9 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    register("sparse_mla_attention", adapters.sparse_mla_attention, backend=NAME,
-             supports=adapters.supports_sparse_mla_attention)
-    register("lightning_indexer", adapters.lightning_indexer, backend=NAME,
-             supports=adapters.supports_lightning_indexer)
-    register("grouped_gemm", adapters.grouped_gemm, backend=NAME, supports=adapters.supports_grouped_gemm)
-    register("moe_route", adapters.moe_route, backend=NAME, supports=adapters.supports_moe_route)
+    register_all(register, NAME, {
+        "sparse_mla_attention": (adapters.sparse_mla_attention, adapters.supports_sparse_mla_attention),
+        "lightning_indexer": (adapters.lightning_indexer, adapters.supports_lightning_indexer),
+        "grouped_gemm": (adapters.grouped_gemm, adapters.supports_grouped_gemm),
+        "moe_route": (adapters.moe_route, adapters.supports_moe_route),
+    })
