@@ -173,6 +173,8 @@ def _source_stub_cases() -> list[tuple[str, str, str]]:
         ("flash_mla-before-082094b", "flash_mla_sparse_fwd", "flash_mla._legacy_flash_mla_sparse_fwd"),
         ("mcFlashMLA-c2dbf6e", "flash_mla_sparse_fwd", "flash_mla._maca_flash_mla_sparse_fwd"),
         ("DeepGEMM-54e2261", "fp8_mqa_logits", "deep_gemm.fp8_mqa_logits"),
+        ("DeepGEMM-54e2261", "fp8_paged_mqa_logits", "deep_gemm.fp8_paged_mqa_logits"),
+        ("DeepGEMM-54e2261", "get_paged_mqa_logits_metadata", "deep_gemm.get_paged_mqa_logits_metadata"),
         ("vLLM-metax-3aadf08-deep_gemm", "bf16_mqa_logits", "deep_gemm.bf16_mqa_logits"),
         ("mate-3f58cc3-moe_fused_gate", "moe_fused_gate", "mate.moe_fused_gate"),
         ("mate-3f58cc3-flashmla", "flash_mla_sparse_fwd", "mate.flash_mla_sparse_fwd"),
@@ -325,12 +327,26 @@ def test_metax_maca_flash_mla_and_bf16_indexer(emulate):
 
 def test_deep_gemm_fp8_indexer_opt_in(emulate, monkeypatch):
     plan = emulate("cuda")
+    supports = hwlayer.backends.cuda.native.deep_gemm_indexer_supports
     args = indexer_case(torch.bfloat16)
-    assert "HWLAYER_FP8_INDEXER" in hwlayer.backends.cuda.native.deep_gemm_indexer_supports(*args)
+    assert "HWLAYER_FP8_INDEXER" in supports(*args)
+    assert plan.backend.layout().canonical  # no FP8 cache unless opted in
     monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
-    # FP8 scoring: near, not exact (0.97 here); dropping q's per-row scale from the weights drops below
-    assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*args)) >= 0.95
+    # a bf16 cache is not scored in FP8 (every key would be gathered and re-quantized per call)
+    assert "FP8 paged indexer cache" in supports(*args)
+    layout = plan.backend.layout()
+    assert layout.name == "deepgemm-fp8-indexer" and not layout.canonical
+    gen = torch.Generator().manual_seed(4)
+    dense, table, cu, lens = paged(gen, [6, 1, 2], [6, 50, 90], 64, 128, torch.bfloat16)
+    q, w = args[0], args[1]
+    kc = layout.indexer_cache(*dense.shape, torch.bfloat16, dense.device)
+    kc.write(torch.arange(dense.shape[0] * 64), dense.view(-1, 128))
+    # FP8 scoring: near, not exact; dropping q's per-row scale from the weights drops below
+    got = plan.lightning_indexer(q, w, kc, table, cu, lens, 16, 128**-0.5)
+    assert recall(got, ops.lightning_indexer(q, w, dense, table, cu, lens, 16, 128**-0.5)) >= 0.95
     assert served_natively(plan, "lightning_indexer")
+    small = layout.indexer_cache(dense.shape[0] * 4, 16, 128, torch.bfloat16, dense.device)  # blocks of 16
+    assert "blocks of (64,)" in supports(q, w, small, *args[3:])
 
 
 def test_hygon_lightop_width_limit_and_both_paths(emulate):

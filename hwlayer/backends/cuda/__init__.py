@@ -57,6 +57,8 @@ BACKENDS = (
                   f"vLLM's _C schemas, {EMULATED}, not run with those libraries; conformance for cuda and triton run "
                   "on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) without them: Triton tier and generic ops served"),
         device_graph=CUDA_GRAPHS,
+        # canonical caches; with HWLAYER_FP8_INDEXER=1 an FP8 paged indexer cache read by DeepGEMM in place
+        attention_layout=native.CUDA_LAYOUT,
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
