@@ -142,6 +142,25 @@ def test_deep_gemm_paged_mqa_logits_follow_ref_paged_mqa_logits():
         dg.get_paged_mqa_logits_metadata(ctx, 32, dg.get_num_sms())
 
 
+def test_mate_paged_mqa_logits_follow_its_ref_fp8_paged_mqa_logits():
+    """mate 3f58cc3 tests/test_deep_gemm.py ``ref_fp8_paged_mqa_logits``: 1-D context lens, draft token j
+    of request i sees keys ``0 .. context_lens[i] - next_n + j``; ``clean_logits=True`` leaves ``-inf``
+    past that (the test asserts the -inf mask; the docstring's "zero-fill" loses)."""
+    kv = fused_fp8_cache({(1, 0): (1.0, 2.0), (1, 2): (3.0, 1.0), (0, 1): (4.0, 0.5)})
+    q = torch.zeros(1, 2, 32, 32)
+    q[0, :, 0, 0] = 1.0
+    w = torch.zeros(2, 32)
+    w[:, 0] = 1.0
+    ctx, table = torch.tensor([66], dtype=torch.int32), torch.tensor([[1, 0]], dtype=torch.int32)
+    sched = mate.get_paged_mqa_logits_metadata(ctx, 64)
+    got = mate.fp8_paged_mqa_logits(q.to(torch.float8_e4m3fn), kv, w, ctx, table, sched, 128, True)
+    want = torch.full((2, 128), float("-inf"))
+    want[:, :65] = 0.0
+    want[:, 0], want[:, 2] = 2.0, 3.0
+    want[1, 65] = 2.0  # draft 1 sees position 65 (block 0, offset 1): 4 * 0.5; draft 0 stops at 64
+    assert torch.equal(got, want)
+
+
 def test_deep_gemm_paged_mqa_logits_schedule_follows_the_sm90_scheduler():
     """``sm90_paged_mqa_logits_metadata`` (non-varlen): rows of 300 and 10 keys are 2 + 1 segments of 256;
     on 4 SMs the first (4 - 3) get none and the rest one each, as (row, segment) starts; then the end."""

@@ -266,15 +266,16 @@ def full_cache_decode(seed: int = 3):
     return q, w, dense, table, cu, lens
 
 
-@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("backend", ["cuda", "musa"])
 def test_fp8_indexer_reads_the_fp8_paged_cache_without_a_per_call_key_buffer(emulate, backend, monkeypatch):
-    """The old DeepGEMM adapter gathered every sequence's keys ([B * max_seqlen_k, 128]: here the whole
-    cache) and re-quantized them per call; the FP8 layout's cache is quantized when written and read in
-    place by ``fp8_paged_mqa_logits``, with the kernel's tables built once per step."""
+    """The old DeepGEMM and mate adapters gathered every sequence's keys ([B * max_seqlen_k, 128]: here
+    the whole cache) and re-quantized them per call; the FP8 layout's cache is quantized when written and
+    read in place by ``fp8_paged_mqa_logits``, with the kernel's tables built once per step."""
     from hwlayer.ops.cache import Fp8PagedKV
     from hwlayer.ops.layout import with_backend_tables
 
     monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
     plan = emulate(backend)
     layout = plan.backend.layout()
     q, w, dense, table, cu, lens = full_cache_decode()

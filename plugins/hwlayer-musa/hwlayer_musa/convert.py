@@ -131,6 +131,22 @@ def indexer_key_layout(
     return key_slots.reshape(-1), ks.to(torch.int32), (ks + pos + 1).to(torch.int32)
 
 
+def paged_token_rows(
+    block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+    meta: AttentionMetadata | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query token as one row of the paged MQA-logits call (``next_n = 1``): ``(context_lens int32
+    [T, 1], block_table int32 [T, max_blocks])`` -- the keys a token sees (its position + 1: causal) and
+    its sequence's block-table row. Device arithmetic only (``meta``'s token -> sequence map when given)."""
+    if meta is not None:
+        seq_idx = meta.seq_idx
+        pos = (meta.first_query_pos.index_select(0, seq_idx) + torch.arange(num_tokens, device=seq_idx.device)
+               - cu_seqlens_q.index_select(0, seq_idx))
+    else:
+        seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, num_tokens)
+    return (pos + 1).to(torch.int32).view(num_tokens, 1), block_table.index_select(0, seq_idx).to(torch.int32)
+
+
 def topk_positions_from_logits(
     logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int
 ) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Backend ``musa``: Moore Threads GPUs through torch_musa (device ``musa``, collectives ``mccl``).
 
 Detection imports torch_musa only when asked, and requires torch_musa >= 2.7 (what mate needs).
-Ops: sparse_mla_attention (mate.flashmla), lightning_indexer (mate.deep_gemm mqa logits),
+Ops: sparse_mla_attention (mate.flashmla), lightning_indexer (mate.deep_gemm paged mqa logits over
+the FP8 paged indexer cache of its layout, opt-in),
 grouped_gemm (mate.deep_gemm contiguous grouped GEMM), moe_route (mate.moe_fused_gate), each
 guarded by a ``supports_*`` check; everything else runs hwlayer's generic torch ops.
 """
@@ -62,6 +63,7 @@ BACKEND = Backend(
     verified=VERIFIED,
     install_hint=INSTALL_HINT,
     description="Moore Threads GPUs via torch_musa; kernels from mate",
+    attention_layout=adapters.LAYOUT,  # HWLAYER_MUSA_FP8_INDEXER=1: an FP8 paged indexer cache
 )
 
 
