@@ -377,3 +377,34 @@ def test_moe_and_rope_adapters_copy_no_weight_or_table_per_call(emulate, backend
             with LargestOutputs() as mode:
                 plan.rope(xr, positions, cache, True, meta=meta)
             assert_smaller_than(mode, cache)
+
+
+@pytest.mark.parametrize(("backend", "opt_in"), [("cuda", "HWLAYER_FP8_INDEXER"), ("musa", "HWLAYER_MUSA_FP8_INDEXER")])
+def test_kv_bytes_per_token_counts_the_fp8_indexer_cache(emulate, backend, opt_in, monkeypatch):
+    """The serving layer sizes its cache with ``model.kv_bytes_per_token()``: with the FP8 indexer cache each
+    indexer layer's token takes ``Di + 4`` bytes (FP8 codes + an fp32 scale) instead of ``2 Di`` (bf16), and
+    that is what ``new_cache`` allocates. The tiny model's indexer (16-wide) is outside the kernels: the
+    generic ops serve it through the cache's canonical rows (the mixing rule), and decode reads nothing back."""
+    from model import Batch, load_model
+    from model.tiny import ensure_default_model
+
+    monkeypatch.setenv("HWLAYER_CHECK", "0")  # as serving: value checks read the device
+    emulate(backend)
+    canonical = load_model(ensure_default_model(), backend=backend, dtype="bf16").kv_bytes_per_token()
+    monkeypatch.setenv(opt_in, "1")
+    m = load_model(ensure_default_model(), backend=backend, dtype="bf16")
+    cfg = m.config
+    layers = sum(cfg.layer_has_indexer(i) for i in range(m.num_cache_layers))
+    Di = cfg.index_head_dim
+    assert m.kv_bytes_per_token() == canonical - layers * (2 * Di - (Di + 4))
+    cache = m.new_cache(3, 64)
+    allocated = sum(c.nbytes for c in cache.latent + cache.indexer if c is not None)
+    assert m.kv_bytes_per_token(64) * 3 * 64 == allocated
+    assert all(type(c).__name__ == "Fp8PagedKV" for c in cache.indexer if c is not None)
+    table = torch.arange(3, dtype=torch.int32).view(1, 3)
+    m.forward_batch(Batch(torch.arange(1, 10), torch.tensor([0, 9], dtype=torch.int32),
+                          torch.tensor([9], dtype=torch.int32), table), cache)  # written quantized, read back
+    ctx = m.context(Batch(torch.tensor([7]), torch.tensor([0, 1], dtype=torch.int32),
+                          torch.tensor([10], dtype=torch.int32), table), cache)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert m.forward_context(ctx, cache).shape == (1, cfg.vocab_size)
