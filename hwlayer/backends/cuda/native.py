@@ -20,9 +20,10 @@ Libraries and the ops they serve:
   FlashMLA runs only on sm90a / sm100f (checked before calling) and asserts ``topk > 0`` (an empty
   index tensor is answered without calling it).
 * DeepGEMM for the ``lightning_indexer`` scoring: MACA's ``bf16_mqa_logits`` where the build has it
-  (lossless; what vLLM-metax 3aadf08 uses), else ``fp8_mqa_logits``, which scores FP8-quantised
-  queries/keys and can change which positions make the top-k, so it is opt-in:
-  ``HWLAYER_FP8_INDEXER=1``.
+  (lossless; what vLLM-metax 3aadf08 uses); on NVIDIA ``fp8_paged_mqa_logits`` over the FP8 paged
+  indexer cache that the cuda layout (:class:`DeepGemmLayout`) allocates under ``HWLAYER_FP8_INDEXER=1``
+  (FP8 scoring can change which positions make the top-k, so it is opt-in): keys quantised once when
+  written, read in place, the kernel's schedule built once per step (vLLM's design).
 * vLLM's ``torch.ops._C.rms_norm`` / ``fused_add_rms_norm`` for ``rms_norm``, registered by
   ``vllm._C`` on NVIDIA and by ``mcoplib._C`` on MetaX (``import mcoplib`` alone registers nothing:
   mcoplib f722323 ``mcoplib/__init__.py``; vLLM-metax ``platform.py`` imports ``mcoplib._C``).
