@@ -173,10 +173,14 @@ def _source_stub_cases() -> list[tuple[str, str, str]]:
         ("flash_mla-before-082094b", "flash_mla_sparse_fwd", "flash_mla._legacy_flash_mla_sparse_fwd"),
         ("mcFlashMLA-c2dbf6e", "flash_mla_sparse_fwd", "flash_mla._maca_flash_mla_sparse_fwd"),
         ("DeepGEMM-54e2261", "fp8_mqa_logits", "deep_gemm.fp8_mqa_logits"),
+        ("DeepGEMM-54e2261", "fp8_paged_mqa_logits", "deep_gemm.fp8_paged_mqa_logits"),
+        ("DeepGEMM-54e2261", "get_paged_mqa_logits_metadata", "deep_gemm.get_paged_mqa_logits_metadata"),
         ("vLLM-metax-3aadf08-deep_gemm", "bf16_mqa_logits", "deep_gemm.bf16_mqa_logits"),
         ("mate-3f58cc3-moe_fused_gate", "moe_fused_gate", "mate.moe_fused_gate"),
         ("mate-3f58cc3-flashmla", "flash_mla_sparse_fwd", "mate.flash_mla_sparse_fwd"),
         ("mate-3f58cc3-deep_gemm", "fp8_mqa_logits", "mate.fp8_mqa_logits"),
+        ("mate-3f58cc3-deep_gemm", "fp8_paged_mqa_logits", "mate.fp8_paged_mqa_logits"),
+        ("mate-3f58cc3-deep_gemm", "get_paged_mqa_logits_metadata", "mate.get_paged_mqa_logits_metadata"),
         ("mate-3f58cc3-deep_gemm", "m_grouped_bf16_gemm_nt_contiguous", "mate.m_grouped_bf16_gemm_nt_contiguous"),
         ("mate-3f58cc3-gemm", "ragged_m_moe_gemm_16bit", "mate.ragged_m_moe_gemm_16bit"),
     ]
@@ -325,12 +329,26 @@ def test_metax_maca_flash_mla_and_bf16_indexer(emulate):
 
 def test_deep_gemm_fp8_indexer_opt_in(emulate, monkeypatch):
     plan = emulate("cuda")
+    supports = hwlayer.backends.cuda.native.deep_gemm_indexer_supports
     args = indexer_case(torch.bfloat16)
-    assert "HWLAYER_FP8_INDEXER" in hwlayer.backends.cuda.native.deep_gemm_indexer_supports(*args)
+    assert "HWLAYER_FP8_INDEXER" in supports(*args)
+    assert plan.backend.layout().canonical  # no FP8 cache unless opted in
     monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
-    # FP8 scoring: near, not exact (0.97 here); dropping q's per-row scale from the weights drops below
-    assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*args)) >= 0.95
+    # a bf16 cache is not scored in FP8 (every key would be gathered and re-quantized per call)
+    assert "FP8 paged indexer cache" in supports(*args)
+    layout = plan.backend.layout()
+    assert layout.name == "deepgemm-fp8-indexer" and not layout.canonical
+    gen = torch.Generator().manual_seed(4)
+    dense, table, cu, lens = paged(gen, [6, 1, 2], [6, 50, 90], 64, 128, torch.bfloat16)
+    q, w = args[0], args[1]
+    kc = layout.indexer_cache(*dense.shape, torch.bfloat16, dense.device)
+    kc.write(torch.arange(dense.shape[0] * 64), dense.view(-1, 128))
+    # FP8 scoring: near, not exact; dropping q's per-row scale from the weights drops below
+    got = plan.lightning_indexer(q, w, kc, table, cu, lens, 16, 128**-0.5)
+    assert recall(got, ops.lightning_indexer(q, w, dense, table, cu, lens, 16, 128**-0.5)) >= 0.95
     assert served_natively(plan, "lightning_indexer")
+    small = layout.indexer_cache(dense.shape[0] * 4, 16, 128, torch.bfloat16, dense.device)  # blocks of 16
+    assert "blocks of (64,)" in supports(q, w, small, *args[3:])
 
 
 def test_hygon_lightop_width_limit_and_both_paths(emulate):
@@ -380,11 +398,24 @@ def test_musa_glm5_routing_goes_native(emulate, renormalize):
     assert served_natively(plan, "moe_route")
 
 
+def fp8_layout_case(plan, dtype: torch.dtype, heads: int = 32, scale_q: float = 1.0):
+    """``indexer_case`` over the backend layout's FP8 paged indexer cache (blocks of 64): ``(args with that
+    cache, the same args with the dense cache)``."""
+    q, w, *_ = indexer_case(dtype, heads=heads, scale_q=scale_q)
+    dense, table, cu, lens = paged(torch.Generator().manual_seed(4), [6, 1, 2], [6, 50, 90], 64, 128, dtype)
+    kc = plan.backend.layout().indexer_cache(*dense.shape, dtype, dense.device)
+    kc.write(torch.arange(dense.shape[0] * 64), dense.view(-1, 128))
+    rest = (table, cu, lens, 16, 128**-0.5)
+    return (q, w, kc, *rest), (q, w, dense, *rest)
+
+
 def test_musa_fp8_indexer_scales_queries_and_flashmla_pads_heads(emulate, monkeypatch):
     plan = emulate("musa")
+    assert plan.backend.layout().canonical  # no FP8 cache unless opted in
     monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
-    args = indexer_case(torch.float32, heads=32, scale_q=2000.0)  # far beyond e4m3's 448: a bare cast saturates
-    assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*args)) >= 0.95
+    assert plan.backend.layout().name == "mate-fp8-indexer"
+    args, dense_args = fp8_layout_case(plan, torch.float32, scale_q=2000.0)  # beyond e4m3's 448: a bare cast saturates
+    assert recall(plan.lightning_indexer(*args), ops.lightning_indexer(*dense_args)) >= 0.95
     assert served_natively(plan, "lightning_indexer")
     check_mla(plan, 16)
 
@@ -394,11 +425,13 @@ def test_musa_mqa_logits_head_limits_are_checked_in_supports(emulate, monkeypatc
     other shapes decline in supports() instead of raising inside the kernel."""
     from hwlayer_musa import adapters
 
-    emulate("musa")
+    plan = emulate("musa")
     monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
     for heads in (8, 16, 128):
         assert "32, 64" in adapters.supports_lightning_indexer(*indexer_case(torch.float32, heads=heads))
-    assert adapters.supports_lightning_indexer(*indexer_case(torch.float32, heads=64)) is True
+    assert adapters.supports_lightning_indexer(*fp8_layout_case(plan, torch.float32, heads=64)[0]) is True
+    # a dense cache is not scored in FP8 (every key would be gathered and re-quantized per call)
+    assert "FP8 paged indexer cache" in adapters.supports_lightning_indexer(*indexer_case(torch.float32, heads=64))
     q, w, k, *rest = indexer_case(torch.float32, heads=32)
     assert "32, 64" in adapters.supports_lightning_indexer(q[..., :96].contiguous(), w, k[..., :96], *rest)
     from conformance.emulators import mate

@@ -100,6 +100,74 @@ def test_deep_gemm_mqa_logits_follow_ref_fp8_mqa_logits():
     torch.testing.assert_close(got, want)
 
 
+def fused_fp8_cache(rows: dict[tuple[int, int], tuple[float, float]], num_blocks: int = 2, block_kv: int = 64,
+                    dim: int = 32) -> torch.Tensor:
+    """DeepGEMM's fused paged cache as ``test_paged_mqa_logits``'s ``kv_cache_cast_to_fp8`` lays it out
+    (DeepGEMM 54e2261 tests/test_attention.py): per block ``block_kv * dim`` e4m3 codes, then ``block_kv``
+    fp32 scales. ``rows[(block, offset)] = (code of dim 0, scale)``; every other code is 0."""
+    codes = torch.zeros(num_blocks, block_kv, dim)
+    scales = torch.ones(num_blocks, block_kv)
+    for (b, o), (c, sf) in rows.items():
+        codes[b, o, 0], scales[b, o] = c, sf
+    fused = torch.empty(num_blocks, block_kv * (dim + 4), dtype=torch.uint8)
+    fused[:, : block_kv * dim] = codes.to(torch.float8_e4m3fn).view(num_blocks, -1).view(torch.uint8)
+    fused[:, block_kv * dim:] = scales.view(torch.uint8)
+    return fused.view(num_blocks, block_kv, 1, dim + 4)
+
+
+def test_deep_gemm_paged_mqa_logits_follow_ref_paged_mqa_logits():
+    """``ref_paged_mqa_logits`` with 2-D context lens: row (b, j) at key position k < context_lens[b, j] is
+    sum_h relu(q[b, j, h] . kv[k]) * weights[row, h], kv = codes * scale; columns past it are not
+    written (clean_logits=False). Positions 0..63 in block 1, 64..127 in block 0 (block_table [1, 0])."""
+    kv = fused_fp8_cache({(1, 0): (1.0, 2.0), (1, 1): (-1.0, 1.0), (1, 2): (3.0, 1.0), (0, 1): (4.0, 0.5)})
+    q = torch.zeros(1, 2, 32, 32)
+    q[0, :, 0, 0], q[0, :, 1, 0] = 1.0, -1.0  # head 1 sees -kv: relu drops it unless kv < 0
+    w = torch.zeros(2, 32)
+    w[:, 0], w[:, 1] = 2.0, 0.5
+    ctx = torch.tensor([[3, 70]], dtype=torch.int32)
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    sched = dg.get_paged_mqa_logits_metadata(ctx, 64, dg.get_num_sms())
+    got = dg.fp8_paged_mqa_logits(q.to(torch.float8_e4m3fn), kv, w, ctx, table, sched, 128)
+    assert got.shape == (2, 128) and got.dtype == torch.float32
+    # row 0 (3 keys): kv = 2, -1, 3 -> 2*relu(kv) + 0.5*relu(-kv) = 4, 0.5, 6
+    assert got[0, :3].tolist() == [4.0, 0.5, 6.0]
+    # row 1 (70 keys): the same, position 65 (block 0, offset 1) kv = 4 * 0.5 = 2 -> 4; the rest 0
+    want = torch.zeros(70)
+    want[:3], want[65] = torch.tensor([4.0, 0.5, 6.0]), 4.0
+    assert torch.equal(got[1, :70], want)
+    assert (got[0, 3:] > 1e29).all() and (got[1, 70:] > 1e29).all()  # unwritten: the caller masks them
+    with pytest.raises(RuntimeError, match="clean_logits"):
+        dg.fp8_paged_mqa_logits(q.to(torch.float8_e4m3fn), kv, w, ctx, table, sched, 128, clean_logits=True)
+    with pytest.raises(RuntimeError, match="block_kv must be 64"):
+        dg.get_paged_mqa_logits_metadata(ctx, 32, dg.get_num_sms())
+
+
+def test_mate_paged_mqa_logits_follow_its_ref_fp8_paged_mqa_logits():
+    """mate 3f58cc3 tests/test_deep_gemm.py ``ref_fp8_paged_mqa_logits``: 1-D context lens, draft token j
+    of request i sees keys ``0 .. context_lens[i] - next_n + j``; ``clean_logits=True`` leaves ``-inf``
+    past that (the test asserts the -inf mask; the docstring's "zero-fill" loses)."""
+    kv = fused_fp8_cache({(1, 0): (1.0, 2.0), (1, 2): (3.0, 1.0), (0, 1): (4.0, 0.5)})
+    q = torch.zeros(1, 2, 32, 32)
+    q[0, :, 0, 0] = 1.0
+    w = torch.zeros(2, 32)
+    w[:, 0] = 1.0
+    ctx, table = torch.tensor([66], dtype=torch.int32), torch.tensor([[1, 0]], dtype=torch.int32)
+    sched = mate.get_paged_mqa_logits_metadata(ctx, 64)
+    got = mate.fp8_paged_mqa_logits(q.to(torch.float8_e4m3fn), kv, w, ctx, table, sched, 128, True)
+    want = torch.full((2, 128), float("-inf"))
+    want[:, :65] = 0.0
+    want[:, 0], want[:, 2] = 2.0, 3.0
+    want[1, 65] = 2.0  # draft 1 sees position 65 (block 0, offset 1): 4 * 0.5; draft 0 stops at 64
+    assert torch.equal(got, want)
+
+
+def test_deep_gemm_paged_mqa_logits_schedule_follows_the_sm90_scheduler():
+    """``sm90_paged_mqa_logits_metadata`` (non-varlen): rows of 300 and 10 keys are 2 + 1 segments of 256;
+    on 4 SMs the first (4 - 3) get none and the rest one each, as (row, segment) starts; then the end."""
+    ctx = torch.tensor([[300], [10]], dtype=torch.int32)
+    assert dg.get_paged_mqa_logits_metadata(ctx, 64, 4).tolist() == [[0, 0], [0, 0], [0, 1], [1, 0], [2, 0]]
+
+
 def test_mate_moe_fused_gate_follows_biased_grouped_topk_impl():
     """32 experts, one group, top-2: the bias changes the choice, the weights come from the unbiased sigmoid."""
     logits = torch.full((1, 32), -4.0)
@@ -186,6 +254,11 @@ def test_emulated_kernels_are_opaque_to_fake_tensors():
                                           True, True, False, 3).shape == x.shape
         q, kv, idx = sparse_case()
         assert fm.flash_mla_sparse_fwd(q, kv, idx, 1.0)[0].shape == (2, 64, 512)
+        ctx = torch.tensor([[3, 70]], dtype=torch.int32)
+        sched = dg.get_paged_mqa_logits_metadata(ctx, 64, dg.get_num_sms())
+        logits = dg.fp8_paged_mqa_logits(torch.zeros(1, 2, 32, 32).to(torch.float8_e4m3fn), fused_fp8_cache({}),
+                                         torch.ones(2, 32), ctx, torch.tensor([[1, 0]], dtype=torch.int32), sched, 128)
+        assert logits.shape == (2, 128) and sched.shape == (dg.get_num_sms() + 1, 2)
         w, ids = mate.moe_fused_gate(torch.randn(3, 32), torch.zeros(32), 1, 1, 4, num_fused_shared_experts=0,
                                      routed_scaling_factor=1.0, renormalize=True,
                                      apply_routed_scaling_factor_on_output=True)

@@ -31,6 +31,14 @@ def emulate():
     emulators.deactivate()
 
 
+def layout_keys(plan, dense: torch.Tensor):
+    """The backend layout's indexer cache holding ``dense`` (``[blocks, bs, Di]``) as its rows: the cache a
+    model allocates (the cuda layout's FP8 paged cache when ``HWLAYER_FP8_INDEXER=1``)."""
+    cache = plan.backend.layout().indexer_cache(*dense.shape, dense.dtype, dense.device)
+    cache.write(torch.arange(dense.shape[0] * dense.shape[1]), dense.reshape(-1, dense.shape[-1]))
+    return cache
+
+
 def counts_of(plan, op: str) -> tuple[int, int]:
     c = plan.call_counts()
     return c.get((op, "native"), 0), sum(n for (o, t), n in c.items() if o == op and t != "native")
@@ -67,7 +75,7 @@ def test_dsa_adapters_read_nothing_on_the_host_in_decode(emulate, backend, monke
     gen = torch.Generator().manual_seed(1)
     qi = torch.randn(2, 32, 128, generator=gen).bfloat16()
     w = torch.randn(2, 32, generator=gen)
-    kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    kc = layout_keys(plan, torch.randn(8, 64, 128, generator=gen).bfloat16())
     with FakeTensorMode(allow_non_fake_inputs=True):
         out, lse = plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta, return_lse=True)
         picked = plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
@@ -200,8 +208,9 @@ def test_cambricon_rope_builds_no_table_per_call(emulate, monkeypatch):
 
 
 class LargestOutputs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the element count of every tensor an aten op allocates (views are skipped, and so are the
-    emulated vendor kernels, ``hwlayer_emu::*``: their outputs are the kernel's own business)."""
+    """Records the element count of every tensor an aten op allocates (views and in-place ops are skipped:
+    they allocate nothing; so are the emulated vendor kernels, ``hwlayer_emu::*``: their outputs are the
+    kernel's own business)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -209,7 +218,7 @@ class LargestOutputs(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not str(func.name()).startswith("hwlayer_emu::") and not func.is_view:  # a view allocates nothing
+        if not str(func.name()).startswith("hwlayer_emu::") and not func.is_view and not func._schema.is_mutable:
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
                     self.sizes.append((t.numel(), str(func)))
@@ -230,14 +239,118 @@ def test_dsa_adapters_copy_no_whole_cache_per_call(emulate, backend, monkeypatch
     q, kv, idx, table, cu, lens, meta = decode_batch()
     gen = torch.Generator().manual_seed(1)
     qi, w = torch.randn(2, 32, 128, generator=gen).bfloat16(), torch.randn(2, 32, generator=gen)
-    kc = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    dense = torch.randn(8, 64, 128, generator=gen).bfloat16()
+    kc = layout_keys(plan, dense)
     with LargestOutputs() as mode:
         plan.sparse_mla_attention(q, kv, idx, table, cu, lens, 0.05, 512, meta=meta)
     assert_smaller_than(mode, kv)
     with LargestOutputs() as mode:
         plan.lightning_indexer(qi, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
-    assert_smaller_than(mode, kc)
+    assert_smaller_than(mode, dense)
     assert counts_of(plan, "sparse_mla_attention") == (1, 0) and counts_of(plan, "lightning_indexer") == (1, 0)
+
+
+# ---- the FP8 paged indexer cache (vLLM's design): quantized once when written, read in place -----------
+
+
+def full_cache_decode(seed: int = 3):
+    """Two decode rows whose sequences fill the whole indexer cache (6 blocks of 64, 128-wide keys), as a
+    full captured decode batch does, with the step's meta (and the backend's tables)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens, cu = torch.tensor([170, 192], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    table = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32)
+    spread = torch.logspace(-1, 1, 32)[None, :, None]  # heads of different magnitude, as after training
+    q = (torch.randn(2, 32, 128, generator=gen) * spread).bfloat16()
+    w = torch.randn(2, 32, generator=gen) * 32**-0.5
+    dense = torch.randn(6, 64, 128, generator=gen).bfloat16()
+    return q, w, dense, table, cu, lens
+
+
+@pytest.mark.parametrize("backend", ["cuda", "musa"])
+def test_fp8_indexer_reads_the_fp8_paged_cache_without_a_per_call_key_buffer(emulate, backend, monkeypatch):
+    """The old DeepGEMM and mate adapters gathered every sequence's keys ([B * max_seqlen_k, 128]: here
+    the whole cache) and re-quantized them per call; the FP8 layout's cache is quantized when written and
+    read in place by ``fp8_paged_mqa_logits``, with the kernel's tables built once per step."""
+    from hwlayer.ops.cache import Fp8PagedKV
+    from hwlayer.ops.layout import with_backend_tables
+
+    monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    monkeypatch.setenv("HWLAYER_MUSA_FP8_INDEXER", "1")
+    plan = emulate(backend)
+    layout = plan.backend.layout()
+    q, w, dense, table, cu, lens = full_cache_decode()
+    kc = layout.indexer_cache(6, 64, 128, torch.bfloat16, torch.device("cpu"))
+    assert isinstance(kc, Fp8PagedKV) and not layout.canonical
+    assert layout.bytes_per_token(512, 64, 128, torch.bfloat16) == 576 * 2 + 128 + 4  # bf16 latent + FP8 keys
+    with LargestOutputs() as mode:  # the write quantizes the new rows only
+        plan.kv_cache_write(kc, dense.view(-1, 128)[:2], torch.tensor([7, 300]))
+    assert_smaller_than(mode, dense)
+    kc.write(torch.arange(384), dense.view(-1, 128))
+    meta = attention_metadata(cu, lens, table, (lens - 1).long(), block_size=64, max_seqlen_k=192, has_padding=False)
+    meta = with_backend_tables(meta, layout, cu, lens, table)  # once per step: DeepGEMM's schedule included
+    with LargestOutputs() as mode:
+        got = plan.lightning_indexer(q, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
+    assert_smaller_than(mode, dense)
+    assert counts_of(plan, "lightning_indexer") == (1, 0)
+    want = ops.lightning_indexer(q, w, dense, table, cu, lens, 2048, 128**-0.5, 1, 192)
+    assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in want.tolist()]  # top-2048 >= context: all
+    with FakeTensorMode(allow_non_fake_inputs=True):  # and nothing is read back, tables included
+        meta = with_backend_tables(attention_metadata(cu, lens, table, (lens - 1).long(), block_size=64,
+                                                      max_seqlen_k=192, has_padding=False), layout, cu, lens, table)
+        assert plan.lightning_indexer(q, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta).shape == (2, 2048)
+
+
+def fp8_score_error_bound(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """An upper bound (float64, per token) on |score_fp8 - score| over a token's keys, from e4m3 rounding of
+    q (per token and head row) and of the keys (per row): round-to-nearest moves a normal value by at most
+    2^-4 of itself and a subnormal by 2^-10 of the row's scale (amax / 448); relu is 1-Lipschitz, so
+    ``|e| <= scale * sum_h |w_h| sum_d (dq (|k| + dk) + |q| dk)``."""
+    def delta(x):
+        amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+        return 2.0**-4 * x.abs() + amax / 448 * 2.0**-10
+
+    q, keys = q.double(), keys.double()
+    dq, dk = delta(q), delta(keys)  # [T, H, D], [N, D]
+    per_key = torch.einsum("thd,nd->thn", dq, keys.abs() + dk) + torch.einsum("thd,nd->thn", q.abs(), dk)
+    return (scale * (w.double().abs().unsqueeze(-1) * per_key).sum(1)).amax(-1)  # [T]
+
+
+def test_fp8_paged_indexer_agrees_with_the_float64_reference_within_fp8_tolerance(emulate, monkeypatch):
+    """Prefill and decode rows over the FP8 paged cache, checked as the conformance suite checks a top-k
+    (conformance/checks.py ``topk``): every chosen key's float64 score within the FP8 error bound of the
+    golden top-k's (twice the bound: one key's error up, the other's down), and recall >= 0.95."""
+    from conformance import golden
+
+    monkeypatch.setenv("HWLAYER_FP8_INDEXER", "1")
+    plan = emulate("cuda")
+    gen = torch.Generator().manual_seed(5)
+    seq_lens, topk = [40, 150, 100], 32  # query rows 40 (a prefill), 1 and 3
+    table = torch.tensor([[0, 0, 0], [5, 1, 3], [2, 4, 0]], dtype=torch.int32)
+    cu = torch.tensor([0, 40, 41, 44], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    spread = torch.logspace(-1, 1, 64)[None, :, None]
+    q = (torch.randn(44, 64, 128, generator=gen) * spread).bfloat16()
+    w = torch.randn(44, 64, generator=gen) * 64**-0.5
+    dense = torch.randn(6, 64, 128, generator=gen).bfloat16()
+    kc = layout_keys(plan, dense)
+    got = plan.lightning_indexer(q, w, kc, table, cu, lens, topk, 128**-0.5, 40, 150)
+    assert counts_of(plan, "lightning_indexer") == (1, 0)
+    scores = golden.indexer_scores(q, w, dense, table, cu.tolist(), seq_lens, 128**-0.5)  # float64, per token
+    seq_idx, _ = ops.token_positions(cu, lens)
+    recalls = []
+    for t, (row, s) in enumerate(zip(got.tolist(), scores, strict=True)):
+        n = min(topk, s.numel())
+        chosen = [i for i in row if i >= 0]
+        assert len(chosen) == n == len(set(chosen)) and max(chosen) < s.numel(), row
+        b = int(seq_idx[t])
+        slots = ops.positions_to_slots(table, torch.tensor([b]), torch.arange(s.numel())[None], 64)[0]
+        keys = dense.view(-1, 128)[slots]
+        bound = 2 * float(fp8_score_error_bound(q[t:t + 1], w[t:t + 1], keys, 128**-0.5)[0])
+        best = torch.sort(s, descending=True)
+        err = (torch.sort(s[chosen], descending=True).values - best.values[:n]).abs().max()
+        assert err <= bound, f"token {t}: chosen scores off the golden top-{n} by {err:.3g} > FP8 bound {bound:.3g}"
+        recalls.append(len(set(chosen) & set(best.indices[:n].tolist())) / n)
+    assert sum(recalls) / len(recalls) >= 0.95, recalls
 
 
 @pytest.mark.parametrize("backend", ["cambricon", "musa"])
@@ -264,3 +377,34 @@ def test_moe_and_rope_adapters_copy_no_weight_or_table_per_call(emulate, backend
             with LargestOutputs() as mode:
                 plan.rope(xr, positions, cache, True, meta=meta)
             assert_smaller_than(mode, cache)
+
+
+@pytest.mark.parametrize(("backend", "opt_in"), [("cuda", "HWLAYER_FP8_INDEXER"), ("musa", "HWLAYER_MUSA_FP8_INDEXER")])
+def test_kv_bytes_per_token_counts_the_fp8_indexer_cache(emulate, backend, opt_in, monkeypatch):
+    """The serving layer sizes its cache with ``model.kv_bytes_per_token()``: with the FP8 indexer cache each
+    indexer layer's token takes ``Di + 4`` bytes (FP8 codes + an fp32 scale) instead of ``2 Di`` (bf16), and
+    that is what ``new_cache`` allocates. The tiny model's indexer (16-wide) is outside the kernels: the
+    generic ops serve it through the cache's canonical rows (the mixing rule), and decode reads nothing back."""
+    from model import Batch, load_model
+    from model.tiny import ensure_default_model
+
+    monkeypatch.setenv("HWLAYER_CHECK", "0")  # as serving: value checks read the device
+    emulate(backend)
+    canonical = load_model(ensure_default_model(), backend=backend, dtype="bf16").kv_bytes_per_token()
+    monkeypatch.setenv(opt_in, "1")
+    m = load_model(ensure_default_model(), backend=backend, dtype="bf16")
+    cfg = m.config
+    layers = sum(cfg.layer_has_indexer(i) for i in range(m.num_cache_layers))
+    Di = cfg.index_head_dim
+    assert m.kv_bytes_per_token() == canonical - layers * (2 * Di - (Di + 4))
+    cache = m.new_cache(3, 64)
+    allocated = sum(c.nbytes for c in cache.latent + cache.indexer if c is not None)
+    assert m.kv_bytes_per_token(64) * 3 * 64 == allocated
+    assert all(type(c).__name__ == "Fp8PagedKV" for c in cache.indexer if c is not None)
+    table = torch.arange(3, dtype=torch.int32).view(1, 3)
+    m.forward_batch(Batch(torch.arange(1, 10), torch.tensor([0, 9], dtype=torch.int32),
+                          torch.tensor([9], dtype=torch.int32), table), cache)  # written quantized, read back
+    ctx = m.context(Batch(torch.tensor([7]), torch.tensor([0, 1], dtype=torch.int32),
+                          torch.tensor([10], dtype=torch.int32), table), cache)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert m.forward_context(ctx, cache).shape == (1, cfg.vocab_size)

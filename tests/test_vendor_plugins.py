@@ -154,20 +154,22 @@ def test_musa_sparse_indices_reproduce_sparse_mla_attention():
     assert torch.isneginf(lse[-1]).all()
 
 
-def test_musa_indexer_key_ranges_reproduce_lightning_indexer():
+def test_musa_paged_token_rows_reproduce_lightning_indexer():
     gen = torch.Generator().manual_seed(3)
     seq_lens, q_lens, Hi, Di, topk = [11, 6], [4, 6], 3, 8, 5
     k_cache, table, cu, lens = _paged_batch(gen, seq_lens, q_lens, Di)
-    T = sum(q_lens)
+    T, bs = sum(q_lens), k_cache.shape[1]
     q = torch.randn(T, Hi, Di, generator=gen)
     weights = torch.rand(T, Hi, generator=gen)
     scale = Di**-0.5
-    key_slots, ks, ke = musa.indexer_key_layout(table, cu, lens, T, k_cache.shape[1], max(seq_lens))
-    keys = k_cache.reshape(-1, Di)[key_slots]
-    assert keys.shape == (len(seq_lens) * max(seq_lens), Di)  # [B * max_seqlen_k]: sized by host ints
-    # DeepGEMM mqa logits semantics: sum_h relu(q.k) * w_h, with the scale folded into w
-    logits = torch.einsum("thd,nd->thn", q, keys).relu().mul((weights * scale)[..., None]).sum(1)
-    got = musa.topk_positions_from_logits(logits, ks, ke, topk)
+    context, rows = musa.paged_token_rows(table, cu, lens, T)
+    assert context.shape == (T, 1) and context.dtype == rows.dtype == torch.int32 and rows.shape == (T, table.shape[1])
+    # paged MQA logits semantics (mate's ref_fp8_paged_mqa_logits): row t scores positions 0 .. context[t] - 1
+    # through its own block-table row; sum_h relu(q.k) * w_h, with the scale folded into w
+    slots = (rows.long()[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [T, max_blocks * bs]
+    keys = k_cache.reshape(-1, Di)[slots]
+    logits = torch.einsum("thd,tld->thl", q, keys).relu().mul((weights * scale)[..., None]).sum(1)
+    got = musa.topk_positions_from_logits(logits, torch.zeros(T, dtype=torch.int32), context.view(T), topk)
     ref = generic.lightning_indexer(q, weights, k_cache, table, cu, lens, topk, scale)
     assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in ref.tolist()]
     assert (got == -1).any()  # early tokens of the short sequence pad with -1

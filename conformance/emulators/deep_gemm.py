@@ -9,6 +9,23 @@
   ``logits = (score.relu() * weights.T[..., None]).sum(0)``, ``-inf`` outside ``[ks, ke)`` (with
   ``k = kv_fp8 * kv_scale``; the kernel cleans with ``clean_logits``). tests/test_emulators_vendor_refs.py
   checks the emulator against vectors derived from that reference.
+* NVIDIA paged (``install_nvidia``), the same commit: legacy ``fp8_paged_mqa_logits(q, kv_cache, weights,
+  context_lens, block_table, schedule_meta, max_context_len, clean_logits=False, indices=None)`` (a
+  wrapper of ``fp8_fp4_paged_mqa_logits`` with fp32 logits), ``get_paged_mqa_logits_metadata(context_lens,
+  block_kv, num_sms, indices=None)`` and ``get_num_sms()``. Checks from ``csrc/apis/attention.hpp``'s
+  DG_HOST_ASSERTs (SM90: q e4m3 contiguous ``[B, next_n, H, D]`` with H in {32, 64}, D in {32, 64, 128};
+  the fused cache uint8 ``[num_blocks, 64, 1, D + 4]`` with ``stride(1) == D + 4``, ``stride(3) == 1``;
+  weights fp32 contiguous ``[B * next_n, H]``; int32 ``block_table`` ``[B, *]`` and 2-D ``context_lens``
+  ``[B, next_n]``; ``schedule_meta`` int32 ``[num_sms + 1, 2]``; ``clean_logits`` must be False with 2-D
+  context lens). The fused cache holds per block its rows' FP8 codes, then their fp32 scales (the
+  host code's "Derive FP8 values and SF tensor"). Semantics from ``tests/test_attention.py::
+  ref_paged_mqa_logits`` (2-D context lens): row ``(b, j)`` at key position ``k < context_lens[b, j]``
+  is ``sum_h relu(q[b, j, h] . kv[k]) * weights[b * next_n + j, h]`` with ``kv = codes * scale``; columns
+  at or past the context length are left unwritten (emulated as a huge value, so an adapter that does
+  not mask them fails). The schedule follows ``scheduler/sm90_paged_mqa_logits.cuh`` (non-varlen,
+  ``SPLIT_KV`` 256 as ``csrc/jit_kernels/impls/sm90_fp8_mqa_logits.hpp`` sets it); the logits do not
+  depend on it. The real op returns a slice of a 1024-byte-aligned buffer; the emulator returns it
+  contiguous.
 * MACA (``install_maca``): the same plus ``bf16_mqa_logits(q, kv, weights, cu_seqlen_ks,
   cu_seqlen_ke)`` as vLLM-metax 3aadf08 (2026-08-05) calls it (``vllm_metax/utils/deep_gemm.py``,
   ``registry/custom_ops/layers/sparse_attn_indexer/bf16.py``): bf16 q ``[M, H, D]``, bf16 keys
@@ -122,8 +139,119 @@ def bf16_mqa_logits(
     return _logits(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean=True)
 
 
+NUM_SMS = 132  # an H100 / H200 SXM (the emulation declares sm90)
+SPLIT_KV = 256  # csrc/jit_kernels/impls/sm90_fp8_mqa_logits.hpp: ``constexpr int split_kv = 256``
+UNWRITTEN = 1e30  # what the emulated kernel leaves past each row's context length (clean_logits=False)
+
+
+def get_num_sms() -> int:
+    return NUM_SMS
+
+
+def _schedule_impl(context_lens: torch.Tensor, num_sms: int) -> torch.Tensor:
+    """``sm90_paged_mqa_logits_metadata`` (non-varlen): split each row's keys into SPLIT_KV segments and
+    give each SM an equal share, as ``(q_atom_idx, kv_split_idx)`` starts; the last row is the end."""
+    batch_size, next_n = context_lens.shape
+    segs = [-(-int(c) // SPLIT_KV) for c in context_lens[:, -1].tolist()]  # the last next_n entry per row
+    prefix = torch.tensor(segs).cumsum(0).tolist() if segs else []
+    atoms = -(-next_n // (2 if next_n >= 2 else 1))
+    total = (prefix[-1] if prefix else 0) * atoms
+    q, r = divmod(total, num_sms)
+    pivot = num_sms - r
+    out = torch.zeros(num_sms + 1, 2, dtype=torch.int32)
+    for sm in range(num_sms):
+        start = sm * q + (sm - pivot if sm > pivot else 0)
+        q_idx = next((i for i, p in enumerate(prefix) if p * atoms > start), batch_size)
+        before = prefix[q_idx - 1] * atoms if q_idx > 0 else 0
+        n_q = (prefix[q_idx] - (prefix[q_idx - 1] if q_idx > 0 else 0)) if q_idx < batch_size else 0
+        offset = start - before
+        out[sm] = torch.tensor([q_idx * atoms + (offset // n_q if n_q else 0), offset % n_q if n_q else 0])
+    out[num_sms] = torch.tensor([batch_size * atoms, 0])
+    return out
+
+
+def _schedule_fake(context_lens: torch.Tensor, num_sms: int) -> torch.Tensor:
+    return context_lens.new_empty(num_sms + 1, 2, dtype=torch.int32)
+
+
+_schedule_op = opaque("deep_gemm_paged_mqa_logits_metadata", _schedule_impl, _schedule_fake)
+
+
+def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int,
+                                  indices: torch.Tensor | None = None) -> torch.Tensor:
+    check(context_lens.dim() == 2, "get_paged_mqa_logits_metadata: only 2-D context lens are supported")
+    check(context_lens.dtype == torch.int32 and context_lens.is_contiguous(),
+          "get_paged_mqa_logits_metadata: context_lens contiguous int32")
+    check(indices is None, "get_paged_mqa_logits_metadata: varlen indices need SM100")
+    check(block_kv == 64, f"get_paged_mqa_logits_metadata: block_kv must be 64 on SM90, got {block_kv}")
+    return _schedule_op(context_lens, num_sms)
+
+
+def _paged_impl(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                block_table: torch.Tensor, max_context_len: int) -> torch.Tensor:
+    """``ref_paged_mqa_logits`` (DeepGEMM tests/test_attention.py, 2-D context lens) on the fused cache."""
+    B, next_n, H, D = q.shape
+    nb, bs = kv_cache.shape[:2]
+    flat = kv_cache.reshape(nb, bs * (D + 4))
+    codes = flat[:, : bs * D].reshape(nb, bs, D).view(torch.float8_e4m3fn).float()
+    scales = flat[:, bs * D:].contiguous().view(torch.float32)  # [nb, bs]
+    keys = codes * scales.unsqueeze(-1)
+    logits = torch.full((B * next_n, max_context_len), UNWRITTEN, dtype=torch.float32)
+    for b in range(B):
+        for j in range(next_n):
+            ctx = int(context_lens[b, j])
+            blocks = block_table[b, : -(-ctx // bs)].long()
+            k = keys.index_select(0, blocks).reshape(-1, D)[:ctx]  # [ctx, D]
+            s = (q[b, j].float() @ k.t()).relu()  # [H, ctx]
+            logits[b * next_n + j, :ctx] = (s * weights[b * next_n + j].float().unsqueeze(1)).sum(0)
+    return logits
+
+
+def _paged_fake(q, kv_cache, weights, context_lens, block_table, max_context_len):
+    return q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=torch.float32)
+
+
+_paged_op = opaque("deep_gemm_fp8_paged_mqa_logits", _paged_impl, _paged_fake)
+
+
+def fp8_paged_mqa_logits(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    schedule_meta: torch.Tensor,
+    max_context_len: int,
+    clean_logits: bool = False,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    check(q.dim() == 4 and q.is_contiguous() and q.dtype == torch.float8_e4m3fn,
+          "fp8_paged_mqa_logits: q is contiguous e4m3 [batch, next_n, heads, head_dim]")
+    B, next_n, H, D = q.shape
+    check(next_n >= 1 and H in (32, 64), f"fp8_paged_mqa_logits: num_heads must be 32 or 64 on SM90, got {H}")
+    check(D in (32, 64, 128), f"fp8_paged_mqa_logits: head_dim must be 32, 64 or 128, got {D}")
+    check(kv_cache.dim() == 4 and kv_cache.dtype == torch.uint8, "fp8_paged_mqa_logits: kv_cache is uint8 4-D")
+    nb, bs, heads_kv, width = kv_cache.shape
+    check(bs == 64, f"fp8_paged_mqa_logits: block_kv must be 64 on SM90, got {bs}")
+    check(heads_kv == 1 and width == D + 4, "fp8_paged_mqa_logits: kv_cache [blocks, block_kv, 1, head_dim + 4]")
+    check(kv_cache.stride(1) == width and kv_cache.stride(3) == 1 and kv_cache.stride(0) % 4 == 0,
+          "fp8_paged_mqa_logits: kv_cache strides (fused FP8 rows then fp32 scales per block)")
+    check(weights.shape == (B * next_n, H) and weights.is_contiguous() and weights.dtype == torch.float32,
+          "fp8_paged_mqa_logits: weights contiguous fp32 [batch * next_n, heads]")
+    check(block_table.dim() == 2 and block_table.shape[0] == B and block_table.stride(1) == 1
+          and block_table.dtype == torch.int32, "fp8_paged_mqa_logits: block_table int32 [batch, max_blocks]")
+    check(indices is None, "fp8_paged_mqa_logits: varlen indices need SM100")
+    check(schedule_meta.shape == (NUM_SMS + 1, 2) and schedule_meta.is_contiguous()
+          and schedule_meta.dtype == torch.int32, "fp8_paged_mqa_logits: schedule_meta int32 [num_sms + 1, 2]")
+    check(context_lens.shape == (B, next_n) and context_lens.is_contiguous() and context_lens.dtype == torch.int32,
+          "fp8_paged_mqa_logits: context_lens contiguous int32 [batch, next_n] (only 2-D is supported)")
+    check(not clean_logits, "fp8_paged_mqa_logits: clean_logits is not supported with 2-D context lens")
+    return _paged_op(q, kv_cache, weights, context_lens, block_table, max_context_len)
+
+
 def install_nvidia(module: types.ModuleType) -> None:
-    fill(module, "deepseek-ai/DeepGEMM 54e2261 (2026-06-23)", "2.x", fp8_mqa_logits)
+    fill(module, "deepseek-ai/DeepGEMM 54e2261 (2026-06-23)", "2.x", fp8_mqa_logits, fp8_paged_mqa_logits,
+         get_paged_mqa_logits_metadata, get_num_sms)
 
 
 def install_maca(module: types.ModuleType) -> None:

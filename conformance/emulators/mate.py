@@ -14,7 +14,16 @@ MooreThreads/mate 3f58cc3 (2026-05-26):
 * ``mate/deep_gemm.py`` -- ``fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end,
   clean_logits=False, max_seqlen_k=0)`` (no ``bf16_mqa_logits``): 32 or 64 heads of dim 32, 64 or 128
   (``csrc/deepgemm_attention.mu``), semantics DeepGEMM's ``ref_fp8_mqa_logits``; and
-  ``m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices, alignment_m=128)`` ->
+  ``fp8_paged_mqa_logits(q, fused_kv_cache, weights, context_lens, block_table, schedule_meta,
+  max_context_len, clean_logits)`` (every argument required) with ``get_paged_mqa_logits_metadata(
+  context_lens, block_kv, num_mps=0)`` ("block_kv ... must be 64 now"): DeepGEMM's fused FP8 cache
+  ``(num_blocks, 64, 1, index_dim + 4)``, 1-D context lens (draft token j of request i sees ``[0,
+  context_lens[i] - next_n + j]``) or 2-D (``[0, context_lens[i, j] - 1]``); semantics from mate's own
+  ``tests/test_deep_gemm.py::ref_fp8_paged_mqa_logits`` (same commit),
+  which also shows ``clean_logits=True`` writing ``-inf`` past the range (the docstring says "zero-fill":
+  the test wins). The schedule's content (mate's kernel not read) follows DeepGEMM's SM90 scheduler;
+  the logits do not depend on it. Heads / head dims as ``fp8_mqa_logits`` (same ``.mu``; assumed).
+* ``m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices, alignment_m=128)`` ->
   ``mate/gemm.py::ragged_m_moe_gemm_16bit`` (per-row expert ids, -1 unused).
 """
 
@@ -153,6 +162,52 @@ def fp8_mqa_logits(
     return _dg._logits(q, kv_fp8, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, kv_scale)
 
 
+NUM_MPS = 56  # what the emulated device reports (mate reads multi_processor_count when num_mps is 0)
+
+
+def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_mps: int = 0) -> torch.Tensor:
+    check(block_kv == 64, f"get_paged_mqa_logits_metadata: block_kv must be 64 now, got {block_kv}")
+    check(context_lens.dtype == torch.int32 and context_lens.dim() in (1, 2),
+          "get_paged_mqa_logits_metadata: context_lens int32 (batch,) or (batch, next_n)")
+    lens2d = context_lens if context_lens.dim() == 2 else context_lens.view(-1, 1)
+    return _dg._schedule_op(lens2d.contiguous(), num_mps or NUM_MPS)
+
+
+def fp8_paged_mqa_logits(
+    q: torch.Tensor,
+    fused_kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    schedule_meta: torch.Tensor,
+    max_context_len: int,
+    clean_logits: bool,
+) -> torch.Tensor:
+    check(q.dim() == 4 and q.dtype == torch.float8_e4m3fn,
+          "fp8_paged_mqa_logits: q is e4m3 (batch_size, next_n, heads, index_dim)")
+    B, next_n, H, D = q.shape
+    check(H in (32, 64), f"fp8_paged_mqa_logits: num_heads must be 32 or 64, got {H}")
+    check(D in (32, 64, 128), f"fp8_paged_mqa_logits: head_dim must be 32, 64 or 128, got {D}")
+    check(fused_kv_cache.dtype == torch.uint8 and fused_kv_cache.dim() == 4
+          and fused_kv_cache.shape[1:] == (64, 1, D + 4),
+          "fp8_paged_mqa_logits: fused_kv_cache uint8 (num_blocks, 64, 1, index_dim + 4)")
+    check(weights.dtype == torch.float32 and weights.shape == (B * next_n, H),
+          "fp8_paged_mqa_logits: weights fp32 (batch_size * next_n, heads)")
+    check(context_lens.dtype == torch.int32 and context_lens.shape in ((B,), (B, next_n)),
+          "fp8_paged_mqa_logits: context_lens int32 (batch_size,) or (batch_size, next_n)")
+    check(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == B,
+          "fp8_paged_mqa_logits: block_table int32 (batch_size, max_blocks)")
+    check(schedule_meta.dtype == torch.int32 and schedule_meta.dim() == 2 and schedule_meta.shape[1] == 2,
+          "fp8_paged_mqa_logits: schedule_meta int32 (num_mps + 1, 2) from get_paged_mqa_logits_metadata")
+    if context_lens.dim() == 1:  # draft token j sees [0, context_lens[i] - next_n + j]
+        context_lens = context_lens[:, None] - next_n + 1 + torch.arange(next_n, dtype=torch.int32)
+    logits = _dg._paged_op(q, fused_kv_cache, weights, context_lens.contiguous(), block_table, max_context_len)
+    if clean_logits:  # -inf past each row's range, as mate's test asserts
+        past = torch.arange(max_context_len)[None, :] >= context_lens.reshape(-1, 1)
+        logits = logits.masked_fill(past, float("-inf"))
+    return logits
+
+
 def ragged_m_moe_gemm_16bit(
     input_a: torch.Tensor,
     input_b: torch.Tensor,
@@ -223,7 +278,8 @@ def install_flashmla(module: types.ModuleType) -> None:
 
 
 def install_deep_gemm(module: types.ModuleType) -> None:
-    fill(module, SOURCE + " mate/deep_gemm.py", "0.0.0+emulated", fp8_mqa_logits, m_grouped_bf16_gemm_nt_contiguous)
+    fill(module, SOURCE + " mate/deep_gemm.py", "0.0.0+emulated", fp8_mqa_logits, fp8_paged_mqa_logits,
+         get_paged_mqa_logits_metadata, m_grouped_bf16_gemm_nt_contiguous)
 
 
 def install_gemm(module: types.ModuleType) -> None:

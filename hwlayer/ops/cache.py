@@ -109,6 +109,61 @@ class SplitKV(PagedKV):
             at += w
 
 
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class Fp8PagedKV(PagedKV):
+    """FP8 (e4m3) rows with one fp32 scale per row, in DeepGEMM's paged indexer-cache layout (vLLM's FP8
+    indexer cache): one ``uint8 [num_blocks, block_size * (width + 4)]`` tensor whose every block holds
+    its ``block_size`` rows of ``width`` FP8 codes, then their ``block_size`` fp32 scales
+    (deepseek-ai/DeepGEMM@54e2261 ``csrc/apis/attention.hpp`` ``fp8_fp4_paged_mqa_logits``: "Derive FP8
+    values and SF tensor"; ``tests/test_attention.py::test_paged_mqa_logits``'s ``kv_cache_cast_to_fp8``).
+    Rows are quantized when written (scale ``max(amax, 1e-4) / 448``, as that test casts them; vLLM's
+    ``indexer_k_quant_and_cache`` does the same at the cache write) and read back dequantized to
+    ``dtype`` through the canonical view, so the generic ops serve it like any layout (the mixing rule)."""
+
+    def __init__(self, num_blocks: int, block_size: int, width: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(num_blocks, block_size, width)
+        self.read_dtype = dtype
+        self.data = torch.zeros(num_blocks, block_size * (width + 4), dtype=torch.uint8, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.read_dtype  # what the rows read as
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.data,)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 ``[num_blocks, block_size, width]`` view of the FP8 codes (read them ``.view(float8_e4m3fn)``)."""
+        return self.data[:, : self.block_size * self.width].view(self.num_blocks, self.block_size, self.width)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """fp32 ``[num_blocks, block_size]`` view of the per-row scales."""
+        return self.data[:, self.block_size * self.width:].view(torch.float32)
+
+    def fused(self) -> torch.Tensor:
+        """The ``uint8 [num_blocks, block_size, 1, width + 4]`` view DeepGEMM's ``fp8_paged_mqa_logits`` takes."""
+        return self.data.view(self.num_blocks, self.block_size, 1, self.width + 4)
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        flat = slots.reshape(-1)
+        block, off = flat // self.block_size, flat % self.block_size
+        # indexed as bytes (CPU torch has no float8 index kernels), read as e4m3
+        got = self.codes[block, off].view(torch.float8_e4m3fn).float() * self.scales[block, off].unsqueeze(1)
+        return got.to(self.read_dtype).view(*slots.shape, self.width)
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        scale = rows.float().abs().amax(dim=-1).clamp(min=1e-4) / FP8_E4M3_MAX
+        codes = (rows.float() / scale.unsqueeze(1)).to(torch.float8_e4m3fn).view(torch.uint8)
+        block, off = slots // self.block_size, slots % self.block_size
+        self.codes.index_put_((block, off), codes)  # views of ``data``: written in place
+        self.scales.index_put_((block, off), scale)
+
+
 def as_paged(cache: Any) -> PagedKV:
     """A cache argument as a :class:`PagedKV` (a bare ``[blocks, bs, D]`` tensor is the canonical layout)."""
     return ContiguousKV(cache) if isinstance(cache, torch.Tensor) else cache

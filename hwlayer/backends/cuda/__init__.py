@@ -13,16 +13,16 @@ the libraries' documented APIs (``pytest conformance --backend cuda|metax|hygon 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
-from hwlayer.backend import Availability, Backend, DeviceGraph
+from hwlayer.backend import Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
+from hwlayer.plugin import as_registered
 
 from . import deepep, native
 from .detect import detect
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 
 def _nvidia_weight_formats() -> tuple[str, ...]:
@@ -57,6 +57,8 @@ BACKENDS = (
                   f"vLLM's _C schemas, {EMULATED}, not run with those libraries; conformance for cuda and triton run "
                   "on an NVIDIA H200 (torch 2.11+cu130, triton 3.6) without them: Triton tier and generic ops served"),
         device_graph=CUDA_GRAPHS,
+        # canonical caches; with HWLAYER_FP8_INDEXER=1 an FP8 paged indexer cache read by DeepGEMM in place
+        attention_layout=native.CUDA_LAYOUT,
         install_hint="install a CUDA build of torch (pip install torch --index-url "
         "https://download.pytorch.org/whl/cu128); optional kernels: flash_mla, deep_gemm, vllm",
         description="NVIDIA GPUs: FlashMLA / DeepGEMM / vLLM ops where installed, Triton tier, generic",
@@ -133,19 +135,10 @@ BACKENDS = (
 )
 
 
-def _emulated(backend: Backend) -> Backend:
-    """``backend`` itself, or its CPU stand-in while a test process emulates its libraries."""
-    note = native.emulation_note(backend.name)
-    if note is None:
-        return backend
-    return dataclasses.replace(backend, device_type="cpu", detect=lambda: Availability(True, f"EMULATED: {note}"),
-                               verified=f"{note}; {backend.verified}")
-
-
 @hookimpl
 def hwlayer_register_backends(register: Callable) -> None:
     for backend in BACKENDS:
-        register(_emulated(backend))
+        register(as_registered(backend))  # under the test emulation: a CPU twin saying so
 
 
 @hookimpl

@@ -20,9 +20,10 @@ Libraries and the ops they serve:
   FlashMLA runs only on sm90a / sm100f (checked before calling) and asserts ``topk > 0`` (an empty
   index tensor is answered without calling it).
 * DeepGEMM for the ``lightning_indexer`` scoring: MACA's ``bf16_mqa_logits`` where the build has it
-  (lossless; what vLLM-metax 3aadf08 uses), else ``fp8_mqa_logits``, which scores FP8-quantised
-  queries/keys and can change which positions make the top-k, so it is opt-in:
-  ``HWLAYER_FP8_INDEXER=1``.
+  (lossless; what vLLM-metax 3aadf08 uses); on NVIDIA ``fp8_paged_mqa_logits`` over the FP8 paged
+  indexer cache that the cuda layout (:class:`DeepGemmLayout`) allocates under ``HWLAYER_FP8_INDEXER=1``
+  (FP8 scoring can change which positions make the top-k, so it is opt-in): keys quantised once when
+  written, read in place, the kernel's schedule built once per step (vLLM's design).
 * vLLM's ``torch.ops._C.rms_norm`` / ``fused_add_rms_norm`` for ``rms_norm``, registered by
   ``vllm._C`` on NVIDIA and by ``mcoplib._C`` on MetaX (``import mcoplib`` alone registers nothing:
   mcoplib f722323 ``mcoplib/__init__.py``; vLLM-metax ``platform.py`` imports ``mcoplib._C``).
@@ -40,12 +41,15 @@ import inspect
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.layout import AttentionMetadata, meta_supported, sequence_key_slots
+from hwlayer.ops.cache import AttentionLayout, Fp8PagedKV, PagedKV
+from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
+from hwlayer.plugin import emulation_note  # noqa: F401  (re-exported: the family's emulation switch)
 
 
 @functools.cache
@@ -61,15 +65,6 @@ def importable(module: str) -> bool:
 
 
 FAMILY = ("cuda", "hygon", "metax", "iluvatar", "kunlunxin")
-
-
-def emulation_note(backend: str) -> str | None:
-    """The note of a test-only emulation of ``backend``, else None (always None in production).
-
-    ``conformance/emulators`` installs a marker module ``hwlayer_emulation`` naming the emulated
-    backend next to CPU emulators of its libraries; nothing else creates it."""
-    marker = sys.modules.get("hwlayer_emulation")
-    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == backend else None
 
 
 def device_type() -> str:
@@ -99,12 +94,8 @@ def _vllm_c_ops(provider: str) -> Any:
 def _rms_norm_shape_ok(x: Any, weight: Any, residual: Any) -> bool | str:
     if not _cuda_tensors(x, weight) or (residual is not None and not _cuda_tensors(residual)):
         return "needs CUDA tensors"
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
+    if weight.dtype != x.dtype:
         return "the custom op wants x and weight in one dtype"  # it templates both on one scalar type
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.stride(-1) != 1:
-        return "shape outside the contract or non-unit last stride"
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        return "residual shape/dtype differs from x"
     return True
 
 
@@ -219,6 +210,12 @@ def flash_mla_arch_supported(device: torch.device) -> bool | str:
     return f"FlashMLA sparse prefill needs sm90a or sm100f; this device is sm{cap[0]}{cap[1]}"
 
 
+def canonical_tensor(kv_cache: Any) -> torch.Tensor | None:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (a :class:`PagedKV` or a bare tensor),
+    or None when the backend's layout stores it otherwise (then the generic op serves)."""
+    return kv_cache.canonical if isinstance(kv_cache, PagedKV) else kv_cache
+
+
 def to_global_slots(
     indices: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
     block_size: int, meta: AttentionMetadata | None = None,
@@ -254,19 +251,18 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
 
     def supports(
         q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float,
-        v_dim: int, *, meta: Any = None,
+        v_dim: int, *, meta: Any = None, return_lse: bool = False,
     ) -> bool | str:
-        if (ok := meta_supported(meta, q)) is not True:
-            return ok
-        if not _cuda_tensors(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens):
+        kv = canonical_tensor(kv_cache)
+        if kv is None:
+            return "FlashMLA reads one contiguous [slots, 1, 576] latent cache (the canonical layout)"
+        if not _cuda_tensors(q, kv, indices, block_table, cu_seqlens_q, seq_lens):
             return "needs CUDA tensors"
-        if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
             return "FlashMLA sparse prefill takes bf16 q and kv"
-        if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512 or kv_cache.dim() != 3 or kv_cache.shape[-1] != 576:
+        if q.shape[-1] != 576 or v_dim != 512:
             return "FlashMLA sparse prefill takes d_qk 576 with d_v 512"
-        if indices.dim() != 2 or indices.shape[0] != q.shape[0]:
-            return "indices outside the contract"
-        if not kv_cache.is_contiguous():
+        if not kv.is_contiguous():
             return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
         if not importable("flash_mla"):
             return "flash_mla is not importable"
@@ -279,16 +275,18 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
         return True
 
     def sparse_mla_attention(
-        q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+        q: torch.Tensor, kv_cache: PagedKV | torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-        meta: AttentionMetadata | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta: AttentionMetadata | None = None, return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from flash_mla import flash_mla_sparse_fwd
 
+        kv = canonical_tensor(kv_cache)
         T, H, Dk = q.shape
         if T == 0 or indices.shape[1] == 0:  # FlashMLA asserts topk > 0: no index, nothing to attend
-            return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
-        slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
+            out = q.new_zeros(T, H, v_dim)
+            return (out, torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)) if return_lse else out
+        slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv.shape[1], meta)
         # Pad topk to whole kernel blocks (extra entries invalid) and heads to what the kernel takes (zero queries).
         topk_pad = -slots.shape[1] % FLASH_MLA_TOPK_ALIGN
         if topk_pad:
@@ -297,16 +295,17 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
         heads = flash_mla_padded_heads(H, exact, q.device)
         q_in = q if heads == H else torch.nn.functional.pad(q, (0, 0, 0, heads - H))
         out, _max_logits, lse = flash_mla_sparse_fwd(
-            q_in.contiguous(), kv_cache.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
+            q_in.contiguous(), kv.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(), scale, d_v=v_dim
         )
-        out, lse = out[:, :H].to(q.dtype), lse[:, :H].float()
-        if not natural:
-            lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
         # Our contract: no valid index -> out 0, lse -inf (FlashMLA: +inf). Masked on the device, no branch.
         empty = (indices < 0).all(dim=1)
-        out = out.masked_fill(empty[:, None, None], 0.0)
-        lse = lse.masked_fill(empty[:, None], float("-inf"))
-        return out, lse
+        out = out[:, :H].to(q.dtype).masked_fill(empty[:, None, None], 0.0)
+        if not return_lse:  # the kernel's lse comes for free; converting it is only done when asked
+            return out
+        lse = lse[:, :H].float()
+        if not natural:
+            lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
+        return out, lse.masked_fill(empty[:, None], float("-inf"))
 
     name = "mcflashmla" if maca else "flashmla"
     sparse_mla_attention.__qualname__ = f"sparse_mla_attention[{name}]"
@@ -319,10 +318,13 @@ maca_flash_mla_sparse_attention, maca_flash_mla_sparse_supports = make_flash_mla
 
 
 # --------------------------------------------------------------------------------------------
-# lightning_indexer scoring through DeepGEMM (FP8, opt-in)
+# lightning_indexer scoring through DeepGEMM: MACA bf16 (lossless), or FP8 over the FP8 paged
+# indexer cache (opt-in)
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MQA_LOGITS_HEADS = (32, 64)  # SM90 (SM100 also takes 8 and 16); csrc/apis/attention.hpp DG_HOST_ASSERTs
+MQA_LOGITS_HEAD_DIMS = (32, 64, 128)
 
 
 def fp8_indexer_enabled() -> bool:
@@ -334,23 +336,126 @@ def _bf16_logits() -> Any:
     return getattr(sys.modules.get("deep_gemm"), "bf16_mqa_logits", None)
 
 
+def _paged_fp8_logits() -> Any:
+    """DeepGEMM's ``fp8_paged_mqa_logits`` when ``deep_gemm`` imports and has it (with its metadata
+    builder), else None. Imports deep_gemm: call from layouts, supports() and adapters only."""
+    if not importable("deep_gemm"):
+        return None
+    dg = sys.modules["deep_gemm"]
+    ok = all(hasattr(dg, f) for f in ("fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata", "get_num_sms"))
+    return dg.fp8_paged_mqa_logits if ok else None
+
+
+def paged_block_kv_ok(block_size: int, device: torch.device) -> bool | str:
+    """The paged MQA-logits kernels take blocks of 64 tokens on SM90 and 32 or 64 on SM100
+    (DeepGEMM 54e2261 ``get_paged_mqa_logits_metadata`` / ``fp8_fp4_paged_mqa_logits`` asserts)."""
+    cap = device_capability(device)
+    sizes = (32, 64) if cap is not None and cap[0] == 10 else (64,)
+    return True if block_size in sizes else f"DeepGEMM's paged MQA logits take blocks of {sizes}, got {block_size}"
+
+
+@dataclass(frozen=True)
+class PagedIndexerTables:
+    """What ``fp8_paged_mqa_logits`` takes per step besides the cache, built once per step (vLLM builds
+    the same in its indexer metadata builder, ``DeepseekV32IndexerMetadataBuilder``): every query token
+    is one row with ``next_n = 1``."""
+
+    context_lens: torch.Tensor  # int32 [T, 1]: keys a token sees (its position + 1: causal)
+    block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's block table row
+    schedule: torch.Tensor | None  # int32 [num_sms + 1, 2]: get_paged_mqa_logits_metadata (None: block size not taken)
+    max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
+    block_size: int  # host
+
+
+def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         num_tokens: int, block_size: int, max_context_len: int,
+                         meta: AttentionMetadata | None = None) -> PagedIndexerTables:
+    """:class:`PagedIndexerTables` of a varlen batch: device arithmetic plus DeepGEMM's metadata kernel,
+    nothing read back (``meta``'s token -> sequence map when given)."""
+    import deep_gemm
+
+    if meta is not None:
+        seq_idx = meta.seq_idx
+        pos = meta.first_query_pos.index_select(0, seq_idx) + torch.arange(num_tokens, device=seq_idx.device) \
+            - cu_seqlens_q.index_select(0, seq_idx)
+    else:
+        seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, num_tokens)
+    context = (pos + 1).to(torch.int32).view(num_tokens, 1)
+    table = block_table.index_select(0, seq_idx).to(torch.int32)
+    schedule = None
+    if paged_block_kv_ok(block_size, block_table.device) is True:
+        schedule = deep_gemm.get_paged_mqa_logits_metadata(context, block_size, deep_gemm.get_num_sms())
+    return PagedIndexerTables(context, table, schedule, max_context_len, block_size)
+
+
+class DeepGemmLayout(AttentionLayout):
+    """The cuda backend's layout: canonical, except that with ``HWLAYER_FP8_INDEXER=1`` and a DeepGEMM
+    that has ``fp8_paged_mqa_logits`` the DSA indexer key cache is FP8 with per-row scales
+    (:class:`~hwlayer.ops.cache.Fp8PagedKV`, 132 bytes a token for 128-wide keys instead of 256), quantized
+    once when written and read in place by the kernel, with the kernel's per-step tables built once per
+    step (:class:`PagedIndexerTables`). That is vLLM's design (vllm-project/vllm@006475fe
+    ``vllm/model_executor/layers/sparse_attn_indexer.py``: ``ops.indexer_k_quant_and_cache`` at the
+    write, ``fp8_fp4_paged_mqa_logits`` over the cache with the metadata builder's ``schedule_metadata``).
+    The latent cache stays canonical (FlashMLA's sparse prefill reads it)."""
+
+    default_block_size = 64  # what the paged MQA-logits kernels take on SM90
+
+    @property
+    def fp8_indexer(self) -> bool:
+        return fp8_indexer_enabled() and _paged_fp8_logits() is not None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "deepgemm-fp8-indexer" if self.fp8_indexer else "canonical"
+
+    @property
+    def canonical(self) -> bool:  # type: ignore[override]
+        return not self.fp8_indexer
+
+    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> PagedKV:
+        if self.fp8_indexer:
+            return Fp8PagedKV(num_blocks, block_size, index_dim, dtype, device)
+        return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> PagedIndexerTables | None:
+        if meta is None or not self.fp8_indexer:
+            return None
+        return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
+                                    meta.max_seqlen_k, meta)
+
+
+CUDA_LAYOUT = DeepGemmLayout()
+
+
 def deep_gemm_indexer_supports(
     q: Any, weights: Any, k_cache: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: Any = None,
 ) -> bool | str:
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
-    if not _cuda_tensors(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens):
+    if q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
+        return f"DeepGEMM mqa logits take {MQA_LOGITS_HEADS} heads of dim {MQA_LOGITS_HEAD_DIMS}"
+    if isinstance(k_cache, Fp8PagedKV):  # the FP8 layout exists only when opted in
+        if not _cuda_tensors(q, weights, k_cache.data, block_table, cu_seqlens_q, seq_lens):
+            return "needs CUDA tensors"
+        if _paged_fp8_logits() is None:
+            return "deep_gemm with fp8_paged_mqa_logits is not importable"
+        return paged_block_kv_ok(k_cache.block_size, q.device)
+    keys = canonical_tensor(k_cache)
+    if keys is None:
+        return "DeepGEMM's mqa logits read the canonical key cache or the FP8 paged indexer cache"
+    if not _cuda_tensors(q, weights, keys, block_table, cu_seqlens_q, seq_lens):
         return "needs CUDA tensors"
-    if q.dim() != 3 or q.shape[-1] != 128 or q.shape[1] not in (32, 64):
-        return "DeepGEMM mqa logits takes 32 or 64 heads of dim 128"
-    if k_cache.dim() != 3 or k_cache.shape[-1] != 128 or weights.shape != q.shape[:2]:
-        return "k_cache/weights outside the contract"
     if not importable("deep_gemm"):
         return "deep_gemm is not importable"
-    if not _use_bf16_logits(q, k_cache) and not fp8_indexer_enabled():
+    if _use_bf16_logits(q, keys):
+        return True
+    if not fp8_indexer_enabled():
         return "FP8 scoring can change the top-k; opt in with HWLAYER_FP8_INDEXER=1"
-    return True
+    # Scoring a bf16 cache in FP8 would gather and re-quantize every key per call: FP8 scoring reads the
+    # FP8 paged cache that the cuda layout allocates when opted in.
+    return (f"FP8 scoring reads the FP8 paged indexer cache (the cuda layout allocates it under "
+            f"HWLAYER_FP8_INDEXER=1 when deep_gemm has fp8_paged_mqa_logits); this cache holds {keys.dtype} rows")
 
 
 def _use_bf16_logits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -405,31 +510,55 @@ def topk_positions(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, top
 
 
 def deep_gemm_lightning_indexer(
-    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    q: torch.Tensor, weights: torch.Tensor, k_cache: PagedKV | torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *, meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
-    import deep_gemm
-
+    if isinstance(k_cache, Fp8PagedKV):
+        return _fp8_paged_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                                  max_seqlen_k, meta)
+    k_cache = canonical_tensor(k_cache)
     T = q.shape[0]
-    # DeepGEMM's (non-paged) mqa logits read one contiguous key buffer: gather every sequence's keys
-    # into it, [B * max_seqlen_k, D], sized by host ints (nothing read back). This gather -- and, for
-    # FP8, the re-quantisation of every key -- per call is what vLLM avoids with an FP8 paged indexer
-    # cache read by ``fp8_paged_mqa_logits``; that needs the backend-owned cache layout (hook specs 2.0).
+    # MACA's bf16_mqa_logits (non-paged) reads one contiguous key buffer: every sequence's keys gathered
+    # into it, [B * max_seqlen_k, D], sized by host ints (nothing read back), as vLLM-metax does.
     key_slots, ks, ke = indexer_key_layout(block_table, cu_seqlens_q, seq_lens, T, k_cache.shape[1], max_seqlen_k,
                                            meta)
     keys = k_cache.reshape(-1, k_cache.shape[-1]).index_select(0, key_slots)
     if keys.shape[0] == 0 or T == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    if _use_bf16_logits(q, k_cache):  # MACA: bf16 q [M, H, D], bf16 keys [N, D], fp32 weights (vLLM-metax)
-        w = (weights.float() * scale).contiguous()  # relu(s x) = s relu(x) for s > 0
-        logits = _bf16_logits()(q.contiguous(), keys.contiguous(), w, ks, ke)
-    else:
-        k_fp8, k_scale = _fp8_rows(keys)
-        q_fp8, q_scale = _fp8_rows(q)  # per (token, head)
-        # relu is positively homogeneous: relu(s * x) = s * relu(x), so q's scale and our ``scale``
-        # fold into the head weights.
-        w = (weights.float() * q_scale * scale).contiguous()
-        logits = deep_gemm.fp8_mqa_logits(q_fp8.contiguous(), (k_fp8.contiguous(), k_scale.contiguous()), w, ks, ke,
-                                          clean_logits=True)
+    # bf16 q [M, H, D], bf16 keys [N, D], fp32 weights (vLLM-metax); relu(s x) = s relu(x) for s > 0
+    w = (weights.float() * scale).contiguous()
+    logits = _bf16_logits()(q.contiguous(), keys.contiguous(), w, ks, ke)
     return topk_positions(logits, ks, ke, topk)
+
+
+def _fp8_paged_indexer(
+    q: torch.Tensor, weights: torch.Tensor, k_cache: Fp8PagedKV, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float, max_seqlen_k: int | None,
+    meta: AttentionMetadata | None,
+) -> torch.Tensor:
+    """DeepGEMM ``fp8_paged_mqa_logits`` over the FP8 paged cache in place: no key is gathered or
+    re-quantized per call; only the queries (q-sized) are quantized, per (token, head) row so none
+    saturates, their scale and ours folded into the head weights (relu(s x) = s relu(x), s > 0; vLLM's
+    ``fused_indexer_q_rope_quant`` folds its q scale likewise)."""
+    T = q.shape[0]
+    bs = k_cache.block_size
+    tables = meta.backend if meta is not None else None
+    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs
+            and max_seqlen_k in (None, tables.max_context_len)):
+        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
+            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
+        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
+                                      meta if meta is not None and meta.block_size == bs else None)
+    if T == 0 or tables.max_context_len == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    import deep_gemm
+
+    q_fp8, q_scale = _fp8_rows(q)  # per (token, head)
+    w = (weights.float() * q_scale * scale).contiguous()
+    logits = deep_gemm.fp8_paged_mqa_logits(q_fp8.unsqueeze(1).contiguous(), k_cache.fused(), w, tables.context_lens,
+                                            tables.block_table, tables.schedule, tables.max_context_len,
+                                            clean_logits=False)  # with 2-D context lens the kernel cannot clean
+    # Columns are positions within the token's sequence; those at or past its context length are unwritten.
+    ke = tables.context_lens.view(T)
+    return topk_positions(logits, torch.zeros_like(ke), ke, topk)

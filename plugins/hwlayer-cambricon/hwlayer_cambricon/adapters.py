@@ -18,14 +18,12 @@ borne out by this release's own API docs).
 
 from __future__ import annotations
 
-import importlib
-import sys
-from functools import cache
 from types import ModuleType
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows, meta_supported
+from hwlayer import plugin
+from hwlayer.ops.layout import groups_covering_rows
 
 from . import convert
 
@@ -33,12 +31,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, *HALF_DTYPES)
 
 
-@cache
-def _import(name: str) -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(name), ""
-    except Exception as exc:  # ImportError, or a vendor runtime that fails to initialise
-        return None, f"{name} is not importable ({type(exc).__name__}: {exc})"
+_import = plugin.lazy_import  # (module, "") or (None, one-line reason)
 
 
 def tmo() -> ModuleType:
@@ -48,15 +41,9 @@ def tmo() -> ModuleType:
     return mod
 
 
-def emulation_note() -> str | None:
-    """The note of a test-only emulation of this backend (hwlayer's ``conformance/emulators``
-    installs a ``hwlayer_emulation`` marker module), else None -- always None in production."""
-    marker = sys.modules.get("hwlayer_emulation")
-    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == "cambricon" else None
-
-
 def device_type() -> str:
-    return "cpu" if emulation_note() else "mlu"
+    """``mlu``, or ``cpu`` under hwlayer's test-only emulation of this backend."""
+    return plugin.device_type("cambricon", "mlu")
 
 
 def _common(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> bool | str:
@@ -103,13 +90,9 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def supports_rope(x, positions, cos_sin_cache, interleaved, *, meta=None) -> bool | str:
-    if (ok := meta_supported(meta, x)) is not True:
-        return ok
     ok = _common(x)
     if ok is not True:
         return ok
-    if x.dim() not in (2, 3) or x.shape[-1] % 2:
-        return f"x shape {tuple(x.shape)}: need [T, D] or [T, H, D] with even D"
     if not 2 <= x.shape[-1] <= 256:
         return f"head size {x.shape[-1]}: apply_rotary takes 2..256"
     return True

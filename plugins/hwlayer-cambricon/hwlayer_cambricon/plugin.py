@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
-from hwlayer.plugin import as_registered
+from hwlayer.plugin import as_registered, register_all
 
 from . import adapters
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 NAME = "cambricon"
 VERIFIED = ("written against torch_mlu_ops 1.12.1 _ops.py API docs; emulated in CI from them "
@@ -59,7 +59,9 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    register("rms_norm", adapters.rms_norm, backend=NAME, supports=adapters.supports_rms_norm)
-    register("rope", adapters.rope, backend=NAME, supports=adapters.supports_rope)
-    register("moe_route", adapters.moe_route, backend=NAME, supports=adapters.supports_moe_route)
-    register("grouped_gemm", adapters.grouped_gemm, backend=NAME, supports=adapters.supports_grouped_gemm)
+    register_all(register, NAME, {
+        "rms_norm": (adapters.rms_norm, adapters.supports_rms_norm),
+        "rope": (adapters.rope, adapters.supports_rope),
+        "moe_route": (adapters.moe_route, adapters.supports_moe_route),
+        "grouped_gemm": (adapters.grouped_gemm, adapters.supports_grouped_gemm),
+    })

@@ -10,28 +10,25 @@ torch implementation.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
-import sys
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
+from typing import Any
 
 import torch
 
-from hwlayer.ops.layout import groups_covering_rows, meta_supported
+from hwlayer import plugin
+from hwlayer.ops.cache import AttentionLayout, Fp8PagedKV, PagedKV
+from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
 
 from . import convert
 
 LN2 = 0.6931471805599453
 
 
-@cache
-def _import(name: str) -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(name), ""
-    except Exception as exc:  # ImportError, or a runtime that fails to initialise
-        return None, f"{name} is not importable ({type(exc).__name__}: {exc})"
+_import = plugin.lazy_import  # (module, "") or (None, one-line reason)
 
 
 def _module(name: str) -> ModuleType:
@@ -41,15 +38,14 @@ def _module(name: str) -> ModuleType:
     return mod
 
 
-def emulation_note() -> str | None:
-    """The note of a test-only emulation of this backend (hwlayer's ``conformance/emulators``
-    installs a ``hwlayer_emulation`` marker module), else None -- always None in production."""
-    marker = sys.modules.get("hwlayer_emulation")
-    return getattr(marker, "NOTE", None) if getattr(marker, "BACKEND", None) == "musa" else None
-
-
 def device_type() -> str:
-    return "cpu" if emulation_note() else "musa"
+    """``musa``, or ``cpu`` under hwlayer's test-only emulation of this backend."""
+    return plugin.device_type("musa", "musa")
+
+
+def _canonical(cache: PagedKV | torch.Tensor) -> torch.Tensor | None:
+    """The canonical ``[blocks, bs, D]`` tensor of a cache argument (hook specs 2.0), or None."""
+    return cache.canonical if isinstance(cache, PagedKV) else cache
 
 
 def _common(x: torch.Tensor, module: str, dtypes: tuple[torch.dtype, ...]) -> bool | str:
@@ -78,25 +74,27 @@ def _natural_lse(fn) -> bool:
 
 
 def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *,
-                                   meta=None):
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
+                                   meta=None, return_lse=False):
     ok = _common(q, "mate.flashmla", (torch.bfloat16,))
     if ok is not True:
         return ok
-    if q.dim() != 3 or q.shape[-1] != 576 or v_dim != 512:
+    if q.shape[-1] != 576 or v_dim != 512:
         return f"head dims {q.shape[-1]}/{v_dim}: the sparse kernel is built for 576/512 (DeepSeek MLA)"
     if q.shape[1] > 128:
         return f"{q.shape[1]} query heads: the sparse kernel takes 64 or 128 (fewer are zero-padded)"
-    if kv_cache.dtype != torch.bfloat16 or not kv_cache.is_contiguous():
+    kv = _canonical(kv_cache)
+    if kv is None or kv.dtype != torch.bfloat16 or not kv.is_contiguous():
         return "kv_cache must be a contiguous bf16 latent cache (read as one flat [slots, 1, 576] tensor)"
     return True
 
 
-def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None):
+def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None,
+                         return_lse=False):
     T, H = q.shape[0], q.shape[1]
+    kv_cache = _canonical(kv_cache)
     if T == 0 or indices.shape[1] == 0:  # FlashMLA's API asserts topk > 0: no index, nothing to attend
-        return q.new_zeros(T, H, v_dim), torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
+        out = q.new_zeros(T, H, v_dim)
+        return (out, torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)) if return_lse else out
     kv_indices = convert.sparse_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, kv_cache.shape[1], meta)
     # Whole top-k blocks (FLASH_MLA_TOPK_BLOCK) and 64 or 128 heads (zero queries).
     kv_indices = convert.pad_last_dim(kv_indices, convert.FLASH_MLA_TOPK_BLOCK, value=-1)
@@ -105,60 +103,138 @@ def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_le
     sparse_fwd = _module("mate.flashmla").flash_mla_sparse_fwd
     out, _max_logits, lse = sparse_fwd(q_in.contiguous(), convert.flat_kv(kv_cache), kv_indices, scale, d_v=v_dim)
     lse = lse[:, :H].float() * (1.0 if _natural_lse(sparse_fwd) else LN2)
-    return convert.empty_rows_to_contract(out[:, :H].to(q.dtype), lse, kv_indices)
+    out, lse = convert.empty_rows_to_contract(out[:, :H].to(q.dtype), lse, kv_indices)
+    return (out, lse) if return_lse else out
 
 
-# ---- lightning_indexer: mate.deep_gemm.fp8_mqa_logits(q, (kv, kv_scale), weights, ks, ke,
-#      clean_logits=False, max_seqlen_k=0) -> logits [T, N]; mate has no bf16_mqa_logits
+# ---- lightning_indexer: mate.deep_gemm.fp8_paged_mqa_logits(q, fused_kv_cache, weights, context_lens,
+#      block_table, schedule_meta, max_context_len, clean_logits) over the FP8 paged indexer cache, with
+#      get_paged_mqa_logits_metadata(context_lens, block_kv, num_mps=0) once per step; mate has no bf16 entry
 
 
 def _fp8_indexer_enabled() -> bool:
     return os.environ.get("HWLAYER_MUSA_FP8_INDEXER", "") not in ("", "0")
 
 
-# mate's fp8_mqa_logits kernel (MooreThreads/mate 3f58cc3 ``csrc/deepgemm_attention.mu``) takes 32 or 64
-# heads of dim 32, 64 or 128; anything else raises inside the call.
+# mate's MQA-logits kernels (MooreThreads/mate 3f58cc3 ``csrc/deepgemm_attention.mu``) take 32 or 64 heads
+# of dim 32, 64 or 128; anything else raises inside the call. The paged kernel takes blocks of 64 tokens
+# (``get_paged_mqa_logits_metadata``: "block_kv ... must be 64 now").
 MQA_LOGITS_HEADS = (32, 64)
 MQA_LOGITS_HEAD_DIMS = (32, 64, 128)
+PAGED_BLOCK_KV = 64
+
+
+def _paged_logits_available() -> bool:
+    mod, _ = _import("mate.deep_gemm")
+    return mod is not None and hasattr(mod, "fp8_paged_mqa_logits") and hasattr(mod, "get_paged_mqa_logits_metadata")
+
+
+@dataclass(frozen=True)
+class PagedIndexerTables:
+    """What ``fp8_paged_mqa_logits`` takes per step besides the cache, built once per step by the layout."""
+
+    context_lens: torch.Tensor  # int32 [T, 1]: every query token one row (next_n = 1), its causal key count
+    block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's row
+    schedule: torch.Tensor | None  # get_paged_mqa_logits_metadata (None: the block size is not 64)
+    max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
+    block_size: int  # host
+
+
+def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         num_tokens: int, block_size: int, max_context_len: int,
+                         meta: AttentionMetadata | None = None) -> PagedIndexerTables:
+    context, table = convert.paged_token_rows(block_table, cu_seqlens_q, seq_lens, num_tokens, meta)
+    schedule = None
+    if block_size == PAGED_BLOCK_KV:
+        schedule = _module("mate.deep_gemm").get_paged_mqa_logits_metadata(context, block_size)
+    return PagedIndexerTables(context, table, schedule, max_context_len, block_size)
+
+
+class MusaLayout(AttentionLayout):
+    """Canonical caches, except that with ``HWLAYER_MUSA_FP8_INDEXER=1`` and a mate that has
+    ``fp8_paged_mqa_logits`` the DSA indexer key cache is FP8 with per-row scales in DeepGEMM's fused
+    paged layout (:class:`hwlayer.ops.cache.Fp8PagedKV`; mate's ``fused_kv_cache`` is ``(num_blocks,
+    block_size, 1, index_dim + 4)``, as its tests/test_deep_gemm.py ``kv_cache_cast_to_fp8`` builds it),
+    quantized once when written and read in place; the kernel's tables are built once per step."""
+
+    default_block_size = PAGED_BLOCK_KV
+
+    @property
+    def fp8_indexer(self) -> bool:
+        return _fp8_indexer_enabled() and _paged_logits_available()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "mate-fp8-indexer" if self.fp8_indexer else "canonical"
+
+    @property
+    def canonical(self) -> bool:  # type: ignore[override]
+        return not self.fp8_indexer
+
+    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> PagedKV:
+        if self.fp8_indexer:
+            return Fp8PagedKV(num_blocks, block_size, index_dim, dtype, device)
+        return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> PagedIndexerTables | None:
+        if meta is None or not self.fp8_indexer:
+            return None
+        return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
+                                    meta.max_seqlen_k, meta)
+
+
+LAYOUT = MusaLayout()
 
 
 def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                                max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
-    if (ok := meta_supported(meta, q)) is not True:
-        return ok
     ok = _common(q, "mate.deep_gemm", (torch.bfloat16, torch.float16, torch.float32))
     if ok is not True:
         return ok
-    if q.dim() != 3 or q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
-        return (f"indexer q {tuple(q.shape)}: mate's fp8_mqa_logits takes {MQA_LOGITS_HEADS} heads of dim "
+    if q.shape[1] not in MQA_LOGITS_HEADS or q.shape[2] not in MQA_LOGITS_HEAD_DIMS:
+        return (f"indexer q {tuple(q.shape)}: mate's fp8 mqa logits take {MQA_LOGITS_HEADS} heads of dim "
                 f"{MQA_LOGITS_HEAD_DIMS}")
     if scale <= 0:
         return "scale must be positive (it is folded into the head weights)"
     if not _fp8_indexer_enabled():
         return ("mate scores the indexer in FP8 only (lossy: the top-k may change); "
                 "enable with HWLAYER_MUSA_FP8_INDEXER=1")
+    if not isinstance(k_cache, Fp8PagedKV):
+        # scoring a bf16 cache would gather and re-quantize every key per call
+        return ("mate scores the FP8 paged indexer cache (the musa layout allocates it under "
+                "HWLAYER_MUSA_FP8_INDEXER=1 when mate has fp8_paged_mqa_logits); this cache holds "
+                f"{k_cache.dtype} rows")
+    if not _paged_logits_available():
+        return "this mate has no deep_gemm.fp8_paged_mqa_logits"
+    if k_cache.block_size != PAGED_BLOCK_KV:
+        return f"mate's paged MQA logits take blocks of {PAGED_BLOCK_KV} tokens, got {k_cache.block_size}"
     return True
 
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                       max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
-    T = q.shape[0]
-    # One contiguous key buffer sized by host ints (mate's fp8_mqa_logits is not paged); the per-call
-    # gather and FP8 quantisation of every key would go with an FP8 paged indexer cache
-    # (fp8_paged_mqa_logits), which needs the backend-owned cache layout of hook specs 2.0.
-    key_slots, ks, ke = convert.indexer_key_layout(block_table, cu_seqlens_q, seq_lens, T, k_cache.shape[1],
-                                                   max_seqlen_k, meta)
-    keys = k_cache.reshape(-1, k_cache.shape[-1]).index_select(0, key_slots)
-    if T == 0 or keys.shape[0] == 0:
+    T, bs = q.shape[0], k_cache.block_size
+    tables = meta.backend if meta is not None else None
+    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs
+            and max_seqlen_k in (None, tables.max_context_len)):
+        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
+            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
+        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
+                                      meta if meta is not None and meta.block_size == bs else None)
+    if T == 0 or tables.max_context_len == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    k_fp8, k_scale = convert.fp8_quantize_rows(keys)
-    # q quantised per (token, head) row with its own scale, so no value saturates e4m3; relu is
-    # positively homogeneous (relu(s x) = s relu(x), s > 0), so q's scale and ours fold into the weights.
+    # The keys are read in place (quantized when written); only q is quantized here, per (token, head)
+    # row so nothing saturates e4m3; relu is positively homogeneous (relu(s x) = s relu(x), s > 0), so
+    # q's scale and ours fold into the weights.
     q_fp8, q_scale = convert.fp8_quantize_rows(q.reshape(-1, q.shape[-1]))
     head_weights = (weights.float() * q_scale.view(q.shape[:2]) * scale).contiguous()
-    logits = _module("mate.deep_gemm").fp8_mqa_logits(q_fp8.view(q.shape).contiguous(), (k_fp8, k_scale),
-                                                      head_weights, ks, ke)
-    return convert.topk_positions_from_logits(logits, ks, ke, topk)
+    logits = _module("mate.deep_gemm").fp8_paged_mqa_logits(
+        q_fp8.view(T, 1, *q.shape[1:]).contiguous(), k_cache.fused(), head_weights, tables.context_lens,
+        tables.block_table, tables.schedule, tables.max_context_len, False)  # we mask past each context below
+    ke = tables.context_lens.view(T)
+    return convert.topk_positions_from_logits(logits, torch.zeros_like(ke), ke, topk)
 
 
 # ---- grouped_gemm: mate.deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices, alignment_m=128)
@@ -206,8 +282,6 @@ def supports_moe_route(router_logits, correction_bias, top_k, n_group, topk_grou
     E = router_logits.shape[1]
     if E % 32:
         return f"{E} experts: moe_fused_gate needs a multiple of 32 (num_experts % WARP_SIZE == 0)"
-    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or not 1 <= top_k <= E:
-        return "group arguments outside moe_fused_gate's checks"
     if routed_scaling_factor == 0:
         return "moe_fused_gate requires a non-zero routed_scaling_factor"
     return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
+from hwlayer.ops.layout import AttentionMetadata
 
 # DeepGEMM's M alignment for the contiguous grouped layout (get_mk_alignment_for_contiguous_layout()
 # returns 128 upstream); mate's value is read at run time when it exposes the getter.
@@ -105,30 +105,23 @@ def unpad_rows(d: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return d.index_select(0, positions)
 
 
-# ---- lightning indexer: paged keys -> one contiguous key buffer with per-token [start, end) ranges
+# ---- lightning indexer: every query token one row of the paged MQA-logits call
 
 
-def indexer_key_layout(
+def paged_token_rows(
     block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
-    block_size: int, max_seqlen_k: int | None, meta: AttentionMetadata | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The non-paged key buffer ``fp8_mqa_logits`` reads, sized by host ints only: sequence b's
-    positions ``0 .. max_seqlen_k - 1`` at rows ``b * max_seqlen_k + p``. Returns ``(key_slots int64
-    [B * max_seqlen_k], ks int32 [T], ke int32 [T])``: each key row's cache slot and each token's causal
-    range ``[ks, ke)`` (end exclusive: ``cu_seq_len_k_start`` / ``cu_seq_len_k_end``). Rows past a
-    sequence's length are never inside a range. ``max_seqlen_k=None`` reads it from the device (the
-    op's documented convenience; a forward passes it)."""
-    B = seq_lens.shape[0]
-    if meta is not None and meta.block_size == block_size and max_seqlen_k in (None, meta.max_seqlen_k):
-        key_slots, L, seq_idx = meta.key_slots, meta.max_seqlen_k, meta.seq_idx
+    meta: AttentionMetadata | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query token as one row of the paged MQA-logits call (``next_n = 1``): ``(context_lens int32
+    [T, 1], block_table int32 [T, max_blocks])`` -- the keys a token sees (its position + 1: causal) and
+    its sequence's block-table row. Device arithmetic only (``meta``'s token -> sequence map when given)."""
+    if meta is not None:
+        seq_idx = meta.seq_idx
         pos = (meta.first_query_pos.index_select(0, seq_idx) + torch.arange(num_tokens, device=seq_idx.device)
                - cu_seqlens_q.index_select(0, seq_idx))
     else:
-        L = int(seq_lens.max()) if max_seqlen_k is None and B else (max_seqlen_k or 0)
-        key_slots = sequence_key_slots(block_table, B, L, block_size)
         seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, num_tokens)
-    ks = seq_idx * L
-    return key_slots.reshape(-1), ks.to(torch.int32), (ks + pos + 1).to(torch.int32)
+    return (pos + 1).to(torch.int32).view(num_tokens, 1), block_table.index_select(0, seq_idx).to(torch.int32)
 
 
 def topk_positions_from_logits(

@@ -1,7 +1,8 @@
 """Backend ``musa``: Moore Threads GPUs through torch_musa (device ``musa``, collectives ``mccl``).
 
 Detection imports torch_musa only when asked, and requires torch_musa >= 2.7 (what mate needs).
-Ops: sparse_mla_attention (mate.flashmla), lightning_indexer (mate.deep_gemm mqa logits),
+Ops: sparse_mla_attention (mate.flashmla), lightning_indexer (mate.deep_gemm paged mqa logits over
+the FP8 paged indexer cache of its layout, opt-in),
 grouped_gemm (mate.deep_gemm contiguous grouped GEMM), moe_route (mate.moe_fused_gate), each
 guarded by a ``supports_*`` check; everything else runs hwlayer's generic torch ops.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 from typing import Callable
 
 from hwlayer import Availability, Backend, hookimpl
-from hwlayer.plugin import as_registered
+from hwlayer.plugin import as_registered, register_all
 
 from . import adapters, convert
 
-HWLAYER_HOOKSPEC_VERSION = "1.2"
+HWLAYER_HOOKSPEC_VERSION = "2.0"
 
 NAME = "musa"
 MIN_TORCH_MUSA = (2, 7)
@@ -62,6 +63,7 @@ BACKEND = Backend(
     verified=VERIFIED,
     install_hint=INSTALL_HINT,
     description="Moore Threads GPUs via torch_musa; kernels from mate",
+    attention_layout=adapters.LAYOUT,  # HWLAYER_MUSA_FP8_INDEXER=1: an FP8 paged indexer cache
 )
 
 
@@ -72,9 +74,9 @@ def hwlayer_register_backends(register: Callable) -> None:
 
 @hookimpl
 def hwlayer_register_ops(register: Callable) -> None:
-    register("sparse_mla_attention", adapters.sparse_mla_attention, backend=NAME,
-             supports=adapters.supports_sparse_mla_attention)
-    register("lightning_indexer", adapters.lightning_indexer, backend=NAME,
-             supports=adapters.supports_lightning_indexer)
-    register("grouped_gemm", adapters.grouped_gemm, backend=NAME, supports=adapters.supports_grouped_gemm)
-    register("moe_route", adapters.moe_route, backend=NAME, supports=adapters.supports_moe_route)
+    register_all(register, NAME, {
+        "sparse_mla_attention": (adapters.sparse_mla_attention, adapters.supports_sparse_mla_attention),
+        "lightning_indexer": (adapters.lightning_indexer, adapters.supports_lightning_indexer),
+        "grouped_gemm": (adapters.grouped_gemm, adapters.supports_grouped_gemm),
+        "moe_route": (adapters.moe_route, adapters.supports_moe_route),
+    })
