@@ -318,6 +318,13 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
 # Activations
 
 
+def _scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``fp32(amax) / qmax`` as IEEE division on every device: CUDA divides by a Python scalar as a
+    multiply by its reciprocal, one ulp off the quotient, which moves ties of ``x / s`` (seen on an
+    H200: one int8 code of a token whose amax was 9). A 0-dim tensor divisor takes the true division."""
+    return amax.clamp(min=SCALE_FLOOR) / torch.full((), qmax, dtype=amax.dtype, device=amax.device)
+
+
 def _ue8m0(s: torch.Tensor) -> torch.Tensor:
     """Scales rounded up to powers of two (what an e8m0 exponent holds)."""
     return torch.exp2(torch.ceil(torch.log2(s)))
@@ -334,7 +341,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, act_scale_fmt: str | None = N
     x = x.float()
     T, K = x.shape
     if fmt in PER_TOKEN_INT8:
-        s = x.abs().amax(dim=-1).clamp(min=SCALE_FLOOR) / INT8_MAX
+        s = _scale(x.abs().amax(dim=-1), INT8_MAX)
         if act_scale_fmt == "ue8m0":
             s = _ue8m0(s)
         q = torch.round(x / s.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -346,7 +353,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, act_scale_fmt: str | None = N
     padded = x.new_zeros(T, kb * FP8_BLOCK)
     padded[:, :K] = x
     groups = padded.view(T, kb, FP8_BLOCK)
-    s = groups.abs().amax(dim=-1).clamp(min=SCALE_FLOOR) / FP8_MAX  # [T, kb]
+    s = _scale(groups.abs().amax(dim=-1), FP8_MAX)  # [T, kb]
     if act_scale_fmt == "ue8m0":
         s = _ue8m0(s)
     q = (groups / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).view(T, kb * FP8_BLOCK)[:, :K].to(torch.float8_e4m3fn)
