@@ -1,0 +1,269 @@
+"""hwlayer ops on Kunlunxin's ``kunlun_ops``: argument conversion, the kunlun_ops call, conversion back.
+
+Written against baidu/vLLM-Kunlun 09869ee (``vllm_kunlun/ops/_custom_ops.py``: the keyword calls into
+``kunlun_ops`` it wraps as ``torch.ops._C`` ops; ``ops/attention/flashmla.py``, ``ops/deep_gemm.py``,
+``ops/_kunlun_ops.py``, ``models/deepseek_v2.py``: how it calls them for DeepSeek-V3.2); emulated in CI
+(hwlayer's ``conformance/emulators/kunlun_ops.py``, ``pytest conformance --backend kunlunxin
+--emulated``); NOT run on Kunlunxin hardware. Every adapter is behind a ``supports_*`` guard stating the
+kernel's limits; declined calls run hwlayer's generic torch implementation. kunlun_ops writes into
+output tensors the caller allocates (all sized from host ints here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hwlayer.ops import positions_to_slots, token_positions
+from hwlayer.ops.cache import AttentionLayout, PagedKV
+from hwlayer.ops.layout import groups_covering_rows, meta_supported, sequence_key_slots
+from hwlayer.plugin import device_type, lazy_import
+
+NAME = "kunlunxin"
+LN2 = math.log(2.0)
+INT8_INDEXER_ENV = "HWLAYER_KUNLUN_INT8_INDEXER"
+
+
+def _ops() -> Any:
+    mod, why = lazy_import("kunlun_ops")
+    if mod is None:
+        raise RuntimeError(why)
+    return mod
+
+
+def _common(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool | str:
+    _, why = lazy_import("kunlun_ops")
+    if why:
+        return why
+    if x.device.type != device_type(NAME, "cuda"):  # the XPU is torch device "cuda" (vLLM-Kunlun platforms/kunlun.py)
+        return f"tensor on {x.device.type}, kunlun_ops needs XPU tensors"
+    if x.dtype not in dtypes:
+        return f"dtype {x.dtype} not supported by this kunlun_ops kernel"
+    return True
+
+
+# ---- step tables: the host copies of the lengths the kernels take (``*_cpu`` arguments)
+
+
+@dataclass
+class KunlunStepTables:
+    """``qlod`` = ``cu_seqlens_q`` and ``kv_lens`` = ``seq_lens`` as int32, on the device and on the host.
+    vLLM-Kunlun passes the host copies from its scheduler's state (``query_start_loc_cpu``,
+    ``seq_lens_cpu``); here they are copied once per step, before any layer (one device-to-host copy
+    per step, never per layer; this backend declares no device graph, so nothing replays them)."""
+
+    qlod_xpu: torch.Tensor
+    qlod_cpu: torch.Tensor
+    kv_lens_xpu: torch.Tensor
+    kv_lens_cpu: torch.Tensor
+
+
+class KunlunLayout(AttentionLayout):
+    """The canonical cache storage (one ``[blocks, bs, 576]`` latent cache, which both sparse kernels
+    read flattened to ``[slots, 576]``: flashmla_sparse.py:636-639), plus the host length tables."""
+
+    name = "kunlun"
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> KunlunStepTables:
+        q, k = cu_seqlens_q.to(torch.int32), seq_lens.to(torch.int32)
+        return KunlunStepTables(q, q.to("cpu"), k, k.to("cpu"))
+
+
+LAYOUT = KunlunLayout()
+
+
+def _tables(meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+            block_table: torch.Tensor) -> KunlunStepTables:
+    if meta is not None and isinstance(meta.backend, KunlunStepTables):
+        return meta.backend
+    return LAYOUT.step_tables(meta, cu_seqlens_q, seq_lens, block_table)
+
+
+def global_kv_indices(indices: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, block_size: int, meta: Any = None) -> torch.Tensor:
+    """hwlayer ``indices`` (int32 ``[T, K]`` positions in each token's sequence, -1 unused) -> rows of the
+    flattened cache (``block * bs + offset``), -1 kept: what xspeedgate_ops.convert_req_index_to_global_index
+    gives vLLM-Kunlun (flashmla_sparse.py:690-698). Device arithmetic only."""
+    if meta is not None and meta.block_size == block_size:
+        slots = meta.key_slots.index_select(0, meta.seq_idx).gather(1, indices.long().clamp(min=0))
+    else:
+        seq_idx, _ = token_positions(cu_seqlens_q, seq_lens, indices.shape[0])
+        slots = positions_to_slots(block_table, seq_idx, indices, block_size)
+    return torch.where(indices >= 0, slots, -1).to(torch.int32).contiguous()
+
+
+# ---- sparse_mla_attention: kunlun_ops.sparse_prefill_fwd_opt (prefill, base-2 lse) and
+#      kunlun_ops.fwd_kvcache_mla (decode: one query token per sequence, no lse)
+
+
+def supports_sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *,
+                                  meta=None, return_lse=False):
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
+    if (ok := _common(q, (torch.bfloat16,))) is not True:
+        return ok
+    cache = kv_cache.canonical if isinstance(kv_cache, PagedKV) else kv_cache
+    if not isinstance(cache, torch.Tensor) or cache.dtype != torch.bfloat16 or not cache.is_contiguous():
+        return "the sparse kernels read one contiguous bf16 latent cache (flattened to [slots, 576])"
+    if q.shape[-1] != 576 or v_dim != 512:
+        return f"head dims {q.shape[-1]}/{v_dim}: the sparse kernels take 576/512 (get_supported_head_sizes)"
+    if indices.shape[1] == 0:
+        return "the sparse kernels take at least one index per token"
+    return True
+
+
+def sparse_mla_attention(q, kv_cache, indices, block_table, cu_seqlens_q, seq_lens, scale, v_dim, *, meta=None,
+                         return_lse=False):
+    cache = kv_cache.canonical if isinstance(kv_cache, PagedKV) else kv_cache
+    T, H, D = q.shape
+    kv = cache.view(-1, D)
+    slots = global_kv_indices(indices, block_table, cu_seqlens_q, seq_lens, cache.shape[1], meta)
+    tables = _tables(meta, cu_seqlens_q, seq_lens, block_table)
+    out = torch.zeros(T, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = None
+    if T == seq_lens.shape[0] and not return_lse:
+        # A decode step (one query token per sequence: the runner schedules none without one). The
+        # decode kernel returns max_logits / p_sums, not an lse, so return_lse takes the prefill kernel.
+        max_seq_kv = meta.max_seqlen_k if meta is not None else block_table.shape[1] * cache.shape[1]
+        stats = torch.zeros(T, 1, H, dtype=torch.float32, device=q.device)
+        _ops().fwd_kvcache_mla(q_c=q.view(T, 1, H, D), kv_cache=kv, indices=slots.view(T, 1, -1),
+                               kv_lod_cpu=tables.kv_lens_cpu, out=out.view(T, 1, H, v_dim), max_logits=stats,
+                               p_sums=torch.zeros_like(stats), softmax_scale=scale, max_seq_kv=max(1, max_seq_kv),
+                               kv_lod_xpu=tables.kv_lens_xpu)
+    else:
+        lse2 = torch.zeros(T, H, dtype=torch.float32, device=q.device)
+        _ops().sparse_prefill_fwd_opt(q=q.contiguous(), kv=kv, indices=slots.unsqueeze(1), out=out,
+                                      max_logits=torch.zeros_like(lse2), lse=lse2, sm_scale=scale,
+                                      qlod_cpu=tables.qlod_cpu, qlod_xpu=tables.qlod_xpu, kvlod_cpu=tables.qlod_cpu,
+                                      kvlod_xpu=tables.qlod_xpu, d_v=v_dim, is_causal=True)  # as flashmla.py:238-253
+        lse = lse2 * LN2  # base 2 -> natural log (vLLM-Kunlun flashmla_sparse.py:57-60)
+    # hwlayer's contract for a token with no valid index: out 0, lse -inf (normalised on the device).
+    empty = (slots < 0).all(dim=-1)
+    out = out.masked_fill(empty[:, None, None], 0)
+    if not return_lse:
+        return out
+    return out, lse.masked_fill(empty[:, None], float("-inf"))
+
+
+# ---- lightning_indexer: kunlun_ops.I8_mqa_logits (int8 keys and queries; opt-in: it is lossy)
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 (``quant2d``: scale = absmax / 127, deepseek_v2.py:765-766)."""
+    scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    return (x.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                               max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
+    if (ok := meta_supported(meta, q)) is not True:
+        return ok
+    if (ok := _common(q, (torch.bfloat16, torch.float16, torch.float32))) is not True:
+        return ok
+    if not isinstance(k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache, torch.Tensor):
+        return "I8_mqa_logits reads keys gathered from one contiguous indexer cache"
+    if scale <= 0:
+        return "scale must be positive (it is folded into the head weights)"
+    if os.environ.get(INT8_INDEXER_ENV, "") in ("", "0"):
+        return (f"kunlun_ops scores the indexer in int8 only (lossy: the top-k may change); "
+                f"enable with {INT8_INDEXER_ENV}=1")
+    return True
+
+
+def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                      max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
+    cache = k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
+    T, H, D = q.shape
+    B, bs = seq_lens.shape[0], cache.shape[1]
+    # One contiguous key buffer, sequence b's positions at rows b * L + p (host sizes only), as
+    # vLLM-Kunlun gathers keys for I8_mqa_logits (cp_gather_indexer_k_quant_cache, deepseek_v2.py:536).
+    if meta is not None and meta.block_size == bs and max_seqlen_k in (None, meta.max_seqlen_k):
+        L, key_slots, seq_idx = meta.max_seqlen_k, meta.key_slots, meta.seq_idx
+        pos = (meta.first_query_pos.index_select(0, seq_idx) + torch.arange(T, device=q.device)
+               - cu_seqlens_q.index_select(0, seq_idx))
+    else:
+        L = int(seq_lens.max()) if max_seqlen_k is None and B else (max_seqlen_k or 0)  # documented convenience
+        key_slots = sequence_key_slots(block_table, B, L, bs)
+        seq_idx, pos = token_positions(cu_seqlens_q, seq_lens, T)
+    N = B * L
+    if T == 0 or N == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    keys = cache.reshape(-1, D).index_select(0, key_slots.reshape(-1))
+    k8, k_scale = _int8_rows(keys)
+    q8, q_scale = _int8_rows(q.reshape(-1, D))
+    # relu(s x) = s relu(x) for s > 0: the query scales and ours fold into the weights (deepseek_v2.py:769)
+    head_weights = (weights.float() * q_scale.view(T, H) * scale).contiguous()
+    logits = torch.empty(T, N, dtype=torch.float32, device=q.device)
+    # The lods span the whole buffer, from host sizes (vLLM-Kunlun indexer.py:106-111); [ks, ke) masks after.
+    q_lod, k_lod = torch.tensor([0, T], dtype=torch.int32), torch.tensor([0, N], dtype=torch.int32)
+    _ops().I8_mqa_logits(q=q8.view(T, H, D), fused_kv_cache=[k8, k_scale], weights=head_weights,
+                         context_q_lens=[q_lod, q_lod.to(q.device)], context_k_lens=[k_lod, k_lod.to(q.device)],
+                         logits=logits, clean_logits=True)
+    ks = seq_idx * L
+    ke = ks + pos + 1
+    cols = torch.arange(N, device=q.device)
+    inside = (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
+    k = min(topk, N)
+    vals, idx = logits.masked_fill(~inside, float("-inf")).topk(k, dim=-1)
+    positions = (idx - ks[:, None]).to(torch.int32).masked_fill(vals == float("-inf"), -1)
+    return torch.nn.functional.pad(positions, (0, topk - k), value=-1) if k < topk else positions
+
+
+# ---- moe_route: kunlun_ops.moe_sigmoid_group_topk_norm(x, norm_score, topk_index, block_static, bias,
+#      n_group, topk_group, scale) (_kunlun_ops.py:419-429)
+
+STAT_BLOCKS = 12  # block_statistic rows vLLM-Kunlun allocates (_kunlun_ops.py:413-419)
+
+
+def supports_moe_route(router_logits, correction_bias, top_k, n_group, topk_group, renormalize,
+                       routed_scaling_factor):
+    if (ok := _common(router_logits, (torch.float32, torch.bfloat16, torch.float16))) is not True:
+        return ok
+    if not renormalize:
+        return "moe_sigmoid_group_topk_norm always normalizes the top-k weights"
+    E = router_logits.shape[1]
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (E // n_group):
+        return "group arguments outside moe_sigmoid_group_topk_norm's range"
+    return True
+
+
+def moe_route(router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor):
+    M, E = router_logits.shape
+    dev = router_logits.device
+    weights = torch.empty(M, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=dev)
+    bias = correction_bias.float().contiguous() if correction_bias is not None else torch.zeros(E, device=dev)
+    # scale=1.0 as vLLM-Kunlun calls it; the routed scaling factor is applied here, outside the kernel.
+    _ops().moe_sigmoid_group_topk_norm(x=router_logits.float().contiguous(), norm_score=weights, topk_index=ids,
+                                       block_static=torch.zeros(STAT_BLOCKS, E, dtype=torch.int32, device=dev),
+                                       bias=bias, n_group=n_group, topk_group=topk_group, scale=1.0)
+    return weights * routed_scaling_factor, ids
+
+
+# ---- grouped_gemm: kunlun_ops.moe_fc(x, weight, sorted_tokens_num_lod, sorted_tokens_idx, moe_topk, y)
+#      on rows already sorted by expert (what moe_pre_sorted produces; _kunlun_ops.py:595-645)
+
+
+def supports_grouped_gemm(x, w, group_sizes):
+    if (ok := _common(x, (torch.bfloat16, torch.float16))) is not True:
+        return ok
+    if w.dtype != x.dtype or not w.is_contiguous():
+        return "moe_fc takes a contiguous [E, N, K] weight of x's dtype"
+    return True
+
+
+def grouped_gemm(x, w, group_sizes):
+    M = x.shape[0]
+    # grouped_gemm's padding rows (past sum(group_sizes)) join the last group: every row is laid out.
+    sizes = groups_covering_rows(group_sizes.to(x.device), M).to(torch.int32)
+    lod = torch.nn.functional.pad(torch.cumsum(sizes, 0, dtype=torch.int32), (1, 0))
+    y = torch.empty(M, 1, w.shape[1], dtype=x.dtype, device=x.device)
+    if M:
+        _ops().moe_fc(x=x.contiguous(), weight=w, sorted_tokens_num_lod=lod,
+                      sorted_tokens_idx=torch.arange(M, dtype=torch.int32, device=x.device), moe_topk=1, y=y)
+    return y.view(M, w.shape[1])
