@@ -1,0 +1,181 @@
+"""The Kunlunxin plugin (plugins/hwlayer-kunlun) and its kunlun_ops emulator (issue 24).
+
+Two halves: (1) the emulator against vectors worked out by hand from the references it cites
+(vLLM-Kunlun 09869ee's docstrings: a base-2 sparse-prefill lse; FlashMLA's ``ref_sparse_attn_fwd``;
+DeepGEMM's ``ref_fp8_mqa_logits``; vLLM's ``grouped_topk`` with a correction bias), not computed by the
+emulator's code; (2) the adapters at documented shapes against hwlayer's generic ops, with traced call
+counts proving the adapter served, and the limits they decline.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hwlayer
+from conformance import emulators
+from conformance.emulators import kunlun_ops as ko
+from conformance.emulators._common import VendorCheckError
+from hwlayer import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "hwlayer-kunlun"))
+
+LN2 = math.log(2.0)
+
+
+# ---- (1) the emulator against hand-worked vectors
+
+
+def test_sparse_prefill_lse_is_base_2_and_invalid_indices_are_skipped():
+    """q = e0; kv rows score 1 and 2 (value 10 and 20); an index past s_kv and -1 are invalid."""
+    q = torch.zeros(1, 1, 576, dtype=torch.bfloat16)
+    q[0, 0, 0] = 1.0
+    kv = torch.zeros(3, 576, dtype=torch.bfloat16)
+    kv[1, 0], kv[2, 0], kv[1, 1], kv[2, 1] = 1.0, 2.0, 10.0, 20.0
+    idx = torch.tensor([[[1, 2, 7, -1]]], dtype=torch.int32)
+    out = torch.zeros(1, 1, 512, dtype=torch.bfloat16)
+    m, lse = torch.zeros(1, 1), torch.zeros(1, 1)
+    ko.sparse_prefill_fwd_opt(q=q, kv=kv, indices=idx, out=out, max_logits=m, lse=lse, sm_scale=1.0, d_v=512)
+    natural = math.log(math.e + math.e**2)
+    assert lse.item() == pytest.approx(natural / LN2, rel=1e-5)  # "lse: ... 2-based log-sum-exp"
+    w2 = math.e**2 / (math.e + math.e**2)
+    assert out[0, 0, 1].item() == pytest.approx(10 * (1 - w2) + 20 * w2, rel=1e-2)
+    with pytest.raises(VendorCheckError, match="d_v can only be 512"):
+        ko.sparse_prefill_fwd_opt(q=q, kv=kv, indices=idx, out=out, max_logits=m, lse=lse, sm_scale=1.0, d_v=256)
+
+
+def test_fwd_kvcache_mla_decode_stats_and_its_seq_len_q_limit():
+    q = torch.zeros(1, 1, 1, 576, dtype=torch.bfloat16)
+    q[..., 0] = 1.0
+    kv = torch.zeros(3, 576, dtype=torch.bfloat16)
+    kv[1, 0], kv[2, 0], kv[1, 1], kv[2, 1] = 1.0, 2.0, 10.0, 20.0
+    out = torch.zeros(1, 1, 1, 512, dtype=torch.bfloat16)
+    m, s = torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)
+    ko.fwd_kvcache_mla(q_c=q, kv_cache=kv, indices=torch.tensor([[[1, 2, -1]]], dtype=torch.int32),
+                       kv_lod_cpu=torch.tensor([3], dtype=torch.int32), out=out, max_logits=m, p_sums=s,
+                       softmax_scale=1.0, max_seq_kv=3)
+    assert m.item() == pytest.approx(2.0) and s.item() == pytest.approx(1 + math.e**-1, rel=1e-5)
+    with pytest.raises(VendorCheckError, match="seq_len_q <= 2"):
+        ko.fwd_kvcache_mla(q_c=q.expand(1, 3, 1, 576).contiguous(), kv_cache=kv,
+                           indices=torch.zeros(1, 3, 1, dtype=torch.int32),
+                           kv_lod_cpu=torch.tensor([3], dtype=torch.int32), out=torch.zeros(1, 3, 1, 512,
+                           dtype=torch.bfloat16), max_logits=torch.zeros(1, 3, 1), p_sums=torch.zeros(1, 3, 1),
+                           softmax_scale=1.0, max_seq_kv=3)
+
+
+def test_i8_mqa_logits_is_the_relu_weighted_head_sum():
+    """logits[m, n] = sum_h w[m, h] * relu(q[m, h] . k[n] * s[n]) (ref_fp8_mqa_logits with int8 inputs)."""
+    q = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.int8)  # 1 row, 2 heads, D 2
+    k = torch.tensor([[2, -3], [-1, 4]], dtype=torch.int8)
+    scale = torch.tensor([0.5, 2.0])
+    w = torch.tensor([[1.0, 10.0]])
+    logits = torch.empty(1, 2)
+    lod = lambda n: [torch.tensor([0, n], dtype=torch.int32)] * 2  # noqa: E731
+    ko.I8_mqa_logits(q=q, fused_kv_cache=[k, scale], weights=w, context_q_lens=lod(1), context_k_lens=lod(2),
+                     logits=logits, clean_logits=True)
+    # key 0: head 0 -> relu(2 * .5) = 1, head 1 -> relu(-3 * .5) = 0; key 1: relu(-2) = 0, relu(8) = 8
+    assert logits.tolist() == [[1.0, 80.0]]
+
+
+def test_sigmoid_group_topk_keeps_the_best_groups_and_normalizes():
+    """8 experts in 4 groups of 2, keep 2 groups, top-2. Scores sigmoid(x); the bias only picks."""
+    x = torch.tensor([[0.0, 0.1, 3.0, -3.0, 1.0, 1.0, -1.0, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0])
+    w, i = torch.empty(1, 2), torch.empty(1, 2, dtype=torch.int32)
+    ko.moe_sigmoid_group_topk_norm(x=x, norm_score=w, topk_index=i, block_static=torch.zeros(12, 8, dtype=torch.int32),
+                                   bias=bias, n_group=4, topk_group=2, scale=1.0)
+    # groups' top-2 biased sums: g0 = .5+.525, g1 = .953+.047, g2 = .731+.731, g3 = .269+.881+5 -> keep g3, g2
+    assert sorted(i[0].tolist()) == [4, 7]  # expert 2 (the best unbiased score) is in a dropped group
+    s4, s7 = 1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(-2.0))
+    assert w[0].tolist() == pytest.approx(sorted([s7 / (s4 + s7), s4 / (s4 + s7)], reverse=i[0, 0].item() == 7))
+
+
+def test_moe_fc_multiplies_each_lod_segment_by_its_expert():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    w = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]], dtype=torch.bfloat16)  # [E=2, N=1, K=2]
+    y = torch.zeros(3, 1, 1, dtype=torch.bfloat16)
+    ko.moe_fc(x=x, weight=w, sorted_tokens_num_lod=torch.tensor([0, 1, 3], dtype=torch.int32),
+              sorted_tokens_idx=torch.arange(3, dtype=torch.int32), moe_topk=1, y=y)
+    assert y.flatten().tolist() == [1.0, 4.0, 7.0]
+
+
+# ---- (2) the adapters at documented shapes, against the generic ops
+
+
+@pytest.fixture
+def plan():
+    emulators.activate("kunlunxin")
+    yield hwlayer.plan("kunlunxin", trace=True)
+    emulators.deactivate()
+
+
+def served_natively(plan, op: str) -> bool:
+    counts = plan.call_counts()
+    return counts.get((op, "native"), 0) > 0 and not any(o == op and t != "native" for (o, t) in counts)
+
+
+def mla_case(q_lens: list[int], seq_lens: list[int], topk: int = 24, heads: int = 16, bs: int = 16):
+    gen = torch.Generator().manual_seed(1)
+    blocks = 4 * len(seq_lens)  # 4 blocks of 16 per sequence (contexts up to 64)
+    cache = torch.randn(blocks, bs, 576, generator=gen).bfloat16()
+    table = torch.randperm(blocks, generator=gen)[: len(seq_lens) * 4].view(len(seq_lens), -1).to(torch.int32)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = cu[-1].item()
+    q = (torch.randn(T, heads, 576, generator=gen) * 0.3).bfloat16()
+    idx = torch.randint(0, min(seq_lens), (T, topk), generator=gen, dtype=torch.int32)
+    idx[0, topk // 2:] = -1
+    if T > 1:
+        idx[1] = -1  # a token with no index: out 0, lse -inf
+    return q, cache, idx, table, cu, torch.tensor(seq_lens, dtype=torch.int32), 576**-0.5, 512
+
+
+@pytest.mark.parametrize("q_lens", [[3, 2], [1, 1, 1]], ids=["prefill", "decode"])
+def test_sparse_mla_serves_prefill_and_decode(plan, q_lens):
+    args = mla_case(q_lens, [40, 30, 50][: len(q_lens)])
+    got, want = plan.sparse_mla_attention(*args), ops.sparse_mla_attention(*args)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    out, lse = plan.sparse_mla_attention(*args, return_lse=True)  # always the prefill kernel: base 2 -> natural
+    _, want_lse = ops.sparse_mla_attention(*args, return_lse=True)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3)
+    assert served_natively(plan, "sparse_mla_attention")
+
+
+def test_int8_indexer_is_opt_in_and_keeps_the_top_k(plan, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    q_lens, seq_lens, bs = [4, 1], [40, 33], 16
+    keys = torch.randn(8, bs, 128, generator=gen)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 5], dtype=torch.int32)
+    q, w = torch.randn(5, 32, 128, generator=gen), torch.rand(5, 32, generator=gen)
+    args = (q, w, keys, table, cu, torch.tensor(seq_lens, dtype=torch.int32), 16, 128**-0.5, 4, 40)
+    plan.lightning_indexer(*args)
+    assert plan.call_counts().get(("lightning_indexer", "native"), 0) == 0  # lossy: off by default
+    monkeypatch.setenv("HWLAYER_KUNLUN_INT8_INDEXER", "1")
+    got, want = plan.lightning_indexer(*args), ops.lightning_indexer(*args)
+    hits = [len(set(g.tolist()) & set(x.tolist()) - {-1}) / max(1, len(set(x.tolist()) - {-1}))
+            for g, x in zip(got, want, strict=True)]
+    assert min(hits) >= 0.8, hits
+    assert plan.call_counts()[("lightning_indexer", "native")] == 1
+
+
+def test_routing_and_grouped_gemm_serve_glm5_shapes(plan):
+    gen = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(6, 256, generator=gen), torch.randn(256, generator=gen) * 0.05
+    got_w, got_i = plan.moe_route(logits, bias, 8, 1, 1, True, 2.5)  # GLM-5: 256 experts, one group
+    want_w, want_i = ops.moe_route(logits, bias, 8, 1, 1, True, 2.5)
+    assert torch.equal(got_i.sort(-1).values, want_i.sort(-1).values)
+    torch.testing.assert_close(got_w.sort(-1).values, want_w.sort(-1).values, atol=1e-5, rtol=1e-5)
+    assert served_natively(plan, "moe_route")
+    plan.moe_route(logits, bias, 8, 1, 1, False, 2.5)  # the kernel always normalizes: declined
+    assert plan.call_counts()[("moe_route", "generic")] == 1
+
+    x = torch.randn(9, 64, generator=gen).bfloat16()
+    w = torch.randn(4, 32, 64, generator=gen).bfloat16()
+    sizes = torch.tensor([3, 0, 2, 2], dtype=torch.int32)  # 7 rows; 2 padding rows
+    got, want = plan.grouped_gemm(x, w, sizes), ops.grouped_gemm(x, w, sizes)
+    torch.testing.assert_close(got[:7].float(), want[:7].float(), atol=5e-2, rtol=2e-2)
+    assert served_natively(plan, "grouped_gemm")
