@@ -74,7 +74,8 @@ def test_i8_mqa_logits_is_the_relu_weighted_head_sum():
     scale = torch.tensor([0.5, 2.0])
     w = torch.tensor([[1.0, 10.0]])
     logits = torch.empty(1, 2)
-    lod = lambda n: [torch.tensor([0, n], dtype=torch.int32)] * 2  # noqa: E731
+    def lod(n):
+        return [torch.tensor([0, n], dtype=torch.int32)] * 2
     ko.I8_mqa_logits(q=q, fused_kv_cache=[k, scale], weights=w, context_q_lens=lod(1), context_k_lens=lod(2),
                      logits=logits, clean_logits=True)
     # key 0: head 0 -> relu(2 * .5) = 1, head 1 -> relu(-3 * .5) = 0; key 1: relu(-2) = 0, relu(8) = 8
@@ -146,7 +147,7 @@ def test_sparse_mla_serves_prefill_and_decode(plan, q_lens):
 
 def test_int8_indexer_is_opt_in_and_keeps_the_top_k(plan, monkeypatch):
     gen = torch.Generator().manual_seed(2)
-    q_lens, seq_lens, bs = [4, 1], [40, 33], 16
+    seq_lens, bs = [40, 33], 16
     keys = torch.randn(8, bs, 128, generator=gen)
     table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
     cu = torch.tensor([0, 4, 5], dtype=torch.int32)
