@@ -180,3 +180,47 @@ def test_routing_and_grouped_gemm_serve_glm5_shapes(plan):
     got, want = plan.grouped_gemm(x, w, sizes), ops.grouped_gemm(x, w, sizes)
     torch.testing.assert_close(got[:7].float(), want[:7].float(), atol=5e-2, rtol=2e-2)
     assert served_natively(plan, "grouped_gemm")
+
+
+def test_norm_rope_and_cache_write_vectors():
+    x = torch.tensor([[3.0, 4.0]])  # mean(x^2) = 12.5
+    out = torch.empty_like(x)
+    ko.rmsnorm(x, torch.tensor([1.0, 2.0]), out, 0.0)
+    assert out[0].tolist() == pytest.approx([3 / 12.5**0.5, 8 / 12.5**0.5])
+    summed, normed = torch.empty_like(x), torch.empty_like(x)
+    ko.add_rmsnorm(x, torch.tensor([[1.0, -2.0]]), residual_output=summed, weight=torch.ones(2), eps=0.0, output=normed)
+    assert summed.tolist() == [[4.0, 2.0]] and normed[0].tolist() == pytest.approx([4 / 10**0.5, 2 / 10**0.5])
+    # GPT-J pair (1, 0) at position 1 with angle pi/2: -> (0, 1); NeoX halves likewise
+    cache = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # row p: cos, then sin of the one frequency
+    for neox in (False, True):
+        q, k = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        ko.rotary_embedding(torch.tensor([1]), q, k, 2, cache, neox)
+        assert q[0].tolist() == pytest.approx([0.0, 1.0]) and k[0].tolist() == pytest.approx([-1.0, 0.0])
+    kv = torch.zeros(1, 4, 3)
+    ko.concat_and_cache_mla(kv_c=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), k_pe=torch.tensor([[5.0], [6.0]]),
+                            slot_mapping=torch.tensor([2, -1]), kv_cache=kv)
+    assert kv[0, 2].tolist() == [1.0, 2.0, 5.0] and kv[0].abs().sum().item() == 8.0  # slot -1 skipped
+
+
+def test_norm_rope_and_latent_cache_write_serve(plan):
+    gen = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(4, 64, generator=gen).bfloat16() for _ in range(2))
+    w = torch.rand(64, generator=gen).bfloat16()
+    got, want = plan.rms_norm(x, w, 1e-6, r), ops.rms_norm(x, w, 1e-6, r)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    pos = torch.tensor([0, 5, 9, 2])
+    cs = torch.randn(16, 64, generator=gen)
+    q = torch.randn(4, 8, 64, generator=gen).bfloat16()
+    torch.testing.assert_close(plan.rope(q, pos, cs, True), ops.rope(q, pos, cs, True), atol=2e-2, rtol=2e-2)
+    latent = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    rows = torch.randn(3, 576, generator=gen).bfloat16()
+    slots = torch.tensor([17, -1, 3])
+    plan.kv_cache_write(latent, rows, slots)
+    want = torch.zeros_like(latent)
+    ops.kv_cache_write(want, rows, slots)
+    assert torch.equal(latent, want)
+    plan.kv_cache_write(torch.zeros(2, 16, 128, dtype=torch.bfloat16), rows[:, :128], slots)  # indexer: generic
+    for op in ("rms_norm", "rope"):
+        assert served_natively(plan, op)
+    assert plan.call_counts()[("kv_cache_write", "native")] == 1
+    assert plan.call_counts()[("kv_cache_write", "generic")] == 1

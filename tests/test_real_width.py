@@ -56,7 +56,7 @@ ALSO_NATIVE = {
     "hygon": ("rms_norm",),
     "cambricon": ("rms_norm", "rope"),
     "musa": (),
-    "kunlunxin": (),
+    "kunlunxin": ("rms_norm", "rope", "kv_cache_write"),
 }
 FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1", "HWLAYER_KUNLUN_INT8_INDEXER": "1"}
 

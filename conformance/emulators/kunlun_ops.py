@@ -40,6 +40,19 @@ keyword calls vLLM-Kunlun makes and the semantics the references it names:
   ``e`` owning rows ``lod[e]:lod[e+1]``; ``y`` (``[M, topk, N]``, the same rows in the same order) gets
   ``x_row @ weight[e]^T`` (``weight [E, N, K]``, bf16; the second ``moe_fc`` there reads the first's
   output in place, so input and output rows share one order).
+* ``rmsnorm(x, weight, output, eps)`` and ``add_rmsnorm(x, y, residual_output=, weight=, eps=, output=)``
+  (``_custom_ops.py:255-340``, positional / keyword exactly as the ``torch.ops._C`` wrappers call them;
+  ``ops/layernorm.py:85-104``, vLLM-Kunlun's RMSNorm): ``output = x * rsqrt(mean(x^2) + eps) * weight``
+  in fp32, rounded once; the fused op first forms ``x + y`` in x's dtype (written to
+  ``residual_output``), vLLM's ``fused_add_rms_norm`` semantics (``RMSNorm.forward_native``). No kernel
+  source is public: the single rounding is this emulation's assumption.
+* ``rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)`` (``_custom_ops.py:
+  993-1010``): vLLM's ``rotary_embedding`` in place on ``query`` and ``key`` (``[T, H * hs]`` or
+  ``[T, H, hs]``; the first ``rot_dim = cos_sin_cache.shape[1]`` dims of each head, NeoX halves or
+  GPT-J pairs), semantics ``RotaryEmbedding.forward_native``; cache, query and key of one dtype.
+* ``concat_and_cache_mla(kv_c, k_pe, slot_mapping, kv_cache)`` (``_custom_ops.py:1588-1601``,
+  keywords; ``flashmla_sparse.py:800``): row ``t`` = ``[kv_c[t], k_pe[t]]`` into flat slot
+  ``slot_mapping[t]`` of ``[blocks, bs, Dc + Dr]``, a negative slot skipped (vLLM's cache kernel).
 
 Every kernel is an opaque custom op (:func:`._common.opaque`) that writes its outputs in place.
 """
@@ -269,6 +282,116 @@ def moe_fc(
     _fc(x, weight, sorted_tokens_num_lod, y)
 
 
+# ---- rmsnorm / add_rmsnorm
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, eps: float) -> None:
+    output.copy_(_norm(x, weight, eps))
+
+
+def _add_rmsnorm_impl(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, output: torch.Tensor,
+                      residual_output: torch.Tensor, eps: float) -> None:
+    s = (x.float() + y.float()).to(x.dtype)
+    residual_output.copy_(s)
+    output.copy_(_norm(s, weight, eps))
+
+
+_rmsnorm = opaque("kunlun_rmsnorm", _rmsnorm_impl, lambda *args: None, mutates_args=("output",))
+_add_rmsnorm = opaque("kunlun_add_rmsnorm", _add_rmsnorm_impl, lambda *args: None,
+                      mutates_args=("output", "residual_output"))
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, name: str) -> None:
+    check(x.is_contiguous(), f"{name}: Kunlun does not support non-contiguous input (layernorm.py:77)")
+    check(weight.shape == (x.shape[-1],), f"{name}: weight [D]")
+    check(output.shape == x.shape and output.dtype == x.dtype and output.is_contiguous(),
+          f"{name}: output contiguous, x's shape and dtype")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, eps: float = 1e-5) -> None:
+    _check_norm(x, weight, output, "rmsnorm")
+    _rmsnorm(x, weight, output, float(eps))
+
+
+def add_rmsnorm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5,
+                output: torch.Tensor | None = None, residual_output: torch.Tensor | None = None) -> None:
+    check(weight is not None and output is not None and residual_output is not None,
+          "add_rmsnorm: weight, output and residual_output are required")
+    _check_norm(x, weight, output, "add_rmsnorm")
+    check(y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous(), "add_rmsnorm: y like x")
+    check(residual_output.shape == x.shape and residual_output.dtype == x.dtype, "add_rmsnorm: residual_output like x")
+    _add_rmsnorm(x, y, weight, output, residual_output, float(eps))
+
+
+# ---- rotary_embedding
+
+
+def _rotate(t: torch.Tensor, positions: torch.Tensor, head_size: int, cache: torch.Tensor, is_neox: bool) -> None:
+    rot = cache.shape[1]
+    view = t.view(t.shape[0], -1, head_size)
+    cos, sin = cache.index_select(0, positions.long()).float().chunk(2, dim=-1)  # [T, rot / 2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    part = view[..., :rot].float()
+    if is_neox:
+        x1, x2 = part.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    view[..., :rot] = out.to(t.dtype)
+
+
+def _rope_impl(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_size: int,
+               cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    _rotate(query, positions, head_size, cos_sin_cache, is_neox)
+    _rotate(key, positions, head_size, cos_sin_cache, is_neox)
+
+
+_rope = opaque("kunlun_rotary_embedding", _rope_impl, lambda *args: None, mutates_args=("query", "key"))
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_size: int,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    check(positions.dim() == 1 and positions.shape[0] == query.shape[0] == key.shape[0],
+          "rotary_embedding: positions [T], query and key with T rows")
+    check(query.is_contiguous() and key.is_contiguous(), "rotary_embedding: contiguous query and key")
+    check(query.dtype == key.dtype == cos_sin_cache.dtype, "rotary_embedding: query, key and cache of one dtype")
+    rot = cos_sin_cache.shape[1]
+    check(rot % 2 == 0 and rot <= head_size, "rotary_embedding: rot_dim even and <= head_size")
+    for name, t in (("query", query), ("key", key)):
+        check(t[0].numel() % head_size == 0, f"rotary_embedding: {name} rows are whole heads of head_size")
+    _rope(positions, query, key, int(head_size), cos_sin_cache, bool(is_neox))
+
+
+# ---- concat_and_cache_mla
+
+
+def _cache_impl(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    keep = slot_mapping >= 0  # a kernel reads its slots freely
+    rows = torch.cat((kv_c, k_pe), dim=-1)[keep].to(kv_cache.dtype)
+    flat.index_copy_(0, slot_mapping[keep].long(), rows)
+
+
+_cache = opaque("kunlun_concat_and_cache_mla", _cache_impl, lambda *args: None, mutates_args=("kv_cache",))
+
+
+def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+                         kv_cache: torch.Tensor) -> None:
+    check(kv_c.dim() == 2 and k_pe.dim() == 2 and kv_c.shape[0] == k_pe.shape[0] == slot_mapping.shape[0],
+          "concat_and_cache_mla: kv_c [T, Dc], k_pe [T, Dr], slot_mapping [T]")
+    check(kv_cache.dim() == 3 and kv_cache.shape[2] == kv_c.shape[1] + k_pe.shape[1] and kv_cache.is_contiguous(),
+          "concat_and_cache_mla: kv_cache contiguous [num_blocks, block_size, Dc + Dr]")
+    check(kv_c.dtype == k_pe.dtype == kv_cache.dtype, "concat_and_cache_mla: one dtype (bf16 cache, no fp8 here)")
+    check(slot_mapping.dtype in (torch.int32, torch.int64), "concat_and_cache_mla: int slot_mapping")
+    _cache(kv_c, k_pe, slot_mapping, kv_cache)
+
+
 def install(module: types.ModuleType) -> None:
     fill(module, SOURCE, "0.0.0+emulated", sparse_prefill_fwd_opt, fwd_kvcache_mla, I8_mqa_logits,
-         moe_sigmoid_group_topk_norm, moe_fc)
+         moe_sigmoid_group_topk_norm, moe_fc, rmsnorm, add_rmsnorm, rotary_embedding, concat_and_cache_mla)

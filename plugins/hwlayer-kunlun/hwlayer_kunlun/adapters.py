@@ -267,3 +267,69 @@ def grouped_gemm(x, w, group_sizes):
         _ops().moe_fc(x=x.contiguous(), weight=w, sorted_tokens_num_lod=lod,
                       sorted_tokens_idx=torch.arange(M, dtype=torch.int32, device=x.device), moe_topk=1, y=y)
     return y.view(M, w.shape[1])
+
+
+# ---- rms_norm: kunlun_ops.rmsnorm(x, weight, output, eps) / add_rmsnorm(x, y, residual_output=, weight=,
+#      eps=, output=) as vLLM-Kunlun's RMSNorm calls them (ops/layernorm.py:85-104, _custom_ops.py:255-340)
+
+
+def supports_rms_norm(x, weight, eps, residual=None):
+    if (ok := _common(x, (torch.bfloat16, torch.float16, torch.float32))) is not True:
+        return ok
+    if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+        return "Kunlun does not support non-contiguous input (vLLM-Kunlun layernorm.py:77 copies it first)"
+    return True
+
+
+def rms_norm(x, weight, eps, residual=None):
+    out = torch.empty_like(x)
+    if residual is None:
+        _ops().rmsnorm(x, weight, out, eps)
+        return out
+    summed = torch.empty_like(x)  # the inputs are not modified (vLLM-Kunlun writes in place; the contract does not)
+    _ops().add_rmsnorm(x, residual, residual_output=summed, weight=weight, eps=eps, output=out)
+    return out, summed
+
+
+# ---- rope: kunlun_ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox), in place
+
+
+def supports_rope(x, positions, cos_sin_cache, interleaved, *, meta=None):
+    if (ok := meta_supported(meta, x)) is not True:
+        return ok
+    return _common(x, (torch.bfloat16, torch.float16, torch.float32))
+
+
+def rope(x, positions, cos_sin_cache, interleaved, *, meta=None):
+    # An fp32 copy (also keeps the in-place kernel off the caller's tensor): the kernel wants the cache in
+    # the query's dtype, and a bf16 cache would move the result beyond the contract's fp32 tables.
+    D = x.shape[-1]
+    query = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    # The kernel rotates a query and a key together; hwlayer rotates one tensor per call, so the key is
+    # a one-head scratch row per token (host-sized).
+    key = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
+    _ops().rotary_embedding(positions, query, key, D, cos_sin_cache.float().contiguous(), not interleaved)
+    return query.to(x.dtype)
+
+
+# ---- kv_cache_write (the MLA latent cache): kunlun_ops.concat_and_cache_mla(kv_c, k_pe, slot_mapping, kv_cache)
+
+LATENT_DIM, ROPE_DIM = 512, 64  # DeepSeek-V3.2 / GLM-5 MLA (kv_lora_rank, qk_rope_head_dim)
+
+
+def supports_kv_cache_write(cache, rows, slot_mapping, *, meta=None):
+    if (ok := _common(rows, (torch.bfloat16, torch.float16))) is not True:
+        return ok
+    canonical = cache.canonical if isinstance(cache, PagedKV) else cache
+    if not isinstance(canonical, torch.Tensor) or canonical.shape[-1] != LATENT_DIM + ROPE_DIM:
+        return "concat_and_cache_mla writes the MLA latent cache (512 + 64); the indexer cache goes generic"
+    if canonical.dtype != rows.dtype:
+        return "concat_and_cache_mla takes rows of the cache's dtype (bf16 cache; no fp8_ds_mla here)"
+    return True
+
+
+def kv_cache_write(cache, rows, slot_mapping, *, meta=None):
+    canonical = cache.canonical if isinstance(cache, PagedKV) else cache
+    _ops().concat_and_cache_mla(kv_c=rows[:, :LATENT_DIM].contiguous(), k_pe=rows[:, LATENT_DIM:].contiguous(),
+                                slot_mapping=slot_mapping,
+                                kv_cache=canonical)

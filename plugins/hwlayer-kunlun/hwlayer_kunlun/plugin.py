@@ -5,7 +5,8 @@ kunlun.py:26-37``: ``dist_backend = "nccl"``, ``device_type`` "always cuda"); de
 ``XPU_VISIBLE_DEVICES`` (its docs and CI environment). Detection is hwlayer's CUDA-family probe, which
 tells a Kunlunxin machine from an NVIDIA one (``torch_xmlir``) and imports nothing at registration.
 Native ops (each behind a ``supports_*`` check; see adapters.py): sparse_mla_attention, lightning_indexer
-(int8, opt-in: HWLAYER_KUNLUN_INT8_INDEXER=1), moe_route, grouped_gemm; everything else is generic torch.
+(int8, opt-in: HWLAYER_KUNLUN_INT8_INDEXER=1), moe_route, grouped_gemm, rms_norm, rope, kv_cache_write (the
+MLA latent cache); everything else is generic torch.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ IMPLEMENTATIONS = {
     "lightning_indexer": (adapters.lightning_indexer, adapters.supports_lightning_indexer),
     "moe_route": (adapters.moe_route, adapters.supports_moe_route),
     "grouped_gemm": (adapters.grouped_gemm, adapters.supports_grouped_gemm),
+    "rms_norm": (adapters.rms_norm, adapters.supports_rms_norm),
+    "rope": (adapters.rope, adapters.supports_rope),
+    "kv_cache_write": (adapters.kv_cache_write, adapters.supports_kv_cache_write),
 }
 
 
