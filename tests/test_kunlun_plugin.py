@@ -9,6 +9,9 @@ counts proving the adapter served, and the limits they decline.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
 import math
 import sys
 from pathlib import Path
@@ -224,3 +227,32 @@ def test_norm_rope_and_latent_cache_write_serve(plan):
         assert served_natively(plan, op)
     assert plan.call_counts()[("kv_cache_write", "native")] == 1
     assert plan.call_counts()[("kv_cache_write", "generic")] == 1
+
+
+# ---- the calls against vLLM-Kunlun's own (kunlun_ops is closed: its callers' keyword calls are its interface)
+
+CALLS = json.loads((Path(ko.__file__).parent / "stubs" / "vLLM-Kunlun-09869ee-kunlun_ops-calls.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CALLS["calls"]))
+def test_emulator_accepts_every_call_vllm_kunlun_makes(name):
+    sig = inspect.signature(getattr(ko, name))
+    for call in CALLS["calls"][name]:
+        sig.bind(*[None] * call["positional"], **dict.fromkeys(call["keywords"]))  # raises on a mismatch
+
+
+def test_adapters_call_kunlun_ops_as_vllm_kunlun_does():
+    """Every ``_ops().NAME(...)`` call in the plugin: a recorded function, the same number of positional
+    arguments as vLLM-Kunlun passes, and only keywords it passes."""
+    from hwlayer_kunlun import adapters
+
+    seen = set()
+    for node in ast.walk(ast.parse(Path(adapters.__file__).read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", None) == "_ops"):
+            name = node.func.attr
+            assert name in CALLS["calls"], f"kunlun_ops.{name}: no vLLM-Kunlun call to follow"
+            assert any(len(node.args) == c["positional"] and {k.arg for k in node.keywords} <= set(c["keywords"])
+                       for c in CALLS["calls"][name]), f"kunlun_ops.{name} called unlike vLLM-Kunlun (l.{node.lineno})"
+            seen.add(name)
+    assert seen == set(CALLS["calls"])  # every recorded function is used by an adapter

@@ -308,7 +308,8 @@ def rope(x, positions, cos_sin_cache, interleaved, *, meta=None):
     # The kernel rotates a query and a key together; hwlayer rotates one tensor per call, so the key is
     # a one-head scratch row per token (host-sized).
     key = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
-    _ops().rotary_embedding(positions, query, key, D, cos_sin_cache.float().contiguous(), not interleaved)
+    _ops().rotary_embedding(positions=positions, query=query, key=key, head_size=D,
+                            cos_sin_cache=cos_sin_cache.float().contiguous(), is_neox=not interleaved)
     return query.to(x.dtype)
 
 
