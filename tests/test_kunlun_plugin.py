@@ -256,3 +256,18 @@ def test_adapters_call_kunlun_ops_as_vllm_kunlun_does():
                        for c in CALLS["calls"][name]), f"kunlun_ops.{name} called unlike vLLM-Kunlun (l.{node.lineno})"
             seen.add(name)
     assert seen == set(CALLS["calls"])  # every recorded function is used by an adapter
+
+
+def test_int8_experts_through_moe_fc_with_weights_prepared_once(plan):
+    from hwlayer.ops.quant import quantize_weight
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 64, generator=gen).bfloat16()
+    qw = quantize_weight(torch.randn(3, 32, 64, generator=gen), "int8")
+    prepared = plan.prepare_weight("model.layers.1.mlp.experts.w13", qw)
+    assert prepared.prepared["kunlun_w_max"].shape == (3, 32, 1)  # the maxima kunlun_ops takes, made at load
+    assert torch.equal(prepared.dequantize(), qw.dequantize())
+    sizes = torch.tensor([4, 0, 3], dtype=torch.int32)
+    got, want = plan.quant_grouped_gemm(x, prepared, sizes), ops.quant_grouped_gemm(x, qw, sizes)
+    torch.testing.assert_close(got[:7].float(), want[:7].float(), atol=3e-2, rtol=1e-2)
+    assert served_natively(plan, "quant_grouped_gemm")

@@ -67,7 +67,7 @@ EXPECTED_NATIVE = {
     "hygon": ("rms_norm",),
     "cambricon": ("rms_norm", "rope", "moe_route", "grouped_gemm"),
     "musa": ("grouped_gemm", "moe_route"),
-    "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope"),
+    "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope", "quant_grouped_gemm", "prepare_weight"),
 }
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or

@@ -246,8 +246,12 @@ def moe_sigmoid_group_topk_norm(
 # ---- moe_fc
 
 
-def _fc_impl(x: torch.Tensor, weight: torch.Tensor, lod: torch.Tensor, y: torch.Tensor) -> None:
+def _fc_impl(x: torch.Tensor, weight: torch.Tensor, lod: torch.Tensor, y: torch.Tensor,
+             x_max: torch.Tensor | None, w_max: torch.Tensor | None) -> None:
     rows = y.view(-1, y.shape[-1])
+    if x_max is not None:  # int8: kunlun_ops takes the max as the scale (value = q * max / 127)
+        x = x.float() * x_max.reshape(-1, 1).float() / 127.0
+        weight = weight.float() * w_max.reshape(weight.shape[0], weight.shape[1], 1).float() / 127.0
     bounds = lod.tolist()  # a kernel reads its lod freely
     check(bounds[0] == 0 and bounds[-1] <= x.shape[0] and all(a <= b for a, b in zip(bounds, bounds[1:], strict=False)),
           "moe_fc: sorted_tokens_num_lod must rise from 0 to at most the row count")
@@ -269,17 +273,27 @@ def moe_fc(
     sort_mode: bool = True,
 ) -> None:
     check(x.dim() == 2 and weight.dim() == 3 and weight.shape[2] == x.shape[1], "moe_fc: x [rows, K], weight [E, N, K]")
-    check(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16), "moe_fc: bf16/fp16 x and weight")
-    check(act is None and x_perchannel_max is None and w_perchannel_max is None and bias is None,
-          "emulator: fused activation, int8 scales and bias are not emulated")
-    E = weight.shape[0]
+    check(act is None and bias is None and topk_w is None and not use_pack_int4,
+          "emulator: fused activation, bias, routing weights and packed int4 are not emulated")
+    E, N = weight.shape[:2]
+    if x.dtype == torch.int8:  # W8A8 (compressed_tensors_moe.py:224-240): per-row x max, per-channel w max
+        check(weight.dtype == torch.int8, "moe_fc: int8 x takes an int8 weight")
+        check(x_perchannel_max is not None and x_perchannel_max.dtype == torch.float32
+              and x_perchannel_max.numel() == x.shape[0], "moe_fc: int8 x needs x_perchannel_max fp32 [rows, 1]")
+        check(w_perchannel_max is not None and w_perchannel_max.dtype == torch.float32
+              and w_perchannel_max.numel() == E * N, "moe_fc: int8 weight needs w_perchannel_max fp32 [E, N, 1]")
+        check(y.dtype in (torch.bfloat16, torch.float16), "moe_fc: int8 GEMM writes a bf16/fp16 y")
+    else:
+        check(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16), "moe_fc: bf16/fp16 x and weight")
+        check(x_perchannel_max is None and w_perchannel_max is None, "moe_fc: scales only with int8 x")
+        check(y.dtype == x.dtype, "moe_fc: y of x's dtype")
     check(sorted_tokens_num_lod.shape == (E + 1,) and sorted_tokens_num_lod.dtype == torch.int32,
           "moe_fc: sorted_tokens_num_lod int32 [E + 1]")
     check(sorted_tokens_idx.numel() == x.shape[0] and sorted_tokens_idx.dtype == torch.int32,
           "moe_fc: sorted_tokens_idx int32 [rows]")
     check(y.dim() == 3 and y.shape[1] == moe_topk and y.shape[0] * moe_topk == x.shape[0]
-          and y.shape[2] == weight.shape[1] and y.dtype == x.dtype, "moe_fc: y [rows / topk, topk, N] of x's dtype")
-    _fc(x, weight, sorted_tokens_num_lod, y)
+          and y.shape[2] == N, "moe_fc: y [rows / topk, topk, N]")
+    _fc(x, weight, sorted_tokens_num_lod, y, x_perchannel_max, w_perchannel_max)
 
 
 # ---- rmsnorm / add_rmsnorm

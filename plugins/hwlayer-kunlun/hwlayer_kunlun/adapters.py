@@ -11,6 +11,7 @@ output tensors the caller allocates (all sized from host ints here).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from hwlayer.ops import positions_to_slots, token_positions
 from hwlayer.ops.cache import AttentionLayout, PagedKV
 from hwlayer.ops.layout import groups_covering_rows, meta_supported, sequence_key_slots
+from hwlayer.ops.quant import QuantizedWeight, quantize_activation
 from hwlayer.plugin import device_type, lazy_import
 
 NAME = "kunlunxin"
@@ -334,3 +336,44 @@ def kv_cache_write(cache, rows, slot_mapping, *, meta=None):
     _ops().concat_and_cache_mla(kv_c=rows[:, :LATENT_DIM].contiguous(), k_pe=rows[:, LATENT_DIM:].contiguous(),
                                 slot_mapping=slot_mapping,
                                 kv_cache=canonical)
+
+
+# ---- int8 experts: quant_grouped_gemm through kunlun_ops.moe_fc's W8A8 path (int8 x with its per-row max,
+#      int8 weight with its per-channel max: compressed_tensors_moe.py:113-120,224-270); prepare_weight keeps
+#      the weight maxima ready once at load
+
+
+def prepare_weight(name, weight):
+    if isinstance(weight, QuantizedWeight) and weight.format == "int8" and weight.data.dim() == 3 \
+            and weight.act_scale_fmt is None:
+        # kunlun_ops takes the max as the scale: the checkpoint's per-channel scales times 127, once.
+        w_max = (weight.scale.float() * 127.0).reshape(*weight.scale.shape[:2], 1).contiguous()
+        return dataclasses.replace(weight, prepared={**(weight.prepared or {}), "kunlun_w_max": w_max})
+    return weight
+
+
+def supports_quant_grouped_gemm(x, qweight, group_sizes):
+    if (ok := _common(x, (torch.bfloat16, torch.float16))) is not True:
+        return ok
+    if qweight.format != "int8" or qweight.act_scale_fmt is not None:
+        return f"moe_fc's int8 path takes the int8 format with plain per-token scales, not {qweight.format}"
+    if not qweight.data.is_contiguous():
+        return "moe_fc takes a contiguous [E, N, K] int8 weight"
+    return True
+
+
+def quant_grouped_gemm(x, qweight, group_sizes):
+    M = x.shape[0]
+    w_max = (qweight.prepared or {}).get("kunlun_w_max")
+    if w_max is None:  # not prepared by this backend's prepare_weight (a call outside a loaded model)
+        w_max = (qweight.scale.float() * 127.0).reshape(*qweight.scale.shape[:2], 1)
+    # The contract's per-token int8 rounding (round half even, clamp +-127), as quant2d quantises for moe_fc.
+    x_q, x_scale = quantize_activation(x, "int8")
+    sizes = groups_covering_rows(group_sizes.to(x.device), M).to(torch.int32)
+    lod = torch.nn.functional.pad(torch.cumsum(sizes, 0, dtype=torch.int32), (1, 0))
+    y = torch.empty(M, 1, qweight.shape[1], dtype=x.dtype, device=x.device)
+    if M:
+        _ops().moe_fc(x=x_q, weight=qweight.data, sorted_tokens_num_lod=lod,
+                      sorted_tokens_idx=torch.arange(M, dtype=torch.int32, device=x.device), moe_topk=1, y=y,
+                      x_perchannel_max=(x_scale * 127.0).unsqueeze(1).contiguous(), w_perchannel_max=w_max)
+    return y.view(M, qweight.shape[1])

@@ -6,7 +6,7 @@ kunlun.py:26-37``: ``dist_backend = "nccl"``, ``device_type`` "always cuda"); de
 tells a Kunlunxin machine from an NVIDIA one (``torch_xmlir``) and imports nothing at registration.
 Native ops (each behind a ``supports_*`` check; see adapters.py): sparse_mla_attention, lightning_indexer
 (int8, opt-in: HWLAYER_KUNLUN_INT8_INDEXER=1), moe_route, grouped_gemm, rms_norm, rope, kv_cache_write (the
-MLA latent cache); everything else is generic torch.
+MLA latent cache), quant_grouped_gemm (int8, moe_fc W8A8) with prepare_weight; everything else is generic torch.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ BACKEND = Backend(
     verified=VERIFIED,
     install_hint="install the Kunlunxin XPU build of torch (torch_xmlir) and kunlun_ops from the Kunlunxin channel",
     description="Kunlunxin XPUs; kernels from kunlun_ops (no Triton tier: none documented for Kunlunxin)",
-    weight_formats=("int8",),  # int8 kept in memory, dequantized per call by the generic quant ops
+    weight_formats=("int8",),  # experts through moe_fc's W8A8 path; int8 linears dequantized by the generic op
     attention_layout=adapters.LAYOUT,
 )
 
@@ -54,6 +54,8 @@ IMPLEMENTATIONS = {
     "rms_norm": (adapters.rms_norm, adapters.supports_rms_norm),
     "rope": (adapters.rope, adapters.supports_rope),
     "kv_cache_write": (adapters.kv_cache_write, adapters.supports_kv_cache_write),
+    "quant_grouped_gemm": (adapters.quant_grouped_gemm, adapters.supports_quant_grouped_gemm),
+    "prepare_weight": (adapters.prepare_weight, None),
 }
 
 
