@@ -271,3 +271,24 @@ def test_int8_experts_through_moe_fc_with_weights_prepared_once(plan):
     got, want = plan.quant_grouped_gemm(x, prepared, sizes), ops.quant_grouped_gemm(x, qw, sizes)
     torch.testing.assert_close(got[:7].float(), want[:7].float(), atol=3e-2, rtol=1e-2)
     assert served_natively(plan, "quant_grouped_gemm")
+
+
+def test_host_lengths_are_copied_once_per_step_not_per_layer(plan, monkeypatch):
+    """The kernels' host lods (``kv_lod_cpu``, ``qlod_cpu``) come from the step tables the layout builds once
+    per step (AttentionMetadata.backend); the adapters of every layer take them from ``meta``."""
+    from hwlayer_kunlun import adapters
+
+    from hwlayer.ops.layout import attention_metadata, with_backend_tables
+
+    built = []
+    real = adapters.KunlunLayout.step_tables
+    monkeypatch.setattr(adapters.KunlunLayout, "step_tables", lambda *a: built.append(1) or real(*a))
+    q, cache, idx, table, cu, lens, scale, v_dim = mla_case([1, 1], [40, 30])
+    meta = attention_metadata(cu, lens, table, lens.long() - 1, block_size=16, max_seqlen_k=64, has_padding=False)
+    meta = with_backend_tables(meta, plan.backend.layout(), cu, lens, table)
+    assert isinstance(meta.backend, adapters.KunlunStepTables) and built == [1]
+    assert meta.backend.kv_lens_cpu.device.type == "cpu" and meta.backend.kv_lens_cpu.tolist() == [40, 30]
+    outs = [plan.sparse_mla_attention(q, cache, idx, table, cu, lens, scale, v_dim, meta=meta) for _ in range(3)]
+    assert built == [1] and plan.call_counts()[("sparse_mla_attention", "native")] == 3
+    torch.testing.assert_close(outs[0].float(), ops.sparse_mla_attention(q, cache, idx, table, cu, lens, scale,
+                                                                         v_dim).float(), atol=2e-2, rtol=2e-2)
