@@ -292,3 +292,36 @@ def test_host_lengths_are_copied_once_per_step_not_per_layer(plan, monkeypatch):
     assert built == [1] and plan.call_counts()[("sparse_mla_attention", "native")] == 3
     torch.testing.assert_close(outs[0].float(), ops.sparse_mla_attention(q, cache, idx, table, cu, lens, scale,
                                                                          v_dim).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_int8_indexer_cache_is_written_once_and_scored_as_stored(plan, monkeypatch):
+    """With the opt-in set when the caches are made, the indexer cache is vLLM-Kunlun's int8 layout (per block
+    bs*D int8 values then bs fp32 scales): 132 bytes a token instead of 256; keys are quantised when written
+    (the generic kv_cache_write, through the layout's write) and the native indexer scores them as stored."""
+    from hwlayer_kunlun import adapters
+
+    monkeypatch.setenv("HWLAYER_KUNLUN_INT8_INDEXER", "1")
+    layout = plan.backend.layout()
+    cache = layout.indexer_cache(4, 16, 128, torch.bfloat16, torch.device("cpu"))
+    assert isinstance(cache, adapters.Int8IndexerKV) and cache.nbytes == 4 * 16 * 132
+    assert layout.bytes_per_token(512, 64, 128, torch.bfloat16, 16) == 576 * 2 + 132
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(64, 128, generator=gen).bfloat16()
+    plan.kv_cache_write(cache, keys, torch.arange(64))
+    assert plan.call_counts()[("kv_cache_write", "generic")] == 1  # the indexer cache: the layout's write
+    torch.testing.assert_close(cache.rows(torch.arange(64)).float(), keys.float(), atol=0.03, rtol=0.01)
+    assert cache.values().view(torch.uint8).data_ptr() == cache.data.data_ptr()  # views of the one buffer
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    cu, lens = torch.tensor([0, 3, 4], dtype=torch.int32), torch.tensor([30, 25], dtype=torch.int32)
+    q, w = torch.randn(4, 32, 128, generator=gen).bfloat16(), torch.rand(4, 32, generator=gen)
+    args = (q, w, cache, table, cu, lens, 8, 128**-0.5, 3, 32)
+    quantize_calls = []
+    monkeypatch.setattr(adapters, "_int8_rows", lambda x, real=adapters._int8_rows: quantize_calls.append(
+        x.shape[0]) or real(x))
+    got = plan.lightning_indexer(*args)
+    assert quantize_calls == [4 * 32]  # the queries only: no key is re-quantised
+    want = ops.lightning_indexer(*args)  # the generic op on the dequantised rows
+    hits = [len(set(g.tolist()) & set(x.tolist()) - {-1}) / max(1, len(set(x.tolist()) - {-1}))
+            for g, x in zip(got, want, strict=True)]
+    assert min(hits) >= 0.75, hits
+    assert plan.call_counts()[("lightning_indexer", "native")] == 1

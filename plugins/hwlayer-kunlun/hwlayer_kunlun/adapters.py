@@ -64,11 +64,70 @@ class KunlunStepTables:
     kv_lens_cpu: torch.Tensor
 
 
+class Int8IndexerKV(PagedKV):
+    """The DSA indexer key cache as vLLM-Kunlun stores it (``DeepseekV32IndexerCache`` of ``head_dim + 4``
+    uint8 per token, deepseek_v2.py:690-696): per block, ``bs * D`` int8 key values, then ``bs`` fp32
+    scales (the split ``int8_paged_mqa_logits`` reads, ops/deep_gemm.py:93-103). Keys are quantised once,
+    when written (per row, absmax / 127); the canonical rows it offers are dequantised."""
+
+    def __init__(self, data: torch.Tensor, dim: int, row_dtype: torch.dtype) -> None:
+        super().__init__(data.shape[0], data.shape[1] // (dim + 4), dim)
+        self.data, self.row_dtype = data, row_dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.row_dtype  # what rows() gives and write() takes
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.data,)
+
+    def values(self) -> torch.Tensor:
+        """int8 ``[num_blocks, bs, D]`` (a view)."""
+        nb, bs, D = self.num_blocks, self.block_size, self.width
+        return self.data[:, : bs * D].view(torch.int8).view(nb, bs, D)
+
+    def scales(self) -> torch.Tensor:
+        """fp32 ``[num_blocks, bs]`` (a view)."""
+        return self.data[:, self.block_size * self.width:].view(torch.float32)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 rows ``[n, D]`` and fp32 scales ``[n]`` at flat ``slots`` (no dequantisation)."""
+        b, o = slots.reshape(-1).long().div(self.block_size, rounding_mode="floor"), slots.reshape(-1) % self.block_size
+        return self.values()[b, o], self.scales()[b, o]
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        q, s = self.gather(slots)
+        return (q.float() * s[:, None]).to(self.row_dtype).view(*slots.shape, self.width)
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        q, s = _int8_rows(rows)
+        b, o = slots.long().div(self.block_size, rounding_mode="floor"), slots.long() % self.block_size
+        self.values()[b, o] = q
+        self.scales()[b, o] = s
+
+
+def _int8_indexer_enabled() -> bool:
+    return os.environ.get(INT8_INDEXER_ENV, "") not in ("", "0")
+
+
 class KunlunLayout(AttentionLayout):
-    """The canonical cache storage (one ``[blocks, bs, 576]`` latent cache, which both sparse kernels
-    read flattened to ``[slots, 576]``: flashmla_sparse.py:636-639), plus the host length tables."""
+    """The canonical latent cache (``[blocks, bs, 576]``, which both sparse kernels read flattened to
+    ``[slots, 576]``: flashmla_sparse.py:636-639); with the int8 indexer opted in
+    (``HWLAYER_KUNLUN_INT8_INDEXER=1`` when the caches are allocated), vLLM-Kunlun's int8 indexer cache
+    (:class:`Int8IndexerKV`); and the host length tables."""
 
     name = "kunlun"
+
+    @property
+    def canonical(self) -> bool:  # every cache has a canonical tensor, except the int8 indexer cache
+        return not _int8_indexer_enabled()
+
+    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> PagedKV:
+        if not _int8_indexer_enabled():
+            return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
+        data = torch.zeros(num_blocks, block_size * (index_dim + 4), dtype=torch.uint8, device=device)
+        return Int8IndexerKV(data, index_dim, dtype)
 
     def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor) -> KunlunStepTables:
@@ -167,11 +226,13 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
         return ok
     if (ok := _common(q, (torch.bfloat16, torch.float16, torch.float32))) is not True:
         return ok
+    if isinstance(k_cache, Int8IndexerKV):
+        return True if scale > 0 else "scale must be positive (it is folded into the head weights)"
     if not isinstance(k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache, torch.Tensor):
         return "I8_mqa_logits reads keys gathered from one contiguous indexer cache"
     if scale <= 0:
         return "scale must be positive (it is folded into the head weights)"
-    if os.environ.get(INT8_INDEXER_ENV, "") in ("", "0"):
+    if not _int8_indexer_enabled():
         return (f"kunlun_ops scores the indexer in int8 only (lossy: the top-k may change); "
                 f"enable with {INT8_INDEXER_ENV}=1")
     return True
@@ -179,9 +240,10 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
 
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                       max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
-    cache = k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
+    int8_cache = k_cache if isinstance(k_cache, Int8IndexerKV) else None
+    cache = None if int8_cache is not None else k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
     T, H, D = q.shape
-    B, bs = seq_lens.shape[0], cache.shape[1]
+    B, bs = seq_lens.shape[0], k_cache.block_size if int8_cache is not None else cache.shape[1]
     # One contiguous key buffer, sequence b's positions at rows b * L + p (host sizes only), as
     # vLLM-Kunlun gathers keys for I8_mqa_logits (cp_gather_indexer_k_quant_cache, deepseek_v2.py:536).
     if meta is not None and meta.block_size == bs and max_seqlen_k in (None, meta.max_seqlen_k):
@@ -195,8 +257,10 @@ def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, 
     N = B * L
     if T == 0 or N == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    keys = cache.reshape(-1, D).index_select(0, key_slots.reshape(-1))
-    k8, k_scale = _int8_rows(keys)
+    if int8_cache is not None:  # keys were quantised when written: gathered as stored
+        k8, k_scale = int8_cache.gather(key_slots)
+    else:  # a bf16 cache: the gathered keys quantised for this call
+        k8, k_scale = _int8_rows(cache.reshape(-1, D).index_select(0, key_slots.reshape(-1)))
     q8, q_scale = _int8_rows(q.reshape(-1, D))
     # relu(s x) = s relu(x) for s > 0: the query scales and ours fold into the weights (deepseek_v2.py:769)
     head_weights = (weights.float() * q_scale.view(T, H) * scale).contiguous()
