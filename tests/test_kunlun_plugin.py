@@ -325,3 +325,39 @@ def test_int8_indexer_cache_is_written_once_and_scored_as_stored(plan, monkeypat
             for g, x in zip(got, want, strict=True)]
     assert min(hits) >= 0.75, hits
     assert plan.call_counts()[("lightning_indexer", "native")] == 1
+
+
+def test_i8_paged_mqa_logits_vector():
+    """Two blocks of 2 slots; sequence 0 owns blocks [1, 0] and has 3 keys: position p's key at block
+    table[p // 2], offset p % 2; one query at position 2 (context_len - next_n + 0)."""
+    k_val = torch.tensor([[[3], [4]], [[1], [2]]], dtype=torch.int8).view(2, 2, 1, 1)  # block 0: 3, 4; 1: 1, 2
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    k_scale = torch.tensor([[1.0, 0.5, 2.0, 9.0]])  # per position, gathered by the table
+    out = torch.empty(1, 1, 4)
+    lens = torch.tensor([3], dtype=torch.int32)
+    ko.I8_paged_mqa_logits(q=torch.tensor([[[[2]]]], dtype=torch.int8), fused_kv_cache=[k_val, k_scale],
+                           weights=torch.tensor([[[0.5]]]), context_lens=[lens, lens], block_table=table,
+                           max_context_len=4, clean_logits=True, out=out)
+    # positions 0, 1, 2 hold keys 1, 2, 3: 0.5 * relu(2 * k * s) = 1, 1, 6; position 3 is past the query
+    assert out.flatten().tolist() == [1.0, 1.0, 6.0, float("-inf")]
+
+
+def test_int8_indexer_decode_goes_through_the_paged_kernel(plan, monkeypatch):
+    from hwlayer_kunlun import adapters
+
+    monkeypatch.setenv("HWLAYER_KUNLUN_INT8_INDEXER", "1")
+    cache = plan.backend.layout().indexer_cache(4, 16, 128, torch.bfloat16, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(8)
+    plan.kv_cache_write(cache, torch.randn(64, 128, generator=gen).bfloat16(), torch.arange(64))
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    cu, lens = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([30, 25], dtype=torch.int32)
+    q, w = torch.randn(2, 32, 128, generator=gen).bfloat16(), torch.rand(2, 32, generator=gen)
+    paged = []
+    real = adapters._paged_indexer
+    monkeypatch.setattr(adapters, "_paged_indexer", lambda *a: paged.append(1) or real(*a))
+    args = (q, w, cache, table, cu, lens, 8, 128**-0.5, 1, 32)
+    got, want = plan.lightning_indexer(*args), ops.lightning_indexer(*args)
+    assert paged == [1] and plan.call_counts()[("lightning_indexer", "native")] == 1
+    hits = [len(set(g.tolist()) & set(x.tolist())) / 8 for g, x in zip(got, want, strict=True)]
+    assert min(hits) >= 0.75, hits
+    assert (got >= 0).all() and (got < lens[:, None]).all()  # causal: inside each sequence

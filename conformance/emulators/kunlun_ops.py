@@ -28,6 +28,14 @@ keyword calls vLLM-Kunlun makes and the semantics the references it names:
   backends/mla/indexer.py:106-111``); ``logits[m, n] = sum_h w[m, h] * relu(q[m, h] . k[n] * s[n])``,
   DeepGEMM's ``ref_fp8_mqa_logits`` that its masking comment cites (vllm ``tests/kernels/attention/
   test_deepgemm_attention.py``); the ``[ks, ke)`` mask is a separate op there (the adapter masks).
+* ``I8_paged_mqa_logits(q, fused_kv_cache, weights, context_lens, block_table, max_context_len,
+  clean_logits, out, use_xfa_boost=False)`` (``_custom_ops.py:2076-2100``; ``ops/deep_gemm.py::
+  int8_paged_mqa_logits``): q int8 ``[B, next_n, H, D]``, ``fused_kv_cache = [k int8 [blocks, bs, 1, D],
+  k_scale fp32 [B, max_context_len]]`` (the scales gathered by the block table), weights ``[B, next_n,
+  H]``, ``context_lens = (cpu, xpu)`` ``[B]``, ``out`` fp32 ``[B, next_n, max_context_len]``,
+  ``max_context_len`` a whole number of blocks (deepseek_v2.py:723); semantics DeepGEMM's
+  ``ref_fp8_paged_mqa_logits`` (token ``i`` of sequence ``b`` at position ``context_len - next_n + i``;
+  ``clean_logits``: later positions ``-inf``).
 * ``moe_sigmoid_group_topk_norm(x, norm_score, topk_index, block_static, bias, n_group, topk_group,
   scale)`` (``_custom_ops.py:1351-1372``; ``ops/_kunlun_ops.py:419-429``, the sigmoid branch of
   ``fused_moe``, which ignores ``renormalize``: the weights are always normalized): DeepSeek-V3
@@ -191,6 +199,53 @@ def I8_mqa_logits(  # the vendor's name
         check(cpu.shape == (2,), f"I8_mqa_logits: {name} = [0, {total}] (one span, as indexer.py builds it)")
     check(not is_causal, "emulator: causal I8_mqa_logits is not emulated (vLLM-Kunlun masks with ks/ke after)")
     _i8_logits(q, k, k_scale, weights, logits)
+
+
+# ---- I8_paged_mqa_logits
+
+
+def _i8_paged_impl(q: torch.Tensor, k_val: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
+                   context_lens: torch.Tensor, block_table: torch.Tensor, clean_logits: bool,
+                   out: torch.Tensor) -> None:
+    B, next_n, H, D = q.shape
+    L = out.shape[-1]
+    keys = k_val[:, :, 0].index_select(0, block_table.reshape(-1).long()).view(B, -1, D)[:, :L]  # [B, L, D]
+    kf = keys.float() * k_scale.view(B, L, 1)
+    score = torch.einsum("bnhd,bld->bnhl", q.float(), kf).relu()
+    logits = (score * weights.float().view(B, next_n, H, 1)).sum(dim=2)  # [B, next_n, L]
+    if clean_logits:  # DeepGEMM's ref_fp8_paged_mqa_logits: token i of b sits at context_len - next_n + i
+        pos = torch.arange(L)[None, None, :]
+        last = context_lens.long().view(B, 1, 1) - next_n + torch.arange(next_n).view(1, next_n, 1)
+        logits = logits.masked_fill(pos > last, float("-inf"))
+    out.copy_(logits)
+
+
+_i8_paged = opaque("kunlun_I8_paged_mqa_logits", _i8_paged_impl, lambda *args: None, mutates_args=("out",))
+
+
+def I8_paged_mqa_logits(  # the vendor's name
+    q: torch.Tensor, fused_kv_cache: list[torch.Tensor], weights: torch.Tensor, context_lens: list[torch.Tensor],
+    block_table: torch.Tensor, max_context_len: int, clean_logits: bool, out: torch.Tensor,
+    use_xfa_boost: bool = False,
+) -> None:
+    k_val, k_scale = fused_kv_cache
+    check(q.dtype == torch.int8 and q.dim() == 4, "I8_paged_mqa_logits: q int8 [B, next_n, H, D]")
+    B, next_n, H, D = q.shape
+    check(k_val.dtype == torch.int8 and k_val.dim() == 4 and k_val.shape[2:] == (1, D),
+          "I8_paged_mqa_logits: k values int8 [num_blocks, block_size, 1, D]")
+    check(block_table.dim() == 2 and block_table.shape[0] == B and block_table.dtype == torch.int32,
+          "I8_paged_mqa_logits: block_table int32 [B, max_blocks]")
+    check(max_context_len == block_table.shape[1] * k_val.shape[1],
+          "I8_paged_mqa_logits: max_context_len must be a whole number of blocks (deepseek_v2.py:723)")
+    check(k_scale.dtype == torch.float32 and k_scale.shape == (B, max_context_len),
+          "I8_paged_mqa_logits: k scales fp32 [B, max_context_len], gathered by the block table")
+    check(weights.dtype == torch.float32 and weights.shape == (B, next_n, H), "I8_paged_mqa_logits: weights [B, n, H]")
+    cpu, xpu = context_lens
+    check(cpu.device.type == "cpu" and cpu.shape == xpu.shape == (B,) and cpu.dtype == xpu.dtype == torch.int32,
+          "I8_paged_mqa_logits: context_lens = (host int32 [B], device int32 [B])")
+    check(out.dtype == torch.float32 and out.shape == (B, next_n, max_context_len),
+          "I8_paged_mqa_logits: out fp32 [B, next_n, max_context_len]")
+    _i8_paged(q, k_val, k_scale, weights, xpu, block_table, bool(clean_logits), out)
 
 
 # ---- moe_sigmoid_group_topk_norm
@@ -408,4 +463,5 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: t
 
 def install(module: types.ModuleType) -> None:
     fill(module, SOURCE, "0.0.0+emulated", sparse_prefill_fwd_opt, fwd_kvcache_mla, I8_mqa_logits,
-         moe_sigmoid_group_topk_norm, moe_fc, rmsnorm, add_rmsnorm, rotary_embedding, concat_and_cache_mla)
+         I8_paged_mqa_logits, moe_sigmoid_group_topk_norm, moe_fc, rmsnorm, add_rmsnorm, rotary_embedding,
+         concat_and_cache_mla)

@@ -244,6 +244,8 @@ def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, 
     cache = None if int8_cache is not None else k_cache.canonical if isinstance(k_cache, PagedKV) else k_cache
     T, H, D = q.shape
     B, bs = seq_lens.shape[0], k_cache.block_size if int8_cache is not None else cache.shape[1]
+    if int8_cache is not None and T == B and T:  # decode (one query token per sequence): the paged kernel
+        return _paged_indexer(q, weights, int8_cache, block_table, cu_seqlens_q, seq_lens, topk, scale, meta)
     # One contiguous key buffer, sequence b's positions at rows b * L + p (host sizes only), as
     # vLLM-Kunlun gathers keys for I8_mqa_logits (cp_gather_indexer_k_quant_cache, deepseek_v2.py:536).
     if meta is not None and meta.block_size == bs and max_seqlen_k in (None, meta.max_seqlen_k):
@@ -271,13 +273,37 @@ def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, 
                          context_q_lens=[q_lod, q_lod.to(q.device)], context_k_lens=[k_lod, k_lod.to(q.device)],
                          logits=logits, clean_logits=True)
     ks = seq_idx * L
-    ke = ks + pos + 1
-    cols = torch.arange(N, device=q.device)
+    return _topk_in_range(logits, ks, ks + pos + 1, topk)
+
+
+def _topk_in_range(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int) -> torch.Tensor:
+    """The top-``topk`` columns of each row within ``[ks, ke)``, as positions ``column - ks`` (int32, -1
+    where fewer keys are in range)."""
+    N = logits.shape[1]
+    cols = torch.arange(N, device=logits.device)
     inside = (cols[None, :] >= ks[:, None]) & (cols[None, :] < ke[:, None])
     k = min(topk, N)
     vals, idx = logits.masked_fill(~inside, float("-inf")).topk(k, dim=-1)
     positions = (idx - ks[:, None]).to(torch.int32).masked_fill(vals == float("-inf"), -1)
     return torch.nn.functional.pad(positions, (0, topk - k), value=-1) if k < topk else positions
+
+
+def _paged_indexer(q, weights, cache: Int8IndexerKV, block_table, cu_seqlens_q, seq_lens, topk, scale, meta):
+    """``I8_paged_mqa_logits`` on the int8 cache in place, as vLLM-Kunlun decodes (ops/deep_gemm.py:
+    int8_paged_mqa_logits): values as a ``[blocks, bs, 1, D]`` view, the scales gathered by the block table
+    to ``[B, max_context_len]``, logits over whole blocks of every sequence."""
+    T, H, D = q.shape
+    L = block_table.shape[1] * cache.block_size  # a whole number of blocks (deepseek_v2.py:723)
+    tables = _tables(meta, cu_seqlens_q, seq_lens, block_table)
+    q8, q_scale = _int8_rows(q.reshape(-1, D))
+    head_weights = (weights.float() * q_scale.view(T, H) * scale).view(T, 1, H).contiguous()
+    k_scale = cache.scales().index_select(0, block_table.reshape(-1).long()).view(T, L)
+    logits = torch.empty(T, 1, L, dtype=torch.float32, device=q.device)
+    _ops().I8_paged_mqa_logits(q=q8.view(T, 1, H, D), fused_kv_cache=[cache.values().unsqueeze(2), k_scale],
+                               weights=head_weights, context_lens=[tables.kv_lens_cpu, tables.kv_lens_xpu],
+                               block_table=block_table.to(torch.int32), max_context_len=L, clean_logits=True,
+                               out=logits)
+    return _topk_in_range(logits.view(T, L), torch.zeros_like(seq_lens), seq_lens, topk)
 
 
 # ---- moe_route: kunlun_ops.moe_sigmoid_group_topk_norm(x, norm_score, topk_index, block_static, bias,
