@@ -26,7 +26,7 @@ $(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	# The Cambricon and Moore Threads backends are out-of-tree plugins, installed as a vendor's
 	# package would be (entry points); they report "unavailable" until their vendor stack is present.
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e plugins/hwlayer-cambricon -e plugins/hwlayer-musa
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e plugins/hwlayer-cambricon -e plugins/hwlayer-musa -e plugins/hwlayer-kunlun
 	touch $@
 
 serve: $(VENV)/.runtime
@@ -41,7 +41,7 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q conformance --backend triton --ignore-glob="*test_ep_*"
 	# Vendor adapters against CPU emulators of their libraries' documented APIs (conformance/emulators),
 	# one process per backend (the emulation lasts a session); about 1.5 minutes on 2 cores.
-	for b in ascend cuda metax hygon cambricon musa; do \
+	for b in ascend cuda metax hygon cambricon musa kunlunxin; do \
 		$(PY) -m pytest -q conformance --backend $$b --emulated || exit 1; done
 
 # The edit-run loop (under a minute on two cores): no servers, torchrun, subprocess pipelines or Triton

@@ -45,6 +45,7 @@ KNOWN_VENDOR_DISTRIBUTIONS = (
     "mcoplib",
     "lightop",
     "torch_xmlir",
+    "kunlun_ops",
     "ixformer",
     "deep_gemm",
     "flash_mla",

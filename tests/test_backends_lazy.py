@@ -18,7 +18,7 @@ from hwlayer.backends.cuda import native
 ROOT = Path(__file__).resolve().parents[1]
 
 VENDOR_MODULES = [
-    "torch_npu", "flash_mla", "deep_gemm", "vllm", "mcoplib", "lightop", "torch_xmlir", "triton",
+    "torch_npu", "flash_mla", "deep_gemm", "vllm", "mcoplib", "lightop", "torch_xmlir", "kunlun_ops", "triton",
     "hwlayer.backends.triton.kernels",
 ]
 

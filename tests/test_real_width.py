@@ -13,9 +13,9 @@ libraries (``conformance/emulators``, one emulation at a time, undone after each
     vendor kernels are opaque custom ops with fake kernels, so only hwlayer's and the adapters' own
     code runs, and any ``.item()`` / ``int(t)`` / data-sized output there raises (tests/test_sync_free.py).
 
-The FP8 indexer adapters (DeepGEMM on NVIDIA, mate) are switched on here: with top-2048 and contexts
-under 2048 positions the indexer returns every causal position whatever the scoring precision, so
-FP8 scoring cannot change the result, and the adapters still run at their real shapes.
+The FP8 indexer adapters (DeepGEMM on NVIDIA, mate) and Kunlunxin's int8 one are switched on here:
+with top-2048 and contexts under 2048 positions the indexer returns every causal position whatever the
+scoring precision, so FP8 / int8 scoring cannot change the result, and the adapters still run at their real shapes.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ NATIVE = {
     "hygon": (),  # no native DSA / MoE kernels wired for Hygon
     "cambricon": ("moe_route", "grouped_gemm"),
     "musa": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
+    "kunlunxin": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
 }
 # Ops the adapter must serve at least once (a strided activation may still decline, e.g. tmo's
 # fused_rms_norm on the kv latent slice of a prefill).
@@ -55,8 +56,9 @@ ALSO_NATIVE = {
     "hygon": ("rms_norm",),
     "cambricon": ("rms_norm", "rope"),
     "musa": (),
+    "kunlunxin": ("rms_norm", "rope", "kv_cache_write"),
 }
-FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1"}
+FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1", "HWLAYER_KUNLUN_INT8_INDEXER": "1"}
 
 def i32(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)

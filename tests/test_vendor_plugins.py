@@ -219,7 +219,7 @@ def test_installed_plugins_report_honest_status(tmp_path):
     future = _write_incompatible_plugin(tmp_path)
     # Build from copies: pip builds in-tree and would leave build/ and *.egg-info in plugins/.
     sources = [shutil.copytree(PLUGINS / name, tmp_path / name, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-               for name in ("hwlayer-cambricon", "hwlayer-musa")]
+               for name in ("hwlayer-cambricon", "hwlayer-musa", "hwlayer-kunlun")]
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(site), *map(str, sources), str(future)],
@@ -250,6 +250,12 @@ def test_installed_plugins_report_honest_status(tmp_path):
     assert musa_b["reason"].startswith("torch_musa is not importable (ModuleNotFoundError")
     assert "2.7" in musa_b["install_hint"]
     assert "not run on hardware" in musa_b["verified"]
+
+    kunlun_b = backends["kunlunxin"]  # registered by its plugin only (moved out of the cuda family module)
+    assert (kunlun_b["device_type"], kunlun_b["dist_backend"], kunlun_b["visible_devices_env"]) == (
+        "cuda", "nccl", "XPU_VISIBLE_DEVICES")
+    assert kunlun_b["available"] is False and "vLLM-Kunlun@09869ee" in kunlun_b["verified"]
+    assert "not run on Kunlunxin hardware" in kunlun_b["verified"]
 
     # the hook-spec check: a plugin built for specs 3.0 is refused with a message, not loaded
     assert "future" not in backends

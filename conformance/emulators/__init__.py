@@ -23,6 +23,7 @@ metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (natural-log lse),
 hygon        ``lightop`` + ``lightop.norm``                   (:mod:`.lightop`)
 cambricon    ``torch_mlu_ops``                                (:mod:`.torch_mlu_ops`)
 musa         ``mate`` + ``mate.flashmla`` / ``mate.deep_gemm`` / ``mate.gemm`` (:mod:`.mate`)
+kunlunxin    ``kunlun_ops`` (base-2 sparse-prefill lse)      (:mod:`.kunlun_ops`)
 ===========  ==============================================================================
 
 How it is switched on (tests only, never in production):
@@ -53,7 +54,7 @@ from typing import Callable, Iterator
 
 MARKER = "hwlayer_emulation"
 
-BACKENDS = ("ascend", "cuda", "metax", "hygon", "cambricon", "musa")
+BACKENDS = ("ascend", "cuda", "metax", "hygon", "cambricon", "musa", "kunlunxin")
 
 # Ops each emulated conformance run must see served by the native adapter at least once
 # (conformance/conftest.py fails the session otherwise): an adapter that silently declined every
@@ -66,6 +67,7 @@ EXPECTED_NATIVE = {
     "hygon": ("rms_norm",),
     "cambricon": ("rms_norm", "rope", "moe_route", "grouped_gemm"),
     "musa": ("grouped_gemm", "moe_route"),
+    "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope", "quant_grouped_gemm", "prepare_weight"),
 }
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or
@@ -77,6 +79,7 @@ REAL_SHAPE_TESTS = {
     "cuda": ("sparse_mla_attention", "lightning_indexer"),
     "metax": ("sparse_mla_attention", "lightning_indexer"),
     "musa": ("sparse_mla_attention", "lightning_indexer"),
+    "kunlunxin": ("sparse_mla_attention", "lightning_indexer"),
 }
 
 # Environment an emulated run sets. Empty: the FP8 indexer adapters stay opt-in (FP8 scoring can
@@ -91,6 +94,7 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
         deep_ep,
         deep_gemm,
         flash_mla,
+        kunlun_ops,
         lightop,
         mate,
         mcoplib,
@@ -129,6 +133,7 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
             "mate.deep_gemm": mate.install_deep_gemm,
             "mate.gemm": mate.install_gemm,
         },
+        "kunlunxin": {"kunlun_ops": kunlun_ops.install},
     }
     if backend not in table:
         raise ValueError(f"no emulation for backend {backend!r}; expected one of {', '.join(BACKENDS)}")

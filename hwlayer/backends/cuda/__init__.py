@@ -1,7 +1,8 @@
-"""The CUDA family: NVIDIA, Hygon (ROCm/HIP), MetaX (MACA), Iluvatar (CoreX), Kunlunxin (torch_xmlir).
+"""The CUDA family: NVIDIA, Hygon (ROCm/HIP), MetaX (MACA), Iluvatar (CoreX).
 
-All five put tensors on torch device ``cuda``; they differ in vendor identity (see ``detect.py``,
-which tells them apart), visible-devices variable, collective library underneath ``nccl``, and
+All four put tensors on torch device ``cuda``; they differ in vendor identity (see ``detect.py``,
+which tells them apart, and Kunlunxin's machines too: that backend is the out-of-tree plugin
+``plugins/hwlayer-kunlun``), visible-devices variable, collective library underneath ``nccl``, and
 native kernels. Op resolution per backend: its native adapters (``native.py``, each behind a
 ``supports`` check that the library imports and takes the shapes), then the Triton tier for those
 Triton runs on (``inherits=("triton",)``), then generic torch.
@@ -114,23 +115,6 @@ BACKENDS = (
         install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
         description="Iluvatar CoreX GPUs (no native adapters yet: Triton tier, generic)",
         weight_formats=("int8",),  # int8 through the Triton tier; no FP8 documented
-    ),
-    Backend(
-        name="kunlunxin",
-        vendor="Kunlunxin",
-        device_type="cuda",
-        dist_backend="nccl",  # as exposed by torch_xmlir; BKCL underneath (unverified)
-        detect=_detector("kunlunxin"),
-        # vLLM-Kunlun (baidu/vLLM-Kunlun 09869ee: its docs and CI environment) selects devices with
-        # XPU_VISIBLE_DEVICES; CUDA_VISIBLE_DEVICES does not hide Kunlunxin XPUs.
-        visible_devices_env="XPU_VISIBLE_DEVICES",
-        priority=60,
-        # No Triton tier: no Kunlunxin Triton backend is documented.
-        verified=(f"generic torch only; collective unverified; XPU_VISIBLE_DEVICES as vLLM-Kunlun 09869ee sets it; "
-                  f"{NOT_RUN}"),
-        install_hint="install torch_xmlir and xtorch_ops / kunlun_ops from the Kunlunxin channel",
-        description="Kunlunxin XPUs through torch_xmlir (generic ops)",
-        weight_formats=("int8",),  # generic ops only: int8 kept in memory, dequantized per call
     ),
 )
 
