@@ -12,6 +12,7 @@ is opaque to FakeTensorMode (a fake kernel answers; the emulator's value reads s
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -140,6 +141,40 @@ def test_deep_gemm_paged_mqa_logits_follow_ref_paged_mqa_logits():
         dg.fp8_paged_mqa_logits(q.to(torch.float8_e4m3fn), kv, w, ctx, table, sched, 128, clean_logits=True)
     with pytest.raises(RuntimeError, match="block_kv must be 64"):
         dg.get_paged_mqa_logits_metadata(ctx, 32, dg.get_num_sms())
+
+
+def test_maca_bf16_paged_mqa_logits_follow_ref_paged_mqa_logits():
+    """DeepGEMM 54e2261 ``ref_paged_mqa_logits`` with bf16 keys (no scale), as vLLM-metax 6162d93 calls MACA's
+    ``bf16_paged_mqa_logits``: the bf16 cache ``[blocks, 64, D]`` viewed ``[blocks, 64, 1, D]``, 1-D context
+    lens (draft token j of request i sees keys ``0 .. context_lens[i] - next_n + j``), ``-inf`` past them
+    (always cleaned). Positions 0..63 in block 1, 64..127 in block 0 (block_table [1, 0])."""
+    cache = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
+    cache[1, 0, 0], cache[1, 1, 0], cache[1, 2, 0], cache[0, 1, 0] = 2.0, -1.0, 3.0, 4.0
+    q = torch.zeros(1, 2, 32, 32, dtype=torch.bfloat16)
+    q[0, :, 0, 0], q[0, :, 1, 0] = 1.0, -1.0  # head 1 sees -kv: relu drops it unless kv < 0
+    w = torch.zeros(2, 32)
+    w[:, 0], w[:, 1] = 2.0, 0.5
+    ctx, table = torch.tensor([66], dtype=torch.int32), torch.tensor([[1, 0]], dtype=torch.int32)
+    maca = types.ModuleType("deep_gemm")
+    dg.install_maca(maca)
+    sched = maca.get_paged_mqa_logits_metadata(ctx, 64, 8)
+    got = maca.bf16_paged_mqa_logits(q, cache.unsqueeze(-2), w, ctx, table, sched, max_model_len=128)
+    want = torch.full((2, 128), float("-inf"))
+    want[:, :65] = 0.0
+    want[:, :3] = torch.tensor([4.0, 0.5, 6.0])  # 2*relu(kv) + 0.5*relu(-kv) for kv = 2, -1, 3
+    want[1, 65] = 8.0  # draft 1 sees position 65 (block 0, offset 1): kv = 4; draft 0 stops at 64
+    assert sched.shape == (9, 2) and sched.dtype == torch.int32
+    assert torch.equal(got, want)
+    ctx2 = torch.tensor([[3, 66]], dtype=torch.int32)  # 2-D: row (0, j) sees keys k < ctx2[0, j]
+    got2 = maca.bf16_paged_mqa_logits(q, cache.unsqueeze(-2), w, ctx2, table, sched, 128)
+    assert torch.equal(got2[1], want[1]) and got2[0, :3].tolist() == [4.0, 0.5, 6.0] and got2[0, 3:].isinf().all()
+    with pytest.raises(RuntimeError, match="kv_cache is bf16"):
+        maca.bf16_paged_mqa_logits(q, cache, w, ctx, table, sched, 128)  # the cache without its unsqueeze(-2)
+    with pytest.raises(RuntimeError, match="block_kv must be 64"):
+        maca.get_paged_mqa_logits_metadata(ctx, 32, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # opaque: shapes only
+        sched = maca.get_paged_mqa_logits_metadata(ctx, 64, 8)
+        assert maca.bf16_paged_mqa_logits(q, cache.unsqueeze(-2), w, ctx, table, sched, 128).shape == (2, 128)
 
 
 def test_mate_paged_mqa_logits_follow_its_ref_fp8_paged_mqa_logits():

@@ -4,6 +4,7 @@ on the code before the fix. Vendor facts are cited at the line the adapter or em
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 
@@ -298,6 +299,88 @@ def test_fp8_indexer_reads_the_fp8_paged_cache_without_a_per_call_key_buffer(emu
         meta = with_backend_tables(attention_metadata(cu, lens, table, (lens - 1).long(), block_size=64,
                                                       max_seqlen_k=192, has_padding=False), layout, cu, lens, table)
         assert plan.lightning_indexer(q, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta).shape == (2, 2048)
+
+
+def count_calls(monkeypatch, module: str, *names: str) -> dict[str, int]:
+    """Counts calls of ``names`` in the emulated vendor ``module`` (which kernel served)."""
+    mod, calls = importlib.import_module(module), {}  # the emulated module (activated by ``emulate``)
+    for name in names:
+        fn = getattr(mod, name)
+        calls[name] = 0
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
+def test_metax_decode_scores_the_bf16_cache_in_place_without_a_per_call_key_buffer(emulate, monkeypatch):
+    """The old MetaX adapter gathered every sequence's keys into one bf16 buffer ([B * max_seqlen_k, 128]:
+    in a decode batch that fills the cache, the whole indexer cache) on every call. A decode step now
+    scores the canonical bf16 cache in place with MACA ``bf16_paged_mqa_logits`` (vLLM-metax 6162d93
+    ``customized/layers/sparse_attn_indexer/bf16.py``), with the schedule built once per step by the
+    metax layout; nothing read back."""
+    from hwlayer.ops.layout import with_backend_tables
+
+    plan = emulate("metax")
+    layout = plan.backend.layout()
+    assert layout.canonical and layout.default_block_size == 64
+    q, w, dense, table, cu, lens = full_cache_decode()
+    kc = layout_keys(plan, dense)
+    meta = attention_metadata(cu, lens, table, (lens - 1).long(), block_size=64, max_seqlen_k=192, has_padding=False)
+    meta = with_backend_tables(meta, layout, cu, lens, table)  # once per step: the MACA schedule included
+    assert meta.backend is not None and meta.backend.schedule is not None
+    calls = count_calls(monkeypatch, "deep_gemm", "bf16_paged_mqa_logits", "bf16_mqa_logits",
+                        "get_paged_mqa_logits_metadata")
+    with LargestOutputs() as mode:
+        got = plan.lightning_indexer(q, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta)
+    assert_smaller_than(mode, dense)
+    assert calls == {"bf16_paged_mqa_logits": 1, "bf16_mqa_logits": 0, "get_paged_mqa_logits_metadata": 0}
+    assert counts_of(plan, "lightning_indexer") == (1, 0)
+    want = ops.lightning_indexer(q, w, dense, table, cu, lens, 2048, 128**-0.5, 1, 192)
+    assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in want.tolist()]  # top-2048 >= context: all
+    with FakeTensorMode(allow_non_fake_inputs=True):  # and nothing is read back, tables included
+        meta = with_backend_tables(attention_metadata(cu, lens, table, (lens - 1).long(), block_size=64,
+                                                      max_seqlen_k=192, has_padding=False), layout, cu, lens, table)
+        assert plan.lightning_indexer(q, w, kc, table, cu, lens, 2048, 128**-0.5, 1, 192, meta=meta).shape == (2, 2048)
+    assert calls["bf16_paged_mqa_logits"] == 2 and calls["bf16_mqa_logits"] == 0
+
+
+def test_metax_paged_decode_agrees_with_the_float64_reference_and_prefill_still_gathers(emulate, monkeypatch):
+    """Decode rows through ``bf16_paged_mqa_logits`` choose the float64 golden top-k (bf16 inputs are exact
+    in fp32 products; only fp32 summation order differs), and equal the generic op's choice; a prefill step
+    (more query tokens than sequences) keeps vLLM-metax's gathered ``bf16_mqa_logits``."""
+    from conformance import golden
+
+    plan = emulate("metax")
+    calls = count_calls(monkeypatch, "deep_gemm", "bf16_paged_mqa_logits", "bf16_mqa_logits")
+    gen = torch.Generator().manual_seed(7)
+    seq_lens, topk = [150, 100, 37], 32
+    table = torch.tensor([[5, 1, 3], [2, 4, 0], [0, 0, 0]], dtype=torch.int32)
+    cu, lens = torch.tensor([0, 1, 2, 3], dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
+    q = (torch.randn(3, 64, 128, generator=gen) * torch.logspace(-1, 1, 64)[None, :, None]).bfloat16()
+    w = torch.randn(3, 64, generator=gen) * 64**-0.5
+    dense = torch.randn(6, 64, 128, generator=gen).bfloat16()
+    kc = layout_keys(plan, dense)
+    got = plan.lightning_indexer(q, w, kc, table, cu, lens, topk, 128**-0.5, 1, 150)
+    assert calls == {"bf16_paged_mqa_logits": 1, "bf16_mqa_logits": 0}
+    scores = golden.indexer_scores(q, w, dense, table, cu.tolist(), seq_lens, 128**-0.5)  # float64, per token
+    for row, s in zip(got.tolist(), scores, strict=True):
+        n = min(topk, s.numel())
+        chosen = sorted(i for i in row if i >= 0)
+        assert chosen == sorted(torch.sort(s, descending=True).indices[:n].tolist()), row
+    want = ops.lightning_indexer(q, w, dense, table, cu, lens, topk, 128**-0.5, 1, 150)
+    assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in want.tolist()]
+    cu_p = torch.tensor([0, 40, 41, 42], dtype=torch.int32)  # a 40-token prefill chunk joins the step
+    qp = (torch.randn(42, 64, 128, generator=gen)).bfloat16()
+    wp = torch.randn(42, 64, generator=gen) * 64**-0.5
+    lens_p = torch.tensor([40, 150, 100], dtype=torch.int32)
+    got = plan.lightning_indexer(qp, wp, kc, table, cu_p, lens_p, topk, 128**-0.5, 40, 150)
+    assert calls == {"bf16_paged_mqa_logits": 1, "bf16_mqa_logits": 1}
+    want = ops.lightning_indexer(qp, wp, dense, table, cu_p, lens_p, topk, 128**-0.5, 40, 150)
+    for g, r in zip(got.tolist(), want.tolist(), strict=True):  # fp32 vs the generic op's order: near-ties may swap
+        assert len(set(g) & set(r)) >= len(set(r)) - 1, (g, r)
 
 
 def fp8_score_error_bound(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

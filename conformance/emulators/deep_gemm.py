@@ -30,6 +30,20 @@
   cu_seqlen_ke)`` as vLLM-metax 3aadf08 (2026-08-05) calls it (``vllm_metax/utils/deep_gemm.py``,
   ``registry/custom_ops/layers/sparse_attn_indexer/bf16.py``): bf16 q ``[M, H, D]``, bf16 keys
   ``[N, D]`` (no scale), fp32 weights, fp32 logits ``[M, N]``.
+* MACA paged (``install_maca``): ``bf16_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables,
+  schedule_metadata, max_model_len, clean_logits=True)`` and ``get_paged_mqa_logits_metadata(context_lens,
+  block_kv, num_sms)`` as vLLM-metax 6162d93 calls them (``vllm_metax/utils/deep_gemm.py``: bf16 q
+  ``[B, next_n, H, D]``, fp32 weights ``[B * next_n, H]``, int32 context lens ``[B]`` (plain decode) or
+  ``[B, next_n]``, int32 block table, fp32 logits ``[B * next_n, max_model_len]``, always called with
+  ``clean_logits=True``; ``customized/layers/sparse_attn_indexer/bf16.py`` passes the bf16 indexer cache
+  ``[blocks, bs, D]`` as ``kv_cache.unsqueeze(-2)``, ``[blocks, bs, 1, D]``, no scales;
+  ``v1/attention/backends/mla/indexer.py``: blocks of 64, the schedule from
+  ``get_paged_mqa_logits_metadata(seq_lens, 64, num_compute_units)`` into an int32 ``[num_sms + 1, 2]``
+  buffer). Semantics: DeepGEMM 54e2261 ``tests/test_attention.py::ref_paged_mqa_logits`` with bf16 keys
+  (no scale): with 1-D context lens token ``j`` of row ``b`` sees keys ``k <= context_lens[b] - next_n + j``,
+  with 2-D ones ``k < context_lens[b, j]``; ``-inf`` elsewhere (the reference's fill; the kernel cleans).
+  The MACA schedule's layout is not published; the emulator returns DeepGEMM's SM90 one at the width asked
+  for (the logits do not depend on it).
 """
 
 from __future__ import annotations
@@ -254,5 +268,87 @@ def install_nvidia(module: types.ModuleType) -> None:
          get_paged_mqa_logits_metadata, get_num_sms)
 
 
+
+# ---- MACA: bf16 paged MQA logits (vLLM-metax 6162d93 decode) --------------------------------------------
+
+
+def _maca_schedule_impl(context_lens: torch.Tensor, num_sms: int) -> torch.Tensor:
+    return _schedule_impl(context_lens.view(context_lens.shape[0], -1)[:, -1:].contiguous(), num_sms)
+
+
+_maca_schedule_op = opaque("maca_deep_gemm_paged_mqa_logits_metadata", _maca_schedule_impl, _schedule_fake)
+
+
+def _maca_get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int) -> torch.Tensor:
+    check(context_lens.dim() in (1, 2) and context_lens.dtype == torch.int32 and context_lens.is_contiguous(),
+          "get_paged_mqa_logits_metadata: context_lens contiguous int32 [batch] or [batch, next_n]")
+    check(block_kv == 64, f"get_paged_mqa_logits_metadata: block_kv must be 64 (vLLM-metax's indexer), got {block_kv}")
+    check(isinstance(num_sms, int) and num_sms > 0, f"get_paged_mqa_logits_metadata: num_sms > 0, got {num_sms}")
+    return _maca_schedule_op(context_lens, num_sms)
+
+
+_maca_get_paged_mqa_logits_metadata.__name__ = "get_paged_mqa_logits_metadata"
+
+
+def _bf16_paged_impl(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                     block_table: torch.Tensor, max_model_len: int) -> torch.Tensor:
+    """``ref_paged_mqa_logits`` (DeepGEMM 54e2261 tests/test_attention.py) with bf16 keys and no scale."""
+    B, next_n, H, D = q.shape
+    bs = kv_cache.shape[1]
+    keys = kv_cache.float().reshape(kv_cache.shape[0], bs, D)
+    logits = torch.full((B * next_n, max_model_len), float("-inf"), dtype=torch.float32)
+    for b in range(B):
+        for j in range(next_n):
+            ctx = int(context_lens[b, j]) if context_lens.dim() == 2 else int(context_lens[b]) - next_n + j + 1
+            ctx = min(max(ctx, 0), max_model_len)
+            if ctx == 0:
+                continue
+            blocks = block_table[b, : -(-ctx // bs)].long()
+            k = keys.index_select(0, blocks).reshape(-1, D)[:ctx]
+            s = (q[b, j].float() @ k.t()).relu()  # [H, ctx]
+            logits[b * next_n + j, :ctx] = (s * weights[b * next_n + j].float().unsqueeze(1)).sum(0)
+    return logits
+
+
+def _bf16_paged_fake(q, kv_cache, weights, context_lens, block_table, max_model_len):
+    return q.new_empty(q.shape[0] * q.shape[1], max_model_len, dtype=torch.float32)
+
+
+_bf16_paged_op = opaque("maca_deep_gemm_bf16_paged_mqa_logits", _bf16_paged_impl, _bf16_paged_fake)
+
+
+def bf16_paged_mqa_logits(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    schedule_metadata: torch.Tensor,
+    max_model_len: int,
+    clean_logits: bool = True,
+) -> torch.Tensor:
+    check(q.dim() == 4 and q.is_contiguous() and q.dtype == torch.bfloat16,
+          "bf16_paged_mqa_logits: q is contiguous bf16 [batch, next_n, heads, head_dim]")
+    B, next_n, H, D = q.shape
+    check(kv_cache.dim() == 4 and kv_cache.dtype == torch.bfloat16,
+          "bf16_paged_mqa_logits: kv_cache is bf16 [blocks, block_size, 1, head_dim] (the cache's unsqueeze(-2))")
+    nb, bs, heads_kv, width = kv_cache.shape
+    check(bs == 64, f"bf16_paged_mqa_logits: block_size must be 64, got {bs}")
+    check(heads_kv == 1 and width == D and kv_cache.stride(3) == 1 and kv_cache.stride(1) == D,
+          "bf16_paged_mqa_logits: kv_cache [blocks, block_size, 1, head_dim], rows contiguous")
+    check(weights.shape == (B * next_n, H) and weights.is_contiguous() and weights.dtype == torch.float32,
+          "bf16_paged_mqa_logits: weights contiguous fp32 [batch * next_n, heads]")
+    check(block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
+          and block_tables.dtype == torch.int32, "bf16_paged_mqa_logits: block_tables int32 [batch, max_blocks]")
+    check(context_lens.shape in ((B,), (B, next_n)) and context_lens.is_contiguous()
+          and context_lens.dtype == torch.int32, "bf16_paged_mqa_logits: context_lens contiguous int32 [batch] or "
+          "[batch, next_n]")
+    check(schedule_metadata.dim() == 2 and schedule_metadata.shape[1] == 2 and schedule_metadata.is_contiguous()
+          and schedule_metadata.dtype == torch.int32, "bf16_paged_mqa_logits: schedule_metadata int32 [num_sms + 1, 2]")
+    check(clean_logits, "emulator: vLLM-metax always calls bf16_paged_mqa_logits with clean_logits=True")
+    return _bf16_paged_op(q, kv_cache, weights, context_lens, block_tables, max_model_len)
+
+
 def install_maca(module: types.ModuleType) -> None:
-    fill(module, "MACA deep_gemm as vLLM-metax 3aadf08 (2026-08-05) calls it", "maca", fp8_mqa_logits, bf16_mqa_logits)
+    fill(module, "MACA deep_gemm as vLLM-metax 3aadf08 (2026-08-05) and 6162d93 call it", "maca", fp8_mqa_logits,
+         bf16_mqa_logits, bf16_paged_mqa_logits, _maca_get_paged_mqa_logits_metadata)

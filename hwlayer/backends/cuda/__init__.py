@@ -96,10 +96,12 @@ BACKENDS = (
         priority=60,
         inherits=("triton",),
         verified=("written against mcoplib f722323 (torch.ops._C via mcoplib._C), mcFlashMLA c2dbf6e and MACA "
-                  f"deep_gemm as vLLM-metax 3aadf08 calls it, {EMULATED}; {NOT_RUN}"),
+                  f"deep_gemm as vLLM-metax 3aadf08 / 6162d93 call it, {EMULATED}; {NOT_RUN}"),
         install_hint="install MetaX's MACA build of torch and mcoplib (plus MACA flash_mla / deep_gemm) "
         "from the MetaX channel",
         description="MetaX GPUs (MACA build of torch)",
+        # canonical caches; decode steps score the bf16 indexer cache in place (bf16_paged_mqa_logits)
+        attention_layout=native.METAX_LAYOUT,
         weight_formats=("int8",),  # C500 int8 tensor cores; no FP8 documented (Triton tier int8 GEMM)
     ),
     Backend(

@@ -360,18 +360,20 @@ class PagedIndexerTables:
     the same in its indexer metadata builder, ``DeepseekV32IndexerMetadataBuilder``): every query token
     is one row with ``next_n = 1``."""
 
-    context_lens: torch.Tensor  # int32 [T, 1]: keys a token sees (its position + 1: causal)
+    context_lens: torch.Tensor  # int32 [T, 1] ([T] for MACA): keys a token sees (its position + 1: causal)
     block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's block table row
-    schedule: torch.Tensor | None  # int32 [num_sms + 1, 2]: get_paged_mqa_logits_metadata (None: block size not taken)
+    schedule: torch.Tensor | None  # int32 [num_sms + 1, 2]: get_paged_mqa_logits_metadata (None: block not taken)
     max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
     block_size: int  # host
 
 
 def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                          num_tokens: int, block_size: int, max_context_len: int,
-                         meta: AttentionMetadata | None = None) -> PagedIndexerTables:
+                         meta: AttentionMetadata | None = None, *, maca: bool = False) -> PagedIndexerTables:
     """:class:`PagedIndexerTables` of a varlen batch: device arithmetic plus DeepGEMM's metadata kernel,
-    nothing read back (``meta``'s token -> sequence map when given)."""
+    nothing read back (``meta``'s token -> sequence map when given). ``maca=True``: MACA's
+    ``bf16_paged_mqa_logits`` as vLLM-metax decodes: 1-D context lens ``[T]`` (its plain-decode
+    ``seq_lens``), the schedule over the device's compute units, blocks of 64 only."""
     import deep_gemm
 
     if meta is not None:
@@ -383,7 +385,11 @@ def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, blo
     context = (pos + 1).to(torch.int32).view(num_tokens, 1)
     table = block_table.index_select(0, seq_idx).to(torch.int32)
     schedule = None
-    if paged_block_kv_ok(block_size, block_table.device) is True:
+    if maca:
+        context = context.view(num_tokens)
+        if block_size == MACA_PAGED_BLOCK:
+            schedule = deep_gemm.get_paged_mqa_logits_metadata(context, block_size, _compute_units(block_table.device))
+    elif paged_block_kv_ok(block_size, block_table.device) is True:
         schedule = deep_gemm.get_paged_mqa_logits_metadata(context, block_size, deep_gemm.get_num_sms())
     return PagedIndexerTables(context, table, schedule, max_context_len, block_size)
 
@@ -427,6 +433,55 @@ class DeepGemmLayout(AttentionLayout):
 
 
 CUDA_LAYOUT = DeepGemmLayout()
+
+
+# MetaX: MACA deep_gemm's bf16 paged MQA logits read the canonical bf16 indexer cache in place at decode.
+MACA_PAGED_BLOCK = 64  # vLLM-metax 6162d93 MacaDeepseekV32IndexerBackend.get_supported_kernel_block_sizes
+
+
+def _paged_bf16_logits() -> Any:
+    """MACA deep_gemm's ``bf16_paged_mqa_logits`` when ``deep_gemm`` imports and has it and its metadata
+    builder ``get_paged_mqa_logits_metadata`` (what vLLM-metax 6162d93 calls), else None."""
+    if not importable("deep_gemm"):
+        return None
+    dg = sys.modules["deep_gemm"]
+    ok = all(hasattr(dg, f) for f in ("bf16_paged_mqa_logits", "get_paged_mqa_logits_metadata"))
+    return dg.bf16_paged_mqa_logits if ok else None
+
+
+def _compute_units(device: torch.device) -> int:
+    """The schedule's width: the device's compute units, as vLLM-metax sizes it (``num_compute_units``:
+    ``multi_processor_count``). CPU tensors occur only under the test emulation, where the schedule's
+    width does not change the logits."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def is_decode_step(num_tokens: int, num_seqs: int) -> bool:
+    """A decode step: one query token per sequence (host ints). vLLM-metax scores decode rows with the paged
+    kernel and gathers keys only for prefill chunks."""
+    return num_tokens == num_seqs and num_tokens > 0
+
+
+class MacaLayout(AttentionLayout):
+    """The metax backend's layout: the canonical caches (the bf16 indexer cache is what MACA's
+    ``bf16_paged_mqa_logits`` reads, viewed ``[blocks, bs, 1, D]``), plus, for a decode step when
+    deep_gemm has the paged entry, the kernel's per-step tables (:class:`PagedIndexerTables`, 1-D
+    context lens) built once per step -- vLLM-metax 6162d93 ``v1/attention/backends/mla/indexer.py``
+    (``DeepseekV32IndexerMetadataBuilder.build``: ``get_paged_mqa_logits_metadata(seq_lens, 64,
+    num_sms)`` into ``schedule_metadata``)."""
+
+    default_block_size = MACA_PAGED_BLOCK
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> PagedIndexerTables | None:
+        if (meta is None or meta.block_size != MACA_PAGED_BLOCK
+                or not is_decode_step(meta.num_tokens, seq_lens.shape[0]) or _paged_bf16_logits() is None):
+            return None
+        return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
+                                    meta.max_seqlen_k, meta, maca=True)
+
+
+METAX_LAYOUT = MacaLayout()
 
 
 def deep_gemm_indexer_supports(
@@ -519,8 +574,12 @@ def deep_gemm_lightning_indexer(
                                   max_seqlen_k, meta)
     k_cache = canonical_tensor(k_cache)
     T = q.shape[0]
-    # MACA's bf16_mqa_logits (non-paged) reads one contiguous key buffer: every sequence's keys gathered
-    # into it, [B * max_seqlen_k, D], sized by host ints (nothing read back), as vLLM-metax does.
+    if (is_decode_step(T, seq_lens.shape[0]) and k_cache.shape[1] == MACA_PAGED_BLOCK and _use_bf16_logits(q, k_cache)
+            and _paged_bf16_logits() is not None):
+        return _bf16_paged_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
+                                   max_seqlen_k, meta)
+    # Prefill: MACA's bf16_mqa_logits (non-paged) reads one contiguous key buffer, every sequence's keys
+    # gathered into it, [B * max_seqlen_k, D], sized by host ints (nothing read back), as vLLM-metax does.
     key_slots, ks, ke = indexer_key_layout(block_table, cu_seqlens_q, seq_lens, T, k_cache.shape[1], max_seqlen_k,
                                            meta)
     keys = k_cache.reshape(-1, k_cache.shape[-1]).index_select(0, key_slots)
@@ -562,3 +621,33 @@ def _fp8_paged_indexer(
     # Columns are positions within the token's sequence; those at or past its context length are unwritten.
     ke = tables.context_lens.view(T)
     return topk_positions(logits, torch.zeros_like(ke), ke, topk)
+
+
+def _bf16_paged_indexer(
+    q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int, scale: float, max_seqlen_k: int | None,
+    meta: AttentionMetadata | None,
+) -> torch.Tensor:
+    """A MetaX decode step: MACA ``bf16_paged_mqa_logits`` over the canonical bf16 indexer cache in place
+    (``kv_cache.unsqueeze(-2)``, a view), as vLLM-metax 6162d93 decodes
+    (``customized/layers/sparse_attn_indexer/bf16.py``: q ``[B, next_n, H, D]``, the cache
+    ``[blocks, bs, 1, D]``, 1-D ``seq_lens``, the block table, the step's ``schedule_metadata``,
+    ``max_model_len``; ``utils/deep_gemm.py`` passes ``clean_logits=True``). Every token is one row with
+    ``next_n = 1``; no key is gathered. The tables come from the step (:class:`MacaLayout`), else are
+    built here."""
+    T = q.shape[0]
+    bs = k_cache.shape[1]
+    tables = meta.backend if meta is not None else None
+    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs and tables.context_lens.dim() == 1
+            and max_seqlen_k in (None, tables.max_context_len)):
+        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
+            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
+        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
+                                      meta if meta is not None and meta.block_size == bs else None, maca=True)
+    if tables.max_context_len == 0:
+        return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    w = (weights.float() * scale).contiguous()  # relu(s x) = s relu(x) for s > 0
+    logits = _paged_bf16_logits()(q.unsqueeze(1).contiguous(), k_cache.unsqueeze(-2), w, tables.context_lens,
+                                  tables.block_table, tables.schedule, tables.max_context_len)
+    # Columns are positions within the token's sequence; those at or past its context length are -inf.
+    return topk_positions(logits, torch.zeros_like(tables.context_lens), tables.context_lens, topk)
