@@ -42,7 +42,7 @@ NATIVE = {
                "moe_unpermute"),
     "cuda": ("sparse_mla_attention", "lightning_indexer"),
     "metax": ("sparse_mla_attention", "lightning_indexer"),
-    "hygon": (),  # no native DSA / MoE kernels wired for Hygon
+    "hygon": ("sparse_mla_attention", "lightning_indexer", "moe_route"),
     "cambricon": ("moe_route", "grouped_gemm"),
     "musa": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
     "kunlunxin": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),

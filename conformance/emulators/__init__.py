@@ -20,7 +20,8 @@ cuda         ``flash_mla`` (current API), ``deep_gemm``, ``vllm._C`` (:mod:`.fla
              :mod:`.deep_gemm`, :mod:`.vllm_c`)
 metax        ``mcoplib`` + ``mcoplib._C``, MACA ``flash_mla`` (natural-log lse), MACA ``deep_gemm``
              with ``bf16_mqa_logits``
-hygon        ``lightop`` + ``lightop.norm``                   (:mod:`.lightop`)
+hygon        ``lightop`` + ``lightop.norm`` / ``lightop.op`` (:mod:`.lightop`), DCU ``flash_mla`` +
+             ``flash_mla.flash_mla_interface``, DCU ``deep_gemm`` with ``fp8_fp4_*``
 cambricon    ``torch_mlu_ops``                                (:mod:`.torch_mlu_ops`)
 musa         ``mate`` + ``mate.flashmla`` / ``mate.deep_gemm`` / ``mate.gemm`` (:mod:`.mate`)
 kunlunxin    ``kunlun_ops`` (base-2 sparse-prefill lse)      (:mod:`.kunlun_ops`)
@@ -64,7 +65,7 @@ EXPECTED_NATIVE = {
                "quant_grouped_gemm", "prepare_weight"),
     "cuda": ("rms_norm",),
     "metax": ("rms_norm",),
-    "hygon": ("rms_norm",),
+    "hygon": ("rms_norm", "moe_route"),
     "cambricon": ("rms_norm", "rope", "moe_route", "grouped_gemm"),
     "musa": ("grouped_gemm", "moe_route"),
     "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope", "quant_grouped_gemm", "prepare_weight"),
@@ -78,6 +79,7 @@ REAL_SHAPE_TESTS = {
     "ascend": ("lightning_indexer", "sparse_mla_attention", "moe_unpermute"),
     "cuda": ("sparse_mla_attention", "lightning_indexer"),
     "metax": ("sparse_mla_attention", "lightning_indexer"),
+    "hygon": ("sparse_mla_attention", "lightning_indexer"),
     "musa": ("sparse_mla_attention", "lightning_indexer"),
     "kunlunxin": ("sparse_mla_attention", "lightning_indexer"),
 }
@@ -125,7 +127,14 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
             "flash_mla": flash_mla.install_maca,
             "deep_gemm": deep_gemm.install_maca,
         },
-        "hygon": {"lightop": lightop.install_package, "lightop.norm": lightop.install_norm},
+        "hygon": {
+            "lightop": lightop.install_package,
+            "lightop.norm": lightop.install_norm,
+            "lightop.op": lightop.install_op,
+            "flash_mla": flash_mla.install_dcu_package,
+            "flash_mla.flash_mla_interface": flash_mla.install_dcu_interface,
+            "deep_gemm": deep_gemm.install_dcu,
+        },
         "cambricon": {"torch_mlu_ops": torch_mlu_ops.install},
         "musa": {
             "mate": mate.install_package,

@@ -44,6 +44,14 @@
   with 2-D ones ``k < context_lens[b, j]``; ``-inf`` elsewhere (the reference's fill; the kernel cleans).
   The MACA schedule's layout is not published; the emulator returns DeepGEMM's SM90 one at the width asked
   for (the logits do not depend on it).
+* DCU (``install_dcu``): the Hygon DCU build as HYGON-AI/vllm-plugin-das (vllm_hcu) reaches it through
+  vLLM's ``vllm.utils.deep_gemm`` wrappers (``vllm_hcu/model_executor/layers/sparse_attn_indexer.py``
+  @058761f: ``fp8_fp4_mqa_logits`` for prefill chunks over keys gathered from the FP8 cache,
+  ``fp8_fp4_paged_mqa_logits`` for decode over the FP8 paged cache ``[blocks, bs, 1, D + 4]``), i.e.
+  DeepGEMM 54e2261's ``fp8_fp4_*`` entries: FP8 q (an FP4 ``(q, sf)`` pair is not emulated),
+  ``logits_dtype`` fp32. The DCU build's source and tests are not public: its checks (heads, head dims,
+  blocks of 64) and semantics are assumed to be the upstream ones above (``ref_fp8_mqa_logits`` /
+  ``ref_paged_mqa_logits``), not verified on the DCU build.
 """
 
 from __future__ import annotations
@@ -352,3 +360,44 @@ def bf16_paged_mqa_logits(
 def install_maca(module: types.ModuleType) -> None:
     fill(module, "MACA deep_gemm as vLLM-metax 3aadf08 (2026-08-05) and 6162d93 call it", "maca", fp8_mqa_logits,
          bf16_mqa_logits, bf16_paged_mqa_logits, _maca_get_paged_mqa_logits_metadata)
+
+
+# ---- Hygon DCU: DeepGEMM's fp8_fp4_* entries, as vllm_hcu@058761f calls them through vllm.utils.deep_gemm
+
+
+def fp8_fp4_mqa_logits(
+    q: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    weights: torch.Tensor,
+    cu_seq_len_k_start: torch.Tensor,
+    cu_seq_len_k_end: torch.Tensor,
+    clean_logits: bool = True,
+    max_seqlen_k: int = 0,
+    logits_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    check(isinstance(q, torch.Tensor), "emulator: FP4 queries ((q, sf) pairs) are not emulated")
+    check(logits_dtype == torch.float32, "emulator: only fp32 logits are emulated")
+    return fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k)
+
+
+def fp8_fp4_paged_mqa_logits(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    schedule_meta: torch.Tensor,
+    max_context_len: int,
+    clean_logits: bool = False,
+    logits_dtype: torch.dtype = torch.float32,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    check(isinstance(q, torch.Tensor), "emulator: FP4 queries ((q, sf) pairs) are not emulated")
+    check(logits_dtype == torch.float32, "emulator: only fp32 logits are emulated")
+    return fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
+                                clean_logits, indices)
+
+
+def install_dcu(module: types.ModuleType) -> None:
+    fill(module, "Hygon DCU deep_gemm as vllm_hcu (HYGON-AI/vllm-plugin-das@058761f) calls it", "2.x+dcu",
+         fp8_fp4_mqa_logits, fp8_fp4_paged_mqa_logits, get_paged_mqa_logits_metadata, get_num_sms)

@@ -27,6 +27,14 @@ from that reference by hand.
   ``softmax_scale`` (``csrc/flash_kernel/feature/softmax.h:450``, ``Softmax::normalize_softmax_lse``;
   an empty row gets ``+inf``), although the interface docstring says "2-based"; the kernel wins. No
   NVIDIA architecture rule.
+* DCU (``install_dcu``): the Hygon DCU build as HYGON-AI/vllm-plugin-das (vllm_hcu) calls it --
+  ``flash_mla.flash_mla_interface.flash_mla_sparse_fwd(q, kv, indices, sm_scale, topk_length=...)``
+  (``vllm_hcu/v1/attention/ops/flashmla.py``@0e048c7 imports it from ``flash_mla.flash_mla_interface``;
+  ``v1/attention/backends/mla/flashmla_sparse.py``@063db5d passes ``topk_length`` and feeds the returned
+  lse to vLLM's cross-rank (DCP) merge, which takes a natural-log lse). The DCU kernel's source is not
+  public (no Hygon FlashMLA repository found), so its lse base is the NATURAL log on that evidence, not
+  checked in a kernel. Heads 64 or 128 (vLLM's ``FlashMLASparseImpl``, which vllm_hcu subclasses, pads
+  to those); top-k in whole blocks of 128 and no architecture rule (both assumed, not verified).
 
 The kernel itself is an opaque custom op (``hwlayer_emu::flash_mla_sparse_prefill``) with a fake
 kernel: the argument checks above run on shapes only, so FakeTensorMode sees just the adapter.
@@ -187,3 +195,28 @@ def install_legacy(module: types.ModuleType) -> None:
 def install_maca(module: types.ModuleType) -> None:
     _maca_flash_mla_sparse_fwd.__name__ = "flash_mla_sparse_fwd"
     fill(module, "MetaX-MACA/mcFlashMLA c2dbf6e (2026-07-06)", "1.0.0+maca", _maca_flash_mla_sparse_fwd)
+
+
+def _dcu_flash_mla_sparse_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    attn_sink: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hygon DCU FlashMLA as vllm_hcu calls it: natural-log lse, h_q 64 or 128, top-k in blocks of 128."""
+    check(attn_sink is None, "emulator: attn_sink is not emulated")
+    return _sparse_prefill(q, kv, indices, sm_scale, d_v, topk_length, lambda h: h in (64, 128),
+                           lambda h: SM90_TOPK_MULTIPLE, base2=False, nvidia=False)
+
+
+def install_dcu_package(module: types.ModuleType) -> None:
+    fill(module, "Hygon DCU flash_mla as vllm_hcu (HYGON-AI/vllm-plugin-das) imports it", "1.0.0+dcu")
+
+
+def install_dcu_interface(module: types.ModuleType) -> None:
+    _dcu_flash_mla_sparse_fwd.__name__ = "flash_mla_sparse_fwd"
+    fill(module, "Hygon DCU flash_mla.flash_mla_interface as vllm_hcu@0e048c7 imports it", "1.0.0+dcu",
+         _dcu_flash_mla_sparse_fwd)

@@ -20,7 +20,7 @@ from hwlayer.backend import Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 from hwlayer.plugin import as_registered
 
-from . import deepep, native
+from . import deepep, hygon, native
 from .detect import detect
 
 HWLAYER_HOOKSPEC_VERSION = "2.0"
@@ -74,16 +74,18 @@ BACKENDS = (
         visible_devices_env="HIP_VISIBLE_DEVICES",
         priority=60,
         inherits=("triton",),
-        verified=(f"written against lightop.norm as Hygon's vllm_hcu plugin calls it, {EMULATED}; "
-                  f"collective nccl->RCCL unverified; {NOT_RUN}"),
-        install_hint="install Hygon's DTK (ROCm) build of torch and lightop from the Hygon developer "
-        "channel; hy-smi must be on PATH",
-        description="Hygon DCU (ROCm/HIP build of torch)",
-        # The DCU has FP8 paths: Hygon's vllm_hcu scores the DSA indexer with DeepGEMM's
-        # fp8_fp4_(paged_)mqa_logits and quantises activations with lightop.quant.per_token_quant_fp8.
-        # Its MoE GEMM is int8 (lightop.gemm_ops.m_grouped_w8a8_gemm_nt_contig_asm), and no FP8 block-
-        # scaled weight GEMM is wired here or verified on a DCU, so fp8_block checkpoints are not offered
-        # (int8 through the Triton tier). Not a claim that the hardware lacks FP8.
+        verified=(f"written against {hygon.WRITTEN_AGAINST}: lightop.norm, lightop.op.moe_fused_gate, DCU "
+                  "flash_mla_sparse_fwd, DCU deep_gemm fp8_fp4_(paged_)mqa_logits; emulated in CI, not run on "
+                  "Hygon hardware; collective nccl->RCCL unverified"),
+        install_hint="install Hygon's DTK (ROCm) build of torch, lightop and the DCU builds of flash_mla / "
+        "deep_gemm from the Hygon developer channel; hy-smi must be on PATH",
+        description="Hygon DCU (ROCm/HIP build of torch): DCU FlashMLA / DeepGEMM and lightop where installed",
+        # canonical caches; with HWLAYER_FP8_INDEXER=1 an FP8 paged indexer cache read by DCU DeepGEMM
+        attention_layout=hygon.HYGON_LAYOUT,
+        # The DCU has FP8 (vllm_hcu scores the DSA indexer with DeepGEMM fp8_fp4_(paged_)mqa_logits, wired
+        # here opt-in, and quantises activations with lightop.quant.per_token_quant_fp8). Checkpoint weight
+        # formats offered are int8 only: no FP8 block-scaled weight GEMM is wired for the DCU, and the int8
+        # MoE GEMM runs on the Triton tier (lightop's w8a8 grouped GEMM wants a packed layout not published).
         weight_formats=("int8",),
     ),
     Backend(
@@ -145,4 +147,5 @@ def hwlayer_register_ops(register: Callable) -> None:
              supports=native.deep_gemm_indexer_supports)
 
     register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)
+    hygon.register(register, backend="hygon")  # DCU FlashMLA, lightop moe_fused_gate, DCU DeepGEMM indexer
     deepep.register(register, backend="cuda")  # ep_dispatch / ep_combine through DeepEP
