@@ -76,7 +76,8 @@ BACKENDS = (
         inherits=("triton",),
         verified=(f"written against {hygon.WRITTEN_AGAINST}: lightop.norm, lightop.op.moe_fused_gate, DCU "
                   "flash_mla_sparse_fwd, DCU deep_gemm fp8_fp4_(paged_)mqa_logits; emulated in CI, not run on "
-                  "Hygon hardware; collective nccl->RCCL unverified"),
+                  "Hygon hardware; collective nccl->RCCL unverified; "
+                  f"{NOT_RUN}"),
         install_hint="install Hygon's DTK (ROCm) build of torch, lightop and the DCU builds of flash_mla / "
         "deep_gemm from the Hygon developer channel; hy-smi must be on PATH",
         description="Hygon DCU (ROCm/HIP build of torch): DCU FlashMLA / DeepGEMM and lightop where installed",
