@@ -21,6 +21,7 @@ the plan of a backend whose layout has no such tensor.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -218,3 +219,56 @@ class AttentionLayout:
 
 
 CANONICAL = AttentionLayout()
+
+
+@dataclass(frozen=True)
+class PagedIndexerTables:
+    """What a paged MQA-logits kernel (DeepGEMM / mate ``fp8_paged_mqa_logits``, MACA
+    ``bf16_paged_mqa_logits``) takes per step besides the cache, built once per step by a layout's
+    ``step_tables`` (vLLM's indexer metadata builder builds the same): every query token is one row
+    (``next_n = 1``)."""
+
+    context_lens: torch.Tensor  # int32 [T, 1] ([T] where the kernel takes 1-D): keys a token sees (causal)
+    block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's block-table row
+    schedule: torch.Tensor | None  # the kernel's get_paged_mqa_logits_metadata (None: block size not taken)
+    max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
+    block_size: int  # host
+
+
+class Fp8IndexerLayout(AttentionLayout):
+    """Canonical caches, except that while :attr:`fp8_indexer` holds (a backend's opt-in and its paged
+    kernel present) the DSA indexer key cache is FP8 with per-row scales (:class:`Fp8PagedKV`, quantized
+    once when written, read in place by ``fp8_paged_mqa_logits``) and the kernel's tables are built once
+    per step (:meth:`paged_tables`). vLLM's design (vllm-project/vllm@006475fe
+    ``vllm/model_executor/layers/sparse_attn_indexer.py``); the cuda, hygon and musa layouts are this one."""
+
+    fp8_name = "fp8-indexer"  # the layout's name while the FP8 cache is on
+
+    @property
+    def fp8_indexer(self) -> bool:
+        return False
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.fp8_name if self.fp8_indexer else "canonical"
+
+    @property
+    def canonical(self) -> bool:  # type: ignore[override]
+        return not self.fp8_indexer
+
+    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> PagedKV:
+        if self.fp8_indexer:
+            return Fp8PagedKV(num_blocks, block_size, index_dim, dtype, device)
+        return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
+
+    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor) -> PagedIndexerTables | None:
+        if meta is None or not self.fp8_indexer:
+            return None
+        return self.paged_tables(meta, cu_seqlens_q, seq_lens, block_table)
+
+    def paged_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor) -> PagedIndexerTables | None:
+        """The kernel's tables for this step (None: the step goes without them)."""
+        raise NotImplementedError

@@ -168,18 +168,15 @@ class HygonLayout(native.DeepGemmLayout):
 
     default_block_size = DCU_PAGED_BLOCK
 
+    fp8_name = "dcu-deepgemm-fp8-indexer"
+
     @property
     def fp8_indexer(self) -> bool:
         return fp8_indexer_enabled() and dcu_deep_gemm() is not None
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "dcu-deepgemm-fp8-indexer" if self.fp8_indexer else "canonical"
-
-    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                    block_table: torch.Tensor) -> PagedIndexerTables | None:
-        if (meta is None or not self.fp8_indexer or meta.block_size != DCU_PAGED_BLOCK
-                or not is_decode_step(meta.num_tokens, seq_lens.shape[0])):
+    def paged_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor) -> PagedIndexerTables | None:
+        if meta.block_size != DCU_PAGED_BLOCK or not is_decode_step(meta.num_tokens, seq_lens.shape[0]):
             return None
         return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
                                     meta.max_seqlen_k, meta)

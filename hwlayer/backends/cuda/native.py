@@ -41,13 +41,12 @@ import inspect
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.cache import AttentionLayout, Fp8PagedKV, PagedKV
+from hwlayer.ops.cache import AttentionLayout, Fp8IndexerLayout, Fp8PagedKV, PagedIndexerTables, PagedKV
 from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
 from hwlayer.plugin import emulation_note  # noqa: F401  (re-exported: the family's emulation switch)
 
@@ -354,19 +353,6 @@ def paged_block_kv_ok(block_size: int, device: torch.device) -> bool | str:
     return True if block_size in sizes else f"DeepGEMM's paged MQA logits take blocks of {sizes}, got {block_size}"
 
 
-@dataclass(frozen=True)
-class PagedIndexerTables:
-    """What ``fp8_paged_mqa_logits`` takes per step besides the cache, built once per step (vLLM builds
-    the same in its indexer metadata builder, ``DeepseekV32IndexerMetadataBuilder``): every query token
-    is one row with ``next_n = 1``."""
-
-    context_lens: torch.Tensor  # int32 [T, 1] ([T] for MACA): keys a token sees (its position + 1: causal)
-    block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's block table row
-    schedule: torch.Tensor | None  # int32 [num_sms + 1, 2]: get_paged_mqa_logits_metadata (None: block not taken)
-    max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
-    block_size: int  # host
-
-
 def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                          num_tokens: int, block_size: int, max_context_len: int,
                          meta: AttentionMetadata | None = None, *, maca: bool = False) -> PagedIndexerTables:
@@ -394,7 +380,7 @@ def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, blo
     return PagedIndexerTables(context, table, schedule, max_context_len, block_size)
 
 
-class DeepGemmLayout(AttentionLayout):
+class DeepGemmLayout(Fp8IndexerLayout):
     """The cuda backend's layout: canonical, except that with ``HWLAYER_FP8_INDEXER=1`` and a DeepGEMM
     that has ``fp8_paged_mqa_logits`` the DSA indexer key cache is FP8 with per-row scales
     (:class:`~hwlayer.ops.cache.Fp8PagedKV`, 132 bytes a token for 128-wide keys instead of 256), quantized
@@ -405,29 +391,14 @@ class DeepGemmLayout(AttentionLayout):
     The latent cache stays canonical (FlashMLA's sparse prefill reads it)."""
 
     default_block_size = 64  # what the paged MQA-logits kernels take on SM90
+    fp8_name = "deepgemm-fp8-indexer"
 
     @property
     def fp8_indexer(self) -> bool:
         return fp8_indexer_enabled() and _paged_fp8_logits() is not None
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "deepgemm-fp8-indexer" if self.fp8_indexer else "canonical"
-
-    @property
-    def canonical(self) -> bool:  # type: ignore[override]
-        return not self.fp8_indexer
-
-    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
-                      device: torch.device) -> PagedKV:
-        if self.fp8_indexer:
-            return Fp8PagedKV(num_blocks, block_size, index_dim, dtype, device)
-        return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
-
-    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                    block_table: torch.Tensor) -> PagedIndexerTables | None:
-        if meta is None or not self.fp8_indexer:
-            return None
+    def paged_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor) -> PagedIndexerTables | None:
         return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
                                     meta.max_seqlen_k, meta)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from hwlayer import plugin
-from hwlayer.ops.cache import AttentionLayout, Fp8PagedKV, PagedKV
+from hwlayer.ops.cache import Fp8IndexerLayout, Fp8PagedKV, PagedIndexerTables, PagedKV
 from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
 
 from . import convert
@@ -129,17 +128,6 @@ def _paged_logits_available() -> bool:
     return mod is not None and hasattr(mod, "fp8_paged_mqa_logits") and hasattr(mod, "get_paged_mqa_logits_metadata")
 
 
-@dataclass(frozen=True)
-class PagedIndexerTables:
-    """What ``fp8_paged_mqa_logits`` takes per step besides the cache, built once per step by the layout."""
-
-    context_lens: torch.Tensor  # int32 [T, 1]: every query token one row (next_n = 1), its causal key count
-    block_table: torch.Tensor  # int32 [T, max_blocks]: its sequence's row
-    schedule: torch.Tensor | None  # get_paged_mqa_logits_metadata (None: the block size is not 64)
-    max_context_len: int  # host: the logits' width (the step's max_seqlen_k)
-    block_size: int  # host
-
-
 def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                          num_tokens: int, block_size: int, max_context_len: int,
                          meta: AttentionMetadata | None = None) -> PagedIndexerTables:
@@ -150,7 +138,7 @@ def paged_indexer_tables(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, blo
     return PagedIndexerTables(context, table, schedule, max_context_len, block_size)
 
 
-class MusaLayout(AttentionLayout):
+class MusaLayout(Fp8IndexerLayout):
     """Canonical caches, except that with ``HWLAYER_MUSA_FP8_INDEXER=1`` and a mate that has
     ``fp8_paged_mqa_logits`` the DSA indexer key cache is FP8 with per-row scales in DeepGEMM's fused
     paged layout (:class:`hwlayer.ops.cache.Fp8PagedKV`; mate's ``fused_kv_cache`` is ``(num_blocks,
@@ -158,29 +146,14 @@ class MusaLayout(AttentionLayout):
     quantized once when written and read in place; the kernel's tables are built once per step."""
 
     default_block_size = PAGED_BLOCK_KV
+    fp8_name = "mate-fp8-indexer"
 
     @property
     def fp8_indexer(self) -> bool:
         return _fp8_indexer_enabled() and _paged_logits_available()
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "mate-fp8-indexer" if self.fp8_indexer else "canonical"
-
-    @property
-    def canonical(self) -> bool:  # type: ignore[override]
-        return not self.fp8_indexer
-
-    def indexer_cache(self, num_blocks: int, block_size: int, index_dim: int, dtype: torch.dtype,
-                      device: torch.device) -> PagedKV:
-        if self.fp8_indexer:
-            return Fp8PagedKV(num_blocks, block_size, index_dim, dtype, device)
-        return super().indexer_cache(num_blocks, block_size, index_dim, dtype, device)
-
-    def step_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                    block_table: torch.Tensor) -> PagedIndexerTables | None:
-        if meta is None or not self.fp8_indexer:
-            return None
+    def paged_tables(self, meta: Any, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor) -> PagedIndexerTables | None:
         return paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, meta.num_tokens, meta.block_size,
                                     meta.max_seqlen_k, meta)
 
