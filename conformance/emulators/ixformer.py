@@ -49,7 +49,8 @@ def _logits_impl(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_kv: tor
         n = int(cu_seqlens_kv[b + 1] - cu_seqlens_kv[b])
         if q1 == q0 or n == 0:
             continue
-        check(n <= max_context_len, f"dsa_indexer_mqa_logits_with_blocks: kv length {n} > max_context_len {max_context_len}")
+        check(n <= max_context_len,
+              f"dsa_indexer_mqa_logits_with_blocks: kv length {n} > max_context_len {max_context_len}")
         pos = torch.arange(n)
         keys = kv_cache[block_table[b, pos // bs].long(), pos % bs].float()  # [n, D]
         dots = torch.einsum("thd,nd->thn", q[q0:q1].float(), keys).clamp_min(0)
@@ -71,11 +72,13 @@ def dsa_indexer_mqa_logits_with_blocks(
 ) -> torch.Tensor:
     check(q.dim() == 3, f"dsa_indexer_mqa_logits_with_blocks: q is [T, H, D], got {tuple(q.shape)}")
     check(kv_cache.dim() == 3 and kv_cache.shape[-1] == q.shape[-1],
-          f"dsa_indexer_mqa_logits_with_blocks: kv_cache is [blocks, block_size, {q.shape[-1]}], got {tuple(kv_cache.shape)}")
+          f"dsa_indexer_mqa_logits_with_blocks: kv_cache is [blocks, block_size, {q.shape[-1]}], "
+          f"got {tuple(kv_cache.shape)}")
     check(q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype == q.dtype and weights.dtype == q.dtype,
           f"dsa_indexer_mqa_logits_with_blocks: bf16/fp16 q, kv_cache and weights of one dtype, got "
           f"{q.dtype}, {kv_cache.dtype}, {weights.dtype}")
-    check(weights.shape == q.shape[:2], f"dsa_indexer_mqa_logits_with_blocks: weights [T, H], got {tuple(weights.shape)}")
+    check(weights.shape == q.shape[:2],
+          f"dsa_indexer_mqa_logits_with_blocks: weights [T, H], got {tuple(weights.shape)}")
     check(cu_seqlens_q.dtype == cu_seqlens_kv.dtype == block_table.dtype == torch.int32,
           "dsa_indexer_mqa_logits_with_blocks: int32 cu_seqlens_q, cu_seqlens_kv and block_table")
     B = cu_seqlens_q.shape[0] - 1

@@ -55,7 +55,8 @@ from . import native
 IXFORMER = "ixformer.inference.functions"
 KERNEL_BLOCKS = (16, 32, 64)  # others take ixformer's reference fallback (slow, same result)
 VERIFIED = ("written against vllm_iluvatar 0.1.0 / ixformer 0.7.0 (ixformer.inference.functions "
-            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices), emulated in CI, not run on Iluvatar hardware")
+            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices), emulated in CI, "
+            "not run on Iluvatar hardware")
 
 
 def _ixf() -> Any:
