@@ -28,9 +28,16 @@ commit) and what is wired here:
   ranges here are ``[0, position + 1)``: causal, and the same under either reading of ``ks``.
   The kernel takes blocks of 16/32/64 and falls back to ixformer's ``ref_dsa_indexer_mqa_logits_with_blocks``
   for others (vllm_iluvatar's DeepSeek-V4 indexer notes); the layout asks for blocks of 64.
-* **sparse MLA** (not wired): no public vllm_iluvatar / ixformer sparse-MLA (DSA attention) entry was
-  found. The public ixformer MLA call is dense paged decode, ``ixf_ops.vllm_paged_attention_mla_int8``
-  (vllm_iluvatar's ``TritonMLABackend``, ``VLLM_USE_INT8_MLA``), which takes no top-k indices.
+* **sparse MLA** (not wired): no public DeepSeek-V3.2 / GLM-5 sparse-MLA call was found. The public
+  sparse MLA calls are DeepSeek-V4's, in vllm_iluvatar's ``IluDeepseekV4MLAAttention`` (the V4 W4A8 layer,
+  bf16 caches): prefill ``ixfops.ds4_flash_mla_sparse_fwd(q=, kv=[N, 1, D], indices=[T, 1, K],
+  sm_scale=, attn_sink=, topk_length=, output=)`` over a gathered workspace, decode
+  ``ixfops.ds4_flash_mla_with_kvcache(q=[T, 1, H, D], k_cache=[blocks, bs, 1, D], indices=, topk_length=,
+  sm_scale=, attn_sink=, extra_k_cache=, extra_indices=, extra_topk_length=, output=)``. Their output has
+  q's shape (V4's value is the whole 512-wide row, with an attention sink); GLM-5's rows are 576 wide
+  (latent 512 + rope 64) with a 512-wide value, and nothing public shows these kernels taking D = 576,
+  returning an lse, or running without V4's sink, so they are not wired. The other public ixformer MLA
+  call, ``vllm_paged_attention_mla_int8`` (vllm_iluvatar's ``TritonMLABackend``), is dense paged decode.
 * **MoE** (not wired): the public ixformer MoE calls are ``moe_topk_softmax`` (softmax routing;
   GLM-5 routes with sigmoid scores, a correction bias and group top-k, which it does not take) and
   ``ixfops.moe_compute_token_index_ep(topk_ids=, num_experts=, start_expert_id=, end_expert_id=)``,
