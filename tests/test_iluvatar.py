@@ -60,6 +60,19 @@ def test_ixformer_checks_fail_like_the_kernel():
         ixf_emu.dsa_update_topk_indices(torch.zeros(1, 4), i32(0), i32(1), 2, torch.zeros(1, 2, dtype=torch.int64))
 
 
+def test_ixformer_kernels_are_opaque_to_fake_tensors():
+    """The emulator reads values (``int(cu[b])``); as opaque custom ops they answer with shapes only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(3, 2, 4, dtype=torch.bfloat16)
+        logits = ixf_emu.dsa_indexer_mqa_logits_with_blocks(
+            q, i32(0, 3), i32(0, 5), torch.empty(2, 4, 4, dtype=torch.bfloat16), i32(1, 0).view(1, 2),
+            torch.empty(3, 2, dtype=torch.bfloat16), max_q_len=3, max_kv_len=5, max_context_len=8)
+        assert logits.shape == (3, 8) and logits.dtype == torch.float32
+        ixf_emu.dsa_update_topk_indices(logits, i32(0, 0, 0), i32(3, 4, 5), 2, torch.empty(3, 2, dtype=torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter
 
