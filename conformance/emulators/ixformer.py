@@ -21,7 +21,8 @@ wrapper returns that fp32 tensor). Semantics, from the references those callers 
   and block table.
 * ``dsa_update_topk_indices``: the torch path the plugin replaced (``sparse_attn_indexer_original``):
   top-k of each row's columns ``[ks, ke)``, written as ``column - ks``, ``-1`` where fewer candidates;
-  in place into ``topk_indices`` (int32 ``[T, >= topk]``), nothing returned.
+  in place into ``topk_indices`` (int32 ``[T, >= topk]``), nothing returned; fp32 or bf16 logits
+  (vllm_iluvatar's V4 indexer: "dsa_update_topk_indices already accepts bf16 logits").
 
 Both are opaque custom ops with fake kernels (``_common.opaque``). tests/test_emulators_vendor_refs.py
 checks them against vectors derived from those references.
