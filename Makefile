@@ -41,7 +41,7 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q conformance --backend triton --ignore-glob="*test_ep_*"
 	# Vendor adapters against CPU emulators of their libraries' documented APIs (conformance/emulators),
 	# one process per backend (the emulation lasts a session); about 1.5 minutes on 2 cores.
-	for b in ascend cuda metax hygon cambricon musa kunlunxin; do \
+	for b in ascend cuda metax hygon cambricon musa kunlunxin iluvatar; do \
 		$(PY) -m pytest -q conformance --backend $$b --emulated || exit 1; done
 
 # The edit-run loop (under a minute on two cores): no servers, torchrun, subprocess pipelines or Triton

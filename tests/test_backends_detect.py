@@ -87,6 +87,8 @@ def test_family_facts() -> None:
             assert "H200" in b.verified and "not run with those libraries" in b.verified
         elif b.name == "kunlunxin":
             assert "not run on Kunlunxin hardware" in b.verified
+        elif b.name == "iluvatar":
+            assert "emulated in CI, not run on Iluvatar hardware" in b.verified
         else:
             assert "not run on hardware" in b.verified
     for name in ("cuda", "hygon", "metax", "kunlunxin"):  # native adapters: emulated in CI

@@ -46,6 +46,7 @@ NATIVE = {
     "cambricon": ("moe_route", "grouped_gemm"),
     "musa": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
     "kunlunxin": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
+    "iluvatar": ("lightning_indexer",),  # no public ixformer sparse-MLA / GLM-5 MoE entry (backends/cuda/iluvatar.py)
 }
 # Ops the adapter must serve at least once (a strided activation may still decline, e.g. tmo's
 # fused_rms_norm on the kv latent slice of a prefill).
@@ -57,6 +58,7 @@ ALSO_NATIVE = {
     "cambricon": ("rms_norm", "rope"),
     "musa": (),
     "kunlunxin": ("rms_norm", "rope", "kv_cache_write"),
+    "iluvatar": (),
 }
 FP8_INDEXER_OPT_IN = {"HWLAYER_FP8_INDEXER": "1", "HWLAYER_MUSA_FP8_INDEXER": "1", "HWLAYER_KUNLUN_INT8_INDEXER": "1"}
 

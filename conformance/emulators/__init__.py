@@ -25,6 +25,7 @@ hygon        ``lightop`` + ``lightop.norm`` / ``lightop.op`` (:mod:`.lightop`), 
 cambricon    ``torch_mlu_ops``                                (:mod:`.torch_mlu_ops`)
 musa         ``mate`` + ``mate.flashmla`` / ``mate.deep_gemm`` / ``mate.gemm`` (:mod:`.mate`)
 kunlunxin    ``kunlun_ops`` (base-2 sparse-prefill lse)      (:mod:`.kunlun_ops`)
+iluvatar     ``ixformer.inference.functions`` (DSA indexer)  (:mod:`.ixformer`)
 ===========  ==============================================================================
 
 How it is switched on (tests only, never in production):
@@ -55,7 +56,7 @@ from typing import Callable, Iterator
 
 MARKER = "hwlayer_emulation"
 
-BACKENDS = ("ascend", "cuda", "metax", "hygon", "cambricon", "musa", "kunlunxin")
+BACKENDS = ("ascend", "cuda", "metax", "hygon", "cambricon", "musa", "kunlunxin", "iluvatar")
 
 # Ops each emulated conformance run must see served by the native adapter at least once
 # (conformance/conftest.py fails the session otherwise): an adapter that silently declined every
@@ -69,6 +70,7 @@ EXPECTED_NATIVE = {
     "cambricon": ("rms_norm", "rope", "moe_route", "grouped_gemm"),
     "musa": ("grouped_gemm", "moe_route"),
     "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope", "quant_grouped_gemm", "prepare_weight"),
+    "iluvatar": ("lightning_indexer",),
 }
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or
@@ -96,6 +98,7 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
         deep_ep,
         deep_gemm,
         flash_mla,
+        ixformer,
         kunlun_ops,
         lightop,
         mate,
@@ -143,6 +146,11 @@ def _builders(backend: str) -> dict[str, Callable[[types.ModuleType], None]]:
             "mate.gemm": mate.install_gemm,
         },
         "kunlunxin": {"kunlun_ops": kunlun_ops.install},
+        "iluvatar": {
+            "ixformer": ixformer.install_package,
+            "ixformer.inference": ixformer.install_package,
+            "ixformer.inference.functions": ixformer.install_functions,
+        },
     }
     if backend not in table:
         raise ValueError(f"no emulation for backend {backend!r}; expected one of {', '.join(BACKENDS)}")

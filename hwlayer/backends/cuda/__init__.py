@@ -20,7 +20,7 @@ from hwlayer.backend import Backend, DeviceGraph
 from hwlayer.hookspecs import hookimpl
 from hwlayer.plugin import as_registered
 
-from . import deepep, hygon, native
+from . import deepep, hygon, iluvatar, native
 from .detect import detect
 
 HWLAYER_HOOKSPEC_VERSION = "2.0"
@@ -116,9 +116,11 @@ BACKENDS = (
         visible_devices_env="CUDA_VISIBLE_DEVICES",
         priority=60,
         inherits=("triton",),
-        verified=f"Triton tier and generic only; collective nccl unverified; {NOT_RUN}",
+        verified=f"{iluvatar.VERIFIED}; collective nccl unverified",
         install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
-        description="Iluvatar CoreX GPUs (no native adapters yet: Triton tier, generic)",
+        description="Iluvatar CoreX GPUs: ixformer DSA indexer where installed, Triton tier, generic",
+        # canonical caches; the bf16 indexer cache is read in place by ixformer, tables built once per step
+        attention_layout=iluvatar.ILUVATAR_LAYOUT,
         weight_formats=("int8",),  # int8 through the Triton tier; no FP8 documented
     ),
 )
@@ -149,4 +151,6 @@ def hwlayer_register_ops(register: Callable) -> None:
 
     register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)
     hygon.register(register, backend="hygon")  # DCU FlashMLA, lightop moe_fused_gate, DCU DeepGEMM indexer
+    register("lightning_indexer", iluvatar.ixformer_lightning_indexer, backend="iluvatar",
+             supports=iluvatar.ixformer_indexer_supports)
     deepep.register(register, backend="cuda")  # ep_dispatch / ep_combine through DeepEP
