@@ -3,12 +3,14 @@
 All four put tensors on torch device ``cuda``; they differ in vendor identity (see ``detect.py``,
 which tells them apart, and Kunlunxin's machines too: that backend is the out-of-tree plugin
 ``plugins/hwlayer-kunlun``), visible-devices variable, collective library underneath ``nccl``, and
-native kernels. Op resolution per backend: its native adapters (``native.py``, each behind a
-``supports`` check that the library imports and takes the shapes), then the Triton tier for those
+native kernels. Op resolution per backend: its native adapters (``native.py``; ``hygon.py``,
+``iluvatar.py``; ``deepep.py`` for EP; each behind a ``supports`` check that the library imports and
+takes the shapes), then the Triton tier for those
 Triton runs on (``inherits=("triton",)``), then generic torch.
 
-Nothing here has been run on vendor hardware; the native adapters run in CI against CPU emulators of
-the libraries' documented APIs (``pytest conformance --backend cuda|metax|hygon --emulated``).
+No native adapter here has run with its vendor library; they run in CI against CPU emulators held to
+the vendors' own tests and references (``pytest conformance --backend cuda|metax|hygon|iluvatar
+--emulated``). The Triton tier and the generic ops of ``cuda`` ran on an NVIDIA H200 (docs/benchmarks.md).
 ``verified`` says which API version each follows.
 """
 
