@@ -34,22 +34,19 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.cache import Fp8PagedKV, PagedKV
+from hwlayer.ops.cache import Fp8PagedKV
 from hwlayer.ops.layout import AttentionMetadata
 
 from . import native
 from .native import (
-    FLASH_MLA_TOPK_ALIGN,
     MQA_LOGITS_HEAD_DIMS,
     MQA_LOGITS_HEADS,
     PagedIndexerTables,
-    canonical_tensor,
     fp8_indexer_enabled,
     importable,
     indexer_key_layout,
     is_decode_step,
     paged_indexer_tables,
-    to_global_slots,
     topk_positions,
 )
 
@@ -64,53 +61,9 @@ def _cuda_tensors(*tensors: Any) -> bool:
 # sparse_mla_attention: DCU FlashMLA
 
 
-def dcu_flash_mla_sparse_supports(
-    q: Any, kv_cache: Any, indices: Any, block_table: Any, cu_seqlens_q: Any, seq_lens: Any, scale: float,
-    v_dim: int, *, meta: Any = None, return_lse: bool = False,
-) -> bool | str:
-    kv = canonical_tensor(kv_cache)
-    if kv is None:
-        return "DCU FlashMLA reads one contiguous [slots, 1, 576] latent cache (the canonical layout)"
-    if not _cuda_tensors(q, kv, indices, block_table, cu_seqlens_q, seq_lens):
-        return "needs DCU (cuda) tensors"
-    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-        return "DCU FlashMLA sparse prefill takes bf16 q and kv"
-    if q.shape[-1] != 576 or v_dim != 512:
-        return "DCU FlashMLA sparse prefill takes d_qk 576 with d_v 512"
-    if not kv.is_contiguous():
-        return "DCU FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
-    if q.shape[1] > 128:
-        return f"DCU FlashMLA sparse prefill takes 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
-    if not importable("flash_mla.flash_mla_interface"):
-        return "flash_mla.flash_mla_interface (the DCU FlashMLA build) is not importable"
-    return True
-
-
-def dcu_flash_mla_sparse_attention(
-    q: torch.Tensor, kv_cache: PagedKV | torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
-    meta: AttentionMetadata | None = None, return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    from flash_mla.flash_mla_interface import flash_mla_sparse_fwd
-
-    kv = canonical_tensor(kv_cache)
-    T, H, Dk = q.shape
-    if T == 0 or indices.shape[1] == 0:  # no index: nothing to attend (a FlashMLA kernel asserts topk > 0)
-        out = q.new_zeros(T, H, v_dim)
-        return (out, torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)) if return_lse else out
-    slots = to_global_slots(indices, block_table, cu_seqlens_q, seq_lens, kv.shape[1], meta)
-    topk_pad = -slots.shape[1] % FLASH_MLA_TOPK_ALIGN
-    if topk_pad:
-        slots = torch.nn.functional.pad(slots, (0, topk_pad), value=-1)
-    heads = 64 if H <= 64 else 128
-    q_in = q if heads == H else torch.nn.functional.pad(q, (0, 0, 0, heads - H))
-    out, _max_logits, lse = flash_mla_sparse_fwd(q_in.contiguous(), kv.view(-1, 1, Dk), slots.unsqueeze(1).contiguous(),
-                                                 scale, d_v=v_dim)
-    empty = (indices < 0).all(dim=1)  # our contract: out 0, lse -inf; masked on the device, no branch
-    out = out[:, :H].to(q.dtype).masked_fill(empty[:, None, None], 0.0)
-    if not return_lse:
-        return out
-    return out, lse[:, :H].float().masked_fill(empty[:, None], float("-inf"))  # natural log: no conversion
+# The DCU build differs from NVIDIA's FlashMLA only in its import path, its head rule and the missing
+# architecture check: the same adapter, made by native.make_flash_mla_sparse.
+dcu_flash_mla_sparse_attention, dcu_flash_mla_sparse_supports = native.make_flash_mla_sparse(dcu=True)
 
 
 # --------------------------------------------------------------------------------------------

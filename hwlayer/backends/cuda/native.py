@@ -231,7 +231,7 @@ def to_global_slots(
     return torch.where(indices >= 0, slots, -1).to(torch.int32)
 
 
-def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
+def make_flash_mla_sparse(maca: bool = False, dcu: bool = False) -> tuple[Any, Any]:
     """(implementation, supports) of ``sparse_mla_attention`` over ``flash_mla.flash_mla_sparse_fwd``.
 
     ``maca=False``: NVIDIA FlashMLA. Architecture checked first (sm90a / sm100f); lse base and head
@@ -240,11 +240,20 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
     writes ``row_max * softmax_scale + __logf(sum)`` with the natural ``softmax_scale``
     (``csrc/flash_kernel/feature/softmax.h:450``, ``normalize_softmax_lse``); only ``max_logits`` is
     scaled by ``M_LOG2E``. Its docstring's "2-based log-sum-exp" is wrong; the kernel wins.
+    ``dcu=True``: Hygon's DCU build, ``flash_mla.flash_mla_interface.flash_mla_sparse_fwd`` as vllm_hcu
+    calls it (``hygon.py`` says where): heads exactly 64 or 128, a natural-log lse (from vllm_hcu's use:
+    the DCU kernel source is not public), no NVIDIA architecture check.
     """
+    module = "flash_mla.flash_mla_interface" if dcu else "flash_mla"
+    label = "DCU FlashMLA" if dcu else "FlashMLA"
+    device_name = "DCU (cuda)" if dcu else "CUDA"
+
+    def kernel() -> Any:
+        return importlib.import_module(module).flash_mla_sparse_fwd
 
     def api(fn: Any) -> tuple[bool, bool]:  # (natural lse, heads exactly 64 or 128)
-        if maca:
-            return True, False
+        if maca or dcu:
+            return True, dcu
         natural = flash_mla_natural_lse(fn)
         return natural, natural
 
@@ -254,23 +263,21 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
     ) -> bool | str:
         kv = canonical_tensor(kv_cache)
         if kv is None:
-            return "FlashMLA reads one contiguous [slots, 1, 576] latent cache (the canonical layout)"
+            return f"{label} reads one contiguous [slots, 1, 576] latent cache (the canonical layout)"
         if not _cuda_tensors(q, kv, indices, block_table, cu_seqlens_q, seq_lens):
-            return "needs CUDA tensors"
+            return f"needs {device_name} tensors"
         if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-            return "FlashMLA sparse prefill takes bf16 q and kv"
+            return f"{label} sparse prefill takes bf16 q and kv"
         if q.shape[-1] != 576 or v_dim != 512:
-            return "FlashMLA sparse prefill takes d_qk 576 with d_v 512"
+            return f"{label} sparse prefill takes d_qk 576 with d_v 512"
         if not kv.is_contiguous():
-            return "FlashMLA reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
-        if not importable("flash_mla"):
-            return "flash_mla is not importable"
-        if not maca and (ok := flash_mla_arch_supported(q.device)) is not True:
+            return f"{label} reads the cache as one flat [slots, 1, 576] tensor: needs it contiguous"
+        if not importable(module):
+            return f"{module} is not importable"
+        if not (maca or dcu) and (ok := flash_mla_arch_supported(q.device)) is not True:
             return ok
-        from flash_mla import flash_mla_sparse_fwd
-
-        if flash_mla_padded_heads(q.shape[1], api(flash_mla_sparse_fwd)[1], q.device) is None:
-            return f"FlashMLA sparse prefill takes exactly 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
+        if flash_mla_padded_heads(q.shape[1], api(kernel())[1], q.device) is None:
+            return f"{label} sparse prefill takes exactly 64 or 128 query heads; {q.shape[1]} cannot be padded to them"
         return True
 
     def sparse_mla_attention(
@@ -278,8 +285,7 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, v_dim: int, *,
         meta: AttentionMetadata | None = None, return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from flash_mla import flash_mla_sparse_fwd
-
+        flash_mla_sparse_fwd = kernel()
         kv = canonical_tensor(kv_cache)
         T, H, Dk = q.shape
         if T == 0 or indices.shape[1] == 0:  # FlashMLA asserts topk > 0: no index, nothing to attend
@@ -306,7 +312,7 @@ def make_flash_mla_sparse(maca: bool) -> tuple[Any, Any]:
             lse = lse * math.log(2.0)  # base-2 lse (FlashMLA before 082094b) -> natural
         return out, lse.masked_fill(empty[:, None], float("-inf"))
 
-    name = "mcflashmla" if maca else "flashmla"
+    name = "mcflashmla" if maca else "dcuflashmla" if dcu else "flashmla"
     sparse_mla_attention.__qualname__ = f"sparse_mla_attention[{name}]"
     supports.__qualname__ = f"sparse_mla_attention_supports[{name}]"
     return sparse_mla_attention, supports
