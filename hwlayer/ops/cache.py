@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -272,3 +272,18 @@ class Fp8IndexerLayout(AttentionLayout):
                      block_table: torch.Tensor) -> PagedIndexerTables | None:
         """The kernel's tables for this step (None: the step goes without them)."""
         raise NotImplementedError
+
+
+def tables_for_call(meta: Any, block_size: int, max_seqlen_k: int | None, seq_lens: torch.Tensor,
+                    build: Callable[[int, Any], PagedIndexerTables], one_dim: bool = False) -> PagedIndexerTables:
+    """A paged-logits adapter's tables: the step's (``meta.backend``, built once by the layout) when they
+    fit this call's cache block size and width, else ``build(max_seqlen_k, meta or None)`` now -- a call
+    outside a forward (conformance, tools); with no ``max_seqlen_k`` that reads the device, the op's
+    documented convenience. ``one_dim``: the kernel takes 1-D context lengths (MACA)."""
+    tables = meta.backend if meta is not None else None
+    if (isinstance(tables, PagedIndexerTables) and tables.block_size == block_size
+            and (not one_dim or tables.context_lens.dim() == 1) and max_seqlen_k in (None, tables.max_context_len)):
+        return tables
+    if max_seqlen_k is None:
+        max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
+    return build(max_seqlen_k, meta if meta is not None and meta.block_size == block_size else None)

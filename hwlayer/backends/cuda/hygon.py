@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.cache import Fp8PagedKV
+from hwlayer.ops.cache import Fp8PagedKV, tables_for_call
 from hwlayer.ops.layout import AttentionMetadata
 
 from . import native
@@ -168,13 +168,8 @@ def dcu_lightning_indexer(
     w = (weights.float() * q_scale * scale).contiguous()
     if is_decode_step(T, seq_lens.shape[0]):  # decode: the paged kernel reads the FP8 cache in place
         bs = k_cache.block_size
-        tables = meta.backend if meta is not None else None
-        if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs
-                and max_seqlen_k in (None, tables.max_context_len)):
-            if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
-                max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
-            tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
-                                          meta if meta is not None and meta.block_size == bs else None)
+        tables = tables_for_call(meta, bs, max_seqlen_k, seq_lens, lambda L, m: paged_indexer_tables(
+            cu_seqlens_q, seq_lens, block_table, T, bs, L, m))
         if tables.max_context_len == 0:
             return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
         logits = dg.fp8_fp4_paged_mqa_logits(q_fp8.unsqueeze(1).contiguous(), k_cache.fused(), w,

@@ -46,7 +46,14 @@ from typing import Any
 import torch
 
 from hwlayer.ops import positions_to_slots, token_positions
-from hwlayer.ops.cache import AttentionLayout, Fp8IndexerLayout, Fp8PagedKV, PagedIndexerTables, PagedKV
+from hwlayer.ops.cache import (
+    AttentionLayout,
+    Fp8IndexerLayout,
+    Fp8PagedKV,
+    PagedIndexerTables,
+    PagedKV,
+    tables_for_call,
+)
 from hwlayer.ops.layout import AttentionMetadata, sequence_key_slots
 from hwlayer.plugin import emulation_note  # noqa: F401  (re-exported: the family's emulation switch)
 
@@ -579,13 +586,8 @@ def _fp8_paged_indexer(
     ``fused_indexer_q_rope_quant`` folds its q scale likewise)."""
     T = q.shape[0]
     bs = k_cache.block_size
-    tables = meta.backend if meta is not None else None
-    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs
-            and max_seqlen_k in (None, tables.max_context_len)):
-        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
-            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
-        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
-                                      meta if meta is not None and meta.block_size == bs else None)
+    tables = tables_for_call(meta, bs, max_seqlen_k, seq_lens, lambda L, m: paged_indexer_tables(
+        cu_seqlens_q, seq_lens, block_table, T, bs, L, m))
     if T == 0 or tables.max_context_len == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     import deep_gemm
@@ -614,13 +616,8 @@ def _bf16_paged_indexer(
     built here."""
     T = q.shape[0]
     bs = k_cache.shape[1]
-    tables = meta.backend if meta is not None else None
-    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs and tables.context_lens.dim() == 1
-            and max_seqlen_k in (None, tables.max_context_len)):
-        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
-            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
-        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
-                                      meta if meta is not None and meta.block_size == bs else None, maca=True)
+    tables = tables_for_call(meta, bs, max_seqlen_k, seq_lens, lambda L, m: paged_indexer_tables(
+        cu_seqlens_q, seq_lens, block_table, T, bs, L, m, maca=True), one_dim=True)
     if tables.max_context_len == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     w = (weights.float() * scale).contiguous()  # relu(s x) = s relu(x) for s > 0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hwlayer import plugin
-from hwlayer.ops.cache import Fp8IndexerLayout, Fp8PagedKV, PagedIndexerTables, PagedKV
+from hwlayer.ops.cache import Fp8IndexerLayout, Fp8PagedKV, PagedIndexerTables, PagedKV, tables_for_call
 from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
 
 from . import convert
@@ -189,13 +189,8 @@ def supports_lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, s
 def lightning_indexer(q, weights, k_cache, block_table, cu_seqlens_q, seq_lens, topk, scale,
                       max_seqlen_q=None, max_seqlen_k=None, *, meta=None):
     T, bs = q.shape[0], k_cache.block_size
-    tables = meta.backend if meta is not None else None
-    if not (isinstance(tables, PagedIndexerTables) and tables.block_size == bs
-            and max_seqlen_k in (None, tables.max_context_len)):
-        if max_seqlen_k is None:  # the op's documented convenience outside a forward: reads the device
-            max_seqlen_k = int(seq_lens.max()) if seq_lens.numel() else 0
-        tables = paged_indexer_tables(cu_seqlens_q, seq_lens, block_table, T, bs, max_seqlen_k,
-                                      meta if meta is not None and meta.block_size == bs else None)
+    tables = tables_for_call(meta, bs, max_seqlen_k, seq_lens, lambda L, m: paged_indexer_tables(
+        cu_seqlens_q, seq_lens, block_table, T, bs, L, m))
     if T == 0 or tables.max_context_len == 0:
         return torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     # The keys are read in place (quantized when written); only q is quantized here, per (token, head)
