@@ -218,10 +218,22 @@ def _paged_impl(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, 
     codes = flat[:, : bs * D].reshape(nb, bs, D).view(torch.float8_e4m3fn).float()
     scales = flat[:, bs * D:].contiguous().view(torch.float32)  # [nb, bs]
     keys = codes * scales.unsqueeze(-1)
-    logits = torch.full((B * next_n, max_context_len), UNWRITTEN, dtype=torch.float32)
+    return _ref_paged_logits(q, keys, weights, block_table, max_context_len, UNWRITTEN,
+                             lambda b, j: int(context_lens[b, j]))
+
+
+def _ref_paged_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
+                      width: int, fill: float, context) -> torch.Tensor:
+    """The loop of DeepGEMM 54e2261 ``tests/test_attention.py::ref_paged_mqa_logits`` over dequantized
+    keys ``[blocks, bs, D]``: row ``(b, j)`` scores its first ``context(b, j)`` keys, the rest stay ``fill``."""
+    B, next_n, _, D = q.shape
+    bs = keys.shape[1]
+    logits = torch.full((B * next_n, width), fill, dtype=torch.float32)
     for b in range(B):
         for j in range(next_n):
-            ctx = int(context_lens[b, j])
+            ctx = context(b, j)
+            if ctx == 0:
+                continue
             blocks = block_table[b, : -(-ctx // bs)].long()
             k = keys.index_select(0, blocks).reshape(-1, D)[:ctx]  # [ctx, D]
             s = (q[b, j].float() @ k.t()).relu()  # [H, ctx]
@@ -304,18 +316,12 @@ def _bf16_paged_impl(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
     B, next_n, H, D = q.shape
     bs = kv_cache.shape[1]
     keys = kv_cache.float().reshape(kv_cache.shape[0], bs, D)
-    logits = torch.full((B * next_n, max_model_len), float("-inf"), dtype=torch.float32)
-    for b in range(B):
-        for j in range(next_n):
-            ctx = int(context_lens[b, j]) if context_lens.dim() == 2 else int(context_lens[b]) - next_n + j + 1
-            ctx = min(max(ctx, 0), max_model_len)
-            if ctx == 0:
-                continue
-            blocks = block_table[b, : -(-ctx // bs)].long()
-            k = keys.index_select(0, blocks).reshape(-1, D)[:ctx]
-            s = (q[b, j].float() @ k.t()).relu()  # [H, ctx]
-            logits[b * next_n + j, :ctx] = (s * weights[b * next_n + j].float().unsqueeze(1)).sum(0)
-    return logits
+
+    def context(b: int, j: int) -> int:
+        ctx = int(context_lens[b, j]) if context_lens.dim() == 2 else int(context_lens[b]) - next_n + j + 1
+        return min(max(ctx, 0), max_model_len)
+
+    return _ref_paged_logits(q, keys, weights, block_table, max_model_len, float("-inf"), context)
 
 
 def _bf16_paged_fake(q, kv_cache, weights, context_lens, block_table, max_model_len):
