@@ -4,7 +4,7 @@ Part 1, per MoE layer: ``ep_dispatch + ep_combine`` (generic hwlayer ops, expert
 the combine sends back the delivered rows) against its peer, a bare ``all_to_all_single`` pair
 moving one row per assignment out and back (the rows the contract delivers, same split sizes) on
 buffers prepared beforehand. The ops run as the model calls them (routing weights at dispatch: each
-token travels once per rank, one fp32 row per token comes back) and without weights at dispatch
+token travels once per rank, one row per token and rank comes back) and without weights at dispatch
 (one row per assignment); ``bare a2a x2, token bytes`` moves exactly the bytes of the former, the
 peer for its overhead. ``before`` (485127a) and ``legacy`` are the generic implementations of the
 two previous rounds, kept here for the record. ``--capacity`` adds the fixed-capacity form
@@ -144,10 +144,17 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     w = torch.rand(args.tokens, args.top_k, generator=g)
     recv_x, _, handle = ops.ep_dispatch(x, ids, args.experts)  # weights at combine: one row per assignment
     send_rows = x.index_select(0, handle.order // args.top_k)  # the bare exchange's prepared buffer
-    # Weights at dispatch (as the model calls it): tokens travel once per rank, fp32 partial sums come back.
-    _, _, tok = ops.ep_dispatch(x, ids, args.experts, None, w)
-    tok_send = x.index_select(0, tok.sent_token)
-    tok_back = torch.zeros(sum(tok.recv_tokens), args.hidden)
+    # Weights at dispatch (as the model calls it): tokens travel once per rank and come back once per
+    # rank (that rank's partial sum). The bare peer of those bytes: the tokens each rank receives, and
+    # one row per received token back.
+    dest = (ids.long() // (args.experts // world)).t()
+    hits = torch.zeros(world, args.tokens, dtype=torch.bool).scatter_(0, dest, True)
+    tok_counts = hits.sum(1)
+    tok_recv_counts = torch.empty_like(tok_counts)
+    dist.all_to_all_single(tok_recv_counts, tok_counts)
+    tok_send_split, tok_recv_split = tok_counts.tolist(), tok_recv_counts.tolist()
+    tok_send = x.index_select(0, hits.view(-1).nonzero().view(-1) % args.tokens)
+    tok_back = x.new_empty(sum(tok_recv_split), args.hidden)
     capacity = args.tokens  # the fixed-capacity form: every rank sends every rank C * k rows
     block = [capacity * args.top_k] * world
     cap_send = x.new_zeros(world * capacity * args.top_k, args.hidden)
@@ -164,9 +171,9 @@ def _comm_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
         rx, _, h = ops.ep_dispatch(x, ids, args.experts)
         ops.ep_combine(rx, h, w)
 
-    def bare_tokens() -> None:  # the bytes the weights-at-dispatch path moves: bf16 tokens out, fp32 rows back
-        all_to_all(tok_send, tok.recv_tokens, tok.send_tokens)
-        all_to_all(tok_back, tok.send_tokens, tok.recv_tokens)
+    def bare_tokens() -> None:  # the bytes the weights-at-dispatch path moves: tokens out, one row per token back
+        all_to_all(tok_send, tok_recv_split, tok_send_split)
+        all_to_all(tok_back, tok_send_split, tok_recv_split)
 
     def before() -> None:
         rx, _, h = before_ep_dispatch(x, ids, args.experts)

@@ -52,9 +52,11 @@ def all_to_all(
 class EPHandle:
     """What the generic ``ep_combine`` needs to send expert outputs back (exact form).
 
-    ``order`` (int64 ``[T*k]``): send-buffer row ``j`` is assignment ``order[j] = t * k + slot``;
-    ``inverse`` is its inverse permutation (assignment -> row), or None where a caller built a
-    handle without it (then ``order`` may also drop assignments: ``moe_unpermute`` serves)."""
+    Outputs come back one row per assignment, grouped by the expert's rank, each rank's rows in
+    token-slot order. ``order`` (int64 ``[T*k]``): returned row ``j`` is assignment ``order[j] = t * k
+    + slot``; ``inverse`` is its inverse permutation (assignment -> row), or None where a caller built
+    a handle without it (then ``order`` may also drop assignments: ``moe_unpermute`` serves).
+    ``send_counts`` / ``recv_counts``: assignments sent to / received from each rank."""
 
     order: torch.Tensor
     send_counts: list[int]
@@ -67,8 +69,10 @@ class EPHandle:
 @dataclass
 class EPTokenHandle:
     """The generic exact form when the weights came with the dispatch: each token travelled once per
-    destination rank. ``sent_token`` (int64): the token of each sent row, destination by destination;
-    ``row_token`` / ``row_weight``: the received token and weight of each delivered assignment row."""
+    destination rank and comes back once per rank, as that rank's weighted partial sum (DeepEP's
+    normal-mode scheme). ``sent_token`` (int64): the token of each sent row, destination by
+    destination; ``row_token`` / ``row_weight``: the received token and weight of each delivered
+    assignment row; the counts are tokens sent to / received from each rank."""
 
     sent_token: torch.Tensor
     send_tokens: list[int]
@@ -186,9 +190,9 @@ def ep_dispatch(
 def _dispatch_tokens(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor, per_rank: int,
                      world: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, EPTokenHandle]:
     """Exact form with the weights at hand, DeepEP's normal-mode scheme on plain all-to-alls: a token
-    goes once to each rank that owns one of its experts (with its ``k`` local ids, ``-1`` for other
-    ranks', and weights), the receiver expands it to one row per assignment; ``ep_combine`` then sums
-    each token's local assignments on the expert's rank (fp32) and sends one fp32 row per token back."""
+    goes once to each rank that owns one of its experts, carrying its ``k`` global ids and weights;
+    the receiver keeps its own assignments and expands them to one row per assignment. ``ep_combine``
+    then sums each token's local assignments on the expert's rank and sends one row per token back."""
     import torch.distributed as dist
 
     T, k = ids.shape
@@ -199,38 +203,26 @@ def _dispatch_tokens(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     counts = torch.stack([hits.sum(1), torch.bincount(dest.reshape(-1), minlength=world)], 1)  # [W, 2]
     recv_counts = torch.empty_like(counts)  # tokens and assignments per rank, in one small exchange
     work = dist.all_to_all_single(recv_counts, counts, group=group, async_op=True)
-    send = [c[0] for c in counts.tolist()]
-    n_send = sum(send)
-    pairs = torch.argsort((~hits).view(-1).to(torch.uint8), stable=True)[:n_send]  # destination-major, tokens ascending
-    sent_token, sent_dest = pairs % max(T, 1), pairs // max(T, 1)
-    tok_ids = ids.index_select(0, sent_token)
-    mine = dest.index_select(0, sent_token) == sent_dest.view(-1, 1)
-    meta = torch.cat([torch.where(mine, tok_ids % per_rank, -1).to(torch.int32),
-                      torch.where(mine, weights.float().index_select(0, sent_token), 0.0).view(torch.int32)], 1)
-    # Ids and weights ride in extra columns of the row buffer (as DeepEP's kernels send them with the
-    # token): one exchange for all three.
-    packable = (meta.shape[1] * 4) % x.element_size() == 0
+    # Ids and weights ride in extra columns of the token's row (as DeepEP's kernels send them with the
+    # token), appended once per token: one gather builds the send buffer, one exchange moves all three.
+    meta = torch.cat([ids.to(torch.int32), weights.float().view(torch.int32)], 1)  # [T, 2k], 8k bytes
+    x_ext = torch.cat([x, meta.view(x.dtype)], 1)  # (8k bytes are whole elements of any float dtype)
+    sent_token = hits.view(-1).nonzero().view(-1) % max(T, 1)  # destination-major, tokens ascending
+    send_buf = x_ext.index_select(0, sent_token)
     work.wait()
-    recv_both = recv_counts.tolist()
-    recv = [c[0] for c in recv_both]
-    R = sum(c[1] for c in recv_both)
-    if packable:
-        send_buf = torch.cat([x.index_select(0, sent_token), meta.view(x.dtype)], 1)
-        recv_buf = x.new_empty((sum(recv), send_buf.shape[1]))
-        dist.all_to_all_single(recv_buf, send_buf, recv, send, group=group)
-        recv_x, recv_meta = recv_buf[:, :D], recv_buf[:, D:].contiguous().view(torch.int32)
-    else:  # an element size that does not divide 4 bytes: ids and weights in their own exchange
-        recv_meta = meta.new_empty((sum(recv), 2 * k))
-        meta_work = dist.all_to_all_single(recv_meta, meta, recv, send, group=group, async_op=True)
-        recv_x = x.new_empty((sum(recv), D))
-        dist.all_to_all_single(recv_x, x.index_select(0, sent_token), recv, send, group=group)
-        meta_work.wait()
-    local = recv_meta[:, :k]
-    valid = (local >= 0).view(-1)
+    both, recv_both = counts.tolist(), recv_counts.tolist()
+    send, recv = [c[0] for c in both], [c[0] for c in recv_both]
+    recv_buf = x.new_empty((sum(recv), send_buf.shape[1]))
+    dist.all_to_all_single(recv_buf, send_buf, recv, send, group=group)
+    recv_meta = recv_buf[:, D:].contiguous().view(torch.int32)
+    local = recv_meta[:, :k] - dist.get_rank(group) * per_rank
     # The delivered assignments, row-major over (received token, slot): source rank, token, slot.
-    pos = torch.argsort((~valid).to(torch.uint8), stable=True)[:R]
+    pos = ((local >= 0) & (local < per_rank)).view(-1).nonzero().view(-1)
+    R = sum(c[1] for c in recv_both)
+    if pos.numel() != R:  # the ids sent and the counts exchanged disagree
+        fail("ep_dispatch", "topk_ids", f"{R} assignments to this rank's experts, as counted", pos.numel())
     row_token = pos // k
-    rows = recv_x.index_select(0, row_token)
+    rows = recv_buf[:, :D].index_select(0, row_token)
     row_ids = local.reshape(-1).index_select(0, pos)
     row_weight = recv_meta[:, k:].contiguous().view(torch.float32).reshape(-1).index_select(0, pos)
     return rows, row_ids, EPTokenHandle(sent_token, send, recv, row_token, row_weight, T, k)
@@ -292,23 +284,30 @@ def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: 
 
 
 def _combine_tokens(y: torch.Tensor, handle: EPTokenHandle, topk_weights: torch.Tensor, group: Any) -> torch.Tensor:
+    """Each received token's assignments weighted and summed here in fp32, rounded to ``y.dtype`` once
+    (one row per token and rank goes back, as DeepEP's normal-mode combine sends it); the sender sums
+    its tokens' rows from every rank in fp32."""
     import torch.distributed as dist
 
     check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.row_token.shape[0], None])
     check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
-    D = y.shape[1]
-    n_recv = sum(handle.recv_tokens)
-    # Each received token's assignments, weighted and summed here, in fp32, in bounded row blocks.
-    partial = torch.zeros((n_recv, D), dtype=torch.float32, device=y.device)
-    step = max(1, _COMBINE_CHUNK_BYTES // max(1, D * 4))
-    for r0 in range(0, y.shape[0], step):
-        r1 = min(y.shape[0], r0 + step)
-        partial.index_add_(0, handle.row_token[r0:r1], y[r0:r1].float() * handle.row_weight[r0:r1, None])
-    back = partial.new_empty((sum(handle.send_tokens), D))
+    partial = _sum_rows(y, handle.row_token, handle.row_weight, sum(handle.recv_tokens)).to(y.dtype)
+    back = y.new_empty((sum(handle.send_tokens), y.shape[1]))
     dist.all_to_all_single(back, partial, handle.send_tokens, handle.recv_tokens, group=group)
-    out = torch.zeros((handle.num_tokens, D), dtype=torch.float32, device=y.device)
-    out.index_add_(0, handle.sent_token, back)
-    return out.to(y.dtype)
+    return _sum_rows(back, handle.sent_token, None, handle.num_tokens).to(y.dtype)
+
+
+def _sum_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``out[i] = sum_{j: index[j] = i} weights[j] * rows[j]`` in fp32 (``[n, D]``), upcasting
+    ``rows`` in cache-sized blocks rather than as one full-size copy."""
+    out = torch.zeros((n, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    step = max(1, _COMBINE_CHUNK_BYTES // max(1, rows.shape[1] * 4))
+    for r0 in range(0, rows.shape[0], step):
+        block = rows[r0:r0 + step].float()  # (fp32 rows: a view, so never modified in place)
+        if weights is not None:
+            block = block * weights[r0:r0 + step, None]
+        out.index_add_(0, index[r0:r0 + step], block)
+    return out
 
 
 def _combine_capacity(y: torch.Tensor, handle: EPCapacityHandle, topk_weights: torch.Tensor,
