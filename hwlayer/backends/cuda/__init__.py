@@ -153,6 +153,5 @@ def hwlayer_register_ops(register: Callable) -> None:
 
     register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)
     hygon.register(register, backend="hygon")  # DCU FlashMLA, lightop moe_fused_gate, DCU DeepGEMM indexer
-    register("lightning_indexer", iluvatar.ixformer_lightning_indexer, backend="iluvatar",
-             supports=iluvatar.ixformer_indexer_supports)
+    iluvatar.register(register, backend="iluvatar")  # ixformer DSA indexer, moe_grouped_topk, group GEMVs
     deepep.register(register, backend="cuda")  # ep_dispatch / ep_combine through DeepEP
