@@ -120,10 +120,10 @@ BACKENDS = (
         inherits=("triton",),
         verified=f"{iluvatar.VERIFIED}; collective nccl unverified",
         install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
-        description="Iluvatar CoreX GPUs: ixformer DSA indexer where installed, Triton tier, generic",
+        description="Iluvatar CoreX GPUs: ixformer DSA indexer, MoE routing and group GEMVs, Triton tier, generic",
         # canonical caches; the bf16 indexer cache is read in place by ixformer, tables built once per step
         attention_layout=iluvatar.ILUVATAR_LAYOUT,
-        weight_formats=("int8",),  # int8 through the Triton tier; no FP8 documented
+        weight_formats=("int8",),  # int8 experts through ixformer, linears through the Triton tier; no FP8 documented
     ),
 )
 

@@ -1,6 +1,7 @@
-"""Iluvatar CoreX natives through ixformer, as Iluvatar's vLLM plugin calls them.
+"""Iluvatar CoreX natives through ixformer, as Iluvatar's vLLM plugin and mojo_opset's Iluvatar backend call them.
 
-Written against vllm_iluvatar 0.1.0 / ixformer 0.7.0, emulated in CI (``conformance/emulators/ixformer``),
+Written against vllm_iluvatar 0.1.0 / ixformer 0.7.0 (the indexer) and the ixformer SDK's Python layer /
+mojo_opset@b97e98b (MoE), emulated in CI (``conformance/emulators/ixformer``),
 not run on Iluvatar hardware. ``ixformer`` is imported lazily (inside ``supports`` and the adapters).
 
 What vllm_iluvatar 0.1.0 calls for DeepSeek-V3.2 / GLM-5 (its fork of vLLM's
@@ -28,6 +29,25 @@ commit) and what is wired here:
   ranges here are ``[0, position + 1)``: causal, and the same under either reading of ``ks``.
   The kernel takes blocks of 16/32/64 and falls back to ixformer's ``ref_dsa_indexer_mqa_logits_with_blocks``
   for others (vllm_iluvatar's DeepSeek-V4 indexer notes); the layout asks for blocks of 64.
+* **moe_route** (wired): ``moe_grouped_topk(gating_output, topk, num_expert_group, topk_group, scoring_func,
+  e_score_correction_bias, renormalize=)`` from ixformer's Python layer (the SDK copy in
+  dylanyunlon/project_6@87a19d2 ``ixformer_sdk/inference/functions/moe.py``, whose ``ref_moe_grouped_topk``
+  gives the arithmetic): sigmoid scores, the bias for the choice only, weights the unbiased scores
+  renormalized, unscaled (the routed scaling factor is applied here). Its group rule ranks groups by their
+  max score where noaux_tc sums the top two, so it is taken only when no group is dropped
+  (``topk_group == n_group``: GLM-5 routes with 1 group of 1); bf16 gating only with a bf16 bias (the kernel
+  types the bias as the gating).
+* **grouped_gemm / quant_grouped_gemm** (wired): ``moe_w16a16_group_gemv(input, weight, output_dtype,
+  tokens_per_experts_gpu, format="TN")`` and ``moe_w8a8_group_gemv(input, weight, i_scales, w_scales,
+  output_dtype, tokens_per_experts, format=0)``, the group GEMVs XPU-Forces/mojo_opset@b97e98b's Iluvatar
+  backend (``backends/ixformer/operators/moe.py``) runs under CUDA-graph capture: the per-expert row counts
+  stay on the device (vllm_iluvatar's MoE methods call the GEMM twins with ``expert_sizes_gpu.cpu()``, a host
+  read every layer, which the contract forbids). Arithmetic: mojo_opset's ``MojoExperts`` /
+  ``MojoQuantExperts`` references (its Iluvatar CI holds the backend to them) and the SDK's
+  ``ref_moe_w8a8_group_gemm``. The int8 weight is the "NN" ``[E, K, N]`` layout mojo_opset's load hook makes,
+  made here once by ``prepare_weight`` (``data`` stays the logical ``[E, N, K]`` view of it); activations
+  are quantized per token by the contract's rounding. Padding rows (moe_permute's dropped assignments) join
+  the last expert's count, so the counts cover every row.
 * **sparse MLA** (not wired): no public DeepSeek-V3.2 / GLM-5 sparse-MLA call was found. The public
   sparse MLA calls are DeepSeek-V4's, in vllm_iluvatar's ``IluDeepseekV4MLAAttention`` (the V4 W4A8 layer,
   bf16 caches): prefill ``ixfops.ds4_flash_mla_sparse_fwd(q=, kv=[N, 1, D], indices=[T, 1, K],
@@ -37,12 +57,11 @@ commit) and what is wired here:
   q's shape (V4's value is the whole 512-wide row, with an attention sink); GLM-5's rows are 576 wide
   (latent 512 + rope 64) with a 512-wide value, and nothing public shows these kernels taking D = 576,
   returning an lse, or running without V4's sink, so they are not wired. The other public ixformer MLA
-  call, ``vllm_paged_attention_mla_int8`` (vllm_iluvatar's ``TritonMLABackend``), is dense paged decode.
-* **MoE** (not wired): the public ixformer MoE calls are ``moe_topk_softmax`` (softmax routing;
-  GLM-5 routes with sigmoid scores, a correction bias and group top-k, which it does not take) and
-  ``ixfops.moe_compute_token_index_ep(topk_ids=, num_experts=, start_expert_id=, end_expert_id=)``,
-  which returns ``expert_sizes_cpu`` (a host copy: not sync-free); no public grouped-expert GEMM call
-  with a documented signature was found, so grouped experts stay on the Triton tier.
+  calls (``vllm_paged_attention_mla(_int8)``) are dense paged decode; docs/backends.md lists what else was
+  searched (xllm, mojo_opset, vllm-plugin-FL).
+* **MoE permutation** (not wired): ``moe_compute_token_index(_ep)`` returns ``expert_sizes_cpu`` (a host
+  copy) unless handed a GDR buffer, and ``moe_topk_softmax`` is softmax routing; hwlayer's device-only
+  ``moe_permute`` / ``moe_unpermute`` stay generic.
 """
 
 from __future__ import annotations
@@ -64,7 +83,8 @@ from . import native
 IXFORMER = "ixformer.inference.functions"
 KERNEL_BLOCKS = (16, 32, 64)  # others take ixformer's reference fallback (slow, same result)
 VERIFIED = ("written against vllm_iluvatar 0.1.0 / ixformer 0.7.0 (ixformer.inference.functions "
-            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices), emulated in CI, "
+            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices) and the ixformer SDK's moe.py / "
+            "mojo_opset@b97e98b (moe_grouped_topk, moe_w16a16_group_gemv, moe_w8a8_group_gemv), emulated in CI, "
             "not run on Iluvatar hardware")
 
 
