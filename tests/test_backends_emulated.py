@@ -183,6 +183,7 @@ def _source_stub_cases() -> list[tuple[str, str, str]]:
         ("mate-3f58cc3-deep_gemm", "get_paged_mqa_logits_metadata", "mate.get_paged_mqa_logits_metadata"),
         ("mate-3f58cc3-deep_gemm", "m_grouped_bf16_gemm_nt_contiguous", "mate.m_grouped_bf16_gemm_nt_contiguous"),
         ("mate-3f58cc3-gemm", "ragged_m_moe_gemm_16bit", "mate.ragged_m_moe_gemm_16bit"),
+        ("ixformer-sdk-87a19d2-moe", "moe_grouped_topk", "ixformer.moe_grouped_topk"),
     ]
 
 

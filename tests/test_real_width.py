@@ -46,7 +46,7 @@ NATIVE = {
     "cambricon": ("moe_route", "grouped_gemm"),
     "musa": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
     "kunlunxin": ("sparse_mla_attention", "lightning_indexer", "moe_route", "grouped_gemm"),
-    "iluvatar": ("lightning_indexer",),  # no public ixformer sparse-MLA / GLM-5 MoE entry (backends/cuda/iluvatar.py)
+    "iluvatar": ("lightning_indexer", "moe_route", "grouped_gemm"),  # no public V3.2 / GLM-5 ixformer sparse MLA
 }
 # Ops the adapter must serve at least once (a strided activation may still decline, e.g. tmo's
 # fused_rms_norm on the kv latent slice of a prefill).

@@ -25,7 +25,7 @@ hygon        ``lightop`` + ``lightop.norm`` / ``lightop.op`` (:mod:`.lightop`), 
 cambricon    ``torch_mlu_ops``                                (:mod:`.torch_mlu_ops`)
 musa         ``mate`` + ``mate.flashmla`` / ``mate.deep_gemm`` / ``mate.gemm`` (:mod:`.mate`)
 kunlunxin    ``kunlun_ops`` (base-2 sparse-prefill lse)      (:mod:`.kunlun_ops`)
-iluvatar     ``ixformer.inference.functions`` (DSA indexer)  (:mod:`.ixformer`)
+iluvatar     ``ixformer.inference.functions`` (DSA indexer, moe_grouped_topk, group GEMVs) (:mod:`.ixformer`)
 ===========  ==============================================================================
 
 How it is switched on (tests only, never in production):
@@ -70,7 +70,7 @@ EXPECTED_NATIVE = {
     "cambricon": ("rms_norm", "rope", "moe_route", "grouped_gemm"),
     "musa": ("grouped_gemm", "moe_route"),
     "kunlunxin": ("grouped_gemm", "moe_route", "rms_norm", "rope", "quant_grouped_gemm", "prepare_weight"),
-    "iluvatar": ("lightning_indexer",),
+    "iluvatar": ("lightning_indexer", "moe_route", "grouped_gemm", "quant_grouped_gemm", "prepare_weight"),
 }
 # Native adapters the conformance cases cannot reach: the suite's DSA cases use toy widths (latent
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or

@@ -120,10 +120,10 @@ BACKENDS = (
         inherits=("triton",),
         verified=f"{iluvatar.VERIFIED}; collective nccl unverified",
         install_hint="install Iluvatar's CoreX build of torch (and ixformer) from the Iluvatar channel",
-        description="Iluvatar CoreX GPUs: ixformer DSA indexer where installed, Triton tier, generic",
+        description="Iluvatar CoreX GPUs: ixformer DSA indexer, MoE routing and group GEMVs, Triton tier, generic",
         # canonical caches; the bf16 indexer cache is read in place by ixformer, tables built once per step
         attention_layout=iluvatar.ILUVATAR_LAYOUT,
-        weight_formats=("int8",),  # int8 through the Triton tier; no FP8 documented
+        weight_formats=("int8",),  # int8 experts through ixformer, linears through the Triton tier; no FP8 documented
     ),
 )
 
@@ -153,6 +153,5 @@ def hwlayer_register_ops(register: Callable) -> None:
 
     register("rms_norm", native.lightop_rms_norm, backend="hygon", supports=native.lightop_rms_norm_supports)
     hygon.register(register, backend="hygon")  # DCU FlashMLA, lightop moe_fused_gate, DCU DeepGEMM indexer
-    register("lightning_indexer", iluvatar.ixformer_lightning_indexer, backend="iluvatar",
-             supports=iluvatar.ixformer_indexer_supports)
+    iluvatar.register(register, backend="iluvatar")  # ixformer DSA indexer, moe_grouped_topk, group GEMVs
     deepep.register(register, backend="cuda")  # ep_dispatch / ep_combine through DeepEP

@@ -1,6 +1,7 @@
-"""Iluvatar CoreX natives through ixformer, as Iluvatar's vLLM plugin calls them.
+"""Iluvatar CoreX natives through ixformer, as Iluvatar's vLLM plugin and mojo_opset's Iluvatar backend call them.
 
-Written against vllm_iluvatar 0.1.0 / ixformer 0.7.0, emulated in CI (``conformance/emulators/ixformer``),
+Written against vllm_iluvatar 0.1.0 / ixformer 0.7.0 (the indexer) and the ixformer SDK's Python layer /
+mojo_opset@b97e98b (MoE), emulated in CI (``conformance/emulators/ixformer``),
 not run on Iluvatar hardware. ``ixformer`` is imported lazily (inside ``supports`` and the adapters).
 
 What vllm_iluvatar 0.1.0 calls for DeepSeek-V3.2 / GLM-5 (its fork of vLLM's
@@ -28,6 +29,25 @@ commit) and what is wired here:
   ranges here are ``[0, position + 1)``: causal, and the same under either reading of ``ks``.
   The kernel takes blocks of 16/32/64 and falls back to ixformer's ``ref_dsa_indexer_mqa_logits_with_blocks``
   for others (vllm_iluvatar's DeepSeek-V4 indexer notes); the layout asks for blocks of 64.
+* **moe_route** (wired): ``moe_grouped_topk(gating_output, topk, num_expert_group, topk_group, scoring_func,
+  e_score_correction_bias, renormalize=)`` from ixformer's Python layer (the SDK copy in
+  dylanyunlon/project_6@87a19d2 ``ixformer_sdk/inference/functions/moe.py``, whose ``ref_moe_grouped_topk``
+  gives the arithmetic): sigmoid scores, the bias for the choice only, weights the unbiased scores
+  renormalized, unscaled (the routed scaling factor is applied here). Its group rule ranks groups by their
+  max score where noaux_tc sums the top two, so it is taken only when no group is dropped
+  (``topk_group == n_group``: GLM-5 routes with 1 group of 1); bf16 gating only with a bf16 bias (the kernel
+  types the bias as the gating).
+* **grouped_gemm / quant_grouped_gemm** (wired): ``moe_w16a16_group_gemv(input, weight, output_dtype,
+  tokens_per_experts_gpu, format="TN")`` and ``moe_w8a8_group_gemv(input, weight, i_scales, w_scales,
+  output_dtype, tokens_per_experts, format=0)``, the group GEMVs XPU-Forces/mojo_opset@b97e98b's Iluvatar
+  backend (``backends/ixformer/operators/moe.py``) runs under CUDA-graph capture: the per-expert row counts
+  stay on the device (vllm_iluvatar's MoE methods call the GEMM twins with ``expert_sizes_gpu.cpu()``, a host
+  read every layer, which the contract forbids). Arithmetic: mojo_opset's ``MojoExperts`` /
+  ``MojoQuantExperts`` references (its Iluvatar CI holds the backend to them) and the SDK's
+  ``ref_moe_w8a8_group_gemm``. The int8 weight is the "NN" ``[E, K, N]`` layout mojo_opset's load hook makes,
+  made here once by ``prepare_weight`` (``data`` stays the logical ``[E, N, K]`` view of it); activations
+  are quantized per token by the contract's rounding. Padding rows (moe_permute's dropped assignments) join
+  the last expert's count, so the counts cover every row.
 * **sparse MLA** (not wired): no public DeepSeek-V3.2 / GLM-5 sparse-MLA call was found. The public
   sparse MLA calls are DeepSeek-V4's, in vllm_iluvatar's ``IluDeepseekV4MLAAttention`` (the V4 W4A8 layer,
   bf16 caches): prefill ``ixfops.ds4_flash_mla_sparse_fwd(q=, kv=[N, 1, D], indices=[T, 1, K],
@@ -37,16 +57,16 @@ commit) and what is wired here:
   q's shape (V4's value is the whole 512-wide row, with an attention sink); GLM-5's rows are 576 wide
   (latent 512 + rope 64) with a 512-wide value, and nothing public shows these kernels taking D = 576,
   returning an lse, or running without V4's sink, so they are not wired. The other public ixformer MLA
-  call, ``vllm_paged_attention_mla_int8`` (vllm_iluvatar's ``TritonMLABackend``), is dense paged decode.
-* **MoE** (not wired): the public ixformer MoE calls are ``moe_topk_softmax`` (softmax routing;
-  GLM-5 routes with sigmoid scores, a correction bias and group top-k, which it does not take) and
-  ``ixfops.moe_compute_token_index_ep(topk_ids=, num_experts=, start_expert_id=, end_expert_id=)``,
-  which returns ``expert_sizes_cpu`` (a host copy: not sync-free); no public grouped-expert GEMM call
-  with a documented signature was found, so grouped experts stay on the Triton tier.
+  calls (``vllm_paged_attention_mla(_int8)``) are dense paged decode; docs/backends.md lists what else was
+  searched (xllm, mojo_opset, vllm-plugin-FL).
+* **MoE permutation** (not wired): ``moe_compute_token_index(_ep)`` returns ``expert_sizes_cpu`` (a host
+  copy) unless handed a GDR buffer, and ``moe_topk_softmax`` is softmax routing; hwlayer's device-only
+  ``moe_permute`` / ``moe_unpermute`` stay generic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -55,14 +75,16 @@ import torch
 
 from hwlayer.ops import token_positions
 from hwlayer.ops.cache import AttentionLayout, PagedKV
-from hwlayer.ops.layout import AttentionMetadata
+from hwlayer.ops.layout import AttentionMetadata, groups_covering_rows
+from hwlayer.ops.quant import QuantizedWeight, quantize_activation
 
 from . import native
 
 IXFORMER = "ixformer.inference.functions"
 KERNEL_BLOCKS = (16, 32, 64)  # others take ixformer's reference fallback (slow, same result)
 VERIFIED = ("written against vllm_iluvatar 0.1.0 / ixformer 0.7.0 (ixformer.inference.functions "
-            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices), emulated in CI, "
+            "dsa_indexer_mqa_logits_with_blocks + dsa_update_topk_indices) and the ixformer SDK's moe.py / "
+            "mojo_opset@b97e98b (moe_grouped_topk, moe_w16a16_group_gemv, moe_w8a8_group_gemv), emulated in CI, "
             "not run on Iluvatar hardware")
 
 
@@ -162,3 +184,141 @@ def ixformer_lightning_indexer(
         max_q_len=max_seqlen_q or T, max_kv_len=tables.max_context_len, max_context_len=tables.max_context_len)
     ixf.dsa_update_topk_indices(logits, tables.ks, tables.ke, topk, out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# moe_route: ixformer moe_grouped_topk (ref_moe_grouped_topk), group rule moot
+
+
+def _ixf_with(name: str) -> Any:
+    """``ixformer.inference.functions`` when it imports and has ``name``, else None."""
+    if not native.importable(IXFORMER):
+        return None
+    ixf = sys.modules[IXFORMER]
+    return ixf if hasattr(ixf, name) else None
+
+
+def ixformer_moe_route_supports(router_logits: Any, correction_bias: Any, top_k: int, n_group: int, topk_group: int,
+                                renormalize: bool, routed_scaling_factor: float) -> bool | str:
+    if _ixf_with("moe_grouped_topk") is None:
+        return f"{IXFORMER}.moe_grouped_topk is not importable"
+    if not native._cuda_tensors(router_logits, *(() if correction_bias is None else (correction_bias,))):
+        return "needs CUDA tensors"
+    if router_logits.dtype not in (torch.float32, torch.bfloat16):
+        return f"moe_grouped_topk takes fp32/bf16 gating, got {router_logits.dtype}"
+    if correction_bias is not None and router_logits.dtype != torch.float32 and correction_bias.dtype != torch.bfloat16:
+        return ("moe_grouped_topk types the bias as the gating (bf16 here): rounding the correction bias to bf16 "
+                "could change the choice")
+    if topk_group != n_group:
+        return ("moe_grouped_topk ranks groups by their max score (ref_moe_grouped_topk), noaux_tc by the sum of "
+                "their top two: they agree only when no group is dropped (topk_group == n_group; GLM-5: 1 of 1)")
+    return True
+
+
+def ixformer_moe_route(
+    router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+    renormalize: bool, routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-5's sigmoid + correction-bias routing through ``moe_grouped_topk`` with every group kept; the
+    kernel renormalizes without the routed scaling factor, applied here."""
+    ixf = _ixf_with("moe_grouped_topk")
+    bias = None if correction_bias is None else correction_bias.to(router_logits.dtype).contiguous()
+    weights, ids = ixf.moe_grouped_topk(router_logits.contiguous(), top_k, n_group, topk_group, "sigmoid", bias,
+                                        renormalize=renormalize)
+    return weights * routed_scaling_factor, ids
+
+
+# --------------------------------------------------------------------------------------------
+# grouped_gemm / quant_grouped_gemm: ixformer moe_w16a16_group_gemv / moe_w8a8_group_gemv (device row counts)
+
+
+def _device_counts(group_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int32 row counts covering every row (the padding rows past the sum join the last expert: their
+    output is unspecified by the contract), on the device: nothing read back."""
+    return groups_covering_rows(group_sizes, num_rows).to(torch.int32)
+
+
+def ixformer_grouped_gemm_supports(x: Any, w: Any, group_sizes: Any) -> bool | str:
+    if _ixf_with("moe_w16a16_group_gemv") is None:
+        return f"{IXFORMER}.moe_w16a16_group_gemv is not importable"
+    if not native._cuda_tensors(x, w, group_sizes):
+        return "needs CUDA tensors"
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+        return f"moe_w16a16_group_gemv takes bf16/fp16 rows and weights of one dtype, got {x.dtype} and {w.dtype}"
+    if not w.is_contiguous():
+        return "moe_w16a16_group_gemv reads a contiguous [E, N, K] weight (format TN)"
+    return True
+
+
+def ixformer_grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert times ``W_e^T`` through the group GEMV with the counts on the device."""
+    M = x.shape[0]
+    if M == 0 or w.shape[0] == 0:
+        return x.new_zeros(M, w.shape[1])
+    ixf = _ixf_with("moe_w16a16_group_gemv")
+    return ixf.moe_w16a16_group_gemv(input=x.contiguous(), weight=w, output_dtype=x.dtype,
+                                     tokens_per_experts_gpu=_device_counts(group_sizes, M), format="TN")
+
+
+def _nn_storage(qweight: QuantizedWeight) -> torch.Tensor | None:
+    """The ``[E, K, N]`` contiguous int8 storage behind ``qweight.data`` when :func:`ixformer_prepare_weight`
+    laid it out so, else None."""
+    nn = qweight.data.transpose(1, 2)
+    return nn if nn.is_contiguous() else None
+
+
+def ixformer_prepare_weight(name: str, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    """int8 expert stacks kept as the transposed view of ``[E, K, N]`` contiguous storage, the "NN" weight
+    the group GEMV takes (mojo_opset's load hook transposes them so), once at load; everything else as is."""
+    if isinstance(weight, QuantizedWeight) and weight.format == "int8" and weight.data.dim() == 3 \
+            and _nn_storage(weight) is None:
+        nn = weight.data.transpose(1, 2).contiguous()
+        return dataclasses.replace(weight, data=nn.transpose(1, 2), prepared=None)
+    return weight
+
+
+def ixformer_prepare_weight_supports(name: Any, weight: Any) -> bool | str:
+    if not (isinstance(weight, QuantizedWeight) and weight.format == "int8" and weight.data.dim() == 3):
+        return "only int8 expert stacks change layout (for moe_w8a8_group_gemv)"
+    if _ixf_with("moe_w8a8_group_gemv") is None:
+        return f"{IXFORMER}.moe_w8a8_group_gemv is not importable: the layout the Triton tier reads stays"
+    if not native._cuda_tensors(weight.data):
+        return "needs CUDA tensors"
+    return True
+
+
+def ixformer_quant_grouped_gemm_supports(x: Any, qweight: Any, group_sizes: Any) -> bool | str:
+    if _ixf_with("moe_w8a8_group_gemv") is None:
+        return f"{IXFORMER}.moe_w8a8_group_gemv is not importable"
+    if not isinstance(qweight, QuantizedWeight) or qweight.format != "int8" or qweight.act_scale_fmt is not None:
+        return "moe_w8a8_group_gemv takes the int8 format with plain per-token activation scales"
+    if not native._cuda_tensors(x, qweight.data, group_sizes):
+        return "needs CUDA tensors"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"moe_w8a8_group_gemv writes bf16/fp16, got {x.dtype} rows"
+    if _nn_storage(qweight) is None:
+        return "moe_w8a8_group_gemv reads the [E, K, N] int8 layout this backend's prepare_weight makes at load"
+    return True
+
+
+def ixformer_quant_grouped_gemm(x: torch.Tensor, qweight: QuantizedWeight, group_sizes: torch.Tensor) -> torch.Tensor:
+    """The contract's per-token int8 activation (round half even, clamp +-127), then the int8 group GEMV
+    with the counts on the device: ``(x_q . w_q) * x_scale * w_scale`` per row (ref_moe_w8a8_group_gemm)."""
+    M = x.shape[0]
+    if M == 0 or qweight.shape[0] == 0:
+        return x.new_zeros(M, qweight.shape[1])
+    x_q, x_scale = quantize_activation(x, "int8")
+    ixf = _ixf_with("moe_w8a8_group_gemv")
+    return ixf.moe_w8a8_group_gemv(input=x_q.contiguous(), weight=_nn_storage(qweight), i_scales=x_scale.contiguous(),
+                                   w_scales=qweight.scale.float().contiguous(), output_dtype=x.dtype,
+                                   tokens_per_experts=_device_counts(group_sizes, M), format=0)
+
+
+def register(register_op: Any, backend: str = "iluvatar") -> None:
+    """Register the ixformer adapters (called from the family's ``hwlayer_register_ops``)."""
+    register_op("lightning_indexer", ixformer_lightning_indexer, backend=backend, supports=ixformer_indexer_supports)
+    register_op("moe_route", ixformer_moe_route, backend=backend, supports=ixformer_moe_route_supports)
+    register_op("grouped_gemm", ixformer_grouped_gemm, backend=backend, supports=ixformer_grouped_gemm_supports)
+    register_op("quant_grouped_gemm", ixformer_quant_grouped_gemm, backend=backend,
+                supports=ixformer_quant_grouped_gemm_supports)
+    register_op("prepare_weight", ixformer_prepare_weight, backend=backend, supports=ixformer_prepare_weight_supports)
