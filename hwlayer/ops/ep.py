@@ -133,8 +133,8 @@ def ep_dispatch(
     ``topk_weights`` (optional, fp32 ``[T, k]``, hook specs 2.x): the routing weights, when the
     caller has them at dispatch (the model does). A backend may send them with the rows and do the
     weighted sum on the expert's rank (DeepEP's normal mode reduces that way); ``ep_combine`` must
-    then get the same weights. Results do not depend on whether it is given; an implementation may
-    decline the call without them.
+    then get the same weights. Results do not depend on whether it is given, up to the one rounding
+    of per-rank partial sums ``ep_combine`` allows; an implementation may decline the call without them.
 
     **Exact form** (``capacity=None``): ``R`` = the assignments routed to this rank, rows grouped
     by source rank, each source's rows in its token-slot order (``t * k + slot`` ascending). ``R``
@@ -263,9 +263,10 @@ def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: 
     form are ignored, whatever they hold). ``handle``: from the same plan's ``ep_dispatch``.
     Sends them back and returns ``[T, D]`` in ``y.dtype`` with
     ``out[t] = sum_slot topk_weights[t, slot] * y_slot``, accumulated in fp32. Collective.
-    ``topk_weights`` must equal the weights given to ``ep_dispatch``, if any were given there (a
-    backend that reduces on the expert's rank, DeepEP's normal mode, uses those and rounds each
-    rank's partial sum to ``y.dtype`` once before the cross-rank sum).
+    ``topk_weights`` must equal the weights given to ``ep_dispatch``, if any were given there (an
+    implementation that reduces on the expert's rank uses those and may round each rank's partial
+    sum to ``y.dtype`` once before the cross-rank sum: DeepEP's normal mode does, and so does the
+    generic exact form when the weights came with the dispatch, halving the bytes sent back).
     """
     op = "ep_combine"
     if isinstance(handle, EPCapacityHandle):
