@@ -269,3 +269,48 @@ def test_lightop_fuse_silu_mul_quant_and_per_token_quant():
     assert q[1].tolist() == [0, 0] and q[2].tolist() == [9, 9]  # all-zero row: zeros; padding row untouched
     xq, xs = lightop.per_token_quant_int8(torch.tensor([[0.5, -1.0, 127.0]]))
     assert xq.tolist() == [[0, -1, 127]] and xs.tolist() == [[1.0]]  # 0.5 rounds to even
+
+
+@pytest.mark.slow
+def test_int8_model_at_glm5_attention_widths_runs_its_experts_through_lightop(tmp_path):
+    """A W8A8 checkpoint with GLM-5's attention geometry (conformance/real_width.py; experts widened to
+    intermediate 128 so the GEMMs meet the kernel's N % 256 / K % 128) on hygon: the logits of every step
+    agree with the cpu backend's, every expert call reached lightop (no other tier), the stacks were packed
+    once at load, and a decode step's forward reads nothing on the host (FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from conformance.real_width import REAL_WIDTH_CONFIG
+    from model import Batch, load_model
+    from model.tiny import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "w8a8", {**REAL_WIDTH_CONFIG, "moe_intermediate_size": 128},
+                              dtype=torch.bfloat16, std=0.05, weight_format="int8")
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    table = torch.arange(4, dtype=torch.int32).view(1, 4)
+    prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        cache = model.new_cache(4, 64)
+        logits = [model.forward_batch(Batch(prompt, i32(0, 40), i32(40), table), cache)[0]]
+        for step, token in enumerate((7, 9)):
+            batch = Batch(torch.tensor([token]), i32(0, 1), i32(41 + step), table)
+            logits.append(model.forward_batch(batch, cache)[0])
+        return logits, cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HWLAYER_CHECK", "0")
+        want, _ = run(load_model(ck, backend="cpu", dtype="bf16"))
+        with emulators.emulation("hygon"):
+            mp.setenv("HWLAYER_TRACE", "1")
+            model = load_model(ck, backend="hygon", dtype="bf16")
+            got, cache = run(model)
+            counts = model.plan.call_counts()
+            ctx = model.context(Batch(torch.tensor([5]), i32(0, 1), i32(43), table), cache)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                model.forward_context(ctx, cache)
+            assert model.plan.call_counts()[("quant_fused_experts", "native")] == 4  # the fake step ran lightop too
+    for g, w in zip(got, want, strict=True):
+        assert torch.nn.functional.cosine_similarity(g.double(), w.double(), dim=0) > 0.995
+    other = {tier: n for (op, tier), n in counts.items() if op == "quant_fused_experts" and tier != "native"}
+    assert counts.get(("quant_fused_experts", "native"), 0) == 3 and not other, counts  # one MoE layer, 3 steps
+    assert counts[("prepare_weight", "native")] == 2  # the layer's w13 and w2 stacks
