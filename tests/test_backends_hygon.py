@@ -198,7 +198,10 @@ def test_contiguous_rows_pad_each_expert_to_256_rows():
     assert M == 1280  # round_up(6 + min(6, 4) * 255, 256): the padding bound without reading the counts
     assert dest.tolist() == [256, 0, 257, M, M, 258]  # expert 0's slice first, then expert 2's
     assert (m_indices[:1] == 0).all() and (m_indices[1:256] == -1).all()
-    assert (m_indices[256:259] == 2).all() and (m_indices[259:] == -1).all()
+    assert (m_indices[256:259] == 2).all() and (m_indices[259:512] == -1).all()
+    # the empty tiles past the last slice: expert 0 on the first row (dummy work), -1 on the rest
+    tails = m_indices[512:].view(-1, 256)
+    assert (tails[:, 0] == 0).all() and (tails[:, 1:] == -1).all()
 
 
 @pytest.mark.slow
@@ -250,6 +253,9 @@ def test_lightop_contig_gemm_follows_the_dcu_deepgemm_reference_and_needs_the_la
     assert not torch.allclose(wrong[:3].float(), out[:3].float())
     m_indices[3] = 0  # expert 0 inside expert 1's tile
     with pytest.raises(RuntimeError, match="two experts"):
+        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.kpack2_pack(w), sb), out, m_indices)
+    m_indices[3], m_indices[:256] = -1, -1  # an empty tile with -1 on its first row
+    with pytest.raises(RuntimeError, match="first row"):
         lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.kpack2_pack(w), sb), out, m_indices)
     with pytest.raises(RuntimeError, match="multiple of 256"):
         lightop.m_grouped_w8a8_gemm_nt_contig_asm((a[:300], sa[:300]), (hygon.kpack2_pack(w), sb), out[:300],

@@ -44,7 +44,10 @@ output). What this emulator follows:
 * the arithmetic and the row layout: that test's reference ``torch_gemm``: ``out[m, n] = a_scale[m] *
   b_scale[e, n] * sum_k a[m, k] w[e, n, k]`` with ``e = m_indices[m]``, rows with ``m_indices == -1``
   skipped, each expert's rows padded to a multiple of 256 (the DCU DeepGEMM README: "contiguous接口input
-  按照256的倍数对齐"), so no 256-row tile holds two experts (checked here);
+  按照256的倍数对齐"), so no 256-row tile holds two experts (checked here); a tile whose first row is
+  -1 is refused: the kernel is ASSUMED to take a tile's expert from its first row, as DCU integrations
+  that bound the rows on the host "sanitize every empty 256-row tile head before DeepGEMM reads it"
+  (yuguo-Jack/DeepGEMM@142c2fa ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``);
 * kernel limits beyond the layout (N % 16, K % 16) are not public: N a multiple of 256 and K of 128 are
   ASSUMED from the 256x256x128 macro tile and the public shapes (the smallest any public test runs:
   N=256, K=128, vllm_hcu's ``test_contiguous_channel_int8_deepgemm_matches_dequantized_reference``);
@@ -198,6 +201,7 @@ def _contig_gemm_impl(x: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, b
     valid = tiles >= 0
     first = torch.where(valid, tiles, tiles.max(dim=1, keepdim=True).values).min(dim=1, keepdim=True).values
     check(bool((~valid | (tiles == first)).all()), "lightop contig asm: a 256-row tile holds rows of two experts")
+    check(bool(valid[:, 0].all()), "lightop contig asm: a 256-row tile's first row has m_indices -1 (assumed unsafe)")
     weights = kpack2_unpack(w)
     for e in m_indices[m_indices >= 0].unique().tolist():
         check(e < w.shape[0], f"lightop contig asm: m_indices names expert {e} of {w.shape[0]}")

@@ -306,7 +306,12 @@ def contiguous_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     ``dest`` inside expert ``e``'s slice; slices are in expert order, each padded to a multiple of 256
     rows (``m_indices`` -1 there); a dropped assignment (id outside ``[0, E)``) gets ``dest == M``.
     ``M = round_up(T*k + min(T*k, E) * 255, 256)`` bounds the padding of the experts that have rows
-    (vLLM's ``compute_aligned_M`` bounds it with every local expert)."""
+    (vLLM's ``compute_aligned_M`` bounds it with every local expert). The 256-row tiles past the last
+    slice are empty: their first row gets expert 0 (dummy work, never gathered), because the kernel is
+    taken to read a tile's expert from its first row (the DCU integrations that bound M on the host
+    "sanitize every empty 256-row tile head": yuguo-Jack/DeepGEMM@142c2fa
+    ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``); vllm_hcu has no empty tiles, it
+    sizes M from DeepEP's host counts."""
     n = topk_ids.numel()
     M = -(-(n + min(n, num_experts) * (TILE_M - 1)) // TILE_M) * TILE_M
     flat = topk_ids.reshape(-1).long()
@@ -323,6 +328,7 @@ def contiguous_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     dest = torch.empty_like(dest_sorted).scatter_(0, perm, dest_sorted)
     m_indices = torch.full((M + 1,), -1, dtype=torch.int32, device=flat.device)
     m_indices.scatter_(0, dest, torch.where(key < num_experts, key, -1).to(torch.int32))
+    m_indices[:M].view(-1, TILE_M)[:, 0].clamp_(min=0)  # empty tiles' heads: expert 0 (a used tile's is its own)
     return dest, m_indices[:M], M
 
 
