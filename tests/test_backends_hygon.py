@@ -134,7 +134,7 @@ def test_dcu_deep_gemm_fp8_fp4_entries_follow_ref_fp8_mqa_logits():
         dg.fp8_fp4_mqa_logits((q, q), (k, torch.ones(2)), w, ks, ke)
 
 
-# ---- int8 experts: lightop's contiguous w8a8 grouped GEMM over the marlin kpack2 layout
+# ---- int8 experts: lightop's contiguous w8a8 grouped GEMM over the Marlin2 weight layout
 
 
 def _int8_experts(E: int, D: int, inter: int, seed: int = 5):
@@ -161,7 +161,7 @@ def test_lightop_int8_experts_serve_with_the_weights_packed_once(plan):
     ready13 = plan.prepare_weight("model.layers.1.mlp.experts.w13", w13)
     ready2 = plan.prepare_weight("model.layers.1.mlp.experts.w2", w2)
     # one copy resident, in the kernel's layout; the contract's view of it is unchanged
-    assert isinstance(ready13.data, hygon.Kpack2Int8) and tuple(ready13.data.packed.shape) == (4, 256 // 16, 256 * 16)
+    assert isinstance(ready13.data, hygon.Marlin2Int8) and tuple(ready13.data.packed.shape) == (4, 256 // 16, 256 * 16)
     assert ready13.data.packed.is_contiguous() and not ready13.data.is_contiguous()
     assert torch.equal(ready13.dequantize(), w13.dequantize()) and torch.equal(ready2.data, w2.data)
     assert ready13.nbytes == w13.nbytes
@@ -180,7 +180,7 @@ def test_lightop_int8_experts_decline_what_the_kernel_does_not_take(plan):
     gen, w13, w2 = _int8_experts(4, 256, 128)
     x = torch.randn(5, 256, generator=gen).bfloat16()
     weights, ids = _routing(gen, 5, 2, 4)
-    assert "kpack2 layout" in hygon.lightop_int8_experts_supports(x, w13, w2, weights, ids)  # not prepared
+    assert "Marlin2 layout" in hygon.lightop_int8_experts_supports(x, w13, w2, weights, ids)  # not prepared
     ready13, ready2 = plan.prepare_weight("w13", w13), plan.prepare_weight("w2", w2)
     assert "bf16 / fp16" in hygon.lightop_int8_experts_supports(x.float(), ready13, ready2, weights, ids)
     _, odd, _ = _int8_experts(2, 144, 128)  # K = 144: not a multiple of 128
@@ -219,22 +219,35 @@ def test_lightop_int8_experts_at_glm5_widths(plan):
     assert served_natively(plan, "quant_fused_experts")
 
 
-def test_kpack2_layout_is_the_dcu_deepgemm_test_helpers():
-    """deepgemm_marlin_quant.weight8bit_nt_kpack2_marlin: [E, N/16, 16, K/16, 16] -> (0, 1, 3, 2, 4) ->
-    (E, N/16, K*16), so w[e, n, k] sits at packed[e, n // 16, (k // 16) * 256 + (n % 16) * 16 + k % 16]."""
-    E, N, K = 2, 48, 64
+def test_marlin2_layout_is_vllm_hcus():
+    """vllm_hcu's weight8bit_nt_kpack2_marlin2: [E, N/16, 16, K/64, 4, 16] -> (0, 3, 1, 4, 2, 5) ->
+    (E, N/16, K*16), so w[e, n, k] sits at flat offset (((k // 64) * N/16 + n // 16) * 4 + k % 64 // 16) * 256
+    + (n % 16) * 16 + k % 16 of expert e; for one 16 x 64 block that is vllm_hcu's own reference
+    ``w.reshape(1, 16, 1, 4, 16).permute(2, 0, 3, 1, 4)`` (its test_weight8bit_marlin2_layout_2d_3d)."""
+    E, N, K = 2, 48, 128
     w = torch.arange(E * N * K, dtype=torch.int64).remainder(251).sub(125).to(torch.int8).view(E, N, K)
-    packed = hygon.kpack2_pack(w)
+    packed = hygon.marlin2_pack(w)
     assert tuple(packed.shape) == (E, N // 16, K * 16)
-    for e, n, k in [(0, 0, 0), (0, 17, 3), (1, 35, 50), (1, 47, 63)]:
-        assert packed[e, n // 16, (k // 16) * 256 + (n % 16) * 16 + k % 16] == w[e, n, k]
-    assert torch.equal(lightop.kpack2_unpack(packed), w) and torch.equal(hygon.kpack2_unpack(packed), w)
+    flat = packed.view(E, -1)
+    for e, n, k in [(0, 0, 0), (0, 17, 3), (1, 35, 70), (1, 47, 127), (0, 5, 100)]:
+        at = (((k // 64) * (N // 16) + n // 16) * 4 + k % 64 // 16) * 256 + (n % 16) * 16 + k % 16
+        assert flat[e, at] == w[e, n, k]
+    block = w[0, :16, :64]
+    assert torch.equal(hygon.marlin2_pack(block[None]).flatten(),
+                       block.reshape(1, 16, 1, 4, 16).permute(2, 0, 3, 1, 4).flatten())
+    assert torch.equal(lightop.marlin2_unpack(packed), w) and torch.equal(hygon.marlin2_unpack(packed), w)
+
+
+def _legacy_n16_flat(w: torch.Tensor) -> torch.Tensor:
+    """The older DCU DeepGEMM packing (weight8bit_nt_kpack2_marlin: 16x16 tiles, no 64-wide K group)."""
+    E, N, K = w.shape
+    return w.reshape(E, N // 16, 16, K // 16, 16).permute(0, 1, 3, 2, 4).reshape(E, N // 16, K * 16)
 
 
 def test_lightop_contig_gemm_follows_the_dcu_deepgemm_reference_and_needs_the_layout():
     """The DCU DeepGEMM contiguous test's torch_gemm: out[m, n] = sa[m] sb[e, n] (a[m] . w[e, n]) for
-    m_indices[m] = e, rows of -1 skipped; the weight must be the kpack2 packing and no 256-row tile may
-    hold two experts."""
+    m_indices[m] = e, rows of -1 skipped; the weight must be in the Marlin2 layout (the legacy 16x16
+    packing computes wrong), no 256-row tile may hold two experts or start with -1."""
     gen = torch.Generator().manual_seed(8)
     w = torch.randint(-127, 128, (2, 256, 128), generator=gen, dtype=torch.int8)
     a = torch.randint(-127, 128, (512, 128), generator=gen, dtype=torch.int8)
@@ -242,23 +255,23 @@ def test_lightop_contig_gemm_follows_the_dcu_deepgemm_reference_and_needs_the_la
     m_indices = torch.full((512,), -1, dtype=torch.int32)
     m_indices[:3], m_indices[256:300] = 1, 0
     out = torch.full((512, 256), 7.0).bfloat16()
-    lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.kpack2_pack(w), sb), out, m_indices)
+    lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.marlin2_pack(w), sb), out, m_indices)
     for rows, e in ((slice(0, 3), 1), (slice(256, 300), 0)):
         want = (a[rows].double() @ w[e].double().t()).float() * sa[rows, None] * sb[e]
         torch.testing.assert_close(out[rows].float(), want.bfloat16().float())
     assert (out[3:256] == 7).all()  # padding rows untouched
-    flat = w.reshape(2, 16, 128 * 16)  # the logical weight merely reshaped: not the layout
-    wrong = out.clone()
-    lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (flat, sb), wrong, m_indices)
-    assert not torch.allclose(wrong[:3].float(), out[:3].float())
+    for other in (w.reshape(2, 16, 128 * 16), _legacy_n16_flat(w)):  # not the layout: wrong results
+        wrong = out.clone()
+        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (other, sb), wrong, m_indices)
+        assert not torch.allclose(wrong[:3].float(), out[:3].float())
     m_indices[3] = 0  # expert 0 inside expert 1's tile
     with pytest.raises(RuntimeError, match="two experts"):
-        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.kpack2_pack(w), sb), out, m_indices)
+        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.marlin2_pack(w), sb), out, m_indices)
     m_indices[3], m_indices[:256] = -1, -1  # an empty tile with -1 on its first row
     with pytest.raises(RuntimeError, match="first row"):
-        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.kpack2_pack(w), sb), out, m_indices)
+        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a, sa), (hygon.marlin2_pack(w), sb), out, m_indices)
     with pytest.raises(RuntimeError, match="multiple of 256"):
-        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a[:300], sa[:300]), (hygon.kpack2_pack(w), sb), out[:300],
+        lightop.m_grouped_w8a8_gemm_nt_contig_asm((a[:300], sa[:300]), (hygon.marlin2_pack(w), sb), out[:300],
                                                   m_indices[:300])
 
 

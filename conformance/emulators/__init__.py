@@ -76,7 +76,7 @@ EXPECTED_NATIVE = {
 # 32 + rope 8, 4 heads, blocks of 8) outside every vendor kernel's documented shapes (576/512, 64 or
 # 128 heads, blocks of 16...), and all its unpermute cases drop ids. Hygon's int8 experts: the quantized cases'
 # widths (K 144 / 160) are not multiples of 128, which lightop's grouped GEMM is taken to need, so
-# neither the kpack2 prepare_weight nor quant_fused_experts runs there (tests/test_backends_hygon.py
+# neither the Marlin2 prepare_weight nor quant_fused_experts runs there (tests/test_backends_hygon.py
 # runs them at documented and GLM-5 widths and through a whole int8 model). tests/test_backends_emulated.py
 # runs these adapters at documented shapes against the generic ops, with call counts, and
 # tests/test_real_width.py runs a GLM-5-geometry checkpoint through them end to end.

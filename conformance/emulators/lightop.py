@@ -34,21 +34,27 @@ ASM kernel ``DeepGemm_W8A8_I8_MARLIN_PERCHANNEL_ASM_TN_MT256X256X128``, mode 100
 ``b_qweight`` (E, N // 16, K * 16), ``a_scale`` (M), ``b_scale`` (E, N), ``m_indices``, bf16/fp16
 output). What this emulator follows:
 
-* the weight layout: the DCU DeepGEMM's own contiguous test packs ``[E, N, K]`` int8 with
-  ``deepgemm_marlin_quant.weight8bit_nt_kpack2_marlin`` (``[E, N/16, 16, K/16, 16]`` -> permute to
-  ``[E, N/16, K/16, 16, 16]`` -> ``(E, N/16, K*16)``: 16x16 tiles, rows of N inside a tile, K
-  innermost) before ``m_grouped_i8_gemm_nt_contiguous``; the same packer, as
-  ``megamoe.weight8bit_nt_kpack2_marlin``, feeds that GEMM in yuguo-Jack/DeepGEMM@142c2fa
+* the weight layout: the "Marlin2" layout vllm_hcu packs the int8 expert stacks it hands this GEMM with
+  (DeepEP's ``DeepGemmExperts``): ``weight8bit_nt_kpack2_marlin2`` (@13272b6
+  ``vllm_hcu/model_executor/layers/quantization/int8_runtime.py``; per expert in
+  ``compressed_tensors/compressed_tensors_moe_marlin.py``@1ec73b3; vllm_hcu's tests check it against a
+  reference permutation and an inverse): ``[E, N/16, 16, K/64, 4, 16]`` -> permute ``(0, 3, 1, 4, 2,
+  5)`` -> ``(E, N/16, K*16)``, i.e. 64-column blocks of K outermost, then 16-row tiles of N, then the
+  block's four 16x16 tiles. :func:`marlin2_unpack` inverts it. A different, older pairing is public
+  too: the DCU DeepGEMM's contiguous int8 test and yuguo-Jack/DeepGEMM@142c2fa
   ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py`` (``INT8_WEIGHT_LAYOUT =
-  "legacy_n16_flat"``; the packer: ``megamoe/__init__.py``@006070e). :func:`kpack2_unpack` inverts it;
-* the arithmetic and the row layout: that test's reference ``torch_gemm``: ``out[m, n] = a_scale[m] *
+  "legacy_n16_flat"``) pack with ``weight8bit_nt_kpack2_marlin`` (16x16 tiles, no 64-wide K group) for
+  the DCU DeepGEMM's ``m_grouped_i8_gemm_nt_contiguous``; a weight in that layout computes wrong here
+  (tests/test_backends_hygon.py), as it would on a kernel expecting Marlin2;
+* the arithmetic and the row layout: the DCU DeepGEMM contiguous int8 test's reference ``torch_gemm``
+  (read through the code index, no repository named): ``out[m, n] = a_scale[m] *
   b_scale[e, n] * sum_k a[m, k] w[e, n, k]`` with ``e = m_indices[m]``, rows with ``m_indices == -1``
   skipped, each expert's rows padded to a multiple of 256 (the DCU DeepGEMM README: "contiguous接口input
   按照256的倍数对齐"), so no 256-row tile holds two experts (checked here); a tile whose first row is
   -1 is refused: the kernel is ASSUMED to take a tile's expert from its first row, as DCU integrations
   that bound the rows on the host "sanitize every empty 256-row tile head before DeepGEMM reads it"
   (yuguo-Jack/DeepGEMM@142c2fa ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``);
-* kernel limits beyond the layout (N % 16, K % 16) are not public: N a multiple of 256 and K of 128 are
+* kernel limits beyond the layout (N % 16, K % 64) are not public: N a multiple of 256 and K of 128 are
   ASSUMED from the 256x256x128 macro tile and the public shapes (the smallest any public test runs:
   N=256, K=128, vllm_hcu's ``test_contiguous_channel_int8_deepgemm_matches_dequantized_reference``);
 * ``fuse_silu_mul_quant``: ``silu(h[:, :I]) * h[:, I:]`` in fp32, then the per-token int8 quantisation
@@ -161,16 +167,17 @@ def install_op(module: types.ModuleType) -> None:
 # ---- int8 contiguous grouped experts (lightop.gemm_ops / lightop.activation / lightop.quant)
 
 TILE_M = 256  # rows of one contiguous-layout tile: every expert's rows padded to a multiple of it
-KPACK = 16  # the marlin kpack2 tile: 16 rows of N by 16 columns of K
+TILE, K_GROUP = 16, 4  # Marlin2: 16x16 tiles, K tiles in groups of 4 (64 columns)
 
 
-def kpack2_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """``(E, N/16, K*16)`` kpack2 storage -> the logical ``[E, N, K]`` (the inverse of the DCU DeepGEMM
-    test helper ``weight8bit_nt_kpack2_marlin``: tile ``(n // 16, k // 16)`` holds ``[n % 16, k % 16]``)."""
-    E, nb, k16 = packed.shape
-    kb = k16 // (KPACK * KPACK)
-    tiles = packed.reshape(E, nb, kb, KPACK, KPACK)  # [E, n-tile, k-tile, n in tile, k in tile]
-    return tiles.permute(0, 1, 3, 2, 4).reshape(E, nb * KPACK, kb * KPACK)
+def marlin2_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """``(E, N/16, K*16)`` Marlin2 storage -> the logical ``[E, N, K]``: the inverse of vllm_hcu's
+    ``weight8bit_nt_kpack2_marlin2`` (storage order ``[E, K/64, N/16, 4, 16 rows of N, 16 columns of K]``),
+    so ``w[e, n, k]`` is at ``(((k // 64) * (N / 16) + n // 16) * 4 + k % 64 // 16) * 256 + n % 16 * 16 + k % 16``."""
+    E, nt, k16 = packed.shape
+    kb = k16 // (TILE * TILE * K_GROUP)
+    blocks = packed.reshape(E, kb, nt, K_GROUP, TILE, TILE)
+    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(E, nt * TILE, kb * K_GROUP * TILE)
 
 
 def m_grouped_w8a8_gemm_nt_contig_asm(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
@@ -181,8 +188,8 @@ def m_grouped_w8a8_gemm_nt_contig_asm(a: tuple[torch.Tensor, torch.Tensor], b: t
     check(w.dtype == torch.int8 and w.dim() == 3 and w.is_contiguous(),
           "lightop contig asm: b_qweight int8 (E, N // 16, K * 16)")
     M, K = x.shape
-    E, N = w.shape[0], w.shape[1] * KPACK
-    check(w.shape[2] == K * KPACK,
+    E, N = w.shape[0], w.shape[1] * TILE
+    check(w.shape[2] == K * TILE,
           f"lightop contig asm: b_qweight (E, N // 16, K * 16) with K={K}, got {list(w.shape)}")
     check(N % 256 == 0 and K % 128 == 0, f"lightop contig asm: N % 256 and K % 128 (assumed tile limits), got {N}, {K}")
     check(M % TILE_M == 0, f"lightop contig asm: rows padded to a multiple of {TILE_M}, got {M}")
@@ -202,7 +209,7 @@ def _contig_gemm_impl(x: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, b
     first = torch.where(valid, tiles, tiles.max(dim=1, keepdim=True).values).min(dim=1, keepdim=True).values
     check(bool((~valid | (tiles == first)).all()), "lightop contig asm: a 256-row tile holds rows of two experts")
     check(bool(valid[:, 0].all()), "lightop contig asm: a 256-row tile's first row has m_indices -1 (assumed unsafe)")
-    weights = kpack2_unpack(w)
+    weights = marlin2_unpack(w)
     for e in m_indices[m_indices >= 0].unique().tolist():
         check(e < w.shape[0], f"lightop contig asm: m_indices names expert {e} of {w.shape[0]}")
         rows = (m_indices == e).nonzero().squeeze(1)

@@ -26,14 +26,22 @@ lazily (inside the functions) and every adapter sits behind a ``supports`` predi
   multiple of 256 rows and ``m_indices`` -1 on the padding (``_HCU_HT_EP_TOKEN_ALIGNMENT``, the DCU
   DeepGEMM README's 256-row alignment), ``lightop.gemm_ops.m_grouped_w8a8_gemm_nt_contig_asm`` for
   gate/up, ``lightop.activation.fuse_silu_mul_quant`` (SwiGLU + int8 in one kernel), the same GEMM for
-  down, then the routing weights and the sum over each token's slots here. The weight is the DCU
-  DeepGEMM's marlin "kpack2" layout ``(E, N // 16, K * 16)`` (16x16 tiles, K innermost), made ONCE by
-  ``prepare_weight`` (:class:`Kpack2Int8`); the packing is the DCU DeepGEMM's own test helper
-  ``weight8bit_nt_kpack2_marlin`` (``deepgemm_marlin_quant.py``, used by its contiguous int8 test before
-  ``m_grouped_i8_gemm_nt_contiguous``, the kernel vllm_hcu swaps for this lightop call), also in
-  yuguo-Jack/DeepGEMM@006070e ``megamoe/__init__.py`` and its int8 baseline test @142c2fa. Kernel limits
-  beyond the layout are not public: N a multiple of 256 and K of 128 are assumed (the 256x256x128 tile;
-  every public caller's shapes), so GLM-5's experts (N 4096 / 6144, K 6144 / 2048) qualify.
+  down, then the routing weights and the sum over each token's slots here. The weight is the "Marlin2"
+  layout ``(E, N // 16, K * 16)`` made ONCE by ``prepare_weight`` (:class:`Marlin2Int8`): vllm_hcu packs
+  the int8 expert stacks it hands this kernel (DeepEP's contiguous ``DeepGemmExperts``, which at
+  06845d2 calls ``lightop.m_grouped_w8a8_gemm_nt_contig_asm`` or, with the DCU DeepGEMM installed, its
+  ``m_grouped_i8_gemm_nt_contiguous``) with ``weight8bit_nt_kpack2_marlin2``
+  (``model_executor/layers/quantization/int8_runtime.py``@13272b6, "the audited Marlin2 layout", called
+  per expert in ``compressed_tensors/compressed_tensors_moe_marlin.py``@1ec73b3): ``[E, N/16, 16, K/64,
+  4, 16]`` permuted to ``[E, K/64, N/16, 4, 16, 16]``. A conflicting public pairing exists: the DCU
+  DeepGEMM's older test helper ``weight8bit_nt_kpack2_marlin`` (16x16 tiles, no 64-wide K group:
+  "legacy_n16_flat") feeds ``m_grouped_i8_gemm_nt_contiguous`` in its contiguous int8 test and in
+  yuguo-Jack/DeepGEMM@142c2fa ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``, whose
+  neighbour probes for a "k64n16" layout: the layout moved between DCU DeepGEMM versions. The one
+  Hygon's own lightop caller uses is taken; on hardware this is the first thing to check. Kernel limits
+  beyond the layout (N % 16, K % 64) are not public: N a multiple of 256 and K of 128 are assumed (the
+  256x256x128 tile; every public caller's shapes), so GLM-5's experts (N 4096 / 6144, K 6144 / 2048)
+  qualify.
 
 Not wired: bf16 experts through ``lightop.moe.moe_gemm_marlin_w16a16`` (vllm_hcu@353fd74
 ``fused_moe/lightop_w16a16_runtime.py``: layout and flow public, but vllm_hcu takes it only for
@@ -208,31 +216,33 @@ def dcu_lightning_indexer(
 
 
 # --------------------------------------------------------------------------------------------
-# int8 experts: lightop's contiguous w8a8 grouped GEMM over DCU DeepGEMM's marlin kpack2 layout
+# int8 experts: lightop's contiguous w8a8 grouped GEMM over the Marlin2 weight layout
 
 TILE_M = 256  # each expert's rows padded to a multiple of this (vllm_hcu's _HCU_HT_EP_TOKEN_ALIGNMENT)
-KPACK = 16  # the kpack2 tile: 16 rows of N x 16 columns of K
+TILE = 16  # a Marlin2 tile: 16 rows of N x 16 columns of K
+K_GROUP = 4  # tiles of K grouped by 4 (64 columns), the outermost dimension of the layout
 N_MULTIPLE, K_MULTIPLE = 256, 128  # assumed kernel limits (the 256x256x128 macro tile; module docstring)
 
 
-def kpack2_pack(w: torch.Tensor) -> torch.Tensor:
-    """int8 ``[E, N, K]`` -> the marlin kpack2 storage ``(E, N/16, K*16)``: tile ``(n // 16, k // 16)``
-    holds the 16x16 block ``w[e, n-tile rows, k-tile columns]`` row-major (DCU DeepGEMM's
-    ``weight8bit_nt_kpack2_marlin``)."""
+def marlin2_pack(w: torch.Tensor) -> torch.Tensor:
+    """int8 ``[E, N, K]`` -> the Marlin2 storage ``(E, N/16, K*16)``: per expert, 64-column blocks of K
+    outermost, then 16-row tiles of N, then the block's four 16-column tiles of K, each a row-major
+    16x16 tile (vllm_hcu's ``weight8bit_nt_kpack2_marlin2``)."""
     E, N, K = w.shape
-    tiles = w.reshape(E, N // KPACK, KPACK, K // KPACK, KPACK).transpose(2, 3)  # [E, n-tile, k-tile, 16, 16]
-    return tiles.contiguous().view(E, N // KPACK, K * KPACK)
+    blocks = w.reshape(E, N // TILE, TILE, K // (TILE * K_GROUP), K_GROUP, TILE)  # [E, nt, n, kb, kt, k]
+    return blocks.permute(0, 3, 1, 4, 2, 5).contiguous().view(E, N // TILE, K * TILE)  # [E, kb, nt, kt, n, k]
 
 
-def kpack2_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`kpack2_pack` (a new contiguous ``[E, N, K]`` tensor)."""
-    E, nb, k16 = packed.shape
-    kb = k16 // (KPACK * KPACK)
-    return packed.view(E, nb, kb, KPACK, KPACK).transpose(2, 3).reshape(E, nb * KPACK, kb * KPACK)
+def marlin2_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`marlin2_pack` (a new contiguous ``[E, N, K]`` tensor)."""
+    E, nt, k16 = packed.shape
+    kb = k16 // (TILE * TILE * K_GROUP)
+    blocks = packed.view(E, kb, nt, K_GROUP, TILE, TILE)  # [E, kb, nt, kt, n, k]
+    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(E, nt * TILE, kb * K_GROUP * TILE)
 
 
-class Kpack2Int8(torch.Tensor):
-    """An int8 expert stack that reads as ``[E, N, K]`` but is stored ONLY in the kpack2 layout
+class Marlin2Int8(torch.Tensor):
+    """An int8 expert stack that reads as ``[E, N, K]`` but is stored ONLY in the Marlin2 layout
     (``.packed``), so ``prepare_weight`` keeps the :class:`~hwlayer.ops.quant.QuantizedWeight` contract
     (same logical shape and values) without a second copy resident: the DCU counterpart of an NPU
     tensor cast to FRACTAL_NZ. The lightop adapter hands ``.packed`` to the kernel; any other op on it
@@ -243,9 +253,9 @@ class Kpack2Int8(torch.Tensor):
     packed: torch.Tensor
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor) -> Kpack2Int8:
-        E, nb, k16 = packed.shape
-        N, K = nb * KPACK, k16 // KPACK
+    def __new__(cls, packed: torch.Tensor) -> Marlin2Int8:
+        E, nt, k16 = packed.shape
+        N, K = nt * TILE, k16 // TILE
         return torch.Tensor._make_wrapper_subclass(cls, (E, N, K), strides=(N * K, 1, N), dtype=torch.int8,
                                                    device=packed.device, requires_grad=False)
 
@@ -253,14 +263,14 @@ class Kpack2Int8(torch.Tensor):
         self.packed = packed
 
     def __repr__(self) -> str:
-        return f"Kpack2Int8(shape={list(self.shape)}, device={self.device}, packed={list(self.packed.shape)})"
+        return f"Marlin2Int8(shape={list(self.shape)}, device={self.device}, packed={list(self.packed.shape)})"
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         def unpack(t: Any) -> Any:
-            return kpack2_unpack(t.packed) if isinstance(t, Kpack2Int8) else t
+            return marlin2_unpack(t.packed) if isinstance(t, Marlin2Int8) else t
 
         return func(*pytree.tree_map(unpack, args), **pytree.tree_map(unpack, kwargs or {}))
 
@@ -283,8 +293,8 @@ def lightop_prepare_weight_supports(name: Any, weight: Any) -> bool | str:
         return "only int8 expert stacks have a lightop layout"
     if weight.act_scale_fmt is not None:
         return "lightop's per-token int8 quant has plain fp32 scales (no ue8m0)"
-    if isinstance(weight.data, Kpack2Int8):
-        return "already in the kpack2 layout"
+    if isinstance(weight.data, Marlin2Int8):
+        return "already in the Marlin2 layout"
     if (why := lightop_experts_importable()) is not None:
         return why  # no kernel to read the layout: keep [E, N, K] for the Triton tier
     E, N, K = weight.shape
@@ -296,8 +306,8 @@ def lightop_prepare_weight_supports(name: Any, weight: Any) -> bool | str:
 
 
 def lightop_prepare_weight(name: str, weight: QuantizedWeight) -> QuantizedWeight:
-    """Once at load: the expert stack into the kpack2 layout (the ``[E, N, K]`` copy is not kept)."""
-    return weight.replace(data=Kpack2Int8(kpack2_pack(weight.data)), prepared=None)
+    """Once at load: the expert stack into the Marlin2 layout (the ``[E, N, K]`` copy is not kept)."""
+    return weight.replace(data=Marlin2Int8(marlin2_pack(weight.data)), prepared=None)
 
 
 def contiguous_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -337,8 +347,8 @@ def lightop_int8_experts_supports(x: Any, w13: Any, w2: Any, topk_weights: Any, 
         return why
     if not (isinstance(w13, QuantizedWeight) and isinstance(w2, QuantizedWeight)) or w13.format != "int8":
         return "lightop's grouped GEMM takes int8 (W8A8) expert stacks"
-    if not (isinstance(w13.data, Kpack2Int8) and isinstance(w2.data, Kpack2Int8)):
-        return "needs both stacks in the kpack2 layout plan.prepare_weight makes at load (N % 256, K % 128)"
+    if not (isinstance(w13.data, Marlin2Int8) and isinstance(w2.data, Marlin2Int8)):
+        return "needs both stacks in the Marlin2 layout plan.prepare_weight makes at load (N % 256, K % 128)"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return "the contiguous ASM kernel writes bf16 / fp16"
     if not _cuda_tensors(x, w13.data.packed, w2.data.packed, topk_weights, topk_ids):
