@@ -320,8 +320,8 @@ def contiguous_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     slice are empty: their first row gets expert 0 (dummy work, never gathered), because the kernel is
     taken to read a tile's expert from its first row (the DCU integrations that bound M on the host
     "sanitize every empty 256-row tile head": yuguo-Jack/DeepGEMM@142c2fa
-    ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``); vllm_hcu has no empty tiles, it
-    sizes M from DeepEP's host counts."""
+    ``megamoe/dcu_megamoe_opt/tests/test_mega_moe_int8_baseline.py``); vllm_hcu, sizing M from DeepEP's
+    host-side counts where it has them (vLLM's ``compute_aligned_M``), leaves no empty tile."""
     n = topk_ids.numel()
     M = -(-(n + min(n, num_experts) * (TILE_M - 1)) // TILE_M) * TILE_M
     flat = topk_ids.reshape(-1).long()
