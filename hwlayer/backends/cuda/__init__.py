@@ -77,7 +77,9 @@ BACKENDS = (
         priority=60,
         inherits=("triton",),
         verified=(f"written against {hygon.WRITTEN_AGAINST}: lightop.norm, lightop.op.moe_fused_gate, DCU "
-                  "flash_mla_sparse_fwd, DCU deep_gemm fp8_fp4_(paged_)mqa_logits; emulated in CI, not run on "
+                  "flash_mla_sparse_fwd, DCU deep_gemm fp8_fp4_(paged_)mqa_logits, lightop int8 grouped experts "
+                  "(m_grouped_w8a8_gemm_nt_contig_asm over vllm_hcu's Marlin2 weight layout); emulated in CI, "
+                  "not run on "
                   "Hygon hardware; collective nccl->RCCL unverified; "
                   f"{NOT_RUN}"),
         install_hint="install Hygon's DTK (ROCm) build of torch, lightop and the DCU builds of flash_mla / "
@@ -87,8 +89,8 @@ BACKENDS = (
         attention_layout=hygon.HYGON_LAYOUT,
         # The DCU has FP8 (vllm_hcu scores the DSA indexer with DeepGEMM fp8_fp4_(paged_)mqa_logits, wired
         # here opt-in, and quantises activations with lightop.quant.per_token_quant_fp8). Checkpoint weight
-        # formats offered are int8 only: no FP8 block-scaled weight GEMM is wired for the DCU, and the int8
-        # MoE GEMM runs on the Triton tier (lightop's w8a8 grouped GEMM wants a packed layout not published).
+        # formats offered are int8 only: no FP8 block-scaled weight GEMM is wired for the DCU; int8 experts
+        # run through lightop's w8a8 grouped GEMM (Marlin2 layout prepared at load), int8 linears on Triton.
         weight_formats=("int8",),
     ),
     Backend(
