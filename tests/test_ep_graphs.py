@@ -46,13 +46,19 @@ def _prompts(vocab: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]
 
 
 PHASES = ((7, 3, 10), (6,))  # data-parallel run: 3 sequences (2 + 1 per rank), then 1 (one rank idle)
+LATE = (5, 4)  # then 2 sequences, the second arriving while the first decodes (its rank prefills, the other decodes)
 
 
-def _generate(engine, prompts: list[list[int]]) -> list[list[int]]:
+def _generate(engine, prompts: list[list[int]], late: bool = False) -> list[list[int]]:
+    """Greedy tokens; ``late``: the last prompt is submitted after two steps of the others."""
     from serving.engine import SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    seqs = [engine.submit(p, params, lambda e: None) for p in prompts]
+    seqs = [engine.submit(p, params, lambda e: None) for p in (prompts[:-1] if late else prompts)]
+    if late:
+        engine.step()
+        engine.step()
+        seqs.append(engine.submit(prompts[-1], params, lambda e: None))
     for _ in range(1000):
         if all(s.finished for s in seqs):
             break
@@ -107,6 +113,8 @@ def _serve(rank: int, world: int, checkpoint: str, dp_attention: bool) -> dict:
         out["uses_graphs"] = engine.forward.uses_graphs
         phases = PHASES if dp_attention else PHASES[:1]
         out["generated"] = [_generate(engine, _prompts(m.config.vocab_size, p, 11 + i)) for i, p in enumerate(phases)]
+        if dp_attention:
+            out["generated"].append(_generate(engine, _prompts(m.config.vocab_size, LATE, 20), late=True))
         ep_mod.shutdown_followers(False)
     else:
         (dp.follower_loop if dp_attention else ep_mod.follower_loop)(m, PER_RANK, BLOCK, runner)
@@ -238,7 +246,7 @@ def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 dtype=torch.bfloat16)
 
 
-def _single(checkpoint: Path, phases: tuple[tuple[int, ...], ...]) -> list[list[list[int]]]:
+def _single(checkpoint: Path, phases: tuple[tuple[int, ...], ...], late: bool = False) -> list[list[list[int]]]:
     """Greedy tokens of one process, every step eager: the reference."""
     from model import load_model
     from model.runner import ModelRunner
@@ -248,7 +256,8 @@ def _single(checkpoint: Path, phases: tuple[tuple[int, ...], ...]) -> list[list[
     m = load_model(checkpoint, backend="cpu")
     runner = ModelRunner(m, max_num_seqs=ENGINE["max_num_seqs"], max_model_len=ENGINE["max_model_len"], graphs=None)
     engine = Engine(m, load_tokenizer(checkpoint), num_blocks=2 * PER_RANK, forward=runner, **ENGINE)
-    return [_generate(engine, _prompts(m.config.vocab_size, p, 11 + i)) for i, p in enumerate(phases)]
+    out = [_generate(engine, _prompts(m.config.vocab_size, p, 11 + i)) for i, p in enumerate(phases)]
+    return out + ([_generate(engine, _prompts(m.config.vocab_size, LATE, 20), late=True)] if late else [])
 
 
 def _n_moe(checkpoint: Path) -> int:
@@ -292,13 +301,14 @@ def test_ep_decode_graphs_match_one_process(checkpoint: Path) -> None:
 
 def test_dp_attention_decode_graphs_with_uneven_and_idle_ranks(checkpoint: Path) -> None:
     """(b) DP attention at EP=2: rank 0 picks one graph size for both ranks (the larger sub-batch up the
-    ladder); an idle rank replays it on padding rows; tokens equal one eager process."""
-    want = _single(checkpoint, PHASES)
+    ladder); an idle rank replays it on padding rows; a step where one rank prefills runs eagerly on
+    both, the decoding rank included; tokens equal one eager process."""
+    want = _single(checkpoint, PHASES, late=True)
     ranks = _spawn("dp", checkpoint)
     assert ranks[0]["uses_graphs"] and ranks[0]["generated"] == want
     n_moe = _n_moe(checkpoint)
     counts = [_check_steps(r["steps"], n_moe, rank) for rank, r in enumerate(ranks)]
-    assert counts[0] == counts[1] and counts[0][0] == 2 * (MAX_TOKENS - 1), counts
+    assert counts[0] == counts[1] and counts[0][0] >= 2 * (MAX_TOKENS - 1), counts
     keys = [[s["key"] for s in r["steps"]] for r in ranks]
     assert keys[0] == keys[1]  # one size on every rank, every step
     sizes = [(a["B"], b["B"], a["key"]) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True)
@@ -307,6 +317,12 @@ def test_dp_attention_decode_graphs_with_uneven_and_idle_ranks(checkpoint: Path)
     idle = [s for s in sizes if min(s[:2]) == 0]
     assert uneven and all(key[0] == 2 for *_, key in uneven), sizes  # 2 + 1 sequences: both ranks replay 2 rows
     assert idle and all(key[0] == 1 for *_, key in idle), sizes  # 1 + 0: the idle rank replays 1 padding row
+    # the late sequence's prefill: one rank prefills, the other only decodes, and both run eagerly
+    decoding_eagerly = [(a, b) for a, b in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True)
+                        if a["key"] is None and {a["B"], b["B"]} == {1} and
+                        sorted(x["dispatch"][0][0] for x in (a, b)) == [1, LATE[-1]]]
+    assert decoding_eagerly, [(a["B"], b["B"], a["key"], a["dispatch"][:1], b["dispatch"][:1])
+                              for a, b in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True)]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -342,9 +358,11 @@ def test_emulated_native_ep_serves_the_decode_graph(backend: str, served: tuple[
 
 
 def test_cpu_traced_graph_falls_back_to_eager_on_every_rank(checkpoint: Path) -> None:
-    """The CPU's traced step cannot record a c10d collective (torch.jit.trace refuses the ProcessGroup):
-    at EP=2 every rank's capture fails the same way and the runner runs eagerly, with the same logits as
-    one process (no rank left waiting in a collective)."""
+    """The CPU's traced step cannot record a c10d collective (torch.jit.trace refuses the ProcessGroup
+    argument of the generic fixed-capacity exchange's ``all_to_all_single``): at EP=2 every rank's
+    capture fails the same way and the runner runs eagerly, with the same logits as one process (no
+    rank left waiting in a collective). Once that exchange is an op the tracer records, this flips:
+    every rank replays."""
     from model import load_model
 
     ranks = _spawn("cpu_traced", checkpoint)
