@@ -229,6 +229,11 @@ class ModelRunner:
         if key is None:
             self.eager_steps += 1
             return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
+        B = meta.seq_lens.shape[0]
+        if B > key[0] or meta.input_ids.shape[0] != B * self.q or meta.max_seqlen_k > key[1]:
+            raise ValueError(f"ModelRunner.run: graph {key} (rows, context bucket) cannot hold this rank's batch of "
+                             f"{B} sequences, {meta.input_ids.shape[0]} tokens, longest context {meta.max_seqlen_k}; "
+                             "the key must come from step_key over every rank's batch")
         return self._run(meta, cache, key)
 
     @torch.inference_mode()
