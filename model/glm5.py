@@ -93,6 +93,9 @@ class ForwardContext:
     input_ids: torch.Tensor | None = None  # int64 [T] (None when the caller feeds its own tokens)
     has_padding: bool = True  # host: slot_mapping may hold -1 rows (False only when the host knows it does not)
     attn: AttentionMetadata | None = None  # the ops' per-step tables, built by GLM5.hidden_states
+    # host, expert parallelism: the tokens per rank of a step every rank runs at one padded size (a
+    # captured decode step), so ep_dispatch / ep_combine take their fixed-capacity form; None: exact form
+    ep_capacity: int | None = None
 
 
 @dataclass
@@ -114,6 +117,7 @@ class StepMetadata:
     block_table: np.ndarray  # int64 [B, max_blocks]
     max_seqlen_q: int
     max_seqlen_k: int
+    ep_capacity: int | None = None  # ForwardContext.ep_capacity (set by a runner that pads every rank alike)
 
     @classmethod
     def from_batch(cls, batch: Batch, block_size: int, num_blocks: int, max_positions: int) -> StepMetadata:
@@ -155,7 +159,8 @@ class StepMetadata:
         ids, positions, slots, cu, lens, table = packed.split([T, T, T, B + 1, B, self.block_table.size])
         return ForwardContext(positions, slots, cu.to(torch.int32), lens.to(torch.int32),
                               table.view(self.block_table.shape).to(torch.int32), cos_sin,
-                              self.max_seqlen_q, self.max_seqlen_k, ids, has_padding=False)
+                              self.max_seqlen_q, self.max_seqlen_k, ids, has_padding=False,
+                              ep_capacity=self.ep_capacity)
 
 
 def _host(t: torch.Tensor | np.ndarray | list) -> np.ndarray:
@@ -258,7 +263,10 @@ class MoE:
     """fp32 sigmoid router (noaux_tc, group-limited) -> routed experts + shared experts.
 
     With expert parallelism (ep > 1) this rank holds experts ``[lo, hi)`` only:
-    ``ep_dispatch -> fused_experts (local ids, weight 1) -> ep_combine(topk_weights)``.
+    ``ep_dispatch -> fused_experts (local ids, weight 1) -> ep_combine(topk_weights)``. ``capacity``
+    (the step's ``ep_capacity``) picks the all-to-all's form: None, the exact one (prefill, mixed
+    steps; the host learns the counts), or an int, the fixed-capacity one (every rank's captured decode
+    step: static shapes, nothing read on the host; DeepEP low-latency, Ascend MC2).
     """
 
     def __init__(self, model: GLM5, w: dict[str, torch.Tensor], p: str) -> None:
@@ -270,7 +278,7 @@ class MoE:
         self.w2 = w[p + "experts.w2"]  # [E_local, D, I]
         self.shared = DenseMLP(model.plan, w, p + "shared_experts.") if cfg.n_shared_experts else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         cfg, plan = self.cfg, self.plan
         router_logits = F.linear(x.float(), self.gate)
         weights, ids = plan.moe_route(router_logits, self.bias, cfg.num_experts_per_tok, cfg.n_group,
@@ -280,7 +288,7 @@ class MoE:
         if self.ep == 1:
             y = experts(x, self.w13, self.w2, weights, ids)
         else:
-            recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, cfg.n_routed_experts, self.ep_group, weights)
+            recv_x, recv_ids, handle = plan.ep_dispatch(x, ids, cfg.n_routed_experts, self.ep_group, weights, capacity)
             ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=x.device)
             y_local = experts(recv_x, self.w13, self.w2, ones, recv_ids.view(-1, 1))
             y = plan.ep_combine(y_local, handle, weights, self.ep_group)
@@ -296,7 +304,8 @@ class DecoderLayer:
         self.input_norm = w[p + "input_layernorm.weight"]
         self.post_attn_norm = w[p + "post_attention_layernorm.weight"]
         self.attn = Attention(model, w, p + "self_attn.", i)
-        self.mlp = MoE(model, w, p + "mlp.") if cfg.layer_is_moe(i) else DenseMLP(model.plan, w, p + "mlp.")
+        self.is_moe = cfg.layer_is_moe(i)
+        self.mlp = MoE(model, w, p + "mlp.") if self.is_moe else DenseMLP(model.plan, w, p + "mlp.")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, cache: PagedCache,
                  prev_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,7 +316,7 @@ class DecoderLayer:
             x, residual = self.plan.rms_norm(x, self.input_norm, self.eps, residual)
         x, indices = self.attn(x, ctx, cache, prev_indices)
         x, residual = self.plan.rms_norm(x, self.post_attn_norm, self.eps, residual)
-        return self.mlp(x), residual, indices
+        return (self.mlp(x, ctx.ep_capacity) if self.is_moe else self.mlp(x)), residual, indices
 
 
 class MTPLayer:

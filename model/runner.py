@@ -19,6 +19,21 @@ traced step, whose generic indexer scores every key up to ``max_seqlen_k``) powe
 1024 up to ``max_model_len``, each captured on first use, so a short context does not pay for the
 longest.
 
+With expert parallelism (``model.ep > 1``) a captured step's MoE layers take the fixed-capacity
+all-to-all (``ep_capacity`` = the bucket's tokens: static shapes, no host read, DeepEP low-latency /
+Ascend MC2 where the backend has them) and every rank must replay a graph of the same size: the
+leader picks the key for all ranks (:meth:`ModelRunner.step_key`, the largest rank's batch rounded up
+the ladder; data-parallel attention gives each rank its own sub-batch) and each rank runs it with
+:meth:`ModelRunner.run`; a rank with no sequences replays all-padding rows. Prefill and mixed steps
+stay eager, on every rank together (the exact all-to-all). vLLM pads the same way
+(vllm-project/vllm@00746147 ``vllm/v1/worker/dp_utils.py`` ``coordinate_batch_across_dp``: the
+ranks' token counts and CUDA-graph modes are all-reduced, any eager rank makes all eager, all pad to
+the max; @e04bcc7 ``device_communicators/all2all.py`` ``DeepEPLLAll2AllManager``: the low-latency
+buffer's ``max_num_tokens_per_dp_rank`` "all the ranks must hold the same value"), as does SGLang
+(sgl-project/sglang@0021673 ``model_executor/cuda_graph_runner.py`` ``can_run`` /
+``replay_prepare``: with DP attention the graph size follows the ranks' gathered token counts).
+Here the leader already broadcasts each step, so the key rides with it instead of an all-reduce.
+
 How a backend captures is its declaration (:class:`hwlayer.backend.DeviceGraph`:
 ``torch.cuda.CUDAGraph``, ``torch.npu.NPUGraph``, the CPU's ``TracedStepGraph``); a backend
 without one runs eagerly. :class:`RecordedGraph` is a stand-in the tests use to check the plumbing
@@ -182,6 +197,45 @@ class ModelRunner:
     supports_rows = True  # __call__ takes ``rows`` (serving/runner.py: prompt logprobs)
 
     # ---- the step ---------------------------------------------------------------------------
+    def step_key(self, batches: list[Batch], cache: PagedCache) -> tuple[int, int] | None:
+        """The graph ``(ladder size, context bucket)`` every rank replays for a step in which the ranks
+        run ``batches`` (plain expert parallelism: the one batch all ranks run; data-parallel attention:
+        each rank's own, an idle rank's empty), or None when the step runs eagerly on every rank (a
+        prefill or mixed step anywhere, a batch above the ladder). The leader calls it and sends the
+        key with the step, so all ranks agree on the size of the fixed-capacity all-to-alls (host work)."""
+        if self.q != 1:
+            return None  # speculative verify steps: not through here
+        keys = []
+        for batch in batches:
+            meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
+                                           self.model.config.max_position_embeddings)
+            if meta.seq_lens.shape[0] == 0:
+                continue  # an idle rank replays whatever size the others need
+            key = self._graph_key(meta, cache)
+            if key is None:
+                return None
+            keys.append(key)
+        if not keys:
+            return None
+        return max(k[0] for k in keys), max(k[1] for k in keys)  # ladder values: the max is one too
+
+    @torch.inference_mode()
+    def run(self, batch: Batch, cache: PagedCache, key: tuple[int, int] | None) -> torch.Tensor:
+        """Logits of ``batch``'s last new tokens, in the graph ``key`` the leader chose for every rank
+        (:meth:`step_key`), or eagerly when None. An empty ``batch`` (an idle data-parallel rank) with a
+        key replays that graph on padding rows only: it still joins every MoE all-to-all."""
+        meta = StepMetadata.from_batch(batch, cache.block_size, cache.num_blocks,
+                                       self.model.config.max_position_embeddings)
+        if key is None:
+            self.eager_steps += 1
+            return self.model.forward_context(meta.to_device(self.model.device, self.model.cos_sin), cache)
+        B = meta.seq_lens.shape[0]
+        if B > key[0] or meta.input_ids.shape[0] != B * self.q or meta.max_seqlen_k > key[1]:
+            raise ValueError(f"ModelRunner.run: graph {key} (rows, context bucket) cannot hold this rank's batch of "
+                             f"{B} sequences, {meta.input_ids.shape[0]} tokens, longest context {meta.max_seqlen_k}; "
+                             "the key must come from step_key over every rank's batch")
+        return self._run(meta, cache, key)
+
     @torch.inference_mode()
     def __call__(self, batch: Batch, cache: PagedCache, rows: np.ndarray | None = None) -> torch.Tensor:
         """Logits of each sequence's last new token, or (``rows``: flat token indices) of those rows,
@@ -195,7 +249,7 @@ class ModelRunner:
                 return self.model.forward_context(ctx, cache)
             h = self.model.hidden_states(ctx.input_ids, ctx, cache)
             return self.model.logits(h[torch.from_numpy(np.asarray(rows)).to(h.device)])
-        return self._run(meta, cache)
+        return self._run(meta, cache, self._graph_key(meta, cache))
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
@@ -207,13 +261,12 @@ class ModelRunner:
             self.eager_steps += 1
             ctx = meta.to_device(self.model.device, self.model.cos_sin)
             return self.model.hidden_states(ctx.input_ids, ctx, cache)
-        return self._run(meta, cache)
+        return self._run(meta, cache, self._graph_key(meta, cache))
 
-    def _run(self, meta: StepMetadata, cache: PagedCache) -> torch.Tensor:
-        """The step of ``meta`` from its graph when one holds it, else eagerly: logits of the last rows
-        (``q`` 1) or hidden states of all rows (``q`` > 1)."""
+    def _run(self, meta: StepMetadata, cache: PagedCache, key: tuple[int, int] | None) -> torch.Tensor:
+        """The step of ``meta`` in graph ``key`` (None: eagerly): logits of the last rows (``q`` 1) or
+        hidden states of all rows (``q`` > 1)."""
         B = meta.seq_lens.shape[0]
-        key = self._graph_key(meta, cache)
         self._last_key = None
         if key is not None:
             if cache is not self.graph_cache:
@@ -313,8 +366,11 @@ class ModelRunner:
         n, W = self.capture_sizes[-1], self._max_blocks(cache)
         ids, positions, slots, cu, lens, table = buf.split(self._layout(n, W))
         t = bs * self.q
+        # Expert parallelism: every rank replays this size, so the MoE all-to-alls take the fixed-capacity
+        # form with t tokens per rank (the bucket's, padding rows included).
         return ForwardContext(positions[:t], slots[:t], cu[: bs + 1], lens[:bs], table.view(n, W)[:bs],
-                              self.model.cos_sin, max_seqlen_q=self.q, max_seqlen_k=max_seqlen_k, input_ids=ids[:t])
+                              self.model.cos_sin, max_seqlen_q=self.q, max_seqlen_k=max_seqlen_k, input_ids=ids[:t],
+                              ep_capacity=t if self.model.ep > 1 else None)
 
     def _host_buffer(self, meta: StepMetadata | None, cache: PagedCache) -> torch.Tensor:
         """The packed host copy of a padded decode step (``meta`` None: all rows padding)."""

@@ -20,9 +20,18 @@ Each step (:class:`DPLeader`) rank 0 splits the batch into one sub-batch per ran
 (:class:`RankSampling`); every rank runs its own and samples its own rows, and rank 0 gathers token
 ids (8 bytes a row) instead of fp32 logits (4 x vocab bytes a row, 0.6 MB at GLM-5's vocabulary).
 Only rows rank 0 must process itself (logits processors, logprobs, a grammar, a seeded generator:
-that state lives on rank 0) send their logits. Followers run :func:`follower_loop`. Failures are
-handled as in :mod:`serving.ep`: a collective that fails is a
-:class:`hwlayer.distributed.RankFailure` naming the rank; rank 0 answers 503 and exits non-zero.
+that state lives on rank 0) send their logits.
+
+Decode graphs (each rank a :class:`model.runner.ModelRunner` built alike): the sub-batches differ, but
+the fixed-capacity all-to-alls of a captured step need one size on every rank, so rank 0 picks the
+graph for all (:meth:`~model.runner.ModelRunner.step_key`: the largest sub-batch rounded up the
+ladder, the longest context's bucket) and broadcasts it with the sub-batches; a rank with no sequences
+replays that graph on padding rows (slot -1). If any rank prefills, every rank runs the step eagerly
+(the exact all-to-all), as vLLM's ``coordinate_batch_across_dp`` makes all ranks eager when one is.
+
+Followers run :func:`follower_loop`. Failures are handled as in :mod:`serving.ep`: a collective that
+fails is a :class:`hwlayer.distributed.RankFailure` naming the rank; rank 0 answers 503 and exits
+non-zero.
 """
 
 from __future__ import annotations
@@ -170,18 +179,20 @@ class DPEngine(Engine):
 
     ``num_blocks``, ``max_num_seqs`` and ``max_num_batched_tokens`` are per rank (the step budget of
     the whole batch is ``world`` times them). ``forward``: default :class:`DPLeader` (the
-    distributed step); a test may pass another that takes the same global-block batch.
+    distributed step); a test may pass another that takes the same global-block batch. ``runner``:
+    rank 0's :class:`model.runner.ModelRunner` for the default leader (decode steps in graphs).
     Everything else is :class:`serving.engine.Engine`; the per-rank block pools are
     :class:`DPScheduler`'s.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, world: int, num_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 forward: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
+                 forward: Callable[[Any, Any], torch.Tensor] | None = None, runner: Any = None,
+                 **kwargs: Any) -> None:
         if world < 1:
             raise ValueError(f"DPEngine: expected world >= 1 ranks, got {world}")
         self.world = world
-        leader = forward or DPLeader(model, world, num_blocks, block_size)
+        leader = forward or DPLeader(model, world, num_blocks, block_size, runner)
         kwargs.setdefault("on_idle", ep_mod.keepalive if forward is None else None)
         kwargs.pop("enable_prefix_caching", None)  # no prefix caching across ranks
         self._blocks_per_rank = num_blocks
@@ -301,12 +312,13 @@ def _gather_padded(t: torch.Tensor, width: int, rank: int, world: int) -> list[t
     return gathered
 
 
-def run_sampled_step(model: Any, subs: list[Any], sampling: list[RankSampling], cache: Any,
-                     rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """Every rank: run its own sub-batch, sample its rows, gather token ids (and the few logits rows
-    rank 0 samples itself) to rank 0. Returns, on rank 0, per rank ``(token ids, logits rows)``; None
-    elsewhere. Every rank knows ``sampling`` for all ranks, so all agree on which gathers run."""
-    logits = model.forward_batch(subs[rank], cache)
+def run_sampled_step(model: Any, subs: list[Any], sampling: list[RankSampling], cache: Any, rank: int,
+                     runner: Any = None, key: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Every rank: run its own sub-batch (in graph ``key`` when rank 0 picked one), sample its rows,
+    gather token ids (and the few logits rows rank 0 samples itself) to rank 0. Returns, on rank 0, per
+    rank ``(token ids, logits rows)``; None elsewhere. Every rank knows ``sampling`` for all ranks, so
+    all agree on which gathers run."""
+    logits = ep_mod.run_step(model, runner, subs[rank], cache, key)
     mine = sampling[rank]
     world = len(subs)
     ids = sample_rows(model, logits, mine)
@@ -325,12 +337,14 @@ def run_sampled_step(model: Any, subs: list[Any], sampling: list[RankSampling], 
     return ids_out, logits_out
 
 
-def run_step(model: Any, subs: list[Any], cache: Any, rank: int) -> list[torch.Tensor] | None:
-    """Every rank: run its own sub-batch, then gather all ranks' logits to rank 0.
+def run_step(model: Any, subs: list[Any], cache: Any, rank: int, runner: Any = None,
+             key: Any = None) -> list[torch.Tensor] | None:
+    """Every rank: run its own sub-batch (in graph ``key`` when rank 0 picked one), then gather all
+    ranks' logits to rank 0.
 
     Returns, on rank 0, each rank's logits ``[rows of that rank, vocab]``; None elsewhere. The
     logits are padded to the largest sub-batch for one ``gather`` (collective, every rank calls it)."""
-    logits = model.forward_batch(subs[rank], cache)
+    logits = ep_mod.run_step(model, runner, subs[rank], cache, key)
     width = max(s.seq_lens.numel() for s in subs)
     padded = logits.new_zeros(width, logits.shape[1])
     padded[:logits.shape[0]] = logits
@@ -345,10 +359,13 @@ class DPLeader:
     """Rank 0's ``forward`` for :class:`DPEngine`: split, broadcast, run its share, gather logits.
 
     Keeps, for benchmarks and /metrics, the attention tokens each rank computed (``tokens[r]``,
-    cumulative) and in the last step (``last_tokens``)."""
+    cumulative) and in the last step (``last_tokens``). ``runner``: rank 0's
+    :class:`model.runner.ModelRunner` (every follower holds one built alike): it picks each step's graph
+    for all ranks (``last_graph``: that key, None for an eager step)."""
 
-    def __init__(self, model: Any, world: int, blocks_per_rank: int, block_size: int) -> None:
-        self.model, self.world = model, world
+    def __init__(self, model: Any, world: int, blocks_per_rank: int, block_size: int, runner: Any = None) -> None:
+        self.model, self.world, self.runner = model, world, runner
+        self.last_graph: tuple[int, int] | None = None
         self.blocks_per_rank, self.block_size = blocks_per_rank, block_size
         self.steps = 0
         self.tokens = [0] * world
@@ -356,13 +373,31 @@ class DPLeader:
         self.sampled = [0] * world  # tokens each rank sampled itself (sent to rank 0 as ids)
         self.logits_rows = 0  # rows whose logits were gathered to rank 0 instead
 
+    @property
+    def uses_graphs(self) -> bool:
+        return self.runner is not None and self.runner.uses_graphs
+
+    def capture(self, cache: Any) -> None:
+        """Capture the decode graphs on every rank at once (each capture runs the all-to-alls)."""
+        if self.uses_graphs:
+            self.steps += 1
+            ep_mod._broadcast([("capture", None)], f"serving step {self.steps} (broadcast)")
+            with hd.rank_failure_guard(f"serving step {self.steps} (graph capture)"):
+                self.runner.capture(cache)
+
+    def _graph(self, subs: list[Any], cache: Any) -> tuple[int, int] | None:
+        """The graph all ranks replay this step (None: all eager), one size for every rank."""
+        self.last_graph = self.runner.step_key(subs, cache) if self.runner is not None else None
+        return self.last_graph
+
     def __call__(self, batch: Any, cache: Any) -> torch.Tensor:
         subs, rows = split_batch(batch, self.world, self.blocks_per_rank, self.block_size)
+        key = self._graph(subs, cache)
         self.steps += 1
         step = self.steps
-        ep_mod._broadcast([("dp_step", subs)], f"serving step {step} (broadcast)")
+        ep_mod._broadcast([("dp_step", (subs, None, key))], f"serving step {step} (broadcast)")
         with hd.rank_failure_guard(f"serving step {step} (forward)"):
-            parts = run_step(self.model, subs, cache, 0)
+            parts = run_step(self.model, subs, cache, 0, self.runner, key)
         self.last_tokens = [int(s.input_ids.numel()) for s in subs]
         self.tokens = [a + b for a, b in zip(self.tokens, self.last_tokens, strict=True)]
         out = parts[0].new_empty(batch.seq_lens.numel(), parts[0].shape[1])
@@ -391,11 +426,12 @@ class DPLeader:
                     s.top_k.append(want[1])
                     s.top_p.append(want[2])
             sampling.append(s)
+        key = self._graph(subs, cache)
         self.steps += 1
         step = self.steps
-        ep_mod._broadcast([("dp_step", (subs, sampling))], f"serving step {step} (broadcast)")
+        ep_mod._broadcast([("dp_step", (subs, sampling, key))], f"serving step {step} (broadcast)")
         with hd.rank_failure_guard(f"serving step {step} (forward)"):
-            ids, logits = run_sampled_step(self.model, subs, sampling, cache, 0)
+            ids, logits = run_sampled_step(self.model, subs, sampling, cache, 0, self.runner, key)
         self.last_tokens = [int(s.input_ids.numel()) for s in subs]
         self.tokens = [a + b for a, b in zip(self.tokens, self.last_tokens, strict=True)]
         tokens: dict[int, int] = {}
@@ -412,10 +448,11 @@ class DPLeader:
         return tokens, out
 
 
-def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
+def follower_loop(model: Any, num_blocks: int, block_size: int, runner: Any = None) -> None:
     """Ranks > 0: run this rank's share of every step rank 0 broadcasts, until ``shutdown``.
 
-    The cache holds ``num_blocks`` blocks for this rank's own sequences. Raises
+    The cache holds ``num_blocks`` blocks for this rank's own sequences; ``runner`` (built with rank
+    0's flags) replays the decode graphs rank 0 picks. Raises
     :class:`hwlayer.distributed.RankFailure` when a collective fails."""
     cache = model.new_cache(num_blocks, block_size)
     rank = hd.current().rank
@@ -426,11 +463,15 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
         if kind == "shutdown":
             break
         if kind == "dp_step":
+            subs, sampling, key = payload  # sampling None: rank 0 takes every rank's logits
             with hd.rank_failure_guard(f"rank {rank} forward"):
-                if isinstance(payload, tuple):  # (sub-batches, what each rank samples)
-                    run_sampled_step(model, payload[0], payload[1], cache, rank)
+                if sampling is not None:
+                    run_sampled_step(model, subs, sampling, cache, rank, runner, key)
                 else:
-                    run_step(model, payload, cache, rank)
+                    run_step(model, subs, cache, rank, runner, key)
+        elif kind == "capture":
+            with hd.rank_failure_guard(f"rank {rank} graph capture"):
+                ep_mod.run_capture(runner, cache, rank)
         elif kind != "noop":
             raise RuntimeError(f"rank {rank}: rank 0 sent a {kind!r} step; with --dp-attention every rank must be "
                                "started with the same flags")

@@ -7,7 +7,12 @@ backend is the hwlayer backend's ``dist_backend``, gloo on CPU) and loads the mo
 (each rank holds ``n_routed_experts / N`` experts). Each step rank 0 broadcasts the step's
 :class:`model.Batch` (``broadcast_object_list``) and then every rank calls ``forward_batch`` on its
 own copy of the paged cache (same geometry, same block ids), so the expert all-to-alls inside the
-model line up. Followers loop until rank 0 broadcasts ``shutdown``. While idle, rank 0 broadcasts a
+model line up. With a :class:`model.runner.ModelRunner` on every rank (``serve.py`` builds one unless
+``--enforce-eager``), decode steps replay device graphs: rank 0 picks the graph
+(:meth:`~model.runner.ModelRunner.step_key`) and sends it with the batch, so every rank replays the
+same size and the MoE layers take the fixed-capacity all-to-all (DeepEP low-latency, Ascend MC2);
+prefill and mixed steps run eagerly on every rank (the exact all-to-all). Followers loop until rank 0
+broadcasts ``shutdown``. While idle, rank 0 broadcasts a
 keep-alive every few seconds so the followers' collective timeout never fires on a quiet server.
 
 This module raises, :mod:`serving.server` reports: a configuration that cannot work is a
@@ -81,15 +86,28 @@ class LeaderForward:
     """Rank 0's ``forward``: send the batch to the followers, then run it here too. Under speculative
     decoding (serving/runner.py) the target step (:meth:`hidden_states`) and every MTP call
     (:meth:`draft`, :meth:`draft_chain`) are broadcast as well: the MTP layer's MoE joins the expert
-    all-to-alls like any other layer, so every rank runs it on the same inputs."""
+    all-to-alls like any other layer, so every rank runs it on the same inputs. ``runner`` (optional, a
+    :class:`model.runner.ModelRunner`; every follower holds one built alike): plain steps run through
+    it, decode steps in the graph rank 0 picks for all ranks; speculative steps stay eager."""
 
     supports_rows = True  # prompt logprobs: the same layers (and all-to-alls) as forward_batch, other rows
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, runner: Any = None) -> None:
+        self.model, self.runner = model, runner
         self.steps = 0
         self.spec = SpecState()
         self.cache: Any = None
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.runner is not None and self.runner.uses_graphs
+
+    def capture(self, cache: Any) -> None:
+        """Capture the decode graphs on every rank at once (each capture runs the step's all-to-alls)."""
+        if self.uses_graphs:
+            step = self._send(("capture", None))
+            with hd.rank_failure_guard(f"serving step {step} (graph capture)"):
+                self.runner.capture(cache)
 
     def _send(self, message: tuple) -> int:
         self.steps += 1
@@ -97,10 +115,12 @@ class LeaderForward:
         return self.steps
 
     def __call__(self, batch: Any, cache: Any, rows: Any = None) -> torch.Tensor:
-        step = self._send(("step", batch))
+        # The graph every rank replays (None: all eager), decided here and sent with the batch.
+        key = self.runner.step_key([batch], cache) if self.runner is not None and rows is None else None
+        step = self._send(("step", (batch, key)))
         with hd.rank_failure_guard(f"serving step {step} (forward)"):
             if rows is None:
-                return self.model.forward_batch(batch, cache)
+                return run_step(self.model, self.runner, batch, cache, key)
             from .runner import logits_of_rows
 
             return logits_of_rows(self.model, batch, cache, rows)
@@ -122,17 +142,30 @@ class LeaderForward:
             return spec_chain(self.model, self.cache, self.spec, batch, live)
 
 
-def leader_forward(model: Any) -> LeaderForward:
+def leader_forward(model: Any, runner: Any = None) -> LeaderForward:
     """Rank 0's ``forward`` (:class:`LeaderForward`)."""
-    return LeaderForward(model)
+    return LeaderForward(model, runner)
 
 
 def keepalive() -> None:
     _broadcast([("noop", None)], "keep-alive")
 
 
-def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
-    """Ranks > 0: run every step rank 0 broadcasts, until ``shutdown``.
+def run_step(model: Any, runner: Any, batch: Any, cache: Any, key: Any) -> torch.Tensor:
+    """One broadcast step on this rank: through ``runner`` in graph ``key`` (None: eagerly), or the
+    model itself when the rank has no runner (then rank 0 must have picked no graph)."""
+    if runner is not None:
+        return runner.run(batch, cache, key)
+    if key is not None:
+        raise RuntimeError(f"rank {hd.current().rank}: rank 0 replays decode graph {key} but this rank has no "
+                           "runner; start every rank with the same flags")
+    return model.forward_batch(batch, cache)
+
+
+def follower_loop(model: Any, num_blocks: int, block_size: int, runner: Any = None) -> None:
+    """Ranks > 0: run every step rank 0 broadcasts, until ``shutdown``. ``runner``: this rank's
+    :class:`model.runner.ModelRunner` (built with rank 0's flags), which replays the decode graphs
+    rank 0 picks; without one every step runs eagerly.
 
     Raises :class:`hwlayer.distributed.RankFailure` when a collective fails (the group is broken
     then, so it is left as it is)."""
@@ -147,7 +180,9 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
             break
         with hd.rank_failure_guard(f"rank {rank} forward"):
             if kind == "step":
-                model.forward_batch(batch, cache)
+                run_step(model, runner, batch[0], cache, batch[1])
+            elif kind == "capture":
+                run_capture(runner, cache, rank)
             elif kind == "spec_hidden":
                 spec_hidden(model, batch, cache, spec)
             elif kind == "spec_draft":
@@ -155,6 +190,14 @@ def follower_loop(model: Any, num_blocks: int, block_size: int) -> None:
             elif kind == "spec_chain":
                 spec_chain(model, cache, spec, *batch)
     hd.shutdown()
+
+
+def run_capture(runner: Any, cache: Any, rank: int) -> None:
+    """A follower's share of rank 0's graph capture (the same sizes, the same all-to-alls)."""
+    if runner is None:
+        raise RuntimeError(f"rank {rank}: rank 0 captures decode graphs but this rank has no runner; start every "
+                           "rank with the same flags")
+    runner.capture(cache)
 
 
 def shutdown_followers(failed: bool) -> None:

@@ -289,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         if token_id is not None:
             eos_ids.add(token_id)
 
+    from model.runner import ModelRunner
+
+    # Every rank's runner is built alike: with expert parallelism rank 0 picks each decode step's graph
+    # for all ranks, which replay it at one size (the MoE all-to-alls in their fixed-capacity form).
+    # Speculative verify steps under expert parallelism stay eager (serving/ep.py's spec_* steps).
+    runner = None
+    if dist_ctx is None or not num_spec:
+        runner = ModelRunner(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
+                             graphs=None if args.enforce_eager else "auto", num_speculative_tokens=num_spec)
     if dist_ctx is not None and dist_ctx.rank != 0:
         from hwlayer.distributed import RankFailure
 
@@ -296,38 +305,35 @@ def main(argv: list[str] | None = None) -> int:
             if args.dp_attention:
                 from . import dp
 
-                dp.follower_loop(model, num_blocks, block_size)
+                dp.follower_loop(model, num_blocks, block_size, runner)
             else:
-                ep_mod.follower_loop(model, num_blocks, block_size)
+                ep_mod.follower_loop(model, num_blocks, block_size, runner)
         except RankFailure as exc:
             fail(str(exc), status=1)
         return 0
     leader = dist_ctx is not None
 
     metrics = ServingMetrics()
-    runner = None
     if args.dp_attention:  # data-parallel attention: serving/dp.py (rank 0 schedules every rank's sequences)
         from . import dp
 
         engine = dp.DPEngine(model, tokenizer, world=args.ep, num_blocks=num_blocks, block_size=block_size,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics)
+                             max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
+                             runner=runner)
         dp.register_rank_metrics(metrics, engine)
     else:
-        if not leader:  # expert parallelism runs eagerly: its all-to-all sizes are read on the host
-            from model.runner import ModelRunner
-
-            runner = ModelRunner(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
-                                 graphs=None if args.enforce_eager else "auto", num_speculative_tokens=num_spec)
         engine = Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=max_model_len, eos_token_ids=sorted(eos_ids), metrics=metrics,
-                        forward=ep_mod.leader_forward(model) if leader else runner,
+                        forward=ep_mod.leader_forward(model, runner) if leader else runner,
                         on_idle=ep_mod.keepalive if leader else None,
                         enable_prefix_caching=args.enable_prefix_caching, num_speculative_tokens=num_spec)
     if runner is not None and runner.uses_graphs:
-        runner.capture(engine.cache)  # at startup, so the first requests do not wait for it
-    graph_mode = _graph_mode(runner, plan, args.enforce_eager)
+        # At startup, so the first requests do not wait for it; under expert parallelism every rank
+        # captures at once (rank 0 tells the followers: each capture runs the all-to-alls).
+        (engine.forward if dist_ctx is not None else runner).capture(engine.cache)
+    graph_mode = _graph_mode(runner, plan, args.enforce_eager, args.ep)
     backend = plan.backend.name
     metrics.bind(engine, backend=backend, device=str(getattr(model, "device", plan.device)), model_name=model_name,
                  block_size=block_size)
@@ -352,15 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         f"at http://{args.host}:{args.port}"))
 
 
-def _graph_mode(runner: Any, plan: Any, enforce_eager: bool) -> str:
+def _graph_mode(runner: Any, plan: Any, enforce_eager: bool, ep: int = 1) -> str:
     """How decode steps run, for the banner."""
     if runner is not None and runner.uses_graphs:
         sizes = runner.capture_sizes
-        return f"on ({plan.backend.device_graph.api}, batch sizes {sizes[0]}..{sizes[-1]})"
+        ep_note = ", expert parallelism: fixed-capacity all-to-all, prefill exact" if ep > 1 else ""
+        return f"on ({plan.backend.device_graph.api}, batch sizes {sizes[0]}..{sizes[-1]}{ep_note})"
     if enforce_eager:
         return "off (--enforce-eager)"
     if runner is None:
-        return "off (expert parallelism)"
+        return "off (speculative decoding under expert parallelism)"
+    if plan.backend.device_graph is not None:
+        return "off (the capture failed: see the warning above)"
     return f"off (backend {plan.backend.name} declares none)"
 
 
