@@ -184,7 +184,7 @@ def _cpu_traced(rank: int, world: int, checkpoint: str) -> dict:
     runner.capture(cache)
     m.forward_batch(prefill, cache)
     logits = runner.run(decode, cache, runner.step_key([decode], cache))
-    return {"wanted": wanted, "uses_graphs": runner.uses_graphs, "decode": logits.tolist()}
+    return {"wanted": wanted, "uses_graphs": runner.uses_graphs, "replays": runner.replays, "decode": logits.tolist()}
 
 
 def _worker(rank: int, world: int, port: int, scenario: str, checkpoint: str, out_dir: str) -> None:
@@ -357,12 +357,10 @@ def test_emulated_native_ep_serves_the_decode_graph(backend: str, served: tuple[
             assert (got.argmax(-1) == want.argmax(-1)).all(), (rank, what)
 
 
-def test_cpu_traced_graph_falls_back_to_eager_on_every_rank(checkpoint: Path) -> None:
-    """The CPU's traced step cannot record a c10d collective (torch.jit.trace refuses the ProcessGroup
-    argument of the generic fixed-capacity exchange's ``all_to_all_single``): at EP=2 every rank's
-    capture fails the same way and the runner runs eagerly, with the same logits as one process (no
-    rank left waiting in a collective). Once that exchange is an op the tracer records, this flips:
-    every rank replays."""
+def test_cpu_traced_graph_replays_the_ep_decode_step(checkpoint: Path) -> None:
+    """The CPU's own graph (TracedStepGraph) at EP=2: the fixed-capacity exchange is one op
+    (``hwlayer::fixed_all_to_all``, taking the group by name), which torch.jit.trace records, so every
+    rank replays the decode step, with the same logits as one process."""
     from model import load_model
 
     ranks = _spawn("cpu_traced", checkpoint)
@@ -372,5 +370,5 @@ def test_cpu_traced_graph_falls_back_to_eager_on_every_rank(checkpoint: Path) ->
     m.forward_batch(prefill, cache)
     want = m.forward_batch(decode, cache)
     for r in ranks:
-        assert r["wanted"] and not r["uses_graphs"], r
+        assert r["wanted"] and r["uses_graphs"] and r["replays"] == 1, r  # the decode step replayed
         torch.testing.assert_close(torch.tensor(r["decode"]), want, rtol=1e-5, atol=1e-5)

@@ -232,8 +232,6 @@ def _dispatch_capacity(x: torch.Tensor, flat: torch.Tensor, dest: torch.Tensor, 
                        capacity: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, EPCapacityHandle]:
     """Fixed capacity: every rank sends every rank one block of ``C * k`` rows (assignments first,
     in token-slot order, then zero padding), so all split sizes are known on the host in advance."""
-    import torch.distributed as dist
-
     T, D = x.shape
     block = capacity * k
     n = flat.numel()
@@ -246,13 +244,56 @@ def _dispatch_capacity(x: torch.Tensor, flat: torch.Tensor, dest: torch.Tensor, 
     send_x.index_copy_(0, slot_rows, x.repeat_interleave(k, dim=0) if k > 1 else x)
     send_ids = torch.full((world * block,), -1, dtype=torch.int32, device=x.device)
     send_ids.index_copy_(0, slot_rows, (flat % per_rank).to(torch.int32))
-    splits = [block] * world
-    recv_ids = torch.empty_like(send_ids)
-    ids_work = dist.all_to_all_single(recv_ids, send_ids, splits, splits, group=group, async_op=True)
-    recv_x = torch.empty_like(send_x)
-    dist.all_to_all_single(recv_x, send_x, splits, splits, group=group)
-    ids_work.wait()
+    recv_x, recv_ids = _fixed_all_to_all(send_x, send_ids, block, _group_name(group))
     return recv_x, recv_ids, EPCapacityHandle(slot_rows, capacity, T, k, world)
+
+
+def _group_name(group: Any) -> str:
+    import torch.distributed as dist
+
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+@torch.library.custom_op("hwlayer::fixed_all_to_all", mutates_args=())
+def _fixed_all_to_all(x: torch.Tensor, ids: torch.Tensor, block: int,
+                      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both fixed-split exchanges of the fixed-capacity form as one op: every rank sends every rank
+    ``block`` rows. An op (not bare c10d calls) so a step tracer records it: torch.jit.trace refuses a
+    ProcessGroup argument, a group name it takes."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    splits = [block] * dist.get_world_size(group)
+    recv_ids = torch.empty_like(ids)
+    ids_work = dist.all_to_all_single(recv_ids, ids, splits, splits, group=group, async_op=True)
+    recv_x = torch.empty_like(x)
+    dist.all_to_all_single(recv_x, x.contiguous(), splits, splits, group=group)
+    ids_work.wait()
+    return recv_x, recv_ids
+
+
+@_fixed_all_to_all.register_fake
+def _(x: torch.Tensor, ids: torch.Tensor, block: int, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(ids)
+
+
+@torch.library.custom_op("hwlayer::fixed_all_to_all_rows", mutates_args=())
+def _fixed_all_to_all_rows(y: torch.Tensor, block: int, group_name: str) -> torch.Tensor:
+    """The combine's fixed-split exchange (see :func:`_fixed_all_to_all`)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    splits = [block] * dist.get_world_size(group)
+    back = torch.empty_like(y)
+    dist.all_to_all_single(back, y.contiguous(), splits, splits, group=group)
+    return back
+
+
+@_fixed_all_to_all_rows.register_fake
+def _(y: torch.Tensor, block: int, group_name: str) -> torch.Tensor:
+    return torch.empty_like(y)
 
 
 def ep_combine(y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -313,14 +354,10 @@ def _sum_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | N
 
 def _combine_capacity(y: torch.Tensor, handle: EPCapacityHandle, topk_weights: torch.Tensor,
                       group: Any) -> torch.Tensor:
-    import torch.distributed as dist
-
     block = handle.capacity * handle.top_k
     check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.world * block, None])
     check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
-    splits = [block] * handle.world
-    back = torch.empty_like(y)
-    dist.all_to_all_single(back, y.contiguous(), splits, splits, group=group)
+    back = _fixed_all_to_all_rows(y, block, _group_name(group))
     return _weighted_rows(back, handle.slot_rows.view(handle.num_tokens, handle.top_k), topk_weights, y.dtype)
 
 
