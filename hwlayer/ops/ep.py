@@ -345,9 +345,8 @@ def _sum_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | N
     out = torch.zeros((n, rows.shape[1]), dtype=torch.float32, device=rows.device)
     step = max(1, _COMBINE_CHUNK_BYTES // max(1, rows.shape[1] * 4))
     for r0 in range(0, rows.shape[0], step):
-        block = rows[r0:r0 + step].float()  # (fp32 rows: a view, so never modified in place)
-        if weights is not None:
-            block = block * weights[r0:r0 + step, None]
+        # (one pass: the product with fp32 weights is fp32; unweighted rows are upcast)
+        block = rows[r0:r0 + step] * weights[r0:r0 + step, None] if weights is not None else rows[r0:r0 + step].float()
         out.index_add_(0, index[r0:r0 + step], block)
     return out
 
