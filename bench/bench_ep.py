@@ -15,8 +15,8 @@ variants alternate within every iteration.
 Part 2: greedy generation with a small GLM-5-shaped checkpoint (``model.tiny`` with a larger
 config), EP=1 in one process, EP=2/4 as spawned gloo ranks sharing this machine's cores.
 
-Part 3, serving with and without data-parallel attention: N concurrent greedy streams through the
-serving engine at EP=2 (rank 0 schedules, the other rank follows, exactly the code of ``serve.py
+Part 3, serving with and without data-parallel attention, eager and with decode graphs: N concurrent greedy
+streams through the serving engine at EP=2 (rank 0 schedules, the other rank follows, exactly the code of ``serve.py
 --ep 2 [--dp-attention]`` minus HTTP): aggregate tokens/s, the attention tokens each rank computes
 per step and the KV blocks each rank holds. On one CPU both ranks share the same cores, so the
 tokens/s say little about a multi-device node; the per-rank work and cache are the point.
@@ -245,11 +245,14 @@ def _model_worker(rank: int, world: int, port: int, ckpt: str, batch: int, promp
 
 
 def _serve_worker(rank: int, world: int, port: int, ckpt: str, streams: int, prompt_len: int, new_tokens: int,
-                  dp_attention: bool, out: str) -> None:
-    """Rank 0: the serving engine (DP or plain EP) over ``streams`` greedy requests; others: the follower loop."""
+                  dp_attention: bool, graphs: bool, out: str) -> None:
+    """Rank 0: the serving engine (DP or plain EP) over ``streams`` greedy requests; others: the follower loop.
+    ``graphs``: every rank builds the same ModelRunner, as ``serve.py`` does (decode steps replayed from the
+    CPU's traced graphs, the MoE all-to-alls in their fixed-capacity form); else every step runs eagerly."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     _join(rank, world, port)
     from model import load_model
+    from model.runner import ModelRunner
     from model.tokenizer import load_tokenizer
     from serving import dp
     from serving import ep as ep_mod
@@ -259,17 +262,20 @@ def _serve_worker(rank: int, world: int, port: int, ckpt: str, streams: int, pro
     block_size = 16
     per_stream = -(-(prompt_len + new_tokens) // block_size)
     num_blocks = streams * per_stream + 1  # room for every stream on one rank either way
+    runner = ModelRunner(m, max_num_seqs=streams, max_model_len=prompt_len + new_tokens) if graphs else None
     if rank != 0:
-        (dp.follower_loop if dp_attention else ep_mod.follower_loop)(m, num_blocks, block_size)
+        (dp.follower_loop if dp_attention else ep_mod.follower_loop)(m, num_blocks, block_size, runner)
         return
     tok = load_tokenizer(ckpt)
     common = dict(num_blocks=num_blocks, block_size=block_size, max_num_seqs=streams,
                   max_num_batched_tokens=streams * prompt_len, max_model_len=prompt_len + new_tokens,
                   eos_token_ids=[])
     if dp_attention:
-        engine = dp.DPEngine(m, tok, world=world, **common)
+        engine = dp.DPEngine(m, tok, world=world, runner=runner, **common)
     else:
-        engine = Engine(m, tok, forward=ep_mod.leader_forward(m), **common)
+        engine = Engine(m, tok, forward=ep_mod.leader_forward(m, runner), **common)
+    if runner is not None:
+        engine.forward.capture(engine.cache)  # every rank captures at once (rank 0 tells the followers)
     forward = engine.forward
     trace = {"attention_tokens": [], "kv_blocks": []}
 
@@ -303,7 +309,8 @@ def _serve_worker(rank: int, world: int, port: int, ckpt: str, streams: int, pro
     steps = trace["attention_tokens"]
     decode = steps[1:] or steps
     Path(out).write_text(json.dumps({
-        "ep": world, "dp_attention": dp_attention, "streams": streams, "prompt": prompt_len,
+        "ep": world, "dp_attention": dp_attention, "graphs": bool(runner is not None and runner.uses_graphs),
+        "replays": runner.replays if runner is not None else 0, "streams": streams, "prompt": prompt_len,
         "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": streams * new_tokens / seconds,
         "steps": len(steps), "prefill_attention_tokens_per_rank": steps[0],
         "decode_attention_tokens_per_rank_per_step": [sum(s[r] for s in decode) / len(decode) for r in range(world)],
@@ -391,12 +398,13 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = str(make_tiny_checkpoint(Path(tmp) / "ckpt", config_overrides=MODEL_OVERRIDES))
             for world in args.serve_worlds:
-                for dp_attention in (False, True):
+                for dp_attention, graphs in ((False, False), (False, True), (True, False), (True, True)):
                     r = _spawn(_serve_worker, world, ckpt, args.serve_streams, args.serve_prompt,
-                               args.serve_new_tokens, dp_attention)
+                               args.serve_new_tokens, dp_attention, graphs)
                     report["serve"].append(r)
                     if not args.json:
                         mode = "--dp-attention" if dp_attention else "replicated attention"
+                        mode += f", decode graphs ({r['replays']} replays)" if r["graphs"] else ", eager"
                         per_step = ", ".join(f"{t:g}" for t in r["decode_attention_tokens_per_rank_per_step"])
                         print(f"serve EP={world} {mode}: {r['tokens_per_s']:.1f} tokens/s aggregate "
                               f"({r['streams']} streams x {r['new_tokens']} tokens after {r['prompt']}-token prompts, "

@@ -134,7 +134,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     padding = rows >= ends[-1:]  # rows past the last group
     expert = torch.searchsorted(ends, rows, right=True).clamp_(max=w.shape[0] - 1)
     if M * N * x.shape[1] <= _GATHER_BUDGET:
-        # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
+        # Few small rows (decode of a small model): every row multiplies its own expert's gathered weight, one bmm.
         out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)
         return out.masked_fill_(padding.unsqueeze(1), 0)
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (N * x.element_size()) % 16 == 0
@@ -152,8 +152,11 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     return out
 
 
-# Elements of the gathered per-row weights [M, N, K] the decode path of grouped_gemm may build.
-_GATHER_BUDGET = 1 << 24
+# Elements of the gathered per-row weights [M, N, K] the decode path of grouped_gemm may build: one
+# copy of an expert's weights per row beats sorting the rows by expert only while those copies are
+# cheaper than the ~60 more torch calls of the grouped path (a few hundred KiB on a CPU core; measured
+# with bench/bench_ep.py's model, D = 2I = 512: 1 << 24 made batch-1 decode 1.5x and batch-8 5x slower).
+_GATHER_BUDGET = 1 << 18
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
