@@ -447,6 +447,7 @@ def test_fused_experts_direct_and_composite_paths_agree_with_float64(monkeypatch
     assert counts == {"direct": 1, "moe_permute": 0, "grouped_gemm": 0, "moe_unpermute": 0}
 
     monkeypatch.setattr(moe_module, "_GATHER_BUDGET", 0)  # every call is "many tokens" now
+    monkeypatch.setattr(moe_module, "_GATHER_SMALL", 0)
     composite = plan.fused_experts(*args)
     assert counts == {"direct": 1, "moe_permute": 1, "grouped_gemm": 2, "moe_unpermute": 1}
 

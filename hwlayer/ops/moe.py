@@ -133,8 +133,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     rows = torch.arange(M, device=x.device)
     padding = rows >= ends[-1:]  # rows past the last group
     expert = torch.searchsorted(ends, rows, right=True).clamp_(max=w.shape[0] - 1)
-    if M * N * x.shape[1] <= _GATHER_BUDGET:
-        # Few small rows (decode of a small model): every row multiplies its own expert's gathered weight, one bmm.
+    if _gather_per_row(M, w.shape[0], M * N * x.shape[1]):
+        # Few rows (decode): every row multiplies its own expert's gathered weight, one bmm.
         out = torch.bmm(w.to(x.dtype).index_select(0, expert), x.unsqueeze(2)).squeeze(2)
         return out.masked_fill_(padding.unsqueeze(1), 0)
     aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (N * x.element_size()) % 16 == 0
@@ -152,11 +152,20 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) ->
     return out
 
 
-# Elements of the gathered per-row weights [M, N, K] the decode path of grouped_gemm may build: one
-# copy of an expert's weights per row beats sorting the rows by expert only while those copies are
-# cheaper than the ~60 more torch calls of the grouped path (a few hundred KiB on a CPU core; measured
-# with bench/bench_ep.py's model, D = 2I = 512: 1 << 24 made batch-1 decode 1.5x and batch-8 5x slower).
-_GATHER_BUDGET = 1 << 18
+# Elements of the gathered per-row weights [M, N, K] the decode path of grouped_gemm may build.
+_GATHER_BUDGET = 1 << 24
+# ... and below which the copies cost less than the grouped path's ~60 more torch calls whatever the rows.
+_GATHER_SMALL = 1 << 18
+
+
+def _gather_per_row(rows: int, experts: int, elements: int) -> bool:
+    """Whether one gathered copy of its expert's weights per row beats sorting the rows by expert.
+    It does while the copies are small (a small model's decode: host calls dominate), or while the
+    rows are few next to the experts (batch-1 decode: each row a different expert, one bmm). Past
+    that the grouped path reads each expert's weights once; bench/bench_ep.py's model (D = 2I = 512,
+    32 experts) decoded batch 8 5x faster that way, and a fixed-capacity EP buffer, mostly padding
+    rows, stopped copying weights for every padding row."""
+    return elements <= _GATHER_SMALL or (rows <= experts // 8 and elements <= _GATHER_BUDGET)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +202,8 @@ def fused_experts_factory(plan: Any) -> Callable:
         """
         check_tensor("fused_experts", "w13", w13, ndim=3, shape=[None, None, x.shape[-1]])
         check_tensor("fused_experts", "w2", w2, ndim=3, shape=[w13.shape[0], x.shape[-1], w13.shape[1] // 2])
-        if generic_parts and topk_ids.numel() * w13.shape[1] * x.shape[-1] <= _GATHER_BUDGET:
+        n = topk_ids.numel()
+        if generic_parts and _gather_per_row(n, w13.shape[0], n * w13.shape[1] * x.shape[-1]):
             return _experts_per_assignment(x, w13, w2, topk_weights, topk_ids)
         xs, sizes, order = plan.moe_permute(x, topk_ids, w13.shape[0])
         h = plan.silu_and_mul(plan.grouped_gemm(xs, w13, sizes))
