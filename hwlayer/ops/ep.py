@@ -254,21 +254,25 @@ def _group_name(group: Any) -> str:
     return (group if group is not None else dist.group.WORLD).group_name
 
 
-@torch.library.custom_op("hwlayer::fixed_all_to_all", mutates_args=())
-def _fixed_all_to_all(x: torch.Tensor, ids: torch.Tensor, block: int,
-                      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both fixed-split exchanges of the fixed-capacity form as one op: every rank sends every rank
-    ``block`` rows. An op (not bare c10d calls) so a step tracer records it: torch.jit.trace refuses a
-    ProcessGroup argument, a group name it takes."""
+def _fixed_exchange(t: torch.Tensor, block: int, group_name: str, async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """Every rank sends every rank ``block`` rows of ``t``: ``(received, work)`` (work None unless async)."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     group = _resolve_process_group(group_name)
     splits = [block] * dist.get_world_size(group)
-    recv_ids = torch.empty_like(ids)
-    ids_work = dist.all_to_all_single(recv_ids, ids, splits, splits, group=group, async_op=True)
-    recv_x = torch.empty_like(x)
-    dist.all_to_all_single(recv_x, x.contiguous(), splits, splits, group=group)
+    out = torch.empty_like(t)
+    return out, dist.all_to_all_single(out, t.contiguous(), splits, splits, group=group, async_op=async_op)
+
+
+@torch.library.custom_op("hwlayer::fixed_all_to_all", mutates_args=())
+def _fixed_all_to_all(x: torch.Tensor, ids: torch.Tensor, block: int,
+                      group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both fixed-split exchanges of the fixed-capacity dispatch as one op (the ids under the rows). An
+    op (not bare c10d calls) so a step tracer records it: torch.jit.trace refuses a ProcessGroup
+    argument, a group name it takes."""
+    recv_ids, ids_work = _fixed_exchange(ids, block, group_name, async_op=True)
+    recv_x, _ = _fixed_exchange(x, block, group_name)
     ids_work.wait()
     return recv_x, recv_ids
 
@@ -281,14 +285,7 @@ def _(x: torch.Tensor, ids: torch.Tensor, block: int, group_name: str) -> tuple[
 @torch.library.custom_op("hwlayer::fixed_all_to_all_rows", mutates_args=())
 def _fixed_all_to_all_rows(y: torch.Tensor, block: int, group_name: str) -> torch.Tensor:
     """The combine's fixed-split exchange (see :func:`_fixed_all_to_all`)."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    group = _resolve_process_group(group_name)
-    splits = [block] * dist.get_world_size(group)
-    back = torch.empty_like(y)
-    dist.all_to_all_single(back, y.contiguous(), splits, splits, group=group)
-    return back
+    return _fixed_exchange(y, block, group_name)[0]
 
 
 @_fixed_all_to_all_rows.register_fake
@@ -333,15 +330,16 @@ def _combine_tokens(y: torch.Tensor, handle: EPTokenHandle, topk_weights: torch.
 
     check_tensor("ep_combine", "y", y, ndim=2, shape=[handle.row_token.shape[0], None])
     check_tensor("ep_combine", "topk_weights", topk_weights, ndim=2, shape=[handle.num_tokens, handle.top_k])
-    partial = _sum_rows(y, handle.row_token, handle.row_weight, sum(handle.recv_tokens)).to(y.dtype)
+    partial = sum_rows(y, handle.row_token, handle.row_weight, sum(handle.recv_tokens)).to(y.dtype)
     back = y.new_empty((sum(handle.send_tokens), y.shape[1]))
     dist.all_to_all_single(back, partial, handle.send_tokens, handle.recv_tokens, group=group)
-    return _sum_rows(back, handle.sent_token, None, handle.num_tokens).to(y.dtype)
+    return sum_rows(back, handle.sent_token, None, handle.num_tokens).to(y.dtype)
 
 
-def _sum_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, n: int) -> torch.Tensor:
+def sum_rows(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, n: int) -> torch.Tensor:
     """``out[i] = sum_{j: index[j] = i} weights[j] * rows[j]`` in fp32 (``[n, D]``), upcasting
-    ``rows`` in cache-sized blocks rather than as one full-size copy."""
+    ``rows`` in cache-sized blocks rather than as one full-size copy. The expert-side reduction of an
+    exact-form combine that sums on the expert's rank (the generic one, DeepEP's normal mode)."""
     out = torch.zeros((n, rows.shape[1]), dtype=torch.float32, device=rows.device)
     step = max(1, _COMBINE_CHUNK_BYTES // max(1, rows.shape[1] * 4))
     for r0 in range(0, rows.shape[0], step):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hwlayer.ops.ep import check_dispatch_args
+from hwlayer.ops.ep import check_dispatch_args, sum_rows
 from hwlayer.ops.layout import check_tensor
 
 from . import native
@@ -163,8 +163,7 @@ def deepep_combine(y: torch.Tensor, handle: DeepEPHandle, topk_weights: torch.Te
     if not handle.low_latency:
         check_tensor(op, "y", y, ndim=2, shape=[handle.row_token.shape[0], None])
         # The expert-side reduction DeepEP's normal combine expects: one weighted row per received token.
-        partial = torch.zeros((handle.num_recv_tokens, D), dtype=torch.float32, device=y.device)
-        partial.index_add_(0, handle.row_token, y.float() * handle.row_weight.unsqueeze(1))
+        partial = sum_rows(y, handle.row_token, handle.row_weight, handle.num_recv_tokens)
         buf = _buffer(group, False, D, 0, 0)
         out, _, _ = buf.combine(partial.to(torch.bfloat16), handle.handle)
         CALLS["normal_combine"] = CALLS.get("normal_combine", 0) + 1
