@@ -201,6 +201,17 @@ def _worker(rank: int, world: int, port: int, scenario: str, checkpoint: str, ou
     except Exception:
         result = {"error": traceback.format_exc(limit=8)}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    # Leave the group together: a rank exiting with gloo's pairs still open aborts ("terminate called
+    # without an active exception") when its peer is still tearing down.
+    import torch.distributed as dist
+
+    from hwlayer.distributed import shutdown
+
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        shutdown()
 
 
 def _spawn(scenario: str, checkpoint: Path, world: int = 2) -> list[dict]:
